@@ -1,0 +1,126 @@
+"""The interface every unlearning method implements, and the batch it receives.
+
+A method is a small dataclass: hyperparameters are its fields, ``terms`` returns named per-sample losses for a
+micro-batch, and how the gradients of those terms become one update is the method's own business: either fixed
+coefficients (one backward pass of the weighted sum) or ``combine`` over the separately accumulated gradients
+(SISS norm-fixing, EraseDiff's adaptive weight). The trainer asks ``separate_grads`` and never a method's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from ..diffusion import gamma_sigma, predict_noise, sum_sq
+from ..errors import UserError
+
+
+@dataclass
+class StepBatch:
+    """Rows for one optimiser step (or a micro-batch slice of it): a pair (x from X \\ A, a from A) per row, one shared
+    noise ``eps`` and timestep ``t`` per row, and whatever per-row randomness the method drew for itself."""
+
+    x_idx: torch.Tensor
+    a_idx: torch.Tensor
+    x: torch.Tensor
+    a: torch.Tensor
+    eps: torch.Tensor
+    t: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def slice(self, sl: slice) -> "StepBatch":
+        return StepBatch(self.x_idx[sl], self.a_idx[sl], self.x[sl], self.a[sl], self.eps[sl], self.t[sl],
+                         {k: v[sl] for k, v in self.extra.items()})
+
+    def to(self, device) -> "StepBatch":
+        return StepBatch(*(v.to(device) for v in (self.x_idx, self.a_idx, self.x, self.a, self.eps, self.t)),
+                         {k: v.to(device) for k, v in self.extra.items()})
+
+
+@dataclass
+class Terms:
+    """Per-sample loss terms (each of shape (B,)) and scalar statistics to log."""
+
+    losses: dict[str, torch.Tensor]
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What a method may use besides its batch: the schedule, the kept and forget sets, the optimiser."""
+
+    alphas_cumprod: torch.Tensor
+    kept: torch.Tensor
+    forget: torch.Tensor
+    t_min: int
+    t_max: int
+    device: torch.device
+    generator: torch.Generator
+    unet: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    batch_size: int = 1
+    draw: object = None  # callable(n_rows) -> StepBatch, set by the trainer
+    autocast: object = None
+
+    def gs(self, t: torch.Tensor, ndim: int = 4):
+        return gamma_sigma(self.alphas_cumprod, t, ndim)
+
+
+class Method:
+    """Base class. Subclasses are dataclasses whose fields are their hyperparameters."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    #: True when ``combine`` needs each term's gradient separately (costs one extra backward pass per extra term)
+    separate_grads: ClassVar[bool] = False
+    #: fixed coefficient of each term's batch mean in the loss that is back-propagated (when not ``separate_grads``)
+    coefficients: ClassVar[dict[str, float]] = {}
+    #: the method re-initialises the weights (retrain)
+    from_scratch: ClassVar[bool] = False
+
+    def setup(self, ctx: Context) -> None:
+        """Precompute what the method needs once (e.g. ReTrack's neighbours)."""
+
+    def draw(self, n: int, shape: tuple[int, ...], generator: torch.Generator) -> dict[str, torch.Tensor]:
+        """Per-row randomness of the method's own, drawn for all rows of a step at once (so micro-batching and the
+        number of processes do not change it)."""
+        return {}
+
+    def terms(self, unet: torch.nn.Module, batch: StepBatch, ctx: Context) -> Terms:
+        raise NotImplementedError(f"{type(self).__name__} must define terms()")
+
+    def loss_coefficients(self) -> dict[str, float]:
+        return dict(self.coefficients)
+
+    def combine(self, grads: dict[str, list[torch.Tensor]]) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """Turn the accumulated gradient of each term into the update direction (only with ``separate_grads``)."""
+        raise NotImplementedError(f"{type(self).__name__} must define combine() when separate_grads is set")
+
+    def before_step(self, ctx: Context) -> dict[str, float]:
+        """Work done before each optimiser step's gradients (EraseDiff's inner passes); returns stats to log."""
+        return {}
+
+    def hyperparameters(self) -> dict:
+        return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+
+def ddpm_terms(unet, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, ctx: Context) -> torch.Tensor:
+    """Per-sample ``||eps - eps_theta(gamma_t x0 + sigma_t eps, t)||^2`` (sum over dims)."""
+    g, s = ctx.gs(t, x0.ndim)
+    return sum_sq(predict_noise(unet, g * x0 + s * eps, t) - eps)
+
+
+def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm over all parameters' gradients together."""
+    return torch.sqrt(sum((g.double() ** 2).sum() for g in tensors))
+
+
+def check_range(name: str, value: float, lo: float, hi: float) -> None:
+    if value is None or not (lo <= float(value) <= hi):
+        raise UserError(f"{name} must lie in [{lo}, {hi}], got {value}")

@@ -1,0 +1,177 @@
+"""Loading and saving diffusers models, and the named UNet sizes the project trains.
+
+A model directory is what ``DDPMPipeline.save_pretrained`` writes (``model_index.json``, ``unet/``, ``scheduler/``);
+a bare ``UNet2DModel`` folder (``config.json`` + weights) with an optional ``scheduler_config.json`` also loads.
+Weights are read from safetensors only unless ``allow_pickle`` is set; nothing is ever fetched from a hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+# name -> UNet2DModel keyword arguments (sample_size and channels are filled in from the data)
+ARCHITECTURES: dict[str, dict] = {
+    # 1.1 M parameters; 28x28 with attention at 7x7 (the CPU-sized MNIST model of MEASURED.md)
+    "mnist-small": dict(block_out_channels=(32, 64, 64), layers_per_block=1,
+                        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=32),
+    # the paper's MNIST UNet: blocks (64, 128, 256), attention at the middle level
+    "mnist-paper": dict(block_out_channels=(64, 128, 256), layers_per_block=2,
+                        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=32),
+    # the toy benchmark's 8x8 model
+    "toy": dict(block_out_channels=(32, 64), layers_per_block=1,
+                down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                norm_num_groups=8),
+    # tests: a few thousand parameters, still every kind of block
+    "tiny": dict(block_out_channels=(8, 16), layers_per_block=1,
+                 down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                 norm_num_groups=4, attention_head_dim=8),
+}
+
+
+def build_unet(arch: str, sample_size: int, channels: int):
+    from diffusers import UNet2DModel
+
+    if arch not in ARCHITECTURES:
+        raise UserError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels, **ARCHITECTURES[arch])
+
+
+def build_scheduler(num_train_timesteps: int = 1000):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule="linear",
+                         beta_start=1e-4, beta_end=0.02, clip_sample=True, prediction_type="epsilon")
+
+
+@dataclass
+class DiffusionModel:
+    """A noise-prediction network and its noise schedule, as loaded from (or saved to) a diffusers directory."""
+
+    unet: torch.nn.Module
+    scheduler: object
+    source: str = ""
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        cfg = self.unet.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (cfg.in_channels, h, w)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def alphas_cumprod(self, device=None) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+
+    def check_data(self, shape: tuple[int, ...], what: str = "data") -> None:
+        if tuple(shape) != self.sample_shape:
+            raise UserError(f"{what} images are {tuple(shape)} (C, H, W) but the model takes {self.sample_shape}")
+
+
+def _weights_in(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES)]
+
+
+def _check_weights(folder: Path, allow_pickle: bool) -> None:
+    files = _weights_in(folder)
+    safe = [p for p in files if p.suffix == ".safetensors"]
+    if not files:
+        raise UserError(f"no weights in {folder}: expected diffusion_pytorch_model.safetensors")
+    if not safe:
+        if not allow_pickle:
+            raise UserError(f"{folder} holds only pickle weights ({files[0].name}), which can run code when loaded; "
+                            "convert them to safetensors or pass --allow-pickle if you trust the file")
+        return
+    from safetensors import safe_open
+
+    for p in safe:
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as e:
+            raise UserError(f"corrupt or truncated weights {p}: {e}") from None
+
+
+def load_model(path: str | os.PathLike, allow_pickle: bool = False) -> DiffusionModel:
+    """Load a UNet2DModel and its DDPMScheduler from a local diffusers directory (never from a hub)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    root = Path(path)
+    if not root.is_dir():
+        raise UserError(f"model directory not found: {root}")
+    unet_dir = root / "unet" if (root / "unet").is_dir() else root
+    if not (unet_dir / "config.json").is_file():
+        raise UserError(f"{root} is not a diffusers model directory (no unet/config.json or config.json)")
+    _check_weights(unet_dir, allow_pickle)
+    try:
+        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=not allow_pickle or None, local_files_only=True)
+    except Exception as e:
+        raise UserError(f"cannot load the UNet from {unet_dir}: {str(e).splitlines()[0]}") from None
+    sched_dir = root / "scheduler"
+    try:
+        if (sched_dir / "scheduler_config.json").is_file():
+            scheduler = DDPMScheduler.from_pretrained(str(sched_dir), local_files_only=True)
+        elif (root / "scheduler_config.json").is_file():
+            scheduler = DDPMScheduler.from_pretrained(str(root), local_files_only=True)
+        else:
+            scheduler = build_scheduler(unet.config.get("num_train_timesteps") or 1000)
+    except Exception as e:
+        raise UserError(f"cannot load the scheduler from {root}: {str(e).splitlines()[0]}") from None
+    unet.eval()
+    return DiffusionModel(unet, scheduler, source=str(root))
+
+
+def state_hash(unet: torch.nn.Module) -> str:
+    """SHA-256 over the model's parameters and buffers, in name order: the model's identity in the ledger."""
+    h = hashlib.sha256()
+    for name, t in sorted(unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_model(model: DiffusionModel, out: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
+    """Save as a ``DDPMPipeline`` directory (safetensors), atomically: written beside ``out`` and renamed into place."""
+    from diffusers import DDPMPipeline
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        DDPMPipeline(unet=model.unet, scheduler=model.scheduler).save_pretrained(str(tmp), safe_serialization=True)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def model_summary(model: DiffusionModel) -> dict:
+    n = sum(p.numel() for p in model.unet.parameters())
+    return {"parameters": n, "sample_shape": list(model.sample_shape), "timesteps": model.num_train_timesteps,
+            "scheduler": json.loads(json.dumps(dict(model.scheduler.config), default=str))}

@@ -1,0 +1,71 @@
+"""Run directories: the resolved configuration, a JSONL log, the model and ``summary.json`` in one place."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
+    """Check (without writing anything) that ``out`` may receive a run's results."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"output directory {out} exists and is not empty: choose another --out or pass --overwrite")
+    parent = out.parent if out.parent != Path("") else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    import os
+
+    if not os.access(probe, os.W_OK):
+        raise UserError(f"cannot write to {probe}")
+    return out
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
+    tmp.replace(path)
+
+
+class RunDir:
+    """Creates the run directory and writes its files; the model goes to ``<out>/model``."""
+
+    def __init__(self, out: str | Path, config: dict, overwrite: bool = False):
+        self.path = prepare_out_dir(out, overwrite)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.yaml").write_text(yaml.safe_dump(_clean(config), sort_keys=False))
+        self._log = open(self.path / "log.jsonl", "a", buffering=1)
+        self.started = time.time()
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    def log(self, record: dict) -> None:
+        self._log.write(json.dumps(_clean(record)) + "\n")
+
+    def finish(self, summary: dict) -> None:
+        summary = {**summary, "wall_seconds": round(time.time() - self.started, 2)}
+        write_json(self.path / "summary.json", summary)
+        self._log.close()

@@ -1,0 +1,123 @@
+"""Training a DDPM from scratch: the base model on X, or the retrain gold standard on X \\ A.
+
+The recipe follows the paper's MNIST model (AdamW, cosine schedule with warm-up, EMA with inv_gamma 1, power 0.75,
+max 0.9999); the EMA weights are what gets saved, since unlearning starts from them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .data import load_data, resolve_forget, split_kept
+from .diffusion import ddpm_loss, sample_timesteps
+from .errors import UserError
+from .models import DiffusionModel, build_scheduler, build_unet, model_summary, save_model
+from .runs import RunDir
+
+
+@dataclass
+class TrainConfig:
+    data: str = field(default="", metadata={"help": "data SPEC: image folder, .npy/.npz, or a built-in name"})
+    forget: str = field(default="", metadata={"help": "forget SPEC: when given, train on X \\ A (the retrain gold standard)"})
+    out: str = field(default="", metadata={"help": "run directory to create"})
+    arch: str = field(default="mnist-small", metadata={"help": "UNet size: mnist-small, mnist-paper, toy, tiny"})
+    steps: int = field(default=4000, metadata={"help": "optimiser steps"})
+    batch_size: int = field(default=64, metadata={"help": "images per step"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    warmup: int = field(default=500, metadata={"help": "linear warm-up steps before the cosine decay"})
+    weight_decay: float = field(default=1e-6, metadata={"help": "AdamW weight decay"})
+    ema_max_decay: float = field(default=0.9999, metadata={"help": "EMA decay ceiling (inv_gamma 1, power 0.75)"})
+    timesteps: int = field(default=1000, metadata={"help": "diffusion steps T (linear betas 1e-4..0.02)"})
+    seed: int = field(default=0, metadata={"help": "random seed: same seed, same weights"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (GPU)"})
+    log_every: int = field(default=50, metadata={"help": "log a line every N steps"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
+
+
+def ema_decay(step: int, max_decay: float, inv_gamma: float = 1.0, power: float = 0.75) -> float:
+    """EMA warm-up of Song et al. / diffusers ``EMAModel``: ``1 - (1 + step / inv_gamma) ** -power``, capped."""
+    return min(max_decay, max(0.0, 1.0 - (1.0 + step / inv_gamma) ** -power))
+
+
+def cosine_lr(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train a DDPM on the configured data and save the EMA weights to ``<out>/model``."""
+    from accelerate import Accelerator
+
+    if cfg.steps <= 0 or cfg.batch_size <= 0:
+        raise UserError("--steps and --batch-size must be positive")
+    if not cfg.lr > 0:
+        raise UserError("--lr must be positive")
+    if not cfg.out:
+        raise UserError("pass --out: the run directory to create")
+    data = load_data(cfg.data)
+    images = data.images
+    kept_what = "X"
+    if cfg.forget:
+        forget = resolve_forget(cfg.forget, data)
+        images, _ = split_kept(data, forget)
+        kept_what = "X \\ A"
+    c, h, w = data.shape
+    if h != w:
+        raise UserError(f"images must be square, got {h}x{w}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(cfg.arch, h, c)
+    model = DiffusionModel(unet, build_scheduler(cfg.timesteps))
+    run = RunDir(cfg.out, {"command": "train", **asdict(cfg)}, cfg.overwrite)
+
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=(0.95, 0.999), weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
+    unet, opt = acc.prepare(unet, opt)
+    ema.to(acc.device)
+    abar = model.alphas_cumprod(acc.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    images = images.to(acc.device)
+    t0 = time.time()
+    running = 0.0
+    for step in range(cfg.steps):
+        idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
+        eps = torch.randn((cfg.batch_size, c, h, w), generator=gen).to(acc.device)
+        t = sample_timesteps(cfg.batch_size, 0, cfg.timesteps - 1, gen).to(acc.device)
+        with acc.autocast():
+            # mean over pixels (the standard diffusers recipe); unlearning uses sums, as METHODS.md says
+            loss = ddpm_loss(unet, images[idx.to(acc.device)], eps, t, abar).mean() / (c * h * w)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        gnorm = acc.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        d = ema_decay(step, cfg.ema_max_decay)
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), acc.unwrap_model(unet).parameters()):
+                pe.lerp_(p.detach(), 1.0 - d)
+        running += loss.item()
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            rec = {"step": step + 1, "loss": running / ((step % cfg.log_every) + 1), "grad_norm": float(gnorm),
+                   "lr": sched.get_last_lr()[0], "ema_decay": d, "seconds": round(time.time() - t0, 2)}
+            running = 0.0
+            run.log(rec)
+            print(rec, flush=True)
+    ema.to("cpu")
+    out_model = DiffusionModel(ema, model.scheduler)
+    save_model(out_model, run.model_dir)
+    summary = {"command": "train", "trained_on": kept_what, "images": len(images), "steps": cfg.steps,
+               "train_seconds": round(time.time() - t0, 1), "model": model_summary(out_model),
+               "model_dir": str(run.model_dir)}
+    run.finish(summary)
+    return summary
