@@ -9,7 +9,7 @@ import sys
 
 import yaml
 
-from .config import add_dataclass_args, build_config
+from .config import Parser, add_dataclass_args, build_config
 from .errors import UserError
 
 
@@ -58,7 +58,7 @@ COMMANDS = {}
 def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
-    parser = argparse.ArgumentParser(prog="diffunlearn", description=__doc__)
+    parser = Parser(prog="diffunlearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a base DDPM on X, or the retrain gold standard on X \\ A (with --forget)")
     add_dataclass_args(p, TrainConfig)

@@ -17,15 +17,27 @@ from .errors import UserError
 def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        kind = _unwrap_optional(hints[f.name])
         help_ = f.metadata.get("help", "")
-        aliases = [flag] + list(f.metadata.get("aliases", ()))
+        aliases = [flag]
         if kind is bool:
             parser.add_argument(*aliases, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            base = typing.get_args(kind)[0] if typing.get_origin(kind) in (typing.Union, type(int | None)) else kind
-            parser.add_argument(*aliases, dest=f.name, type=base, default=None, metavar=f.name.upper(), help=help_)
+            parser.add_argument(*aliases, dest=f.name, type=kind, default=None, metavar=flag[2:].upper().replace("-", "_"),
+                                help=help_)
+
+
+def _unwrap_optional(kind):
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    return args[0] if typing.get_origin(kind) in (typing.Union, type(int | None)) and len(args) == 1 else kind
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <what> (see --help)`` and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
 def preset_path(name: str) -> Path:
@@ -69,7 +81,7 @@ def build_config(cls, args: argparse.Namespace, section: str | None = None):
             values[name] = v
     hints = typing.get_type_hints(cls)
     for k, v in list(values.items()):
-        kind = hints[k]
+        kind = _unwrap_optional(hints[k])
         if kind in (int, float, str, bool) and v is not None and not isinstance(v, kind):
             try:
                 values[k] = kind(v)

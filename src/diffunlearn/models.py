@@ -35,6 +35,7 @@ ARCHITECTURES: dict[str, dict] = {
     "toy": dict(block_out_channels=(32, 64), layers_per_block=1,
                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                 norm_num_groups=8),
+    "toy-small": dict(block_out_channels=(16, 32), layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8),  # 164 k parameters: `diffunlearn bench toy`
     # tests: a few thousand parameters, still every kind of block
     "tiny": dict(block_out_channels=(8, 16), layers_per_block=1,
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),

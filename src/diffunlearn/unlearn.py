@@ -49,7 +49,7 @@ class UnlearnConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
     allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickle weights (.bin/.ckpt): only for files you trust"})
     # method hyperparameters: None means the method's own default; a flag the method does not take is an error
-    lam: float | None = field(default=None, metadata={"help": "SISS mixture weight lambda in [0, 1] (default 0.5)", "aliases": ["--lambda"]})
+    lam: float | None = field(default=None, metadata={"help": "SISS mixture weight lambda in [0, 1] (default 0.5)", "flag": "--lambda"})
     scaling_norm: float | None = field(default=None, metadata={"help": "SISS: norm the NegGrad gradient is fixed to (default 5)"})
     superfactor: float | None = field(default=None, metadata={"help": "SISS: fixed NegGrad multiplier instead of norm-fixing"})
     inner_steps: int | None = field(default=None, metadata={"help": "EraseDiff: inner passes over A per step (default 2)"})

@@ -79,7 +79,7 @@ class EraseDiff(Method):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             ctx.optimizer.step()
-            phi += float(loss) / self.inner_steps
+            phi += float(loss.detach()) / self.inner_steps
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)

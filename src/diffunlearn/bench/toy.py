@@ -1,0 +1,591 @@
+"""``diffunlearn bench toy``: every unlearning method against an exact gold standard, in about a minute on a CPU.
+
+The data are ``toy-digits``: 240 real 8x8 digits plus 16 copies of one more '7' (the forget set A). X \\ A is a small
+finite set, so the ideal denoiser of X \\ A (the Bayes-optimal noise prediction a perfect retrain would converge to,
+:mod:`diffunlearn.ideal`) is known in closed form, and so is the ideal denoiser of X (a perfect base model).
+
+Steps: train a small base DDPM on X and, with the same recipe, the retrain gold standard on X \\ A; run every method
+in :data:`diffunlearn.methods.METHODS` on the base model (the registry's ``retrain``, which re-initialises the weights
+and trains for the unlearning budget only, is replaced by the full-recipe retrain); evaluate every model on fixed
+probes:
+
+- *near A*: ``gamma_t a + sigma_t eps`` for a in A; *elsewhere*: ``gamma_t x + sigma_t eps`` for x in X \\ A, on a grid
+  of timesteps, the same noise for every model. Reported: the mean over the grid of the per-dimension squared
+  distance of ``eps_theta`` to the ideal X \\ A denoiser, to the ideal X denoiser, and to the trained retrain model.
+  Near A, a model that unlearns moves from the ideal X denoiser toward the ideal X \\ A one; elsewhere the two ideals
+  coincide (A's posterior weight vanishes there), so the distance measures damage to what should be kept.
+- the likelihood of A: exact NLL in bits/dim by the probability-flow ODE (:mod:`diffunlearn.metrics.nll`, with a
+  loose tolerance for speed), and the NLL of held-out digits (a quality measure); also A's DDPM loss (a cheap proxy).
+- samples: DDPM samples (per-image seeds) assigned to their nearest training image; the fraction whose nearest
+  image is the target (with a 95% Clopper-Pearson interval), and the mean distance of the other samples to their
+  nearest image of X \\ A (broken models produce samples far from every digit).
+
+Jobs run in ``workers`` processes (one torch thread each): the base and retrain trainings in parallel, then the
+methods. Writes ``results.json``, ``results.md`` and ``toy.png`` to the output directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+
+#: Hyperparameters of the methods on the toy data (None = the method's own default); see ToyBenchConfig and README
+#: of the benchmark in the module docstring. ``scaling_norm="auto"`` is 10% of ||G_x|| measured on the base model.
+TOY_HYPERPARAMS: dict[str, dict] = {
+    "naive": {},
+    "neggrad": {},
+    "siss": {"lam": 0.5, "scaling_norm": "auto"},
+    "siss-nois": {"scaling_norm": "auto"},
+    "erasediff": {"inner_steps": 2, "lambda_e": 0.1},
+    "erasediff-light": {"eta": 1e-3},
+    "retrack": {"lambda_r": 0.005, "knn": 10},
+}
+#: The SISS paper's ablations, run as extra rows: (label, method, hyperparameters).
+TOY_ABLATIONS: list[tuple[str, str, dict]] = [
+    ("siss-lam0", "siss", {"lam": 0.0, "scaling_norm": "auto"}),
+    ("siss-lam1", "siss", {"lam": 1.0, "scaling_norm": "auto"}),
+]
+#: Methods of the registry that are not fine-tuning runs on the base model (replaced by the honest retrain).
+SKIPPED = {"retrain": "replaced by 'retrain': train.train on X \\ A with the base model's full recipe"}
+
+
+@dataclass
+class ToyBenchConfig:
+    seed: int = 0
+    quick: bool = False
+    arch: str = "toy-small"
+    # base model and retrain: the same recipe (train.train: AdamW, cosine with warm-up, EMA)
+    base_steps: int = 1500
+    base_batch: int = 64
+    base_lr: float = 2e-3
+    warmup: int = 100
+    # unlearning: the same budget and optimiser for every method (constant lr, clip 1.0, from the EMA weights)
+    unlearn_steps: int = 100
+    unlearn_lr: float = 1e-4
+    unlearn_batch: int = 64
+    ablations: bool = True
+    scaling_norm_fraction: float = 0.10
+    calibration_batches: int = 4
+    # evaluation
+    probe_timesteps: tuple[int, ...] = (50, 100, 150, 200, 300, 400, 600, 800)
+    probes_per_t: int = 128
+    n_samples: int = 128
+    sample_steps: int = 50
+    nll: bool = True
+    nll_probes: int = 4
+    nll_heldout: int = 8
+    nll_rtol: float = 1e-3
+    nll_atol: float = 1e-3
+    loss_draws: int = 512
+    workers: int = 2
+    save_models: bool = True
+    methods: tuple[str, ...] | None = None  # None: every registered method
+
+    @classmethod
+    def quick_config(cls, **overrides) -> "ToyBenchConfig":
+        """Tiny settings for tests and smoke runs (tens of seconds on one core)."""
+        base = dict(quick=True, base_steps=400, warmup=40, unlearn_steps=10, ablations=False, probes_per_t=32,
+                    probe_timesteps=(50, 100, 200, 400), n_samples=32, sample_steps=20, nll=False,
+                    loss_draws=128, workers=1, save_models=False, calibration_batches=2)
+        base.update(overrides)
+        return cls(**base)
+
+
+# ---------------------------------------------------------------- data and probes
+
+
+def _load_sets():
+    from ..data import load_data, split_kept
+
+    data = load_data("toy-digits")
+    kept, forget = split_kept(data, data.default_forget)
+    return data, kept, forget
+
+
+@dataclass
+class ProbeSet:
+    x_t: torch.Tensor
+    t: torch.Tensor
+    eps: torch.Tensor
+    ideal_kept: torch.Tensor  # eps* of X \ A at x_t (float64)
+    ideal_all: torch.Tensor   # eps* of X at x_t (float64)
+
+
+def make_probes(clean: torch.Tensor, all_x: torch.Tensor, kept: torch.Tensor, alphas_cumprod: torch.Tensor,
+                timesteps, per_t: int, generator: torch.Generator) -> ProbeSet:
+    """``per_t`` probes ``gamma_t c + sigma_t eps`` per timestep, cycling through the clean images ``clean``."""
+    from ..diffusion import gamma_sigma
+    from ..ideal import ideal_eps
+
+    xs, ts, es = [], [], []
+    for t in timesteps:
+        idx = torch.arange(per_t) % len(clean)
+        eps = torch.randn((per_t, *clean.shape[1:]), generator=generator)
+        tt = torch.full((per_t,), int(t), dtype=torch.long)
+        g, s = gamma_sigma(alphas_cumprod, tt)
+        xs.append(g * clean[idx] + s * eps)
+        ts.append(tt)
+        es.append(eps)
+    x_t, t, eps = torch.cat(xs), torch.cat(ts), torch.cat(es)
+    return ProbeSet(x_t, t, eps, ideal_eps(x_t, t, kept, alphas_cumprod), ideal_eps(x_t, t, all_x, alphas_cumprod))
+
+
+@torch.no_grad()
+def predict(unet, x_t: torch.Tensor, t: torch.Tensor, batch: int = 512) -> torch.Tensor:
+    from ..diffusion import predict_noise
+
+    unet.eval()
+    return torch.cat([predict_noise(unet, x_t[i:i + batch], t[i:i + batch]).double()
+                      for i in range(0, len(x_t), batch)])
+
+
+def _per_t(sq: torch.Tensor, t: torch.Tensor, grid) -> list[float]:
+    return [float(sq[t == int(k)].mean()) for k in grid]
+
+
+def distances(pred: torch.Tensor, probes: ProbeSet, grid, reference: torch.Tensor | None = None) -> dict:
+    """Mean over the timestep grid of the per-dimension squared distance of ``pred`` to each target."""
+    D = pred[0].numel()
+    targets = {"ideal_kept": probes.ideal_kept, "ideal_all": probes.ideal_all, "noise": probes.eps.double()}
+    if reference is not None:
+        targets["retrain"] = reference
+    out = {}
+    for name, target in targets.items():
+        per_t = _per_t((pred - target).pow(2).flatten(1).sum(1) / D, probes.t, grid)
+        out[name] = sum(per_t) / len(per_t)
+        out[name + "_per_t"] = per_t
+    return out
+
+
+# ---------------------------------------------------------------- one worker's state
+
+
+class _Evaluator:
+    """Everything fixed across models: the data, the probes and their ideal denoisers, the retrain model's outputs."""
+
+    def __init__(self, cfg: ToyBenchConfig, alphas_cumprod: torch.Tensor, retrain_dir: str | None):
+        data, kept, forget = _load_sets()
+        self.cfg, self.data, self.kept, self.forget = cfg, data, kept, forget
+        self.abar = alphas_cumprod
+        g = torch.Generator().manual_seed(10_000 + cfg.seed)
+        grid = cfg.probe_timesteps
+        self.near = make_probes(forget, data.images, kept, alphas_cumprod, grid, cfg.probes_per_t, g)
+        self.elsewhere = make_probes(kept[torch.randperm(len(kept), generator=g)], data.images, kept,
+                                     alphas_cumprod, grid, cfg.probes_per_t, g)
+        # A's DDPM loss at uniform timesteps (a cheap likelihood proxy: the unweighted variational bound's terms)
+        self.loss_t = torch.randint(0, len(alphas_cumprod), (cfg.loss_draws,), generator=g)
+        self.loss_eps = torch.randn((cfg.loss_draws, *kept.shape[1:]), generator=g)
+        self.ref_near = self.ref_else = None
+        if retrain_dir:
+            from ..models import load_model
+
+            ref = load_model(retrain_dir)
+            self.ref_near = predict(ref.unet, self.near.x_t, self.near.t)
+            self.ref_else = predict(ref.unet, self.elsewhere.x_t, self.elsewhere.t)
+
+    def reference_gaps(self) -> dict:
+        """Distances between the two ideal denoisers themselves: the scale of every distance in the table."""
+        grid, D = self.cfg.probe_timesteps, self.kept[0].numel()
+        out = {}
+        for name, p in (("near_A", self.near), ("elsewhere", self.elsewhere)):
+            per_t = _per_t((p.ideal_all - p.ideal_kept).pow(2).flatten(1).sum(1) / D, p.t, grid)
+            out[name] = {"ideal_all_vs_ideal_kept": sum(per_t) / len(per_t), "per_t": per_t}
+        return out
+
+    def evaluate(self, model) -> dict:
+        from ..diffusion import gamma_sigma, predict_noise
+        from ..sampling import ddpm_sample
+
+        cfg, t0 = self.cfg, time.time()
+        unet = model.unet.eval()
+        res: dict = {}
+        res["near_A"] = distances(predict(unet, self.near.x_t, self.near.t), self.near, cfg.probe_timesteps,
+                                  self.ref_near)
+        res["elsewhere"] = distances(predict(unet, self.elsewhere.x_t, self.elsewhere.t), self.elsewhere,
+                                     cfg.probe_timesteps, self.ref_else)
+        with torch.no_grad():
+            a = self.forget[0].expand(len(self.loss_t), *self.forget.shape[1:])
+            g, s = gamma_sigma(self.abar, self.loss_t)
+            err = predict_noise(unet, g * a + s * self.loss_eps, self.loss_t) - self.loss_eps
+            res["loss_A"] = float(err.double().pow(2).flatten(1).sum(1).mean() / a[0].numel())
+        if cfg.nll:
+            res.update(self._nll(model))
+        res.update(self._samples(ddpm_sample(model, cfg.n_samples, steps=cfg.sample_steps, seed=cfg.seed,
+                                             batch_size=max(1, cfg.n_samples))))
+        res["eval_seconds"] = round(time.time() - t0, 2)
+        return res
+
+    def _nll(self, model) -> dict:
+        try:
+            from ..metrics.nll import nll_bits_per_dim
+        except ImportError:  # the metrics package is optional for this benchmark
+            return {}
+        cfg = self.cfg
+        held = self.data.held_out[: cfg.nll_heldout] if self.data.held_out is not None else self.kept[:0]
+        images = torch.cat([self.forget[:1], held])
+        # A's copies are one image: its probes are averaged; held-out digits get one probe each, solved together
+        r_a = nll_bits_per_dim(model, images[:1], n_probes=cfg.nll_probes, rtol=cfg.nll_rtol, atol=cfg.nll_atol,
+                               seed=cfg.seed)
+        out = {"nll_A_bpd": float(r_a.bpd[0]), "nll_A_stderr": float(r_a.stderr[0]), "nll_nfe": r_a.nfe}
+        if len(held):
+            r_h = nll_bits_per_dim(model, held, n_probes=1, rtol=cfg.nll_rtol, atol=cfg.nll_atol, seed=cfg.seed)
+            out["nll_heldout_bpd"] = float(r_h.bpd.mean())
+            out["nll_nfe"] += r_h.nfe
+        return out
+
+    def _samples(self, samples: torch.Tensor) -> dict:
+        kept = self.kept.flatten(1).double()
+        target = self.forget[0].flatten().double()
+        s = samples.flatten(1).double()
+        d_kept = torch.cdist(s, kept).min(1).values
+        d_target = (s - target).norm(dim=1)
+        is_target = d_target < d_kept
+        k, n = int(is_target.sum()), len(s)
+        try:
+            from ..metrics.rates import binomial_ci
+
+            ci = list(binomial_ci(k, n))
+        except ImportError:
+            ci = None
+        others = d_kept[~is_target]
+        return {"target_count": k, "n_samples": n, "target_frac": k / n, "target_frac_ci95": ci,
+                "nn_dist_kept": float(others.mean()) if len(others) else float("nan"),
+                "nn_dist_kept_all": float(d_kept.mean())}
+
+
+_STATE: dict = {}
+
+
+def _evaluator(cfg: ToyBenchConfig, abar: torch.Tensor, retrain_dir: str | None) -> _Evaluator:
+    key = (json.dumps(asdict(cfg), sort_keys=True, default=str), retrain_dir)
+    if _STATE.get("key") != key:
+        _STATE.clear()
+        _STATE.update(key=key, ev=_Evaluator(cfg, abar, retrain_dir))
+    return _STATE["ev"]
+
+
+# ---------------------------------------------------------------- jobs (run inline or in worker processes)
+
+
+def _train_job(cfg: ToyBenchConfig, out: str, forget: str) -> dict:
+    from ..train import TrainConfig, train
+
+    torch.set_num_threads(1)
+    tc = TrainConfig(data="toy-digits", forget=forget, out=out, arch=cfg.arch, steps=cfg.base_steps,
+                     batch_size=cfg.base_batch, lr=cfg.base_lr, warmup=cfg.warmup, seed=cfg.seed, threads=1,
+                     log_every=max(1, cfg.base_steps), overwrite=True)
+    t0 = time.time()
+    summary = train(tc)
+    return {"seconds": round(time.time() - t0, 2), "model_dir": summary["model_dir"], "recipe": asdict(tc)}
+
+
+def _method_job(cfg: ToyBenchConfig, label: str, method_name: str, params: dict, base_dir: str,
+                retrain_dir: str, out_dir: str | None) -> dict:
+    from ..methods import make_method
+    from ..models import load_model, save_model
+    from ..unlearn import UnlearnConfig, unlearn
+
+    torch.set_num_threads(1)
+    base = load_model(base_dir)
+    ev = _evaluator(cfg, base.alphas_cumprod(), retrain_dir)
+    res: dict = {"label": label, "method": method_name, "hyperparameters": dict(params)}
+    if method_name == "pretrained":
+        model, res["steps"], res["seconds"] = base, 0, 0.0
+    elif method_name == "retrain":
+        model, res["steps"] = load_model(retrain_dir), cfg.base_steps
+    else:
+        method = make_method(method_name, **params)
+        res["hyperparameters"] = method.hyperparameters()
+        ucfg = UnlearnConfig(method=method_name, steps=cfg.unlearn_steps, lr=cfg.unlearn_lr,
+                             batch_size=cfg.unlearn_batch, seed=cfg.seed, threads=1)
+        logs: list[dict] = []
+        t0 = time.time()
+        model = unlearn(base, ev.kept, ev.forget, method, ucfg, log=logs.append)
+        res["seconds"], res["steps"] = round(time.time() - t0, 2), cfg.unlearn_steps
+        res["train_log"] = _summarise_log(logs)
+        if out_dir:
+            save_model(model, Path(out_dir) / label)
+    res["metrics"] = ev.evaluate(model)
+    return res
+
+
+def _summarise_log(logs: list[dict]) -> dict:
+    """Means over the run of the logged statistics (||G_x||, ||G_a||, weights, losses), and the last step's values."""
+    if not logs:
+        return {}
+    keys = [k for k in logs[0] if k not in ("step", "seconds", "lr") and isinstance(logs[0][k], (int, float))]
+    return {"mean": {k: sum(float(r.get(k, 0.0)) for r in logs) / len(logs) for k in keys},
+            "last": {k: logs[-1][k] for k in keys if k in logs[-1]}}
+
+
+def _calibrate_scaling_norm(cfg: ToyBenchConfig, base_dir: str) -> dict:
+    """The paper's rule, ``scaling_norm ~ 10% of ||G_x||``: ||G_x|| (SISS lambda 0.5, sum-over-pixels loss, batch
+    ``unlearn_batch``) averaged over a few batches at the base model."""
+    from ..methods import Context, make_method
+    from ..methods.base import global_norm
+    from ..models import load_model
+    from ..unlearn import RowSampler
+
+    torch.set_num_threads(1)
+    base = load_model(base_dir)
+    _, kept, forget = _load_sets()
+    unet = base.unet
+    unet.train()
+    method = make_method("siss", lam=0.5)
+    T = base.num_train_timesteps
+    sampler = RowSampler(kept, forget, method, 0, T - 1, cfg.seed + 777)
+    ctx = Context(base.alphas_cumprod(), kept, forget, 0, T - 1, torch.device("cpu"), sampler.generator)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    norms = []
+    for _ in range(max(1, cfg.calibration_batches)):
+        rows = sampler.draw(cfg.unlearn_batch)
+        grads = torch.autograd.grad(method.terms(unet, rows, ctx).losses["x"].mean(), params, allow_unused=True)
+        norms.append(float(global_norm([g for g in grads if g is not None])))
+    unet.eval()
+    gx = sum(norms) / len(norms)
+    return {"grad_norm_x": gx, "fraction": cfg.scaling_norm_fraction, "scaling_norm": cfg.scaling_norm_fraction * gx}
+
+
+class _Pool:
+    """Runs jobs in ``workers`` spawned processes, or inline when ``workers == 1``."""
+
+    def __init__(self, workers: int):
+        self.workers = max(1, int(workers))
+        self.ex = None
+        if self.workers > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.ex = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+
+    def map(self, fn, arglists: list[tuple]) -> list:
+        if self.ex is None:
+            return [fn(*args) for args in arglists]
+        futures = [self.ex.submit(fn, *args) for args in arglists]
+        return [f.result() for f in futures]
+
+    def close(self):
+        if self.ex is not None:
+            self.ex.shutdown()
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+def method_list(cfg: ToyBenchConfig) -> list[tuple[str, str, dict]]:
+    """(label, method, hyperparameters) for every registered method (and the SISS ablations), in registry order."""
+    from ..methods import METHODS
+
+    names = list(cfg.methods) if cfg.methods is not None else list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+    runs = [(n, n, dict(TOY_HYPERPARAMS.get(n, {}))) for n in names if n not in SKIPPED]
+    if cfg.ablations and cfg.methods is None:
+        runs += [(label, m, dict(p)) for label, m, p in TOY_ABLATIONS]
+    return runs
+
+
+def run_toy_bench(out_dir: str | Path, seed: int = 0, quick: bool = False, overwrite: bool = False,
+                  config: ToyBenchConfig | None = None, **overrides) -> dict:
+    """Run the toy benchmark into ``out_dir``; returns the results (also written as JSON, Markdown and a PNG).
+
+    ``overrides`` set :class:`ToyBenchConfig` fields (e.g. ``workers=1``, ``unlearn_steps=50``).
+    """
+    from ..runs import prepare_out_dir, write_json
+
+    if config is None:
+        config = ToyBenchConfig.quick_config(seed=seed) if quick else ToyBenchConfig(seed=seed)
+    bad = [k for k in overrides if k not in {f.name for f in dataclasses.fields(ToyBenchConfig)}]
+    if bad:
+        raise UserError(f"unknown toy-bench setting(s): {', '.join(bad)}")
+    cfg = dataclasses.replace(config, **overrides)
+    out = prepare_out_dir(out_dir, overwrite)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = method_list(cfg)
+    t_start = time.time()
+    timings: dict = {}
+    pool = _Pool(cfg.workers)
+    try:
+        # 1. the base model on X and the retrain gold standard on X \ A, same recipe, in parallel
+        t0 = time.time()
+        base_info, retrain_info = pool.map(_train_job, [(cfg, str(out / "base"), ""),
+                                                       (cfg, str(out / "retrain"), "default")])
+        timings["train_base_and_retrain"] = round(time.time() - t0, 2)
+        base_dir, retrain_dir = base_info["model_dir"], retrain_info["model_dir"]
+        # 2. scaling_norm from the logged ||G_x|| of the base model
+        t0 = time.time()
+        calib = _calibrate_scaling_norm(cfg, base_dir)
+        timings["calibrate"] = round(time.time() - t0, 2)
+        jobs = []
+        for label, name, params in runs:
+            params = {k: (calib["scaling_norm"] if v == "auto" else v) for k, v in params.items()}
+            jobs.append((cfg, label, name, params, base_dir, retrain_dir,
+                         str(out / "models") if cfg.save_models else None))
+        jobs.append((cfg, "pretrained", "pretrained", {}, base_dir, retrain_dir, None))
+        jobs.append((cfg, "retrain", "retrain", {}, base_dir, retrain_dir, None))
+        # 3. every method (unlearn + evaluate), longest first so the two workers finish together
+        order = sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i][2]))
+        t0 = time.time()
+        done = pool.map(_method_job, [jobs[i] for i in order])
+        timings["methods_and_evaluation"] = round(time.time() - t0, 2)
+    finally:
+        pool.close()
+    by_label = {r["label"]: r for r in done}
+    retrain_row = by_label["retrain"]
+    retrain_row["seconds"] = retrain_info["seconds"]
+    by_label["pretrained"]["seconds"] = base_info["seconds"]
+    labels = ["pretrained", "retrain"] + [label for label, _, _ in runs]
+    rows = [by_label[label] for label in labels]
+    timings["total"] = round(time.time() - t_start, 2)
+    ev = _evaluator(cfg, _abar(base_dir), None)
+    results = {
+        "benchmark": "toy",
+        "config": asdict(cfg),
+        "data": {"source": "toy-digits", "n_X": len(ev.data), "n_kept": len(ev.kept), "n_forget": len(ev.forget),
+                 "forget_is_copies_of_one_image": True},
+        "recipe": {"base_and_retrain": base_info["recipe"], "unlearn": {"steps": cfg.unlearn_steps,
+                   "lr": cfg.unlearn_lr, "batch_size": cfg.unlearn_batch, "optimizer": "AdamW (0.95, 0.999) wd 1e-6",
+                   "clip_norm": 1.0}},
+        "scaling_norm_calibration": calib,
+        "skipped": SKIPPED,
+        "reference": ev.reference_gaps(),
+        "rows": rows,
+        "timings": timings,
+        "threads_per_worker": 1,
+        "workers": cfg.workers,
+    }
+    write_json(out / "results.json", results)
+    table = markdown_table(results)
+    (out / "results.md").write_text(table)
+    plot(results, out / "toy.png")
+    print(table)
+    return results
+
+
+def _abar(model_dir: str) -> torch.Tensor:
+    from ..models import load_model
+
+    return load_model(model_dir).alphas_cumprod()
+
+
+def _cost(name: str) -> float:
+    return {"erasediff": 5, "retrack": 3, "siss": 2.2, "siss-nois": 3, "erasediff-light": 3, "naive": 1,
+            "neggrad": 1, "pretrained": 0.3, "retrain": 0.3}.get(name, 2)
+
+
+# ---------------------------------------------------------------- reporting
+
+COLUMNS = [
+    ("steps", "steps", "{:d}"),
+    ("seconds", "time s", "{:.1f}"),
+    ("near_A.ideal_kept", "near A: d(eps*_X\\A)", "{:.3f}"),
+    ("near_A.ideal_all", "near A: d(eps*_X)", "{:.3f}"),
+    ("near_A.retrain", "near A: d(retrain)", "{:.3f}"),
+    ("elsewhere.ideal_kept", "elsewhere: d(eps*_X\\A)", "{:.4f}"),
+    ("elsewhere.ideal_all", "elsewhere: d(eps*_X)", "{:.4f}"),
+    ("nll_A_bpd", "NLL(A) bpd", "{:.2f}"),
+    ("loss_A", "loss(A)/dim", "{:.3f}"),
+    ("nll_heldout_bpd", "NLL(held-out) bpd", "{:.2f}"),
+    ("target_frac", "samples = target", "{:.3f}"),
+    ("nn_dist_kept", "NN dist to X\\A", "{:.2f}"),
+]
+
+
+def _get(row: dict, key: str):
+    if key in ("steps", "seconds"):
+        return row.get(key)
+    v = row["metrics"]
+    for part in key.split("."):
+        if not isinstance(v, dict) or part not in v:
+            return None
+        v = v[part]
+    return v
+
+
+def _fmt(v, spec: str) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and not math.isfinite(v):
+        return "nan"
+    try:
+        return spec.format(v)
+    except (ValueError, TypeError):
+        return str(v)
+
+
+def markdown_table(results: dict) -> str:
+    """One row per model; distances are per-dimension squared errors averaged over the probe timesteps."""
+    rows = results["rows"]
+    cols = [c for c in COLUMNS if any(_get(r, c[0]) is not None for r in rows)]
+    lines = ["| method | " + " | ".join(c[1] for c in cols) + " |",
+             "| --- | " + " | ".join("---:" for _ in cols) + " |"]
+    for r in rows:
+        lines.append(f"| {r['label']} | " + " | ".join(_fmt(_get(r, k), spec) for k, _, spec in cols) + " |")
+    ref = results["reference"]
+    cfg = results["config"]
+    notes = [
+        "",
+        f"d(.) = mean over t in {list(cfg['probe_timesteps'])} of ||eps_theta(x_t, t) - target||^2 / D (D = 64) on fixed "
+        f"probes: near A = gamma_t a + sigma_t eps, elsewhere = noised X \\ A items ({cfg['probes_per_t']} per t). "
+        f"eps*_S = ideal (Bayes-optimal) denoiser of the finite set S. Scale: d(eps*_X, eps*_X\\A) = "
+        f"{ref['near_A']['ideal_all_vs_ideal_kept']:.3f} near A, {ref['elsewhere']['ideal_all_vs_ideal_kept']:.2g} "
+        "elsewhere.",
+        "Unlearning moves a row from d(eps*_X) ~ 0 toward d(eps*_X\\A) ~ retrain's value near A; a broken model has a "
+        "large distance elsewhere, a high held-out NLL and samples far from X \\ A.",
+        f"retrain = the base recipe ({cfg['base_steps']} steps) trained from scratch on X \\ A; methods run "
+        f"{cfg['unlearn_steps']} steps from the base model's EMA weights (lr {cfg['unlearn_lr']:g}, batch "
+        f"{cfg['unlearn_batch']}). SISS scaling_norm = {results['scaling_norm_calibration']['scaling_norm']:.3g} "
+        f"(= {cfg['scaling_norm_fraction']:.0%} of ||G_x|| = {results['scaling_norm_calibration']['grad_norm_x']:.3g} "
+        "at the base model).",
+        f"samples = target: fraction of {cfg['n_samples']} DDPM samples ({cfg['sample_steps']} steps) nearer to the target "
+        "than to any image of X \\ A; NN dist: mean L2 distance (model space [-1, 1]) of the other samples to X \\ A.",
+        f"Wall time {results['timings']['total']:.0f} s with {results['workers']} worker process(es), 1 thread each.",
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    """Left: near A, distance to eps*_X\\A vs to eps*_X (unlearning = up-left to down-right... see labels).
+    Right: near-A distance to eps*_X\\A vs damage elsewhere."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for r in rows:
+        m = r["metrics"]
+        x, y, e = m["near_A"]["ideal_all"], m["near_A"]["ideal_kept"], m["elsewhere"]["ideal_kept"]
+        colour = "tab:green" if r["label"] == "retrain" else "tab:blue" if r["label"] == "pretrained" else "tab:red"
+        for ax, (px, py) in zip(axes, ((x, y), (e, y))):
+            ax.scatter([px], [py], color=colour, s=40, zorder=3)
+            ax.annotate(r["label"], (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    gap = results["reference"]["near_A"]["ideal_all_vs_ideal_kept"]
+    ax = axes[0]
+    ax.set_xlabel("near A: distance to ideal X denoiser (base ideal)")
+    ax.set_ylabel("near A: distance to ideal X\\A denoiser (retrain ideal)")
+    ax.set_title("Toward retraining = down and right")
+    ax.axhline(gap, color="grey", lw=0.8, ls="--")
+    ax.axvline(gap, color="grey", lw=0.8, ls="--")
+    ax = axes[1]
+    ax.set_xlabel("elsewhere: distance to ideal X\\A denoiser (damage to kept data)")
+    ax.set_ylabel("near A: distance to ideal X\\A denoiser")
+    ax.set_title("Good unlearning = bottom left; broken = right")
+    for ax in axes:
+        ax.set_xscale("symlog", linthresh=1e-2)
+        ax.set_yscale("symlog", linthresh=1e-2)
+        ax.grid(True, alpha=0.3)
+    fig.suptitle(f"diffunlearn bench toy (dashed: distance between the two ideal denoisers near A = {gap:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,71 @@
+"""How often generated samples reproduce the forgotten target, with an exact binomial interval.
+
+MNIST T-Shirt protocol of the SISS paper (Alberti et al. 2025, section 5.2): a sample counts as the target when its L2
+distance to the target image, pixels in [0, 1] and flattened, is at most 10. A rate is reported with its 95%
+Clopper-Pearson interval (Clopper & Pearson 1934), since "0 T-shirts" means something only beside the sample count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+
+
+def binomial_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) two-sided interval for a binomial proportion after ``k`` successes in ``n`` trials.
+
+    Lower bound ``Beta(alpha/2; k, n-k+1)`` quantile, upper bound ``Beta(1-alpha/2; k+1, n-k)`` quantile, with the
+    bound fixed at 0 (k = 0) or 1 (k = n) where that Beta is undefined; at ``k = 0`` the upper bound is
+    ``1 - (alpha/2)^(1/n)``.
+    """
+    from scipy.stats import beta
+
+    k, n = int(k), int(n)
+    if n < 1 or not 0 <= k <= n:
+        raise UserError(f"a binomial interval needs 0 <= k <= n and n >= 1 (got k={k}, n={n})")
+    if not 0.0 < level < 1.0:
+        raise UserError(f"confidence level must lie in (0, 1), got {level}")
+    alpha = 1.0 - level
+    lo = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
+    return lo, hi
+
+
+@dataclass
+class TargetRate:
+    """``count`` of ``n`` samples within ``threshold`` of the target; ``rate = count / n`` and its interval."""
+
+    count: int
+    n: int
+    rate: float
+    ci_low: float
+    ci_high: float
+    threshold: float
+    distances: torch.Tensor
+
+    def summary(self) -> dict:
+        return {"count": self.count, "n": self.n, "rate": self.rate, "ci95": [self.ci_low, self.ci_high],
+                "threshold": self.threshold, "min_distance": float(self.distances.min())}
+
+
+def target_rate(samples: torch.Tensor, target: torch.Tensor, threshold: float = 10.0, level: float = 0.95) -> TargetRate:
+    """Fraction of ``samples`` (N, C, H, W) within L2 ``threshold`` of ``target`` ((C, H, W) or (1, C, H, W)).
+
+    Both are given in model space [-1, 1]; distances are measured on pixels mapped to [0, 1], where the paper's
+    threshold of 10 was set (half the model-space distance).
+    """
+    if target.ndim == samples.ndim and target.shape[0] == 1:
+        target = target[0]
+    if samples.ndim != 4 or tuple(target.shape) != tuple(samples.shape[1:]):
+        raise UserError(f"samples {tuple(samples.shape)} and target {tuple(target.shape)} do not match: "
+                        "expected (N, C, H, W) samples and one (C, H, W) target")
+    if len(samples) == 0:
+        raise UserError("no samples to count the target in")
+    diff = (samples.detach().float() - target.detach().float().to(samples.device)) / 2.0
+    distances = diff.flatten(1).norm(dim=1).cpu()
+    count, n = int((distances <= threshold).sum()), len(samples)
+    lo, hi = binomial_ci(count, n, level)
+    return TargetRate(count, n, count / n, lo, hi, float(threshold), distances)

@@ -1,0 +1,95 @@
+"""Saving, reloading and sampling through diffusers; data SPECs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_sets, tiny_model
+from diffunlearn.data import load_data, resolve_forget, to_model_space
+from diffunlearn.errors import UserError
+from diffunlearn.methods import make_method
+from diffunlearn.models import load_model, save_model, state_hash
+from diffunlearn.sampling import ddpm_sample
+from diffunlearn.unlearn import UnlearnConfig, unlearn
+
+
+def test_unlearned_model_reloads_with_diffusers_and_samples(tmp_path):
+    """The saved directory is a ``DDPMPipeline``: diffusers loads it (safetensors) with the same weights, and both
+    our sampler and the pipeline produce finite images of the model's shape."""
+    from diffusers import DDPMPipeline
+
+    kept, forget = random_sets()
+    new = unlearn(tiny_model(), kept, forget, make_method("siss"), UnlearnConfig(steps=2, batch_size=4))
+    out = save_model(new, tmp_path / "m")
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    pipe = DDPMPipeline.from_pretrained(str(out), use_safetensors=True, local_files_only=True)
+    assert state_hash(pipe.unet) == state_hash(new.unet)
+    images = pipe(batch_size=2, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.isfinite(images).all()
+    reloaded = load_model(out)
+    x = ddpm_sample(reloaded, 3, steps=4, seed=1)
+    assert x.shape == (3, 1, 8, 8) and torch.isfinite(x).all()
+
+
+def test_samples_are_seeded_per_image_whatever_the_batch_size():
+    """Image i uses generator (seed, i) for all of its noise, so a batch of 5 equals batches of 2 + 2 + 1, and the
+    images from ``start = 3`` are images 3, 4 of the full run."""
+    model = tiny_model()
+    a = ddpm_sample(model, 5, steps=4, seed=3, batch_size=5)
+    b = ddpm_sample(model, 5, steps=4, seed=3, batch_size=2)
+    c = ddpm_sample(model, 2, steps=4, seed=3, start=3)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a[3:], c, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(a[0], a[1])
+
+
+def test_model_space_conversion_round_trips():
+    """uint8 v maps to 2 v / 255 - 1, so 0 -> -1 and 255 -> 1; floats in [0, 1] map to 2 v - 1."""
+    u8 = np.array([[[0, 255], [51, 204]]], dtype=np.uint8)
+    torch.testing.assert_close(to_model_space(u8, "t")[0, 0], torch.tensor([[-1.0, 1.0], [-0.6, 0.6]]))
+    with pytest.raises(UserError, match=r"\[0, 1\]"):
+        to_model_space(np.array([[[2.0]]]), "t")
+    with pytest.raises(UserError, match="NaN"):
+        to_model_space(np.array([[[np.nan]]]), "t")
+
+
+def test_forget_specs(data_file, tmp_path):
+    """Indices, ranges, names and list files select the same items; A must be a non-empty proper subset of X."""
+    data = load_data(str(data_file))
+    assert resolve_forget("3,1-2", data) == [1, 2, 3]
+    assert resolve_forget("img-01,img-03", data) == [1, 3]
+    lst = tmp_path / "a.txt"
+    lst.write_text("img-05\n# comment\n7\n")
+    assert resolve_forget(f"@{lst}", data) == [5, 7]
+    assert resolve_forget(str(lst), data) == [5, 7]
+    for bad, msg in (("", "empty"), ("99", "outside"), ("nope.png", "neither"), ("0-29", "whole data set"),
+                     ("1,1", "more than once")):
+        with pytest.raises(UserError, match=msg):
+            resolve_forget(bad, data)
+
+
+def test_builtin_toy_digits_has_its_forget_set():
+    data = load_data("toy-digits")
+    a = resolve_forget("default", data)
+    assert len(a) == 16 and len(data) == 256
+    assert torch.equal(data.images[a[0]], data.images[a[-1]])  # copies of one image
+
+
+def test_corrupt_and_missing_weights_are_refused(tmp_path):
+    """A truncated safetensors file, a directory without weights and pickle-only weights each give a UserError."""
+    good = save_model(tiny_model(), tmp_path / "m")
+    w = good / "unet" / "diffusion_pytorch_model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    with pytest.raises(UserError, match="corrupt or truncated"):
+        load_model(good)
+    w.unlink()
+    with pytest.raises(UserError, match="no weights"):
+        load_model(good)
+    (good / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04")
+    with pytest.raises(UserError, match="--allow-pickle"):
+        load_model(good)
+    with pytest.raises(UserError, match="not found"):
+        load_model(tmp_path / "nothing")

@@ -1,0 +1,215 @@
+"""The unlearning methods' mathematics, on a tiny random-weight UNet with a fixed noise model."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from conftest import random_sets, tiny_model
+from diffunlearn.diffusion import ddpm_loss
+from diffunlearn.methods import METHODS, Context, make_method
+from diffunlearn.methods.base import global_norm
+from diffunlearn.methods.retrack import nearest_kept
+from diffunlearn.methods.siss import SubtractedGradients
+from diffunlearn.unlearn import RowSampler, UnlearnConfig, unlearn
+
+
+def _ctx(model, kept, forget, seed=0):
+    T = model.num_train_timesteps
+    return Context(model.alphas_cumprod(), kept, forget, 0, T - 1, torch.device("cpu"),
+                   torch.Generator().manual_seed(seed))
+
+
+def _mean_and_se(v: torch.Tensor) -> tuple[float, float]:
+    v = v.double()
+    return float(v.mean()), float(v.std() / math.sqrt(len(v)))
+
+
+@pytest.mark.parametrize("lam", [0.25, 0.5, 0.75])
+def test_siss_terms_are_unbiased_for_naive_deletion_and_neggrad(lam):
+    """Importance sampling (SISS paper eq. 4-7): with ``m ~ q_lambda(.|x, a) = (1-l) q(.|x) + l q(.|a)``,
+
+        E_m[w_x ||eps_theta(m) - (m - g x)/s||^2] = int q(m|x) ||eps_theta(m) - (m - g x)/s||^2 dm
+                                                  = E_eps ||eps_theta(g x + s eps) - eps||^2,
+
+    the naive-deletion loss of x; likewise ``w_a`` gives A's DDPM loss (the NegGrad term), for every lambda in (0, 1).
+    Both sides are estimated by Monte Carlo with independent draws for a fixed model; they must agree within
+    4.5 standard errors of the difference (a false failure has probability below 1e-5 per comparison).
+    """
+    model, (kept, forget) = tiny_model(), random_sets()
+    method = make_method("siss", lam=lam)
+    n = 6000
+    with torch.no_grad():
+        rows = RowSampler(kept, forget, method, 0, 999, seed=1).draw(n)
+        terms = method.terms(model.unet, rows, _ctx(model, kept, forget)).losses
+        direct = RowSampler(kept, forget, method, 0, 999, seed=2).draw(n)
+        abar = model.alphas_cumprod()
+        naive = ddpm_loss(model.unet, direct.x, direct.eps, direct.t, abar)
+        neggrad = ddpm_loss(model.unet, direct.a, direct.eps, direct.t, abar)
+    for is_term, target in ((terms["x"], naive), (terms["a"], neggrad)):
+        (m1, s1), (m2, s2) = _mean_and_se(is_term), _mean_and_se(target)
+        assert abs(m1 - m2) < 4.5 * math.hypot(s1, s2), (lam, m1, m2, s1, s2)
+
+
+def test_siss_at_lambda_zero_is_naive_deletion_exactly():
+    """At ``lambda = 0`` every row is ``m = g x + s eps`` and ``w_x = 1`` exactly, so ``L_x`` equals the naive-deletion
+    loss row by row (same x, eps, t): the lambda = 0 ablation is naive deletion plus a weighted A term."""
+    model, (kept, forget) = tiny_model(), random_sets()
+    method = make_method("siss", lam=0.0)
+    with torch.no_grad():
+        rows = RowSampler(kept, forget, method, 0, 999, seed=0).draw(64)
+        lx = method.terms(model.unet, rows, _ctx(model, kept, forget)).losses["x"]
+        ref = ddpm_loss(model.unet, rows.x, rows.eps, rows.t, model.alphas_cumprod())
+    torch.testing.assert_close(lx, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_siss_at_lambda_one_is_neggrad_exactly():
+    """At ``lambda = 1`` every row is ``m = g a + s eps`` and ``w_a = 1``: ``L_a`` is A's DDPM loss row by row."""
+    model, (kept, forget) = tiny_model(), random_sets()
+    method = make_method("siss", lam=1.0)
+    with torch.no_grad():
+        rows = RowSampler(kept, forget, method, 0, 999, seed=0).draw(64)
+        terms = method.terms(model.unet, rows, _ctx(model, kept, forget)).losses
+        ref = ddpm_loss(model.unet, rows.a, rows.eps, rows.t, model.alphas_cumprod())
+    torch.testing.assert_close(terms["a"], ref, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(terms["x"]).all()
+
+
+@pytest.mark.parametrize("scaling_norm", [0.0, 0.3, 5.0, 500.0])
+def test_norm_fixing_gives_a_neggrad_component_of_exactly_the_scaling_norm(scaling_norm):
+    """``g = G_x - (s / ||G_a||) G_a``: the subtracted part has norm ``s / ||G_a|| * ||G_a|| = s`` whatever ||G_a||."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (7,), (2, 2, 2)]
+    gx = [torch.randn(s, generator=g, dtype=torch.float64) * 30 for s in shapes]  # float64: no cancellation error
+    ga = [torch.randn(s, generator=g, dtype=torch.float64) * 200 for s in shapes]
+    out, stats = SubtractedGradients(scaling_norm=scaling_norm).combine({"x": gx, "a": ga})
+    neg = [x - o for x, o in zip(gx, out)]
+    assert float(global_norm(neg)) == pytest.approx(scaling_norm, rel=1e-6, abs=1e-9)
+    assert stats["superfactor"] * stats["grad_norm_a"] == pytest.approx(scaling_norm, rel=1e-9)
+    fixed, _ = SubtractedGradients(superfactor=0.5).combine({"x": gx, "a": ga})
+    for f, x, a in zip(fixed, gx, ga):
+        torch.testing.assert_close(f, x - 0.5 * a)
+
+
+def test_norm_fixing_holds_in_a_training_run():
+    """Every logged step satisfies ``superfactor * ||G_a|| = scaling_norm`` (the update really used norm-fixing)."""
+    model, (kept, forget) = tiny_model(), random_sets()
+    logs = []
+    unlearn(model, kept, forget, make_method("siss", scaling_norm=2.5), UnlearnConfig(steps=3, batch_size=4), log=logs.append)
+    assert len(logs) == 3
+    for rec in logs:
+        assert rec["superfactor"] * rec["grad_norm_a"] == pytest.approx(2.5, rel=1e-6)
+
+
+@pytest.mark.parametrize("name,calls_per_micro", [("siss", 1), ("siss-nois", 2), ("naive", 1), ("neggrad", 1),
+                                                  ("retrack", 1), ("erasediff-light", 2)])
+def test_forward_passes_per_micro_batch(name, calls_per_micro):
+    """SISS evaluates the model once per micro-batch on the mixture sample; SISS (No IS) twice (x_t and a_t)."""
+    model, (kept, forget) = tiny_model(), random_sets()
+    calls = []
+    model.unet.register_forward_hook(lambda *_: calls.append(1))
+    steps, accum = 2, 3
+    unlearn(model, kept, forget, make_method(name), UnlearnConfig(steps=steps, batch_size=2, grad_accum=accum))
+    assert len(calls) == steps * accum * calls_per_micro
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_trainable_parameter_changes_and_the_input_is_untouched(name):
+    """After a few AdamW steps every parameter has moved (no dead or detached parameter), and the input model's
+    weights are bit-for-bit what they were (the loop trains a copy)."""
+    model, (kept, forget) = tiny_model(), random_sets()
+    before = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    new = unlearn(model, kept, forget, make_method(name), UnlearnConfig(steps=3, batch_size=4, lr=1e-3))
+    for k, v in model.unet.state_dict().items():
+        assert torch.equal(v, before[k]), f"input model changed: {k}"
+    unchanged = [k for k, p in new.unet.named_parameters() if p.requires_grad and torch.equal(p.detach(), before[k])]
+    assert not unchanged, f"{name}: parameters did not change: {unchanged[:5]}"
+
+
+@pytest.mark.parametrize("name", ["siss", "erasediff", "retrack"])
+def test_same_seed_same_weights(name):
+    """Every random choice comes from the seeded generator: two runs give identical weights; another seed does not."""
+    (kept, forget) = random_sets()
+    cfg = UnlearnConfig(steps=3, batch_size=4, seed=7)
+    a = unlearn(tiny_model(), kept, forget, make_method(name), cfg)
+    b = unlearn(tiny_model(), kept, forget, make_method(name), cfg)
+    c = unlearn(tiny_model(), kept, forget, make_method(name), UnlearnConfig(steps=3, batch_size=4, seed=8))
+    sa, sb, sc = a.unet.state_dict(), b.unet.state_dict(), c.unet.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+@pytest.mark.parametrize("name", ["siss", "naive", "erasediff-light"])
+def test_batch_times_accumulation_does_not_change_the_update(name):
+    """The rows of a step are drawn at once, so batch 1 x accumulation 8 and batch 8 x accumulation 1 see the same
+    rows; the per-term means are then equal and so is the update, up to float summation order (which AdamW's
+    normalisation amplifies to ~1e-6 on parameters whose true gradient is zero, such as attention key biases)."""
+    (kept, forget) = random_sets()
+    la, lb = [], []
+    a = unlearn(tiny_model(), kept, forget, make_method(name), UnlearnConfig(steps=2, batch_size=8, grad_accum=1),
+                log=la.append)
+    b = unlearn(tiny_model(), kept, forget, make_method(name), UnlearnConfig(steps=2, batch_size=1, grad_accum=8),
+                log=lb.append)
+    for ra, rb in zip(la, lb):
+        for k in ra:
+            if k.startswith(("loss_", "grad_norm")):
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5), k
+    for (k, va), vb in zip(a.unet.state_dict().items(), b.unet.state_dict().values()):
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=5e-6, msg=k)
+
+
+def test_erasediff_restores_the_weights_after_its_inner_passes():
+    """EraseDiff's inner problem moves theta (the optimiser really steps), then ``theta <- theta_i`` restores it:
+    the parameters after ``before_step`` equal those before, while the optimiser state has advanced."""
+    model, (kept, forget) = tiny_model(), random_sets()
+    unet = model.unet.train()
+    method = make_method("erasediff", inner_steps=2)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-2)
+    sampler = RowSampler(kept, forget, method, 0, 999, seed=0)
+    ctx = _ctx(model, kept, forget)
+    ctx.unet, ctx.optimizer, ctx.batch_size, ctx.draw = unet, opt, 4, sampler.draw
+    ctx.autocast = contextlib.nullcontext
+    before = [p.detach().clone() for p in unet.parameters()]
+    moved = []
+    opt.register_step_post_hook(lambda *_: moved.append(any(not torch.equal(p, b) for p, b in zip(unet.parameters(), before))))
+    stats = method.before_step(ctx)
+    assert moved == [True, True]
+    assert all(torch.equal(p, b) for p, b in zip(unet.parameters(), before))
+    assert math.isfinite(stats["phi"])
+    assert all(int(opt.state[p]["step"]) == 2 for p in unet.parameters())
+
+
+def test_retrack_neighbours_come_from_the_kept_set_only():
+    """A is placed inside X's bounding box with exact copies of A also *outside* the kept set: the neighbours must
+    be the true k nearest (by brute force) among X \\ A, so never a member of A."""
+    kept, forget = random_sets(n_kept=40, n_forget=4)
+    idx = nearest_kept(forget, kept, 5)
+    assert idx.shape == (4, 5)
+    d = torch.cdist(forget.flatten(1).double(), kept.flatten(1).double())
+    brute = d.topk(5, largest=False).indices
+    assert torch.equal(idx.sort(1).values, brute.sort(1).values)
+    method = make_method("retrack", knn=5)
+    method.setup(_ctx(tiny_model(), kept, forget))
+    assert torch.equal(method.neighbours, idx)
+    assert int(method.neighbours.max()) < len(kept)
+
+
+def test_retrack_redirect_target_is_the_posterior_over_neighbours():
+    """With one neighbour, ``p = 1`` and ``L_unlearn = ||eps_theta(x_t) - (x_t - g x_n)/s||^2``: the ideal denoiser of
+    the one-point set {x_n}."""
+    model, (kept, forget) = tiny_model(), random_sets(n_kept=10, n_forget=2)
+    method = make_method("retrack", knn=1)
+    ctx = _ctx(model, kept, forget)
+    method.setup(ctx)
+    with torch.no_grad():
+        rows = RowSampler(kept, forget, method, 0, 999, seed=3).draw(8)
+        got = method.terms(model.unet, rows, ctx).losses["unlearn"]
+        g, s = ctx.gs(rows.t)
+        x_t = g * rows.a + s * rows.eps
+        xn = kept[method.neighbours[rows.a_idx, 0]]
+        e = model.unet(x_t, rows.t).sample
+        want = (e - (x_t - g * xn) / s).pow(2).flatten(1).sum(1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
