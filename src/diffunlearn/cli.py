@@ -47,6 +47,24 @@ def _sample(args):
     run_sample(cfg)
 
 
+def _eval(args):
+    from .evaluate import EvalConfig, run_eval
+
+    cfg = build_config(EvalConfig, args, "eval")
+    if args.dry_run:
+        return _print_cfg(cfg)
+    run_eval(cfg)
+
+
+def _demo(args):
+    from .demo import DemoConfig, run_demo
+
+    cfg = build_config(DemoConfig, args, "demo")
+    if args.dry_run:
+        return _print_cfg(cfg)
+    run_demo(cfg)
+
+
 def _print_cfg(cfg) -> int:
     print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
     return 0
@@ -75,6 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, SampleConfig)
     _common(p)
     p.set_defaults(func=_sample)
+    from .demo import DemoConfig
+    from .evaluate import EvalConfig
+
+    p = sub.add_parser("eval", help="the MNIST T-Shirt metrics of one model (T-shirt rate, NLL, classifier IS/FID)")
+    add_dataclass_args(p, EvalConfig)
+    _common(p)
+    p.set_defaults(func=_eval)
+    p = sub.add_parser("demo", help="unlearn the T-shirt from the shipped MNIST model with SISS; before/after table")
+    add_dataclass_args(p, DemoConfig)
+    _common(p)
+    p.set_defaults(func=_demo)
     for name, (help_, setup) in COMMANDS.items():
         setup(sub.add_parser(name, help=help_))
     return parser

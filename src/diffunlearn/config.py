@@ -65,6 +65,7 @@ def load_yaml(name: str) -> dict:
 def build_config(cls, args: argparse.Namespace, section: str | None = None):
     """Defaults < ``--config`` file < command-line flags. Unknown keys in the file are an error."""
     names = {f.name: f for f in dataclasses.fields(cls)}
+    aliases = {f.metadata["flag"][2:].replace("-", "_"): f.name for f in names.values() if "flag" in f.metadata}
     values: dict = {}
     if getattr(args, "config", None):
         raw = load_yaml(args.config)
@@ -72,6 +73,7 @@ def build_config(cls, args: argparse.Namespace, section: str | None = None):
             raw = raw[section]
         for k, v in raw.items():
             key = k.replace("-", "_")
+            key = aliases.get(key, key)
             if key not in names:
                 raise UserError(f"unknown option {k!r} in {args.config}: known are {', '.join(names)}")
             values[key] = v

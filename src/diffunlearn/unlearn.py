@@ -268,7 +268,11 @@ def resolve_model_dir(path: str) -> str:
     """A run directory (holding ``model/``) or a model directory."""
     from pathlib import Path
 
+    from .pretrained import available, pretrained_dir
+
     p = Path(path)
+    if not p.exists() and path in available():
+        p = pretrained_dir(path)
     if (p / "model" / "model_index.json").is_file() or (p / "model" / "unet").is_dir():
         return str(p / "model")
     return str(p)

@@ -1,0 +1,237 @@
+"""``diffunlearn bench mnist-tshirt``: every method on the shipped MNIST T-Shirt model, shaped like the SISS paper's
+Table 2, with the T-shirt decay curve of each run. Cells (method x seed) are cached on disk, so a re-run resumes."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+# label -> (method, hyperparameters, steps, batch size): the paper's Table 2 (ReTrack: its released settings)
+ROWS: dict[str, tuple[str | None, dict, int, int]] = {
+    "pretrained": (None, {}, 0, 0),
+    "retrain": (None, {}, 0, 0),
+    "naive": ("naive", {}, 300, 64),
+    "siss-lambda0": ("siss", {"lam": 0.0, "scaling_norm": 5.0}, 300, 64),
+    "siss-lambda0.5": ("siss", {"lam": 0.5, "scaling_norm": 5.0}, 300, 64),
+    "siss-nois": ("siss-nois", {"scaling_norm": 5.0}, 300, 64),
+    "erasediff": ("erasediff", {}, 100, 64),
+    "siss-lambda1": ("siss", {"lam": 1.0, "scaling_norm": 5.0}, 100, 64),
+    "neggrad": ("neggrad", {}, 100, 64),
+    "retrack": ("retrack", {"lambda_r": 0.005, "knn": 10}, 50, 128),
+}
+
+
+@dataclass
+class MnistBenchConfig:
+    out: str = field(default="runs/bench-mnist-tshirt", metadata={"help": "benchmark directory (re-runs resume)"})
+    seeds: int = field(default=3, metadata={"help": "seeds per method"})
+    rows: str = field(default=",".join(ROWS), metadata={"help": "comma-separated rows to run"})
+    steps_scale: float = field(default=1.0, metadata={"help": "multiply every method's steps (quick runs)"})
+    n_samples: int = field(default=512, metadata={"help": "samples per evaluation (T-shirt rate, IS, FID)"})
+    sample_steps: int = field(default=50, metadata={"help": "DDPM sampling steps"})
+    nll_probes: int = field(default=4, metadata={"help": "Hutchinson probes for the final NLL"})
+    nll_tol: float = field(default=1e-5, metadata={"help": "RK45 tolerance of the final NLL"})
+    curve_every: int = field(default=50, metadata={"help": "evaluate the decay curve every N steps (0: off)"})
+    curve_samples: int = field(default=128, metadata={"help": "samples per decay-curve point"})
+    curve_nll_tol: float = field(default=1e-3, metadata={"help": "RK45 tolerance of the decay-curve NLL (1 probe)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    show_forgotten: bool = field(default=False, metadata={"help": "show T-shirt samples in the grids"})
+
+
+def _cell_dir(root: Path, label: str, seed: int) -> Path:
+    return root / "cells" / f"{label}-seed{seed}"
+
+
+def _run_cell(label: str, seed: int, cfg: MnistBenchConfig, protocol, base, retrain, kept, forget, root: Path) -> dict:
+    from ..evaluate import EvalConfig, evaluate, masked
+    from ..metrics.rates import target_rate
+    from ..methods import make_method
+    from ..sampling import ddpm_sample, save_grid
+    from ..unlearn import UnlearnConfig, unlearn
+
+    method_name, params, steps, batch = ROWS[label]
+    steps = max(1, int(round(steps * cfg.steps_scale))) if method_name else 0
+    ecfg = EvalConfig(n_samples=cfg.n_samples, sample_steps=cfg.sample_steps, nll_probes=cfg.nll_probes,
+                      nll_tol=cfg.nll_tol, seed=0)
+    curve, log = [], []
+    train_seconds = 0.0
+    if method_name is None:
+        model = base if label == "pretrained" else retrain
+    else:
+        def callback(step, unet):
+            if cfg.curve_every and (step % cfg.curve_every == 0 or step == steps):
+                from ..models import DiffusionModel
+                from ..metrics.nll import nll_bits_per_dim
+
+                m = DiffusionModel(unet, base.scheduler)
+                s = ddpm_sample(m, cfg.curve_samples, cfg.sample_steps, seed=10_000)
+                r = target_rate(s, protocol.target)
+                nll = nll_bits_per_dim(m, protocol.target[None], 1, cfg.curve_nll_tol, cfg.curve_nll_tol)
+                curve.append({"step": step, "tshirt_count": r.count, "n": r.n, "rate": r.rate,
+                              "nll_bpd": float(nll.bpd[0])})
+
+        ucfg = UnlearnConfig(steps=steps, batch_size=batch, seed=seed)
+        t0 = time.time()
+        model = unlearn(base, kept, forget, make_method(method_name, **params), ucfg, log=log.append,
+                        callback=callback if cfg.curve_every else None)
+        train_seconds = time.time() - t0
+    metrics, samples = evaluate(model, protocol, ecfg)
+    is_target = metrics.pop("_is_target")
+    cell = _cell_dir(root, label, seed)
+    cell.mkdir(parents=True, exist_ok=True)
+    save_grid(masked(samples[:64], is_target[:64], cfg.show_forgotten), cell / "samples.png", ncol=8)
+    step_seconds = [r["seconds"] for r in log]
+    first_zero = next((p["step"] for p in curve if p["tshirt_count"] == 0), None)
+    result = {"label": label, "method": method_name, "hyperparameters": params, "seed": seed, "steps": steps,
+              "batch_size": batch, "metrics": metrics, "curve": curve, "first_zero_step": first_zero,
+              "unlearn_seconds": round(train_seconds, 1),
+              "seconds_per_step": float(np.median(step_seconds)) if step_seconds else None,
+              "last_log": log[-1] if log else None}
+    (cell / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _aggregate(results: list[dict]) -> dict[str, dict]:
+    from ..metrics.rates import binomial_ci
+
+    rows: dict[str, dict] = {}
+    plain = [r["seconds_per_step"] for r in results if r["label"] == "naive" and r["seconds_per_step"]]
+    plain_step = float(np.median(plain)) if plain else None
+    for label in ROWS:
+        rs = [r for r in results if r["label"] == label]
+        if not rs:
+            continue
+        def stat(get):
+            v = np.array([get(r) for r in rs], dtype=float)
+            return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+        k = sum(r["metrics"]["tshirt_rate"]["count"] for r in rs)
+        n = sum(r["metrics"]["tshirt_rate"]["n"] for r in rs)
+        sps = [r["seconds_per_step"] for r in rs if r["seconds_per_step"]]
+        zeros = [r["first_zero_step"] for r in rs]
+        rows[label] = {
+            "steps": rs[0]["steps"], "seeds": len(rs),
+            "classifier_is": stat(lambda r: r["metrics"]["classifier_is"]["mean"]),
+            "classifier_fid": stat(lambda r: r["metrics"]["classifier_fid"]["value"]),
+            "nll": stat(lambda r: r["metrics"]["tshirt_nll"]["bpd"]),
+            "tshirt": {"count": k, "n": n, "rate": k / n, "ci95": list(binomial_ci(k, n))},
+            "unlearn_seconds": stat(lambda r: r["unlearn_seconds"]),
+            "seconds_per_step": float(np.median(sps)) if sps else None,
+            "relative_step_time": float(np.median(sps)) / plain_step if sps and plain_step else None,
+            "first_zero_step": zeros,
+        }
+    return rows
+
+
+def _markdown(rows: dict[str, dict], cfg: MnistBenchConfig) -> str:
+    head = ("| method | steps | classifier IS ↑ | classifier FID ↓ | T-shirt NLL (bits/dim) ↑ | T-shirt rate (95% CI) ↓ "
+            "| unlearning s | s/step vs plain step | first step with 0 T-shirts |\n|" + "---|" * 9)
+    lines = [head]
+    for label, r in rows.items():
+        pm = lambda s: f"{s['mean']:.2f} ± {s['std']:.2f}"  # noqa: E731
+        t = r["tshirt"]
+        rel = f"{r['relative_step_time']:.2f}x" if r["relative_step_time"] else "—"
+        zero = ", ".join("—" if z is None else str(z) for z in r["first_zero_step"]) if r["steps"] else "—"
+        lines.append(f"| {label} | {r['steps'] or '—'} | {pm(r['classifier_is'])} | {pm(r['classifier_fid'])} | "
+                     f"{pm(r['nll'])} | {t['count']}/{t['n']} = {100 * t['rate']:.2f}% "
+                     f"({100 * t['ci95'][0]:.2f}–{100 * t['ci95'][1]:.2f}%) | "
+                     f"{r['unlearn_seconds']['mean']:.0f} | {rel} | {zero} |")
+    lines.append(f"\n{cfg.seeds} seed(s) per method; {cfg.n_samples} samples per evaluation ({cfg.sample_steps}-step "
+                 f"DDPM, sample i seeded by i); NLL by the probability-flow ODE (rtol=atol={cfg.nll_tol}, "
+                 f"{cfg.nll_probes} probes); IS/FID computed with the shipped domain classifier, not Inception.")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(rows: dict, results: list[dict], root: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for label, r in rows.items():
+        ax.errorbar(r["nll"]["mean"], r["classifier_is"]["mean"], xerr=r["nll"]["std"], yerr=r["classifier_is"]["std"],
+                    fmt="o", capsize=3)
+        ax.annotate(label, (r["nll"]["mean"], r["classifier_is"]["mean"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.set_xlabel("NLL of the T-shirt (bits/dim) → more forgotten")
+    ax.set_ylabel("classifier Inception Score → better quality")
+    ax.set_title("MNIST T-Shirt: quality against forgetting")
+    fig.tight_layout()
+    fig.savefig(root / "pareto.png", dpi=120)
+    plt.close(fig)
+    curves = [r for r in results if r["curve"] and r["seed"] == 0]
+    if curves:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+        for r in curves:
+            steps = [0] + [p["step"] for p in r["curve"]]
+            base = next((x for x in results if x["label"] == "pretrained"), None)
+            r0 = base["metrics"]["tshirt_rate"]["rate"] if base else float("nan")
+            n0 = base["metrics"]["tshirt_nll"]["bpd"] if base else float("nan")
+            a1.plot(steps, [100 * r0] + [100 * p["rate"] for p in r["curve"]], marker="o", label=r["label"])
+            a2.plot(steps, [n0] + [p["nll_bpd"] for p in r["curve"]], marker="o", label=r["label"])
+        a1.set_xlabel("unlearning step"), a1.set_ylabel("T-shirt rate (%)")
+        a2.set_xlabel("unlearning step"), a2.set_ylabel("T-shirt NLL (bits/dim)")
+        a1.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(root / "curves.png", dpi=120)
+        plt.close(fig)
+
+
+def run_mnist_bench(cfg: MnistBenchConfig) -> dict:
+    from ..data import load_data, resolve_forget, split_kept
+    from ..evaluate import MnistTshirtProtocol
+    from ..models import load_model
+    from ..pretrained import pretrained_dir
+    from ..runs import write_json
+
+    labels = [x.strip() for x in cfg.rows.split(",") if x.strip()]
+    unknown = [x for x in labels if x not in ROWS]
+    if unknown:
+        raise UserError(f"unknown benchmark row {unknown[0]!r}: rows are {', '.join(ROWS)}")
+    if cfg.seeds < 1 or cfg.n_samples < 10 or cfg.steps_scale <= 0:
+        raise UserError("--seeds >= 1, --n-samples >= 10 and --steps-scale > 0 are required")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    stored = root / "config.json"
+    if stored.exists():
+        prev = json.loads(stored.read_text())
+        same = {k: v for k, v in prev.items() if k not in ("rows", "seeds", "threads", "out")}
+        now = {k: v for k, v in asdict(cfg).items() if k not in ("rows", "seeds", "threads", "out")}
+        if same != now:
+            raise UserError(f"{root} holds a benchmark with other settings: choose another --out")
+    write_json(stored, asdict(cfg))
+    base = load_model(pretrained_dir("mnist-tshirt-base") / "model")
+    retrain = load_model(pretrained_dir("mnist-tshirt-retrain") / "model")
+    protocol = MnistTshirtProtocol.load()
+    data = load_data("mnist-tshirt")
+    kept, forget = split_kept(data, resolve_forget("default", data))
+    results = []
+    for label in labels:
+        for seed in range(cfg.seeds if ROWS[label][0] else 1):
+            path = _cell_dir(root, label, seed) / "result.json"
+            if path.exists():
+                results.append(json.loads(path.read_text()))
+                print(f"[{label} seed {seed}] cached", flush=True)
+                continue
+            t0 = time.time()
+            results.append(_run_cell(label, seed, cfg, protocol, base, retrain, kept, forget, root))
+            m = results[-1]["metrics"]
+            print(f"[{label} seed {seed}] {time.time() - t0:.0f}s  rate {m['tshirt_rate']['count']}/"
+                  f"{m['tshirt_rate']['n']}  NLL {m['tshirt_nll']['bpd']:.2f}  IS {m['classifier_is']['mean']:.2f}  "
+                  f"FID {m['classifier_fid']['value']:.2f}", flush=True)
+    rows = _aggregate(results)
+    table = _markdown(rows, cfg)
+    (root / "results.md").write_text(table)
+    write_json(root / "results.json", {"config": asdict(cfg), "rows": rows, "cells": results})
+    _plots(rows, results, root)
+    print(table)
+    return rows
