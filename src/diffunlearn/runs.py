@@ -17,8 +17,11 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"output directory {out} exists and is not empty: choose another --out or pass --overwrite")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"output directory {out} exists and is not empty: choose another --out or pass --overwrite")
+        if not (out / "config.yaml").is_file():
+            raise UserError(f"--overwrite replaces only a previous run directory (one holding config.yaml); {out} is not one")
     parent = out.parent if out.parent != Path("") else Path(".")
     probe = parent
     while not probe.exists():
@@ -48,13 +51,33 @@ def write_json(path: Path, obj) -> None:
     tmp.replace(path)
 
 
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line torn by a kill
+
+
 class RunDir:
     """Creates the run directory and writes its files; the model goes to ``<out>/model``."""
 
-    def __init__(self, out: str | Path, config: dict, overwrite: bool = False):
-        self.path = prepare_out_dir(out, overwrite)
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "config.yaml").write_text(yaml.safe_dump(_clean(config), sort_keys=False))
+    def __init__(self, out: str | Path, config: dict, overwrite: bool = False, resume_from: int | None = None):
+        """``resume_from``: continue an existing run whose state is that of step ``resume_from`` (the log keeps only
+        the steps up to it); otherwise create the directory (replacing it only with ``overwrite``)."""
+        self.path = Path(out)
+        if resume_from is None:
+            prepare_out_dir(out, overwrite)
+            if overwrite and self.path.is_dir():
+                import shutil
+
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / "config.yaml").write_text(yaml.safe_dump(_clean(config), sort_keys=False))
+        else:
+            log = self.path / "log.jsonl"
+            lines = log.read_text().splitlines() if log.exists() else []
+            keep = [line for line in lines if _step_of(line) is not None and _step_of(line) <= resume_from]
+            log.write_text("".join(line + "\n" for line in keep))
         self._log = open(self.path / "log.jsonl", "a", buffering=1)
         self.started = time.time()
 

@@ -48,6 +48,8 @@ class UnlearnConfig:
     log_every: int = field(default=1, metadata={"help": "print a progress line every N steps (the JSONL log has every step)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
     allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickle weights (.bin/.ckpt): only for files you trust"})
+    checkpoint_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps (0: never)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
     # method hyperparameters: None means the method's own default; a flag the method does not take is an error
     lam: float | None = field(default=None, metadata={"help": "SISS mixture weight lambda in [0, 1] (default 0.5)", "flag": "--lambda"})
     scaling_norm: float | None = field(default=None, metadata={"help": "SISS: norm the NegGrad gradient is fixed to (default 5)"})
@@ -67,6 +69,8 @@ class UnlearnConfig:
         return make_method(self.method, **self.method_kwargs())
 
     def validate(self, num_timesteps: int | None = None) -> None:
+        if self.checkpoint_every < 0:
+            raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.steps < 0:
             raise UserError(f"--steps must be >= 0, got {self.steps}")
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -117,10 +121,12 @@ class RowSampler:
 
 def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, method: Method,
             cfg: UnlearnConfig | None = None, log: Callable[[dict], None] | None = None,
-            callback: Callable[[int, torch.nn.Module], None] | None = None) -> DiffusionModel:
+            callback: Callable[[int, torch.nn.Module], None] | None = None,
+            checkpoint: "Checkpointer | None" = None) -> DiffusionModel:
     """Unlearn ``forget`` (A) from ``model`` keeping ``kept`` (X \\ A); returns a new model, ``model`` is unchanged.
 
-    ``log`` receives one dict per optimiser step; ``callback(step, unet)`` runs after each step (evaluation curves).
+    ``log`` receives one dict per optimiser step; ``callback(step, unet)`` runs after each step (evaluation curves);
+    ``checkpoint`` saves (every ``cfg.checkpoint_every`` steps) and restores the complete training state.
     """
     cfg = cfg or UnlearnConfig()
     cfg.validate(model.num_train_timesteps)
@@ -152,7 +158,10 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
     method.setup(ctx)
     separate = method.separate_grads
     coefs = None if separate else method.loss_coefficients()
-    for step in range(1, cfg.steps + 1):
+    first = 1
+    if checkpoint is not None and checkpoint.exists():
+        first = checkpoint.restore(unet, opt, sampler.generator) + 1
+    for step in range(first, cfg.steps + 1):
         t0 = time.time()
         record: dict = {"step": step}
         record.update(method.before_step(ctx))
@@ -181,7 +190,7 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
                 loss = sum(coefs[k] * v.mean() for k, v in terms.losses.items()) / cfg.grad_accum
                 loss.backward()
         if not all(torch.isfinite(torch.tensor(v)) for k, v in sums.items() if k.startswith("loss_")):
-            raise UserError(f"the loss became NaN or Inf at step {step}; lower --lr or check the data")
+            raise UserError(f"the loss became NaN or Inf at step {step}; {_kept_note(checkpoint)}lower --lr or check the data")
         if separate:
             if world > 1:
                 bufs = {k: [acc.reduce(b, reduction="mean") for b in v] for k, v in bufs.items()}
@@ -199,7 +208,7 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
             sums = {k: float(acc.reduce(torch.tensor(v, device=acc.device), reduction="mean")) for k, v in sums.items()}
         total = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
         if not torch.isfinite(torch.tensor(total)):
-            raise UserError(f"the gradient became NaN or Inf at step {step}; lower --lr or check the data")
+            raise UserError(f"the gradient became NaN or Inf at step {step}; {_kept_note(checkpoint)}lower --lr or check the data")
         opt.step()
         record.update(sums)
         record.update({"grad_norm": total, "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 4)})
@@ -209,6 +218,10 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
             unet.eval()
             callback(step, unet)
             unet.train()
+        if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if acc.is_main_process:
+                checkpoint.save(step, unet, opt, sampler.generator)
+            acc.wait_for_everyone()
     opt.zero_grad(set_to_none=True)
     unet.eval().to("cpu")
     if hasattr(unet, "disable_gradient_checkpointing") and cfg.gradient_checkpointing:
@@ -216,12 +229,71 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
     return DiffusionModel(unet, copy.deepcopy(model.scheduler), source=f"{model.source} unlearned by {method.name}")
 
 
+def _kept_note(checkpoint) -> str:
+    step = checkpoint.last_step() if checkpoint is not None else None
+    return f"the checkpoint of step {step} is kept (--resume continues from it); " if step else ""
+
+
+class Checkpointer:
+    """One file holding everything a run needs to continue bit-for-bit: weights, AdamW state, the row sampler's
+    generator state and the step. Written to a temporary file, fsynced, then renamed over the old one, so a kill at
+    any moment leaves either the previous checkpoint or the new one, never a torn file. Loaded with
+    ``weights_only=True`` (tensors and numbers only; it is our own file, but no code can run from it either way)."""
+
+    def __init__(self, path):
+        from pathlib import Path
+
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def last_step(self) -> int | None:
+        return int(torch.load(self.path, weights_only=True)["step"]) if self.exists() else None
+
+    def save(self, step: int, unet, opt, generator: torch.Generator) -> None:
+        import os
+
+        state = {"step": step, "model": {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()},
+                 "optimizer": opt.state_dict(), "generator": generator.get_state()}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def restore(self, unet, opt, generator: torch.Generator) -> int:
+        try:
+            state = torch.load(self.path, weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read checkpoint {self.path}: {e}") from None
+        unet.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        return int(state["step"])
+
+
+RESUME_IGNORES = ("resume", "overwrite", "threads", "log_every")
+
+
 def run_unlearn(cfg: UnlearnConfig) -> dict:
-    """The ``diffunlearn unlearn`` command: validate everything, then unlearn and write the run directory."""
+    """The ``diffunlearn unlearn`` command: validate everything, then unlearn and write the run directory.
+
+    Under ``accelerate launch`` every process runs this; only the main process writes. With ``--resume`` the run in
+    ``--out`` continues from its last checkpoint (its settings must match) and ends with the same weights as an
+    uninterrupted run.
+    """
+    from pathlib import Path
+
     from .data import load_data, resolve_forget, split_kept
     from .models import load_model, model_summary, save_model, state_hash
     from .runs import RunDir, prepare_out_dir
-    from pathlib import Path
 
     method = cfg.build_method()
     cfg.validate()
@@ -229,18 +301,29 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         raise UserError("pass --out: the run directory to create")
     if not cfg.model:
         raise UserError("pass --model: a diffusers model directory")
-    prepare_out_dir(cfg.out, cfg.overwrite)
+    out = Path(cfg.out)
+    if cfg.resume:
+        _check_resumable(out, cfg)
+    else:
+        prepare_out_dir(out, cfg.overwrite)
     model = load_model(resolve_model_dir(cfg.model), allow_pickle=cfg.allow_pickle)
     cfg.validate(model.num_train_timesteps)
     data = load_data(cfg.data)
     model.check_data(data.shape, "data")
     forget_idx = resolve_forget(cfg.forget, data)
     kept, forget = split_kept(data, forget_idx)
-    if Path(cfg.out).resolve() == Path(model.source).resolve() or Path(model.source).resolve() in Path(cfg.out).resolve().parents:
-        raise UserError("--out must not be the input model's directory: the input model is never modified")
+    src = Path(model.source).resolve()
+    if out.resolve() == src or src in out.resolve().parents or out.resolve() in src.parents:
+        raise UserError("--out must not contain or be inside the input model's directory: the input is never modified")
     hash_before = state_hash(model.unet)
-    run = RunDir(cfg.out, {"command": "unlearn", **asdict(cfg), "method_hyperparameters": method.hyperparameters()},
-                 cfg.overwrite)
+    acc = _accelerator(cfg.mixed_precision)
+    acc.wait_for_everyone()  # every process has validated before anything is written
+    run = None
+    checkpoint = Checkpointer(out / "checkpoint.pt")
+    if acc.is_main_process:
+        config = {"command": "unlearn", **asdict(cfg), "method_hyperparameters": method.hyperparameters()}
+        run = RunDir(out, config, cfg.overwrite, resume_from=checkpoint.last_step() or 0 if cfg.resume else None)
+    acc.wait_for_everyone()
     every = max(1, cfg.log_every)
     last: dict = {}
 
@@ -252,16 +335,32 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
             keys = [k for k in rec if k.startswith("loss_")] + ["grad_norm", "seconds"]
             print(f"step {rec['step']}/{cfg.steps} " + " ".join(f"{k}={rec[k]:.4g}" for k in keys if k in rec), flush=True)
 
-    new = unlearn(model, kept, forget, method, cfg, log=log)
-    save_model(new, run.model_dir)
+    new = unlearn(model, kept, forget, method, cfg, log=log, checkpoint=checkpoint)
     summary = {"command": "unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
                "steps": cfg.steps, "kept": len(kept), "forget": len(forget_idx),
                "forget_names": [data.names[i] for i in forget_idx][:50],
                "model_in": {"dir": model.source, "sha256": hash_before},
-               "model_out": {"dir": str(run.model_dir), "sha256": state_hash(new.unet)},
-               "last_step": last, "model": model_summary(new)}
-    run.finish(summary)
+               "model_out": {"dir": str(out / "model"), "sha256": state_hash(new.unet)},
+               "processes": acc.num_processes, "last_step": last, "model": model_summary(new)}
+    if acc.is_main_process:
+        save_model(new, run.model_dir)  # atomic: the model directory appears only when complete
+        run.finish(summary)
+        checkpoint.path.unlink(missing_ok=True)
+    acc.wait_for_everyone()
     return summary
+
+
+def _check_resumable(out, cfg: UnlearnConfig) -> None:
+    import yaml
+
+    if not (out / "config.yaml").is_file():
+        raise UserError(f"nothing to resume in {out}: no config.yaml (start the run without --resume)")
+    if (out / "summary.json").is_file():
+        raise UserError(f"the run in {out} has already finished")
+    old = yaml.safe_load((out / "config.yaml").read_text()) or {}
+    diff = [k for k, v in asdict(cfg).items() if k not in RESUME_IGNORES and old.get(k) != v]
+    if diff:
+        raise UserError(f"--resume needs the same settings as the run in {out}; these differ: {', '.join(diff)}")
 
 
 def resolve_model_dir(path: str) -> str:

@@ -299,7 +299,7 @@ def _method_job(cfg: ToyBenchConfig, label: str, method_name: str, params: dict,
     ev = _evaluator(cfg, base.alphas_cumprod(), retrain_dir)
     res: dict = {"label": label, "method": method_name, "hyperparameters": dict(params)}
     if method_name == "pretrained":
-        model, res["steps"], res["seconds"] = base, 0, 0.0
+        model, res["steps"] = base, cfg.base_steps
     elif method_name == "retrain":
         model, res["steps"] = load_model(retrain_dir), cfg.base_steps
     else:
@@ -490,6 +490,7 @@ COLUMNS = [
     ("near_A.retrain", "near A: d(retrain)", "{:.3f}"),
     ("elsewhere.ideal_kept", "elsewhere: d(eps*_X\\A)", "{:.4f}"),
     ("elsewhere.ideal_all", "elsewhere: d(eps*_X)", "{:.4f}"),
+    ("elsewhere.retrain", "elsewhere: d(retrain)", "{:.4f}"),
     ("nll_A_bpd", "NLL(A) bpd", "{:.2f}"),
     ("loss_A", "loss(A)/dim", "{:.3f}"),
     ("nll_heldout_bpd", "NLL(held-out) bpd", "{:.2f}"),
@@ -541,9 +542,10 @@ def markdown_table(results: dict) -> str:
         "large distance elsewhere, a high held-out NLL and samples far from X \\ A.",
         f"retrain = the base recipe ({cfg['base_steps']} steps) trained from scratch on X \\ A; methods run "
         f"{cfg['unlearn_steps']} steps from the base model's EMA weights (lr {cfg['unlearn_lr']:g}, batch "
-        f"{cfg['unlearn_batch']}). SISS scaling_norm = {results['scaling_norm_calibration']['scaling_norm']:.3g} "
-        f"(= {cfg['scaling_norm_fraction']:.0%} of ||G_x|| = {results['scaling_norm_calibration']['grad_norm_x']:.3g} "
-        "at the base model).",
+        f"{cfg['unlearn_batch']}). scaling_norm = {cfg['scaling_norm_fraction']:.0%} of ||G_x|| measured at the base "
+        "model for each variant: " + ", ".join(
+            f"{r['label']} {r['scaling_norm_calibration']['scaling_norm']:.3g} (||G_x|| "
+            f"{r['scaling_norm_calibration']['grad_norm_x']:.3g})" for r in rows if "scaling_norm_calibration" in r) + ".",
         f"samples = target: fraction of {cfg['n_samples']} DDPM samples ({cfg['sample_steps']} steps) nearer to the target "
         "than to any image of X \\ A; NN dist: mean L2 distance (model space [-1, 1]) of the other samples to X \\ A.",
         f"Wall time {results['timings']['total']:.0f} s with {results['workers']} worker process(es), 1 thread each.",

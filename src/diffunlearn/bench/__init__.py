@@ -1,0 +1,56 @@
+"""Benchmarks: ``diffunlearn bench toy`` (exact gold standard on 8x8 digits); more (``bench mnist-tshirt``, ...) plug
+in as entries of :data:`BENCHMARKS`.
+
+The command line registers through :func:`register`, which adds ``bench`` to ``cli.COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+#: benchmark name -> (help, setup_fn(parser)); each setup_fn adds its arguments and sets ``func``
+BENCHMARKS: dict = {}
+
+
+def _toy_setup(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/bench-toy", help="output directory (default: runs/bench-toy)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the trainings, unlearning runs and probes")
+    p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test in well under a minute")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes, one torch thread each (default: 2, or 1 with --quick)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=_toy_run)
+
+
+def _toy_run(args) -> int:
+    from ..errors import UserError
+    from ..runs import prepare_out_dir
+    from .toy import run_toy_bench
+
+    prepare_out_dir(args.out, args.overwrite)  # refuse a non-empty --out before anything runs
+    overrides = {}
+    if args.workers is not None:
+        if args.workers < 1:
+            raise UserError("--workers must be at least 1")
+        overrides["workers"] = args.workers
+    results = run_toy_bench(args.out, seed=args.seed, quick=args.quick, overwrite=args.overwrite, **overrides)
+    print(f"wrote {args.out}/results.md, results.json and toy.png ({results['timings']['total']:.0f} s)")
+    return 0
+
+
+BENCHMARKS["toy"] = ("every unlearning method against the exact ideal denoiser of X \\ A on 8x8 digits (~1-2 min)",
+                     _toy_setup)
+
+
+def _bench_setup(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    for name, (help_, setup) in BENCHMARKS.items():
+        setup(sub.add_parser(name, help=help_, description=help_))
+
+
+def register(commands: dict) -> None:
+    """Add the ``bench`` command to the CLI's ``COMMANDS`` (name -> (help, setup_fn))."""
+    commands["bench"] = ("run a benchmark: " + ", ".join(BENCHMARKS), _bench_setup)
+
+
+__all__ = ["BENCHMARKS", "register"]
