@@ -93,11 +93,12 @@ def _accelerator(mixed_precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    cpu = not torch.cuda.is_available()  # on CPU-only machines, WORLD_SIZE > 1 means gloo processes (MULTI_CPU)
     try:
-        return Accelerator(mixed_precision=mixed_precision)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
     except ValueError:  # a previous Accelerator in this process fixed other settings
         AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(mixed_precision=mixed_precision)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
 
 
 class RowSampler:

@@ -1,0 +1,50 @@
+"""Scale-out: ``accelerate launch`` with 2 CPU processes (gloo) gives the single-process result."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weights(run):
+    return load_file(str(run / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["siss", "naive"])
+def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, model_dir, data_file, method):
+    """Each step's rows are drawn once from the seeded generator and split over processes; each process averages
+    its rows' per-term gradients and the processes average those (equal shares), which is the mean over the global
+    batch. So 2 processes x batch 2 equal 1 process x batch 4 up to float summation order. ``accelerate launch
+    --multi_gpu`` on a machine without CUDA starts gloo CPU processes (diffunlearn asks Accelerate for the CPU)."""
+    common = ["unlearn", "--model", model_dir, "--data", data_file, "--forget", "0,1", "--method", method,
+              "--steps", "3", "--seed", "2", "--threads", "1"]
+    one = tmp_path / "one"
+    subprocess.run([sys.executable, "-m", "diffunlearn.cli", *map(str, common), "--batch-size", "4", "--out", one],
+                   check=True, capture_output=True, timeout=300)
+    two = tmp_path / "two"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(_free_port()), "-m", "diffunlearn.cli"]
+    done = subprocess.run(launch + [*map(str, common), "--batch-size", "2", "--out", str(two)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((two / "summary.json").read_text())["processes"] == 2
+    a, b = _weights(one), _weights(two)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=5e-6, msg=k)
+    la = [json.loads(x) for x in (one / "log.jsonl").read_text().splitlines()]
+    lb = [json.loads(x) for x in (two / "log.jsonl").read_text().splitlines()]
+    for ra, rb in zip(la, lb):
+        assert ra["loss_x"] == pytest.approx(rb["loss_x"], rel=1e-5)
