@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import sys
 
@@ -104,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_args(p, DemoConfig)
     _common(p)
     p.set_defaults(func=_demo)
+    p = sub.add_parser("faults", help="run the fault-injection suite (every bad input, kill-and-resume trials)")
+    p.add_argument("--trials", type=int, default=3, help="kill-and-resume trials")
+    p.add_argument("--markdown", action="store_true", help="print the table of cases and exit")
+    p.set_defaults(func=lambda a: __import__("diffunlearn.faults", fromlist=["run_faults"]).run_faults(a.trials, a.markdown))
     for name, (help_, setup) in COMMANDS.items():
         setup(sub.add_parser(name, help=help_))
     return parser
@@ -116,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         rc = args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: disk full while writing {e.filename or 'the results'}: free space and rerun "
+                  "(--resume continues from the last checkpoint)", file=sys.stderr)
+        else:
+            print(f"error: {e.strerror or e}{f': {e.filename}' if e.filename else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

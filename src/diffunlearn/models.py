@@ -150,13 +150,11 @@ def state_hash(unet: torch.nn.Module) -> str:
 
 def save_model(model: DiffusionModel, out: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
     """Save as a ``DDPMPipeline`` directory (safetensors), atomically: written beside ``out`` and renamed into place."""
-    from diffusers import DDPMPipeline
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        DDPMPipeline(unet=model.unet, scheduler=model.scheduler).save_pretrained(str(tmp), safe_serialization=True)
+        _write_pipeline(model, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         for p in tmp.rglob("*"):
@@ -170,6 +168,12 @@ def save_model(model: DiffusionModel, out: str | os.PathLike, extra_files: dict[
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_pipeline(model: DiffusionModel, folder: Path) -> None:
+    from diffusers import DDPMPipeline
+
+    DDPMPipeline(unet=model.unet, scheduler=model.scheduler).save_pretrained(str(folder), safe_serialization=True)
 
 
 def model_summary(model: DiffusionModel) -> dict:

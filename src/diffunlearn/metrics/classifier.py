@@ -133,8 +133,10 @@ def save_classifier(model: DomainClassifier, out: str | os.PathLike, extra: dict
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp_w, tmp_c = out / (WEIGHTS_NAME + ".partial"), out / (CONFIG_NAME + ".partial")
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp_w))
     tmp_c.write_text(json.dumps({"format": FORMAT, "version": 1, **model.config, "training": extra or {}}, indent=2))
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp_w))
+    # safetensors creates the file owner-only; give it the same permissions as the config (the umask's)
+    os.chmod(tmp_w, tmp_c.stat().st_mode & 0o777)
     os.replace(tmp_w, out / WEIGHTS_NAME)
     os.replace(tmp_c, out / CONFIG_NAME)
     return out

@@ -1,0 +1,232 @@
+"""Tests of the metrics: each derives its expected value in its docstring from a closed-form stand-in model."""
+
+from __future__ import annotations
+
+import json
+import math
+import types
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffunlearn.errors import UserError
+from diffunlearn.metrics.classifier import (DomainClassifier, classifier_fid, classifier_inception_score,
+                                            frechet_distance, load_classifier, save_classifier, train_classifier)
+from diffunlearn.metrics.membership import denoising_losses, membership_auc, membership_draws
+from diffunlearn.metrics.nll import nll_bits_per_dim, rademacher_probe
+from diffunlearn.metrics.rates import binomial_ci, target_rate
+from diffunlearn.models import DiffusionModel, build_scheduler
+
+LN2 = math.log(2.0)
+SHAPE = (1, 4, 4)
+D = 16
+# Dormand-Prince (RK45) weights b_i of the solution scipy advances: sum |b_i| = 1 + 2 * 2187/6784
+DOPRI_ABS_WEIGHTS = 1.0 + 2 * 2187 / 6784
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class StandIn(torch.nn.Module):
+    """Closed-form replacement for a diffusers UNet: ``unet(x, t).sample`` and the ``config`` fields models read."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.config = types.SimpleNamespace(sample_size=shape[1], in_channels=shape[0])
+
+
+class GaussianScoreNet(StandIn):
+    """The exact noise prediction for data ``N(0, cov)`` under the discrete schedule: at step ``k`` the marginal is
+    ``N(0, abar_k cov + (1 - abar_k) I)``, whose score is ``-P_k x`` with ``P_k = (abar_k cov + (1 - abar_k) I)^-1``,
+    so ``eps(x, k) = sigma_k P_k x`` (then ``-eps / sigma_k`` is the exact score at step k)."""
+
+    def __init__(self, alphas_cumprod, cov, shape=SHAPE):
+        super().__init__(shape)
+        lam, q = np.linalg.eigh(np.asarray(cov, np.float64))
+        self.register_buffer("lam", torch.tensor(lam))
+        self.register_buffer("q", torch.tensor(q))
+        self.register_buffer("abar", alphas_cumprod.double())
+
+    def forward(self, x, t):
+        abar = self.abar[t.long()].view(-1, 1)
+        y = (x.flatten(1).double() @ self.q) / (abar * self.lam + 1 - abar)
+        eps = (1 - abar).sqrt() * (y @ self.q.T)
+        return types.SimpleNamespace(sample=eps.to(x.dtype).view_as(x))
+
+
+def vp_scheduler(T: int) -> DDPMScheduler:
+    """The discrete linear schedule of the VP-SDE with beta_min = 0.1, beta_max = 20 on T steps (T = 1000: the usual
+    1e-4 -> 0.02)."""
+    return DDPMScheduler(num_train_timesteps=T, beta_start=0.1 / T, beta_end=20.0 / T, beta_schedule="linear")
+
+
+def staircase_flow(lams: np.ndarray, abar: np.ndarray, t_eps: float = 1e-5):
+    """For ``GaussianScoreNet`` the ODE is linear and diagonal in cov's eigenbasis: along eigenvalue ``lam_j``,
+    ``dx_j/dt = g_j(t) x_j`` with ``g_j(t) = -beta(t)/2 (1 - 1/v_{j,k(t)})``, ``v_{j,k} = abar_k lam_j + 1 - abar_k``,
+    ``k(t) = round(t (T-1))``: a staircase in ``t`` (step k holds on ``[(k-1/2)/(T-1), (k+1/2)/(T-1))``).
+
+    Returns ``Lam_j = int_{t_eps}^1 g_j dt`` (exactly: ``int beta = beta_min (b-a) + (beta_max - beta_min)(b^2-a^2)/2``
+    on each stair), so ``z = Q diag(e^Lam) Q^T x`` and the exact divergence integral is ``sum_j Lam_j``; and the largest
+    jump ``J_j`` of ``g_j`` between stairs, which bounds how far RK45 can stray (see ``staircase_bound``).
+    """
+    T = len(abar)
+    k = np.arange(T)
+    a, b = np.maximum(t_eps, (k - 0.5) / (T - 1)), np.minimum(1.0, (k + 0.5) / (T - 1))
+    int_beta = np.where(b > a, 0.1 * (b - a) + 19.9 * (b * b - a * a) / 2, 0.0)
+    inv_v = 1.0 / (abar[:, None] * lams[None] + 1.0 - abar[:, None])
+    lam_int = (-0.5 * int_beta[:, None] * (1.0 - inv_v)).sum(0)
+    t_jump = (k[:-1] + 0.5) / (T - 1)
+    jumps = (0.5 * (0.1 + 19.9 * t_jump)[:, None] * np.abs(np.diff(inv_v, axis=0))).max(0)
+    return lam_int, jumps
+
+
+def staircase_bound(jump: float, mean_z2: float) -> float:
+    """Bits/dim the RK45 solution can miss the exact staircase flow by, beyond its tolerance.
+
+    RK45's step error control sees a smooth right-hand side; on a step of length h the staircase differs from the
+    piecewise-linear curve through its stairs' midpoints by at most J/2, so the step's quadrature
+    ``h sum_i b_i g(t_i)`` and the exact integral each move by at most ``h sum|b_i| J/2`` and ``h J/2``. Over
+    ``[t_eps, 1]`` a log-scale ``Lam`` is off by at most ``(sum|b_i| + 1) J / 2`` (to first order; doubled here for
+    the x-part, whose RK update is a product, not a sum). Since ``bpd = (D/2 log 2pi + |z|^2/2 - D Lam) / (D ln 2) + 7``
+    with ``|z|^2 = sum x_j^2 e^{2 Lam_j}``, an error ``dLam`` moves bpd by at most ``dLam (mean z^2 + 1) / ln 2``.
+    Add 1e-4 bpd for the tolerance rtol = atol = 1e-5 itself (log-densities of order 10 nats, D = 16).
+    """
+    return 2 * (DOPRI_ABS_WEIGHTS + 1) / 2 * jump * (mean_z2 + 1) / LN2 + 1e-4
+
+
+def gaussian_bpd(x: np.ndarray, cov: np.ndarray) -> float:
+    """``-log N(x; 0, cov) / (D ln 2) + 7``: the data density's own NLL in bits/dim (7 bits for 8-bit [-1, 1] data)."""
+    _, logdet = np.linalg.slogdet(cov)
+    nats = 0.5 * len(x) * math.log(2 * math.pi) + 0.5 * logdet + 0.5 * x @ np.linalg.solve(cov, x)
+    return nats / (len(x) * LN2) + 7.0
+
+
+def flow_bpd(z: np.ndarray, delta_logp: float) -> float:
+    return -(-0.5 * len(z) * math.log(2 * math.pi) - 0.5 * z @ z + delta_logp) / (len(z) * LN2) + 7.0
+
+
+def random_cov(seed: int = 0) -> np.ndarray:
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((D, D)))
+    return q @ np.diag(np.linspace(0.05, 1.5, D)) @ q.T
+
+
+def gaussian_setup(T: int, cov: np.ndarray, n: int, seed: int = 1):
+    sched = vp_scheduler(T)
+    model = DiffusionModel(GaussianScoreNet(sched.alphas_cumprod, cov), sched)
+    x = np.random.default_rng(seed).multivariate_normal(np.zeros(D), cov, size=n)
+    lam, q = np.linalg.eigh(cov)
+    lam_int, jumps = staircase_flow(lam, sched.alphas_cumprod.double().numpy())
+    return model, torch.from_numpy(x).float().view(n, *SHAPE), lam_int, jumps, q
+
+
+# ---------------------------------------------------------------- NLL
+
+
+def test_nll_isotropic_gaussian_matches_exact_flow_and_closed_form():
+    """Data N(0, s^2 I), s = 0.5, on a fine grid (T = 100,000 steps of the same VP-SDE).
+
+    The flow is the scalar staircase ``Lam`` of ``staircase_flow`` in every dimension: ``z = e^Lam x`` and
+    ``delta_logp = D Lam``, so the ODE must give ``flow_bpd(z, D Lam)`` up to ``staircase_bound`` (about 1e-3 here).
+    The Jacobian is ``g(t) I``, for which a Rademacher probe is exact (``v^T g I v = g |v|^2 = g D``): every probe
+    gives the same number and the standard error is 0.
+    In the continuous limit ``Lam -> 1/2 ln(v(1)/v(t_eps)) ~ ln(1/s)`` and the ODE NLL becomes the data's own
+    ``-log N(x; 0, s^2 I)/(D ln 2) + 7``; what is left is the computed gap (discrete vs continuous schedule, the
+    prior N(0, I) against the true ``N(0, v(1))`` with ``1 - v(1) = abar(1)(1 - s^2) ~ 3e-5``, and ``t_eps``).
+    """
+    cov = 0.25 * np.eye(D)
+    model, x, lam_int, jumps, _ = gaussian_setup(100_000, cov, n=3)
+    res = nll_bits_per_dim(model, x, n_probes=2)
+    for i, xi in enumerate(x.double().flatten(1).numpy()):
+        z = xi * np.exp(lam_int)
+        exact = flow_bpd(z, lam_int.sum())
+        bound = staircase_bound(jumps.max(), float((z ** 2).mean()))
+        assert bound < 2e-3
+        assert abs(res.bpd[i].item() - exact) <= bound
+        gap = abs(exact - gaussian_bpd(xi, cov))
+        assert gap < 1e-4
+        assert abs(res.bpd[i].item() - gaussian_bpd(xi, cov)) <= bound + gap
+    assert torch.all(res.stderr == 0)
+    assert res.nfe > 0 and res.seconds > 0
+
+
+def test_nll_real_schedule_within_staircase_bound():
+    """The same Gaussian on the real T = 1000 schedule: the staircase jumps are 100x larger, so the bound is too
+    (about 0.1 bpd, first order and worst case: measured errors are near 1e-4), and the discrete schedule's own
+    offset from the Gaussian NLL (computed exactly here) stays below 0.01 bpd."""
+    cov = 0.25 * np.eye(D)
+    model, x, lam_int, jumps, _ = gaussian_setup(1000, cov, n=2)
+    res = nll_bits_per_dim(model, x)
+    for i, xi in enumerate(x.double().flatten(1).numpy()):
+        z = xi * np.exp(lam_int)
+        exact = flow_bpd(z, lam_int.sum())
+        assert abs(res.bpd[i].item() - exact) <= staircase_bound(jumps.max(), float((z ** 2).mean()))
+        assert abs(exact - gaussian_bpd(xi, cov)) < 0.01
+
+
+def test_nll_each_probe_is_the_exact_hutchinson_quadratic_form():
+    """Data N(0, cov) with a full covariance, so the Jacobian is not diagonal and Hutchinson's estimate varies.
+
+    All Jacobians ``J(t) = -beta/2 (I - P_k)`` share cov's eigenvectors Q, and x's evolution does not depend on the
+    probe, so a probe ``v`` held fixed over the solve integrates ``int v^T J v dt = v^T (Q diag(Lam) Q^T) v`` exactly:
+    probe j's bpd is ``flow_bpd(z, v_j^T L v_j)`` with ``L = Q diag(Lam) Q^T``, ``z = Q diag(e^Lam) Q^T x``, up to the
+    staircase bound (``|v^T L v|`` errors are at most ``|v|^2 max_j dLam_j = D max dLam``, the same bound).
+    """
+    cov = random_cov()
+    model, x, lam_int, jumps, q = gaussian_setup(100_000, cov, n=2)
+    res = nll_bits_per_dim(model, x, n_probes=3, seed=5)
+    L = q @ np.diag(lam_int) @ q.T
+    for i, xi in enumerate(x.double().flatten(1).numpy()):
+        z = q @ (np.exp(lam_int) * (q.T @ xi))
+        bound = staircase_bound(jumps.max(), float((z ** 2).mean()))
+        for j in range(3):
+            v = rademacher_probe(5, i, j, SHAPE).double().flatten().numpy()
+            assert abs(res.per_probe[i, j].item() - flow_bpd(z, v @ L @ v)) <= bound
+    assert torch.allclose(res.bpd, res.per_probe.mean(1))
+
+
+def test_nll_more_probes_shrink_the_standard_error():
+    """For a Rademacher ``v`` and symmetric L, ``Var(v^T L v) = 2 sum_{i != j} L_ij^2`` (the diagonal contributes
+    nothing since ``v_i^2 = 1``), so one probe's bpd has standard deviation ``sd = sqrt(2 sum_{i!=j} L_ij^2) / (D ln 2)``
+    and the reported standard error of the mean over n probes is ``sd / sqrt(n)``: 64 probes must report a smaller
+    error than 4, close to ``sd / 8`` (the sample standard deviation of 64 draws is within 30% of sd with
+    overwhelming probability; the probes are fixed by the seed, so the test is deterministic)."""
+    cov = random_cov()
+    model, x, lam_int, _, q = gaussian_setup(100_000, cov, n=1)
+    L = q @ np.diag(lam_int) @ q.T
+    sd = math.sqrt(2 * ((L ** 2).sum() - (np.diag(L) ** 2).sum())) / (D * LN2)
+    few = nll_bits_per_dim(model, x, n_probes=4, batch_size=64)
+    many = nll_bits_per_dim(model, x, n_probes=64, batch_size=64)
+    assert many.stderr[0] < few.stderr[0]
+    assert abs(many.stderr[0].item() / (sd / 8) - 1) < 0.3
+    assert abs(many.bpd[0] - few.bpd[0]) < 4 * few.stderr[0] + 4 * many.stderr[0]
+
+
+def test_nll_deterministic_given_seed():
+    """The probes come from ``(seed, image, probe)`` and the solve is deterministic: the same call gives bit-identical
+    numbers; another seed draws other probes, which changes the estimates (the Jacobian is not diagonal)."""
+    model, x, *_ = gaussian_setup(1000, random_cov(), n=2)
+    a = nll_bits_per_dim(model, x, n_probes=2, seed=3, rtol=1e-3, atol=1e-3)
+    b = nll_bits_per_dim(model, x, n_probes=2, seed=3, rtol=1e-3, atol=1e-3)
+    c = nll_bits_per_dim(model, x, n_probes=2, seed=4, rtol=1e-3, atol=1e-3)
+    assert torch.equal(a.per_probe, b.per_probe) and a.nfe == b.nfe
+    assert not torch.equal(a.per_probe, c.per_probe)
+    assert torch.isnan(nll_bits_per_dim(model, x[:1], rtol=1e-3, atol=1e-3).stderr).all()
+
+
+def test_nll_refuses_what_it_cannot_compute():
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    model = DiffusionModel(GaussianScoreNet(sched.alphas_cumprod, np.eye(D)), sched)
+    with pytest.raises(UserError, match="linear"):
+        nll_bits_per_dim(model, torch.zeros(1, *SHAPE))
+    model = DiffusionModel(GaussianScoreNet(build_scheduler().alphas_cumprod, np.eye(D)), build_scheduler())
+    with pytest.raises(UserError):
+        nll_bits_per_dim(model, torch.zeros(1, 1, 8, 8))
+    with pytest.raises(UserError):
+        nll_bits_per_dim(model, torch.zeros(1, *SHAPE), n_probes=0)
