@@ -213,3 +213,44 @@ def test_retrack_redirect_target_is_the_posterior_over_neighbours():
         e = model.unet(x_t, rows.t).sample
         want = (e - (x_t - g * xn) / s).pow(2).flatten(1).sum(1)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+
+
+class _AlwaysSeparate:
+    """Mixin forcing the two-gradient path, as the reference for the one-backward paths."""
+
+    @property
+    def separate_grads(self):
+        return True
+
+
+def test_fixed_superfactor_in_one_backward_equals_the_two_gradient_combination():
+    """``g = G_x - s G_a = grad(mean L_x - s mean L_a)`` by linearity of the gradient: one backward pass of the
+    combined loss gives the same update as taking G_x and G_a separately."""
+    from dataclasses import dataclass
+
+    from diffunlearn.methods.siss import SISS
+
+    @dataclass
+    class Separate(_AlwaysSeparate, SISS):
+        pass
+
+    (kept, forget) = random_sets()
+    cfg = UnlearnConfig(steps=3, batch_size=4)
+    one = unlearn(tiny_model(), kept, forget, make_method("siss", superfactor=0.3), cfg)
+    two = unlearn(tiny_model(), kept, forget, Separate(superfactor=0.3), cfg)
+    for (k, a), b in zip(one.unet.state_dict().items(), two.unet.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-6, msg=k)
+
+
+def test_norm_refresh_takes_both_gradients_only_every_kth_step():
+    """With ``norm_refresh = 3`` steps 1, 4, 7 measure ||G_a|| (and fix the NegGrad norm exactly); the steps between
+    reuse the last measured norm: their superfactor is ``scaling_norm / ||G_a||`` of the last refresh step."""
+    (kept, forget) = random_sets()
+    logs = []
+    unlearn(tiny_model(), kept, forget, make_method("siss", scaling_norm=2.0, norm_refresh=3),
+            UnlearnConfig(steps=7, batch_size=4), log=logs.append)
+    measured = [r["step"] for r in logs if "grad_norm_a" in r]
+    assert measured == [1, 4, 7]
+    for r in logs:
+        last = [x for x in logs if "grad_norm_a" in x and x["step"] <= r["step"]][-1]
+        assert r["superfactor"] == pytest.approx(2.0 / last["grad_norm_a"], rel=1e-9)

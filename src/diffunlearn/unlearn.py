@@ -54,6 +54,7 @@ class UnlearnConfig:
     lam: float | None = field(default=None, metadata={"help": "SISS mixture weight lambda in [0, 1] (default 0.5)", "flag": "--lambda"})
     scaling_norm: float | None = field(default=None, metadata={"help": "SISS: norm the NegGrad gradient is fixed to (default 5)"})
     superfactor: float | None = field(default=None, metadata={"help": "SISS: fixed NegGrad multiplier instead of norm-fixing"})
+    norm_refresh: int | None = field(default=None, metadata={"help": "SISS: take both gradients every k-th step only, reusing ||G_a|| in between (approximation; default 1 = exact)"})
     inner_steps: int | None = field(default=None, metadata={"help": "EraseDiff: inner passes over A per step (default 2)"})
     lambda_e: float | None = field(default=None, metadata={"help": "EraseDiff: weight of the forget loss (default 0.1)"})
     adaptive: bool | None = field(default=None, metadata={"help": "EraseDiff: adaptive lambda_e = max(eta - cos, 0)"})
@@ -63,7 +64,8 @@ class UnlearnConfig:
 
     def method_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in ("lam", "scaling_norm", "superfactor", "inner_steps", "lambda_e",
-                                              "adaptive", "eta", "lambda_r", "knn") if getattr(self, k) is not None}
+                                              "adaptive", "eta", "lambda_r", "knn", "norm_refresh")
+                if getattr(self, k) is not None}
 
     def build_method(self) -> Method:
         return make_method(self.method, **self.method_kwargs())
@@ -157,15 +159,15 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
                   acc.device, sampler.generator, unet=unet, optimizer=opt, batch_size=cfg.batch_size,
                   draw=sampler.draw, autocast=acc.autocast)
     method.setup(ctx)
-    separate = method.separate_grads
-    coefs = None if separate else method.loss_coefficients()
     first = 1
     if checkpoint is not None and checkpoint.exists():
-        first = checkpoint.restore(unet, opt, sampler.generator) + 1
+        first = checkpoint.restore(unet, opt, sampler.generator, method) + 1
     for step in range(first, cfg.steps + 1):
         t0 = time.time()
         record: dict = {"step": step}
         record.update(method.before_step(ctx))
+        separate = method.separate_grads  # asked every step: a method may combine separately only on some steps
+        coefs = None if separate else method.loss_coefficients()
         rows = sampler.draw(per_proc * world).slice(slice(rank * per_proc, (rank + 1) * per_proc)).to(acc.device)
         opt.zero_grad(set_to_none=True)
         bufs: dict[str, list[torch.Tensor]] = {}
@@ -221,7 +223,7 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
             unet.train()
         if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             if acc.is_main_process:
-                checkpoint.save(step, unet, opt, sampler.generator)
+                checkpoint.save(step, unet, opt, sampler.generator, method)
             acc.wait_for_everyone()
     opt.zero_grad(set_to_none=True)
     unet.eval().to("cpu")
@@ -252,11 +254,11 @@ class Checkpointer:
     def last_step(self) -> int | None:
         return int(torch.load(self.path, weights_only=True)["step"]) if self.exists() else None
 
-    def save(self, step: int, unet, opt, generator: torch.Generator) -> None:
+    def save(self, step: int, unet, opt, generator: torch.Generator, method: Method) -> None:
         import os
 
         state = {"step": step, "model": {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()},
-                 "optimizer": opt.state_dict(), "generator": generator.get_state()}
+                 "optimizer": opt.state_dict(), "generator": generator.get_state(), "method": method.state_dict()}
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -269,7 +271,7 @@ class Checkpointer:
         finally:
             os.close(dir_fd)
 
-    def restore(self, unet, opt, generator: torch.Generator) -> int:
+    def restore(self, unet, opt, generator: torch.Generator, method: Method) -> int:
         try:
             state = torch.load(self.path, weights_only=True)
         except Exception as e:
@@ -277,6 +279,7 @@ class Checkpointer:
         unet.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
+        method.load_state_dict(state.get("method", {}))
         return int(state["step"])
 
 

@@ -106,6 +106,13 @@ class Method:
         """Work done before each optimiser step's gradients (EraseDiff's inner passes); returns stats to log."""
         return {}
 
+    def state_dict(self) -> dict:
+        """Mutable state that checkpoints must carry (most methods have none)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` returned."""
+
     def hyperparameters(self) -> dict:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
 
