@@ -230,3 +230,200 @@ def test_nll_refuses_what_it_cannot_compute():
         nll_bits_per_dim(model, torch.zeros(1, 1, 8, 8))
     with pytest.raises(UserError):
         nll_bits_per_dim(model, torch.zeros(1, *SHAPE), n_probes=0)
+
+
+# ---------------------------------------------------------------- target rate
+
+
+def test_binomial_ci_known_values():
+    """Clopper-Pearson in closed form at the edges: k = 0 gives ``[0, 1 - (alpha/2)^(1/n)]`` (the upper bound solves
+    ``(1-p)^n = alpha/2``), so 0 of 4096 at 95% bounds the rate below 1 - 0.025^(1/4096) = 0.0900%; k = n gives
+    ``[(alpha/2)^(1/n), 1]``. Interior values are R's ``binom.test``: 5/10 -> (0.187086, 0.812914),
+    1/10 -> (0.002529, 0.445016)."""
+    lo, hi = binomial_ci(0, 4096)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / 4096), rel=1e-9)
+    assert 0.00089 < hi < 0.00091
+    lo, hi = binomial_ci(7, 7)
+    assert hi == 1.0 and lo == pytest.approx(0.025 ** (1 / 7), rel=1e-9)
+    assert binomial_ci(5, 10) == pytest.approx((0.187086, 0.812914), abs=1e-6)
+    assert binomial_ci(1, 10) == pytest.approx((0.002529, 0.445016), abs=1e-6)
+    lo99, hi99 = binomial_ci(5, 10, level=0.99)
+    assert lo99 < 0.187086 and hi99 > 0.812914
+
+
+@pytest.mark.parametrize("n", [1, 2, 13, 4096])
+def test_binomial_ci_contains_the_estimate(n):
+    """An exact interval always contains the point estimate k/n (each bound is a Beta quantile on its side of it)."""
+    for k in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+        lo, hi = binomial_ci(k, n)
+        assert 0.0 <= lo <= k / n <= hi <= 1.0
+
+
+def test_binomial_ci_rejects_impossible_counts():
+    for k, n in [(-1, 5), (6, 5), (0, 0)]:
+        with pytest.raises(UserError):
+            binomial_ci(k, n)
+
+
+def test_target_rate_counts_in_pixel_space():
+    """A sample offset from the target by a constant ``c`` in [0, 1] pixel space on all 784 pixels is at pixel-space
+    L2 distance ``28 c`` (and 56 c in model space, where the offset is 2c). Distances 0, 9.9, 9.9999 and 10.5
+    against the threshold 10: three count, giving 3/4 and its exact interval."""
+    target = torch.rand(1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    samples = torch.stack([target + 2 * (d / 28) for d in (0.0, 9.9, 10.0 - 1e-4, 10.5)])
+    res = target_rate(samples, target)
+    assert torch.allclose(res.distances, torch.tensor([0.0, 9.9, 10.0 - 1e-4, 10.5]), atol=1e-4)
+    assert (res.count, res.n, res.rate) == (3, 4, 0.75)
+    assert (res.ci_low, res.ci_high) == binomial_ci(3, 4)
+    assert target_rate(samples, target[None]).count == 3
+    with pytest.raises(UserError):
+        target_rate(samples, torch.zeros(1, 27, 27))
+
+
+# ---------------------------------------------------------------- domain classifier
+
+
+class OneHotNet(torch.nn.Module):
+    """A perfectly confident classifier: an image whose pixels all equal c is class c with probability 1 (logit
+    margin 1e4, so every other softmax entry underflows to exactly 0)."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def forward(self, x):
+        return 1e4 * torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), self.num_classes).float()
+
+
+class IdentityFeatures(torch.nn.Module):
+    """Features = the flattened input, so a test controls the feature distribution exactly."""
+
+    def features(self, x):
+        return x.flatten(1)
+
+
+def test_inception_score_of_confident_predictions():
+    """With one-hot p(y|x) and p(y) uniform over C classes in every split, KL(p(y|x) || p(y)) = log C for every x,
+    so IS = exp(log C) = C in each split (std 0). With one constant prediction p(y) = p(y|x) and KL = 0: IS = 1."""
+    C, splits = 11, 10
+    labels = torch.arange(splits * C * 2) % C
+    images = labels.float().view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+    mean, std = classifier_inception_score(OneHotNet(C), images, splits=splits)
+    assert mean == pytest.approx(C, rel=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+    mean, std = classifier_inception_score(OneHotNet(C), torch.full((40, 1, 2, 2), 3.0), splits=splits)
+    assert mean == pytest.approx(1.0, abs=1e-12) and std == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(UserError):
+        classifier_inception_score(OneHotNet(C), images[:5], splits=splits)
+
+
+def test_frechet_distance_of_diagonal_gaussians():
+    """For commuting (here diagonal) covariances ``(S1 S2)^(1/2) = diag(sqrt(a_i b_i))`` and the trace term becomes
+    ``sum_i (sqrt(a_i) - sqrt(b_i))^2``: FID = ||mu1 - mu2||^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2."""
+    a, b = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    expected = 1.0 + 4.0 + (1 - 3) ** 2 + (2 - 1) ** 2
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_classifier_fid_self_symmetry_and_mean_shift():
+    """With identity features: a set against itself has equal means and covariances, so FID = 0 (up to sqrtm
+    rounding); FID is symmetric (tr (S1 S2)^(1/2) = tr (S2 S1)^(1/2), same eigenvalues); shifting every feature vector
+    by ``s`` leaves the covariance unchanged, so the trace term vanishes and FID = ||s||^2."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(300, 4, 1, 1, generator=gen)
+    b = (torch.randn(300, 4, 1, 1, generator=gen) * torch.tensor([1.0, 2.0, 0.5, 1.0]).view(1, 4, 1, 1)) + 0.3
+    shift = torch.tensor([0.5, -1.0, 2.0, 0.0]).view(1, 4, 1, 1)
+    net = IdentityFeatures()
+    assert classifier_fid(net, a, a) == pytest.approx(0.0, abs=1e-8)
+    assert classifier_fid(net, a, b) == pytest.approx(classifier_fid(net, b, a), rel=1e-8)
+    assert classifier_fid(net, a, a + shift) == pytest.approx(float((shift ** 2).sum()), rel=1e-5)
+
+
+def test_classifier_save_load_round_trip_and_refusals(tmp_path):
+    """A saved classifier reloads to the same logits and features; missing, corrupt or mismatched files are refused
+    with a UserError instead of a stack trace."""
+    torch.manual_seed(0)
+    model = DomainClassifier(num_classes=11).eval()
+    x = torch.rand(3, 1, 28, 28) * 2 - 1
+    out = save_classifier(model, tmp_path / "clf", {"seed": 0})
+    loaded = load_classifier(out)
+    assert torch.equal(loaded(x), model(x)) and torch.equal(loaded.features(x), model.features(x))
+    assert loaded.features(x).shape == (3, 128)
+    assert json.loads((out / "config.json").read_text())["training"] == {"seed": 0}
+    with pytest.raises(UserError, match="not a saved"):
+        load_classifier(tmp_path / "missing")
+    weights = (out / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(UserError, match="corrupt"):
+        load_classifier(out)
+    (out / "model.safetensors").write_bytes(weights)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "num_classes": 10}))
+    with pytest.raises(UserError, match="do not match"):
+        load_classifier(out)
+    (out / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt"):
+        load_classifier(out)
+
+
+def test_train_classifier_is_seeded_and_learns_a_separable_task():
+    """Two classes that differ in every pixel (all -1 vs all +1) are learnt in a few Adam steps; the same seed
+    gives bit-identical weights, since initialisation, batches and shifts all come from it."""
+    images = torch.cat([torch.full((8, 1, 28, 28), -1.0), torch.full((8, 1, 28, 28), 1.0)])
+    labels = torch.tensor([0] * 8 + [1] * 8)
+    m1 = train_classifier(images, labels, steps=15, batch_size=8, lr=3e-3, seed=1, num_classes=2)
+    m2 = train_classifier(images, labels, steps=15, batch_size=8, lr=3e-3, seed=1, num_classes=2)
+    assert all(torch.equal(p, q) for p, q in zip(m1.state_dict().values(), m2.state_dict().values()))
+    with torch.no_grad():
+        assert torch.equal(m1(images).argmax(1), labels)
+
+
+# ---------------------------------------------------------------- membership inference
+
+
+class MemorizerNet(StandIn):
+    """A model that has memorised one image m: ``eps(x_t, t) = (x_t - gamma_t m) / sigma_t``, the ideal denoiser of
+    a data set holding only m."""
+
+    def __init__(self, image, alphas_cumprod):
+        super().__init__(tuple(image.shape))
+        self.register_buffer("m", image)
+        self.register_buffer("abar", alphas_cumprod.float())
+
+    def forward(self, x, t):
+        abar = self.abar[t.long()].view(-1, 1, 1, 1)
+        return types.SimpleNamespace(sample=(x - abar.sqrt() * self.m) / (1 - abar).sqrt())
+
+
+def test_membership_auc_is_one_for_a_memorised_image():
+    """For x_t = gamma x0 + sigma eps the memoriser predicts ``eps + gamma (x0 - m) / sigma``, so the loss is
+    ``abar_t / (1 - abar_t) ||x0 - m||^2``, independent of eps: 0 for copies of m (the members) and strictly positive
+    for any other image. Every member scores above every non-member, so AUC = 1, and each non-member's loss is that
+    expression averaged over the shared draws' timesteps."""
+    sched = build_scheduler()
+    gen = torch.Generator().manual_seed(0)
+    m = torch.rand(SHAPE, generator=gen) * 2 - 1
+    model = DiffusionModel(MemorizerNet(m, sched.alphas_cumprod), sched)
+    members, others = m.expand(3, *SHAPE).clone(), torch.rand(5, *SHAPE, generator=gen) * 2 - 1
+    res = membership_auc(model, members, others, n_draws=6, seed=2)
+    assert res.auc == 1.0
+    assert res.member_losses.abs().max() < 1e-6
+    abar = sched.alphas_cumprod.double()
+    ratio = np.mean([abar[t] / (1 - abar[t]) for t, _ in membership_draws(6, 2, SHAPE, 0, 999)])
+    expected = ratio * ((others - m) ** 2).double().flatten(1).sum(1)
+    assert torch.allclose(res.nonmember_losses.double(), expected, rtol=1e-4)
+
+
+def test_membership_auc_is_one_half_for_identical_sets():
+    """Every image meets the same (t, eps) draws, so an image's loss depends on the image alone. If the non-members
+    are the members reordered, the two score lists are the same multiset: the pairs with member > non-member and with
+    member < non-member are equally many and ties count 1/2, so AUC = 1/2 exactly; and the batch size cannot change a
+    loss."""
+    sched = build_scheduler()
+    model = DiffusionModel(GaussianScoreNet(sched.alphas_cumprod, random_cov()), sched)
+    images = torch.rand(7, *SHAPE, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    res = membership_auc(model, images, images[torch.randperm(7, generator=torch.Generator().manual_seed(4))])
+    assert res.auc == 0.5
+    torch.testing.assert_close(denoising_losses(model, images, batch_size=2), denoising_losses(model, images))
+    with pytest.raises(UserError):
+        denoising_losses(model, images, t_min=10, t_max=5)

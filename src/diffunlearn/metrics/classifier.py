@@ -215,13 +215,19 @@ def classifier_inception_score(model: nn.Module, images: torch.Tensor, splits: i
 def frechet_distance(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
     """``||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))``, the squared 2-Wasserstein distance between two Gaussians
     (Dowson & Landau 1982; the FID formula of Heusel et al. 2017)."""
-    from scipy.linalg import sqrtm
+    import warnings
 
-    covmean = sqrtm(cov1 @ cov2)
-    if not np.isfinite(covmean).all():
-        # singular products (fewer samples than features) make sqrtm fail; a tiny ridge is pytorch-fid's remedy
-        ridge = np.eye(len(cov1)) * 1e-6
-        covmean = sqrtm((cov1 + ridge) @ (cov2 + ridge))
+    from scipy.linalg import LinAlgWarning, sqrtm
+
+    with warnings.catch_warnings():
+        # ReLU features that never fire (or fewer images than features) make the covariances singular; sqrtm warns
+        # but stays accurate there, and a non-finite result is caught below
+        warnings.simplefilter("ignore", LinAlgWarning)
+        covmean = sqrtm(cov1 @ cov2)
+        if not np.isfinite(covmean).all():
+            # pytorch-fid's remedy when sqrtm breaks down: a tiny ridge on both covariances
+            ridge = np.eye(len(cov1)) * 1e-6
+            covmean = sqrtm((cov1 + ridge) @ (cov2 + ridge))
     covmean = np.real(covmean)  # the imaginary part is rounding noise from near-zero eigenvalues
     d = float(((mu1 - mu2) ** 2).sum() + np.trace(cov1) + np.trace(cov2) - 2.0 * np.trace(covmean))
     # a squared distance cannot be negative: what remains below zero is the same rounding noise
