@@ -51,7 +51,7 @@ def posterior_mean(x_t: torch.Tensor, t, data: torch.Tensor, alphas_cumprod: tor
 
 def ideal_eps(x_t: torch.Tensor, t, data: torch.Tensor, alphas_cumprod: torch.Tensor,
               batch_size: int = 4096) -> torch.Tensor:
-    """``eps*(x_t, t)`` of the finite set ``data`` (N, C, H, W), float64, for ``x_t`` (B, C, H, W) and ``t`` (B,) or int.
+    """``eps*(x_t, t)`` of the finite set ``data`` (N, C, H, W), float64, for ``x_t`` (B, C, H, W), ``t`` (B,) or int.
 
     ``alphas_cumprod`` is the model's schedule (``DiffusionModel.alphas_cumprod()`` or ``scheduler.alphas_cumprod``).
     """

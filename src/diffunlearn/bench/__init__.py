@@ -16,6 +16,8 @@ def _toy_setup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/bench-toy", help="output directory (default: runs/bench-toy)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the trainings, unlearning runs and probes")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke test in well under a minute")
+    p.add_argument("--ablations", action="store_true",
+                   help="also run SISS lambda = 0 and lambda = 1 (the paper's ablations)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes, one torch thread each (default: 2, or 1 with --quick)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -28,7 +30,7 @@ def _toy_run(args) -> int:
     from .toy import run_toy_bench
 
     prepare_out_dir(args.out, args.overwrite)  # refuse a non-empty --out before anything runs
-    overrides = {}
+    overrides = {"ablations": True} if args.ablations else {}
     if args.workers is not None:
         if args.workers < 1:
             raise UserError("--workers must be at least 1")

@@ -1,27 +1,42 @@
-"""``diffunlearn bench toy``: every unlearning method against an exact gold standard, in about a minute on a CPU.
+"""``diffunlearn bench toy``: every unlearning method against an exact gold standard, in about two minutes on 2 cores.
 
 The data are ``toy-digits``: 240 real 8x8 digits plus 16 copies of one more '7' (the forget set A). X \\ A is a small
 finite set, so the ideal denoiser of X \\ A (the Bayes-optimal noise prediction a perfect retrain would converge to,
 :mod:`diffunlearn.ideal`) is known in closed form, and so is the ideal denoiser of X (a perfect base model).
 
-Steps: train a small base DDPM on X and, with the same recipe, the retrain gold standard on X \\ A; run every method
-in :data:`diffunlearn.methods.METHODS` on the base model (the registry's ``retrain``, which re-initialises the weights
-and trains for the unlearning budget only, is replaced by the full-recipe retrain); evaluate every model on fixed
-probes:
+Steps: train a small base DDPM (``toy-small``, 164 k parameters) on X and, with the same recipe, the retrain gold
+standard on X \\ A (``train.train``: 800 steps, batch 64, AdamW lr 2e-3 with cosine decay after 100 warm-up steps,
+EMA weights saved); run every method of :data:`diffunlearn.methods.METHODS` on the base model (the registry's
+``retrain``, which re-initialises the weights and trains only for the unlearning budget, is replaced by that
+full-recipe retrain); evaluate every model on fixed probes:
 
 - *near A*: ``gamma_t a + sigma_t eps`` for a in A; *elsewhere*: ``gamma_t x + sigma_t eps`` for x in X \\ A, on a grid
   of timesteps, the same noise for every model. Reported: the mean over the grid of the per-dimension squared
-  distance of ``eps_theta`` to the ideal X \\ A denoiser, to the ideal X denoiser, and to the trained retrain model.
-  Near A, a model that unlearns moves from the ideal X denoiser toward the ideal X \\ A one; elsewhere the two ideals
-  coincide (A's posterior weight vanishes there), so the distance measures damage to what should be kept.
-- the likelihood of A: exact NLL in bits/dim by the probability-flow ODE (:mod:`diffunlearn.metrics.nll`, with a
-  loose tolerance for speed), and the NLL of held-out digits (a quality measure); also A's DDPM loss (a cheap proxy).
-- samples: DDPM samples (per-image seeds) assigned to their nearest training image; the fraction whose nearest
-  image is the target (with a 95% Clopper-Pearson interval), and the mean distance of the other samples to their
-  nearest image of X \\ A (broken models produce samples far from every digit).
+  distance of ``eps_theta`` to the ideal X \\ A denoiser, to the ideal X denoiser and to the retrained model, and
+  (near A) the *progress*: the position of ``eps_theta`` on the segment from the ideal X denoiser (0) to the ideal
+  X \\ A one (1). Elsewhere the two ideals coincide (A's posterior weight vanishes there), so the distances there
+  measure damage to what should be kept.
+- the likelihood of A: exact NLL in bits/dim by the probability-flow ODE (:mod:`diffunlearn.metrics.nll`, tolerance
+  1e-3 for speed, 4 Hutchinson probes), and the NLL of 8 held-out digits (a quality measure); also A's DDPM loss
+  per dimension at 512 fixed (t, eps) draws (a cheap proxy, named ``loss_A``).
+- samples: 128 DDPM samples (25 steps, per-image seeds) assigned to their nearest training image; the fraction whose
+  nearest image is the target (with a 95% Clopper-Pearson interval), and the mean distance of the other samples to
+  their nearest image of X \\ A (broken models produce samples far from every digit).
 
-Jobs run in ``workers`` processes (one torch thread each): the base and retrain trainings in parallel, then the
-methods. Writes ``results.json``, ``results.md`` and ``toy.png`` to the output directory.
+Unlearning hyperparameters (chosen for this data and budget, the same for every method where shared): 100 steps,
+batch 64, AdamW lr 1e-4 (constant; betas 0.95/0.999, weight decay 1e-6), gradient clipped to 1.0, uniform timesteps.
+The paper's MNIST run used lr 5e-5 for 300 steps; with a third of the steps the rate is doubled. Per method:
+SISS lambda 0.5 with ``scaling_norm`` = 10% of ||G_x|| (the paper's rule), measured for each variant at the base
+model (``calibrate_scaling_norm``: the importance-weighted x term of lambda = 0.5 has a larger gradient norm than
+the plain DDPM term of SISS (No IS) or lambda = 0, so one shared value would be 10% for one and far more for
+another); EraseDiff 2 inner steps, lambda_e 0.1; EraseDiff-light eta 1e-3 (the SISS paper's MNIST value); ReTrack
+lambda_r 0.005 and 10 neighbours (the released MNIST settings); naive deletion and NegGrad take none.
+``--ablations`` adds SISS lambda = 0 and lambda = 1.
+
+Jobs run in ``workers`` spawned processes (one torch thread each): the base and retrain trainings in parallel, then
+the methods, each unlearning and evaluating its own model. A script that calls :func:`run_toy_bench` with
+``workers > 1`` must guard its entry point with ``if __name__ == "__main__":`` (spawned workers re-import it).
+Writes ``results.json``, ``results.md`` and ``toy.png`` (and the models, under ``base/``, ``retrain/``, ``models/``).
 """
 
 from __future__ import annotations
@@ -38,8 +53,8 @@ import torch
 
 from ..errors import UserError
 
-#: Hyperparameters of the methods on the toy data (None = the method's own default); see ToyBenchConfig and README
-#: of the benchmark in the module docstring. ``scaling_norm="auto"`` is 10% of ||G_x|| measured on the base model.
+#: Hyperparameters of the methods on the toy data (a method missing here runs with its own defaults); the module
+#: docstring gives the reasons. ``scaling_norm="auto"``: 10% of ||G_x|| measured for the variant at the base model.
 TOY_HYPERPARAMS: dict[str, dict] = {
     "naive": {},
     "neggrad": {},
@@ -64,7 +79,7 @@ class ToyBenchConfig:
     quick: bool = False
     arch: str = "toy-small"
     # base model and retrain: the same recipe (train.train: AdamW, cosine with warm-up, EMA)
-    base_steps: int = 1000
+    base_steps: int = 800
     base_batch: int = 64
     base_lr: float = 2e-3
     warmup: int = 100
@@ -72,14 +87,14 @@ class ToyBenchConfig:
     unlearn_steps: int = 100
     unlearn_lr: float = 1e-4
     unlearn_batch: int = 64
-    ablations: bool = True
+    ablations: bool = False  # also run SISS lambda = 0 and lambda = 1 (the paper's ablations; ~+15 s)
     scaling_norm_fraction: float = 0.10
     calibration_batches: int = 4
     # evaluation
     probe_timesteps: tuple[int, ...] = (50, 100, 150, 200, 300, 400, 600, 800)
     probes_per_t: int = 128
     n_samples: int = 128
-    sample_steps: int = 50
+    sample_steps: int = 25
     nll: bool = True
     nll_probes: int = 4
     nll_heldout: int = 8
@@ -295,7 +310,10 @@ _STATE: dict = {}
 
 
 def _evaluator(cfg: ToyBenchConfig, abar: torch.Tensor, retrain_dir: str | None) -> _Evaluator:
-    key = (json.dumps(asdict(cfg), sort_keys=True, default=str), retrain_dir)
+    stamp = None
+    if retrain_dir:  # the retrain model's outputs are cached: a model re-trained into the same folder invalidates them
+        stamp = [(p.name, p.stat().st_mtime_ns) for p in sorted(Path(retrain_dir).rglob("*.safetensors"))]
+    key = (json.dumps(asdict(cfg), sort_keys=True, default=str), retrain_dir, stamp)
     if _STATE.get("key") != key:
         _STATE.clear()
         _STATE.update(key=key, ev=_Evaluator(cfg, abar, retrain_dir))
@@ -333,6 +351,8 @@ def _method_job(cfg: ToyBenchConfig, label: str, method_name: str, params: dict,
         model, res["steps"] = base, cfg.base_steps
     elif method_name == "retrain":
         model, res["steps"] = load_model(retrain_dir), cfg.base_steps
+        res["hyperparameters"] = {"from_scratch_on": "X \\ A", "steps": cfg.base_steps, "batch_size": cfg.base_batch,
+                                  "lr": cfg.base_lr, "recipe": "train.train (as the base model)"}
     else:
         if any(v == "auto" for v in params.values()):
             res["scaling_norm_calibration"] = calibrate_scaling_norm(cfg, base, method_name, params)
@@ -403,10 +423,21 @@ class _Pool:
             self.ex = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
 
     def map(self, fn, arglists: list[tuple]) -> list:
-        if self.ex is None:
-            return [fn(*args) for args in arglists]
+        if self.ex is None:  # inline: the jobs set torch to one thread; give the caller its setting back
+            threads = torch.get_num_threads()
+            try:
+                return [fn(*args) for args in arglists]
+            finally:
+                torch.set_num_threads(threads)
+        from concurrent.futures.process import BrokenProcessPool
+
         futures = [self.ex.submit(fn, *args) for args in arglists]
-        return [f.result() for f in futures]
+        try:
+            return [f.result() for f in futures]
+        except BrokenProcessPool:
+            raise UserError("a benchmark worker process died (out of memory, or a script without an "
+                            "`if __name__ == '__main__':` guard re-ran itself in the spawned worker); "
+                            "retry with --workers 1") from None
 
     def close(self):
         if self.ex is not None:
@@ -463,7 +494,7 @@ def run_toy_bench(out_dir: str | Path, seed: int = 0, quick: bool = False, overw
                          str(out / "models") if cfg.save_models else None))
         jobs.append((cfg, "pretrained", "pretrained", {}, base_dir, retrain_dir, None))
         jobs.append((cfg, "retrain", "retrain", {}, base_dir, retrain_dir, None))
-        # 3. every method (unlearn + evaluate), longest first so the two workers finish together
+        # 2. every method (unlearn + evaluate), longest first so the two workers finish together
         order = sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i][2]))
         t0 = time.time()
         done = pool.map(_method_job, [jobs[i] for i in order])
@@ -573,8 +604,9 @@ def markdown_table(results: dict) -> str:
     cfg = results["config"]
     notes = [
         "",
-        f"d(.) = mean over t in {list(cfg['probe_timesteps'])} of ||eps_theta(x_t, t) - target||^2 / D (D = 64) on fixed "
-        f"probes: near A = gamma_t a + sigma_t eps, elsewhere = noised X \\ A items ({cfg['probes_per_t']} per t). "
+        f"d(.) = mean over t in {list(cfg['probe_timesteps'])} of ||eps_theta(x_t, t) - target||^2 / D (D = 64) on "
+        "fixed probes: near A = gamma_t a + sigma_t eps, elsewhere = noised X \\ A items "
+        f"({cfg['probes_per_t']} per t). "
         f"eps*_S = ideal (Bayes-optimal) denoiser of the finite set S. Scale: d(eps*_X, eps*_X\\A) = "
         f"{ref['near_A']['ideal_all_vs_ideal_kept']:.3f} near A, {ref['elsewhere']['ideal_all_vs_ideal_kept']:.2g} "
         "elsewhere.",
@@ -587,51 +619,85 @@ def markdown_table(results: dict) -> str:
         f"{cfg['unlearn_batch']}). scaling_norm = {cfg['scaling_norm_fraction']:.0%} of ||G_x|| measured at the base "
         "model for each variant: " + ", ".join(
             f"{r['label']} {r['scaling_norm_calibration']['scaling_norm']:.3g} (||G_x|| "
-            f"{r['scaling_norm_calibration']['grad_norm_x']:.3g})" for r in rows if "scaling_norm_calibration" in r) + ".",
-        f"samples = target: fraction of {cfg['n_samples']} DDPM samples ({cfg['sample_steps']} steps) nearer to the target "
-        "than to any image of X \\ A; NN dist: mean L2 distance (model space [-1, 1]) of the other samples to X \\ A.",
+            f"{r['scaling_norm_calibration']['grad_norm_x']:.3g})"
+            for r in rows if "scaling_norm_calibration" in r) + ".",
+        f"samples = target: fraction of {cfg['n_samples']} DDPM samples ({cfg['sample_steps']} steps) nearer to the "
+        "target than to any image of X \\ A; NN dist: mean L2 distance (model space [-1, 1]) of the other "
+        "samples to X \\ A.",
         f"Wall time {results['timings']['total']:.0f} s with {results['workers']} worker process(es), 1 thread each "
-        f"(job CPU time suggests ~{results['timings']['idle_estimate']:.0f} s on idle cores, without process start-up).",
+        f"(job CPU time suggests ~{results['timings']['idle_estimate']:.0f} s on idle cores, plus process "
+        "start-up).",
     ]
     return "\n".join(lines + notes) + "\n"
 
 
 def plot(results: dict, path: Path) -> None:
-    """Left: progress toward the ideal X \\ A denoiser near A (x) against damage elsewhere (y, distance to the
-    retrained model on noised X \\ A items): retraining sits at the bottom, right of the pretrained model; a broken
-    model is high up. Right: the raw distances near A to the two ideal denoisers."""
+    """Three panels, one marker per model (legend on the right):
+
+    1. progress toward the ideal X \\ A denoiser near A (x) against damage elsewhere (y: distance to the retrained
+       model on noised X \\ A items): unlearning moves right, toward retrain; breaking the model moves up;
+    2. the raw distances to the ideal X \\ A denoiser, near A (x) and elsewhere (y);
+    3. progress per timestep: where along the noise levels each model has moved.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = results["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    grid = list(results["config"]["probe_timesteps"])
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    palette = ["tab:orange", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan",
+               "gold", "navy", "lime", "teal", "black"]
+    markers = "ovD^<>pPXhd"
+    x_max = 1.6
+    floor = 1e-4
+    k = 0
     for r in rows:
         m = r["metrics"]
-        colour = {"retrain": "tab:green", "pretrained": "tab:blue"}.get(r["label"], "tab:red")
-        points = ((m["near_A"]["progress"], m["elsewhere"]["retrain"]),
-                  (m["near_A"]["ideal_all"], m["near_A"]["ideal_kept"]))
-        for ax, (px, py) in zip(axes, points):
-            ax.scatter([px], [py], color=colour, s=40, zorder=3)
-            ax.annotate(r["label"], (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        label = r["label"]
+        if label == "pretrained":
+            style = dict(color="tab:blue", marker="s", s=90)
+        elif label == "retrain":
+            style = dict(color="tab:green", marker="*", s=200)
+        else:
+            style = dict(color=palette[k % len(palette)], marker=markers[k % len(markers)], s=55)
+            k += 1
+        px, py = m["near_A"]["progress"], m["elsewhere"]["retrain"]
+        shown = f"{label} (progress {px:.2f})" if px > x_max else label
+        axes[0].scatter([min(px, x_max)], [max(py, floor)], zorder=3, label=shown, edgecolor="black", linewidth=0.5,
+                        **style)
+        axes[1].scatter([m["near_A"]["ideal_kept"]], [m["elsewhere"]["ideal_kept"]], zorder=3, edgecolor="black",
+                        linewidth=0.5, **style)
+        per_t = [(t, v) for t, v in zip(grid, m["near_A"]["progress_per_t"]) if v is not None]
+        if per_t:
+            axes[2].plot([t for t, _ in per_t], [min(v, x_max) for _, v in per_t], color=style["color"],
+                         marker=style["marker"], lw=2.5 if label in ("retrain", "pretrained") else 1.2, ms=5)
     gap = results["reference"]["near_A"]["ideal_all_vs_ideal_kept"]
     ax = axes[0]
-    ax.axvline(0.0, color="grey", lw=0.8, ls="--")
-    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("near A: progress from ideal X denoiser (0) toward ideal X\\A denoiser (1)")
-    ax.set_ylabel("elsewhere: distance to the retrained model (damage)")
-    ax.set_yscale("symlog", linthresh=1e-3)
-    ax.set_title("Unlearning = moves right; breaking the model = moves up")
+    for v in (0.0, 1.0):
+        ax.axvline(v, color="grey", lw=0.8, ls="--")
+    ax.set_xlim(-0.1, x_max + 0.05)
+    ax.set_yscale("log")
+    ax.set_xlabel("near A: progress, ideal X denoiser (0) -> ideal X\\A denoiser (1)")
+    ax.set_ylabel(f"elsewhere: distance to the retrained model (floor {floor:g})")
+    ax.set_title("Unlearning moves right; breaking the model moves up")
     ax = axes[1]
-    ax.set_xlabel("near A: distance to ideal X denoiser")
-    ax.set_ylabel("near A: distance to ideal X\\A denoiser")
-    ax.set_xscale("symlog", linthresh=1e-2)
-    ax.set_yscale("symlog", linthresh=1e-2)
-    ax.set_title(f"Raw distances (between the two ideals: {gap:.3f})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("near A: distance to ideal X\\A denoiser")
+    ax.set_ylabel("elsewhere: distance to ideal X\\A denoiser")
+    ax.set_title(f"Raw distances (the two ideals differ by {gap:.3f} near A)")
+    ax = axes[2]
+    ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel(f"near A: progress at t (clipped at {x_max})")
+    ax.set_title("Progress per noise level (thick: pretrained, retrain)")
     for ax in axes:
         ax.grid(True, alpha=0.3)
-    fig.suptitle("diffunlearn bench toy: blue = pretrained, green = retrain (gold standard), red = unlearning methods")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right", fontsize=8, frameon=False)
+    fig.suptitle("diffunlearn bench toy: who moves toward retraining, and who breaks the model")
+    fig.tight_layout(rect=(0, 0, 0.87, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
