@@ -74,9 +74,16 @@ def _print_cfg(cfg) -> int:
 COMMANDS = {}
 
 
+def _register_commands() -> None:
+    from .bench import register
+
+    register(COMMANDS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
+    _register_commands()
     parser = Parser(prog="diffunlearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a base DDPM on X, or the retrain gold standard on X \\ A (with --forget)")
