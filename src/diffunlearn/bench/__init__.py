@@ -74,6 +74,26 @@ BENCHMARKS["mnist-tshirt"] = ("the SISS paper's Table 2 on the shipped MNIST T-S
                               "re-runs resume", _mnist_setup)
 
 
+def _speed_setup(p: argparse.ArgumentParser) -> None:
+    from ..config import add_dataclass_args
+    from .speed import SpeedConfig
+
+    add_dataclass_args(p, SpeedConfig)
+    p.set_defaults(func=_speed_run)
+
+
+def _speed_run(args) -> int:
+    from ..config import build_config
+    from .speed import SpeedConfig, run_speed_bench
+
+    run_speed_bench(build_config(SpeedConfig, args))
+    return 0
+
+
+BENCHMARKS["speed"] = ("seconds per step and peak memory of every method relative to a plain fine-tuning step",
+                       _speed_setup)
+
+
 def _bench_setup(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, (help_, setup) in BENCHMARKS.items():

@@ -1,0 +1,164 @@
+"""``diffunlearn bench speed``: seconds per optimiser step and peak memory of every method, relative to a plain
+fine-tuning step (naive deletion: one forward and one backward of the DDPM loss) at the same batch size.
+
+Timing is measured side by side in one process: rounds interleave the methods, each round runs a few steps from the
+same model, the first step of each run is dropped as warm-up, and the median and interquartile range over all kept
+steps are reported. Peak memory is each method's own process (CPU: peak resident set size above the process's size
+while the steps run, sampled every 2 ms; GPU: ``torch.cuda.max_memory_allocated``), since a process's peak cannot be reset on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+
+# label -> (method, hyperparameters)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "plain (naive)": ("naive", {}),
+    "siss": ("siss", {"lam": 0.5, "scaling_norm": 5.0}),
+    "siss superfactor (1 backward, exact)": ("siss", {"lam": 0.5, "superfactor": 0.05}),
+    "siss norm-refresh 10 (approx.)": ("siss", {"lam": 0.5, "scaling_norm": 5.0, "norm_refresh": 10}),
+    "siss-nois": ("siss-nois", {"scaling_norm": 5.0}),
+    "neggrad": ("neggrad", {}),
+    "erasediff": ("erasediff", {}),
+    "erasediff-light": ("erasediff-light", {}),
+    "retrack": ("retrack", {}),
+}
+
+
+@dataclass
+class SpeedConfig:
+    out: str = field(default="runs/bench-speed", metadata={"help": "output directory (speed.md, speed.json)"})
+    model: str = field(default="mnist-tshirt-base", metadata={"help": "model (shipped name or directory), or arch:NAME for random weights"})
+    batch_size: int = field(default=64, metadata={"help": "rows per step"})
+    steps: int = field(default=4, metadata={"help": "steps per run (the first is warm-up)"})
+    rounds: int = field(default=3, metadata={"help": "interleaved rounds over all methods"})
+    memory: bool = field(default=True, metadata={"help": "also measure peak memory (one process per method)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+
+
+def _load(spec: str):
+    import torch
+
+    from ..models import DiffusionModel, build_scheduler, build_unet, load_model
+    from ..unlearn import resolve_model_dir
+
+    if spec.startswith("arch:"):
+        torch.manual_seed(0)
+        return DiffusionModel(build_unet(spec[5:], 28, 1), build_scheduler(), source=spec)
+    return load_model(resolve_model_dir(spec))
+
+
+def _sets(model):
+    from ..data import load_data, resolve_forget, split_kept
+
+    data = load_data("mnist-tshirt")
+    model.check_data(data.shape, "mnist-tshirt")
+    return split_kept(data, resolve_forget("default", data))
+
+
+def _time_steps(model, kept, forget, label: str, cfg: SpeedConfig) -> list[float]:
+    from ..methods import make_method
+    from ..unlearn import UnlearnConfig, unlearn
+
+    name, params = VARIANTS[label]
+    log: list[dict] = []
+    unlearn(model, kept, forget, make_method(name, **params), UnlearnConfig(steps=cfg.steps, batch_size=cfg.batch_size),
+            log=log.append)
+    return [r["seconds"] for r in log[1:]]
+
+
+def peak_memory(label: str, model_spec: str, batch_size: int, steps: int) -> float:
+    """Peak memory (MB) of ``steps`` steps of one method above the process's size once model and data are loaded."""
+    import torch
+
+    model = _load(model_spec)
+    kept, forget = _sets(model)
+    cfg = SpeedConfig(batch_size=batch_size, steps=steps)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        _time_steps(model, kept, forget, label, cfg)
+        return torch.cuda.max_memory_allocated() / 2**20
+    import threading
+
+    import psutil
+
+    proc = psutil.Process()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
+
+    def watch():  # the resident set size sampled every 2 ms: its maximum while the steps run
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            done.wait(0.002)
+
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    _time_steps(model, kept, forget, label, cfg)
+    done.set()
+    t.join()
+    return max(peak[0] - base, 0) / 2**20
+
+
+def run_speed_bench(cfg: SpeedConfig) -> dict:
+    import torch
+
+    from ..runs import prepare_out_dir, write_json
+
+    if cfg.steps < 2 or cfg.rounds < 1 or cfg.batch_size < 1:
+        raise UserError("--steps must be >= 2 (the first is warm-up), --rounds and --batch-size >= 1")
+    prepare_out_dir(cfg.out, overwrite=True) if Path(cfg.out, "config.yaml").exists() else prepare_out_dir(cfg.out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = _load(cfg.model)
+    kept, forget = _sets(model)
+    times: dict[str, list[float]] = {k: [] for k in VARIANTS}
+    for r in range(cfg.rounds):
+        for label in VARIANTS:
+            times[label] += _time_steps(model, kept, forget, label, cfg)
+        print(f"round {r + 1}/{cfg.rounds} done", flush=True)
+    mem: dict[str, float] = {}
+    if cfg.memory:
+        for label in VARIANTS:
+            code = ("import sys; from diffunlearn.bench.speed import peak_memory; "
+                    f"print(peak_memory({label!r}, {cfg.model!r}, {cfg.batch_size}, 2))")
+            cmd = [sys.executable, "-c", code]
+            if cfg.threads:
+                cmd = [sys.executable, "-c", f"import torch; torch.set_num_threads({cfg.threads}); " + code]
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+            if done.returncode != 0:
+                raise UserError(f"memory measurement of {label} failed: {done.stderr.strip().splitlines()[-1]}")
+            mem[label] = float(done.stdout.strip().splitlines()[-1])
+    plain = float(np.median(times["plain (naive)"]))
+    rows = {}
+    for label, ts in times.items():
+        q1, med, q3 = np.percentile(ts, [25, 50, 75])
+        rows[label] = {"seconds_per_step": float(med), "iqr": [float(q1), float(q3)], "relative": float(med) / plain,
+                       "n": len(ts), "peak_mb": mem.get(label),
+                       "memory_relative": mem[label] / mem["plain (naive)"] if mem and mem["plain (naive)"] > 0 else None}
+    params = sum(p.numel() for p in model.unet.parameters())
+    lines = [f"Model {cfg.model} ({params / 1e6:.2f} M parameters), batch {cfg.batch_size}, {torch.get_num_threads()} "
+             f"thread(s); {cfg.rounds} interleaved rounds x {cfg.steps - 1} timed steps per method.\n",
+             "| method | s/step (median) | IQR | time vs plain | peak MB above loaded | memory vs plain |",
+             "|---|---|---|---|---|---|"]
+    for label, r in rows.items():
+        m = (f"{r['peak_mb']:.0f} | " + (f"{r['memory_relative']:.2f}x" if r["memory_relative"] else "—")
+             if r["peak_mb"] is not None else "— | —")
+        lines.append(f"| {label} | {r['seconds_per_step']:.3f} | {r['iqr'][0]:.3f}–{r['iqr'][1]:.3f} | "
+                     f"{r['relative']:.2f}x | {m} |")
+    table = "\n".join(lines) + "\n"
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(json.dumps(asdict(cfg)))
+    (out / "speed.md").write_text(table)
+    write_json(out / "speed.json", {"config": asdict(cfg), "rows": rows, "parameters": params})
+    print(table)
+    return rows
