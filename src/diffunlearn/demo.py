@@ -23,6 +23,7 @@ class DemoConfig:
     n_samples: int = field(default=256, metadata={"help": "samples per model for the T-shirt rate, IS and FID"})
     sample_steps: int = field(default=50, metadata={"help": "DDPM sampling steps"})
     nll_probes: int = field(default=2, metadata={"help": "Hutchinson probes for the T-shirt NLL"})
+    nll_tol: float = field(default=1e-5, metadata={"help": "RK45 rtol = atol of the NLL solve (METHODS.md: 1e-5)"})
     seed: int = field(default=0, metadata={"help": "unlearning seed"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     show_forgotten: bool = field(default=False, metadata={"help": "show the T-shirt samples in the picture"})
@@ -52,7 +53,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     ucfg = UnlearnConfig(model="mnist-tshirt-base", data="mnist-tshirt", method="siss", lam=0.5, scaling_norm=5.0,
                          steps=cfg.steps, batch_size=64, lr=5e-5, seed=cfg.seed, out=cfg.out)
     run = RunDir(cfg.out, {"command": "demo", **asdict(cfg), "unlearn": asdict(ucfg)}, cfg.overwrite)
-    ecfg = EvalConfig(n_samples=cfg.n_samples, sample_steps=cfg.sample_steps, nll_probes=cfg.nll_probes, seed=0)
+    ecfg = EvalConfig(n_samples=cfg.n_samples, sample_steps=cfg.sample_steps, nll_probes=cfg.nll_probes,
+                      nll_tol=cfg.nll_tol, seed=0)
     print(f"[1/3] evaluating the shipped base model ({cfg.n_samples} samples, NLL of the T-shirt) ...", flush=True)
     before, s_before = evaluate(base, protocol, ecfg)
     print(f"[2/3] SISS (lambda 0.5, scaling_norm 5), {cfg.steps} steps of batch 64 ...", flush=True)
