@@ -254,3 +254,21 @@ def test_norm_refresh_takes_both_gradients_only_every_kth_step():
     for r in logs:
         last = [x for x in logs if "grad_norm_a" in x and x["step"] <= r["step"]][-1]
         assert r["superfactor"] == pytest.approx(2.0 / last["grad_norm_a"], rel=1e-9)
+
+
+def test_stale_norm_cosine_diagnostic_matches_a_direct_computation():
+    """The logged ``cos_norm_k_steps_old`` is the cosine between this step's exact update ``G_x - (s/||G_a||) G_a``
+    and ``G_x - (s/||G_a^(t-k)||) G_a``, computed from three dot products; check it against the vectors themselves."""
+    g = torch.Generator().manual_seed(1)
+    comb = SubtractedGradients(scaling_norm=3.0)
+    history = []
+    for _ in range(3):
+        gx = [torch.randn(5, generator=g, dtype=torch.float64) * 10]
+        ga = [torch.randn(5, generator=g, dtype=torch.float64) * (50 + 100 * torch.rand(1, generator=g).item())]
+        history.append(float(global_norm(ga)))
+        _, stats = comb.combine({"x": gx, "a": ga})
+    exact = gx[0] - 3.0 / history[-1] * ga[0]
+    stale = gx[0] - 3.0 / history[-2] * ga[0]
+    want = float(torch.dot(exact, stale) / (exact.norm() * stale.norm()))
+    assert stats["cos_norm_1_steps_old"] == pytest.approx(want, rel=1e-12)
+    assert "cos_norm_5_steps_old" not in stats

@@ -93,7 +93,7 @@ def _run_cell(label: str, seed: int, cfg: MnistBenchConfig, protocol, base, retr
               "batch_size": batch, "metrics": metrics, "curve": curve, "first_zero_step": first_zero,
               "unlearn_seconds": round(train_seconds, 1),
               "seconds_per_step": float(np.median(step_seconds)) if step_seconds else None,
-              "last_log": log[-1] if log else None}
+              "log": log}
     (cell / "result.json").write_text(json.dumps(result, indent=2))
     return result
 

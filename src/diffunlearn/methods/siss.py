@@ -42,6 +42,7 @@ class SubtractedGradients:
             raise UserError(f"norm_refresh must be >= 1, got {self.norm_refresh}")
         self._step = 0
         self._last_norm_a: float | None = None
+        self._norms: list[float] = []
 
     def before_step(self, ctx):
         self._step += 1
@@ -54,10 +55,11 @@ class SubtractedGradients:
         return self._last_norm_a is None or (self._step - 1) % self.norm_refresh == 0
 
     def state_dict(self):
-        return {"step": self._step, "last_norm_a": self._last_norm_a}
+        return {"step": self._step, "last_norm_a": self._last_norm_a, "norms": list(self._norms[-11:])}
 
     def load_state_dict(self, state):
         self._step, self._last_norm_a = int(state["step"]), state["last_norm_a"]
+        self._norms = list(state.get("norms", []))
 
     def _factor(self) -> float:
         if self.superfactor is not None:
@@ -73,7 +75,26 @@ class SubtractedGradients:
         self._last_norm_a = float(na)
         c = self._factor()
         out = [x - c * a for x, a in zip(gx, ga)]
-        return out, {"grad_norm_x": float(nx), "grad_norm_a": float(na), "superfactor": c}
+        stats = {"grad_norm_x": float(nx), "grad_norm_a": float(na), "superfactor": c}
+        if self.superfactor is None:
+            stats.update(self._stale_norm_cosines(gx, ga, c))
+        return out, stats
+
+    def _stale_norm_cosines(self, gx, ga, c: float) -> dict[str, float]:
+        """How far ``--norm-refresh k`` would move this step's update: the cosine between the exact update and the one
+        built with ``||G_a||`` from k steps ago, for k = 1, 5, 10 (a free diagnostic of the approximation)."""
+        self._norms.append(self._last_norm_a)
+        xx = sum((x.double() ** 2).sum() for x in gx)
+        xa = sum((x.double() * a.double()).sum() for x, a in zip(gx, ga))
+        aa = sum((a.double() ** 2).sum() for a in ga)
+
+        def cos(c1, c2):  # <gx - c1 ga, gx - c2 ga> / (|gx - c1 ga| |gx - c2 ga|), from three dot products
+            dot = xx - (c1 + c2) * xa + c1 * c2 * aa
+            n1, n2 = (xx - 2 * c1 * xa + c1 * c1 * aa).sqrt(), (xx - 2 * c2 * xa + c2 * c2 * aa).sqrt()
+            return float(dot / (n1 * n2))
+
+        return {f"cos_norm_{k}_steps_old": cos(c, self.scaling_norm / self._norms[-1 - k])
+                for k in (1, 5, 10) if len(self._norms) > k and self._norms[-1 - k] > 0}
 
 
 @dataclass
