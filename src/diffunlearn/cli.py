@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import errno
-import json
+import importlib
 import sys
 
 import yaml
@@ -14,108 +14,59 @@ from .config import Parser, add_dataclass_args, build_config
 from .errors import UserError
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="a YAML preset (built-in name or file); command-line flags override it")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+# command -> (help, module, config dataclass, function run with the config)
+CONFIG_COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "train": ("train a base DDPM on X, or the retrain gold standard on X \\ A (with --forget)",
+              "train", "TrainConfig", "train"),
+    "unlearn": ("remove A from a trained model by a deletion fine-tuning method", "unlearn", "UnlearnConfig",
+                "run_unlearn"),
+    "sample": ("sample a PNG grid and an .npy of images, seeded per image", "sample", "SampleConfig", "run_sample"),
+    "eval": ("the MNIST T-Shirt metrics of one model (T-shirt rate, NLL, classifier IS/FID)", "evaluate",
+             "EvalConfig", "run_eval"),
+    "demo": ("unlearn the T-shirt from the shipped MNIST model with SISS; before/after table", "demo", "DemoConfig",
+             "run_demo"),
+}
 
 
-def _train(args):
-    from .train import TrainConfig, train
-
-    cfg = build_config(TrainConfig, args, "train")
-    if args.dry_run:
-        return _print_cfg(cfg)
-    train(cfg)
+def _module(name: str):
+    return importlib.import_module(f"diffunlearn.{name}")
 
 
-def _unlearn(args):
-    from .unlearn import UnlearnConfig, run_unlearn
+def config_command(parser: argparse.ArgumentParser, cls, run, section: str | None = None) -> None:
+    """A command whose options are the fields of ``cls``, plus ``--config`` and ``--dry-run``; runs ``run(cfg)``."""
+    add_dataclass_args(parser, cls)
+    parser.add_argument("--config", help="a YAML preset (built-in name or file); command-line flags override it")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
 
-    cfg = build_config(UnlearnConfig, args, "unlearn")
-    cfg.build_method()  # unknown method or a flag it does not take fails before anything runs
-    if args.dry_run:
-        return _print_cfg(cfg)
-    summary = run_unlearn(cfg)
-    print(f"saved {summary['model_out']['dir']}")
+    def handler(args):
+        cfg = build_config(cls, args, section)
+        if hasattr(cfg, "build_method"):
+            cfg.build_method()  # an unknown method or a flag it does not take fails before anything runs
+        if args.dry_run:
+            print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+            return 0
+        run(cfg)
+        return 0
 
-
-def _sample(args):
-    from .sample import SampleConfig, run_sample
-
-    cfg = build_config(SampleConfig, args, "sample")
-    if args.dry_run:
-        return _print_cfg(cfg)
-    run_sample(cfg)
-
-
-def _eval(args):
-    from .evaluate import EvalConfig, run_eval
-
-    cfg = build_config(EvalConfig, args, "eval")
-    if args.dry_run:
-        return _print_cfg(cfg)
-    run_eval(cfg)
+    parser.set_defaults(func=handler)
 
 
-def _demo(args):
-    from .demo import DemoConfig, run_demo
-
-    cfg = build_config(DemoConfig, args, "demo")
-    if args.dry_run:
-        return _print_cfg(cfg)
-    run_demo(cfg)
-
-
-def _print_cfg(cfg) -> int:
-    print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
-    return 0
-
-
-COMMANDS = {}
-
-
-def _register_commands() -> None:
-    from .bench import register
-
-    register(COMMANDS)
+COMMANDS: dict = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig
+    from .bench import register
 
-    _register_commands()
+    register(COMMANDS)
     parser = Parser(prog="diffunlearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a base DDPM on X, or the retrain gold standard on X \\ A (with --forget)")
-    add_dataclass_args(p, TrainConfig)
-    _common(p)
-    p.set_defaults(func=_train)
-    from .sample import SampleConfig
-    from .unlearn import UnlearnConfig
-
-    p = sub.add_parser("unlearn", help="remove A from a trained model by a deletion fine-tuning method")
-    add_dataclass_args(p, UnlearnConfig)
-    _common(p)
-    p.set_defaults(func=_unlearn)
-    p = sub.add_parser("sample", help="sample a PNG grid and an .npy of images, seeded per image")
-    add_dataclass_args(p, SampleConfig)
-    _common(p)
-    p.set_defaults(func=_sample)
-    from .demo import DemoConfig
-    from .evaluate import EvalConfig
-
-    p = sub.add_parser("eval", help="the MNIST T-Shirt metrics of one model (T-shirt rate, NLL, classifier IS/FID)")
-    add_dataclass_args(p, EvalConfig)
-    _common(p)
-    p.set_defaults(func=_eval)
-    p = sub.add_parser("demo", help="unlearn the T-shirt from the shipped MNIST model with SISS; before/after table")
-    add_dataclass_args(p, DemoConfig)
-    _common(p)
-    p.set_defaults(func=_demo)
+    for name, (help_, module, cls, run) in CONFIG_COMMANDS.items():
+        mod = _module(module)
+        config_command(sub.add_parser(name, help=help_), getattr(mod, cls), getattr(mod, run), name)
     p = sub.add_parser("faults", help="run the fault-injection suite (every bad input, kill-and-resume trials)")
     p.add_argument("--trials", type=int, default=3, help="kill-and-resume trials")
     p.add_argument("--markdown", action="store_true", help="print the table of cases and exit")
-    p.set_defaults(func=lambda a: __import__("diffunlearn.faults", fromlist=["run_faults"]).run_faults(a.trials, a.markdown))
+    p.set_defaults(func=lambda a: _module("faults").run_faults(a.trials, a.markdown))
     for name, (help_, setup) in COMMANDS.items():
         setup(sub.add_parser(name, help=help_))
     return parser

@@ -20,7 +20,6 @@ import torch
 from .diffusion import sample_timesteps
 from .errors import UserError
 from .methods import METHODS, Context, Method, StepBatch, make_method
-from .methods.base import global_norm
 from .models import DiffusionModel
 
 
@@ -349,6 +348,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     if acc.is_main_process:
         save_model(new, run.model_dir)  # atomic: the model directory appears only when complete
         run.finish(summary)
+        print(f"saved {run.model_dir}")
         checkpoint.path.unlink(missing_ok=True)
     acc.wait_for_everyone()
     return summary

@@ -45,29 +45,10 @@ BENCHMARKS["toy"] = ("every unlearning method against the exact ideal denoiser o
 
 
 def _mnist_setup(p: argparse.ArgumentParser) -> None:
-    from ..config import add_dataclass_args
-    from .mnist_tshirt import MnistBenchConfig
-
-    add_dataclass_args(p, MnistBenchConfig)
-    p.add_argument("--config", help="a YAML file of these options; command-line flags override it")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
-    p.set_defaults(func=_mnist_run)
-
-
-def _mnist_run(args) -> int:
-    import dataclasses
-
-    import yaml
-
-    from ..config import build_config
+    from ..cli import config_command
     from .mnist_tshirt import MnistBenchConfig, run_mnist_bench
 
-    cfg = build_config(MnistBenchConfig, args)
-    if args.dry_run:
-        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
-        return 0
-    run_mnist_bench(cfg)
-    return 0
+    config_command(p, MnistBenchConfig, run_mnist_bench)
 
 
 BENCHMARKS["mnist-tshirt"] = ("the SISS paper's Table 2 on the shipped MNIST T-Shirt model, every method x seeds; "
@@ -75,19 +56,10 @@ BENCHMARKS["mnist-tshirt"] = ("the SISS paper's Table 2 on the shipped MNIST T-S
 
 
 def _speed_setup(p: argparse.ArgumentParser) -> None:
-    from ..config import add_dataclass_args
-    from .speed import SpeedConfig
-
-    add_dataclass_args(p, SpeedConfig)
-    p.set_defaults(func=_speed_run)
-
-
-def _speed_run(args) -> int:
-    from ..config import build_config
+    from ..cli import config_command
     from .speed import SpeedConfig, run_speed_bench
 
-    run_speed_bench(build_config(SpeedConfig, args))
-    return 0
+    config_command(p, SpeedConfig, run_speed_bench)
 
 
 BENCHMARKS["speed"] = ("seconds per step and peak memory of every method relative to a plain fine-tuning step",

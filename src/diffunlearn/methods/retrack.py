@@ -14,7 +14,7 @@ import torch
 
 from ..diffusion import predict_noise, sum_sq
 from ..errors import UserError
-from .base import Method, Terms, check_range, ddpm_terms
+from .base import Method, Terms, check_range
 
 
 def nearest_kept(forget: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
