@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -20,6 +20,7 @@ import torch
 from .diffusion import sample_timesteps
 from .errors import UserError
 from .methods import METHODS, Context, Method, StepBatch, make_method
+from .metrics.similarity import SIMILARITY_T
 from .models import DiffusionModel
 
 
@@ -49,6 +50,16 @@ class UnlearnConfig:
     allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickle weights (.bin/.ckpt): only for files you trust"})
     checkpoint_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps (0: never)"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
+    # sequential deletion requests (diffunlearn.sequential)
+    requests: str = field(default="", metadata={"help": "file of deletion requests applied in turn, each for --steps "
+                                                        "steps (one forget SPEC per line, or a YAML list); writes "
+                                                        "ledger.jsonl"})
+    held_out: str = field(default="", metadata={"help": "with --requests: data SPEC of images never trained on "
+                                                        "(membership AUC, quality loss); default: the data set's own"})
+    sscd: str = field(default="", metadata={"help": "with --requests: local SSCD TorchScript file for the "
+                                                    "noise-and-denoise similarity (default: weight-free pixel cosine)"})
+    similarity_t: int = field(default=SIMILARITY_T, metadata={"help": "with --requests: noise-and-denoise "
+                                                                      "similarity noises to this step, denoises back"})
     # method hyperparameters: None means the method's own default; a flag the method does not take is an error
     lam: float | None = field(default=None, metadata={"help": "SISS mixture weight lambda in [0, 1] (default 0.5)", "flag": "--lambda"})
     scaling_norm: float | None = field(default=None, metadata={"help": "SISS: norm the NegGrad gradient is fixed to (default 5)"})
@@ -70,6 +81,8 @@ class UnlearnConfig:
         return make_method(self.method, **self.method_kwargs())
 
     def validate(self, num_timesteps: int | None = None) -> None:
+        if not self.requests and (self.held_out or self.sscd or self.similarity_t != SIMILARITY_T):
+            raise UserError("--held-out, --sscd and --similarity-t apply only with --requests")
         if self.checkpoint_every < 0:
             raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
         if self.steps < 0:
@@ -298,6 +311,10 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     from .models import load_model, model_summary, save_model, state_hash
     from .runs import RunDir, prepare_out_dir
 
+    if cfg.requests:
+        from .sequential import run_sequential
+
+        return run_sequential(cfg)
     method = cfg.build_method()
     cfg.validate()
     if not cfg.out:
@@ -362,7 +379,8 @@ def _check_resumable(out, cfg: UnlearnConfig) -> None:
     if (out / "summary.json").is_file():
         raise UserError(f"the run in {out} has already finished")
     old = yaml.safe_load((out / "config.yaml").read_text()) or {}
-    diff = [k for k, v in asdict(cfg).items() if k not in RESUME_IGNORES and old.get(k) != v]
+    defaults = {f.name: f.default for f in fields(cfg)}  # a run started before an option existed used its default
+    diff = [k for k, v in asdict(cfg).items() if k not in RESUME_IGNORES and old.get(k, defaults[k]) != v]
     if diff:
         raise UserError(f"--resume needs the same settings as the run in {out}; these differ: {', '.join(diff)}")
 

@@ -76,10 +76,14 @@ def denoising_losses(model: DiffusionModel, images: torch.Tensor, n_draws: int =
 def membership_auc(model: DiffusionModel, members: torch.Tensor, nonmembers: torch.Tensor, n_draws: int = 8,
                    seed: int = 0, t_min: int = 0, t_max: int | None = None, batch_size: int = 256) -> MembershipResult:
     """ROC AUC of ``-loss`` (lower loss = more likely a training member) for members vs held-out non-members."""
-    from sklearn.metrics import roc_auc_score
-
     lm = denoising_losses(model, members, n_draws, seed, t_min, t_max, batch_size)
     ln = denoising_losses(model, nonmembers, n_draws, seed, t_min, t_max, batch_size)
-    y = [1] * len(lm) + [0] * len(ln)
-    auc = float(roc_auc_score(y, (-torch.cat([lm, ln])).double().numpy()))
-    return MembershipResult(auc, lm, ln)
+    return MembershipResult(loss_auc(lm, ln), lm, ln)
+
+
+def loss_auc(member_losses: torch.Tensor, nonmember_losses: torch.Tensor) -> float:
+    """ROC AUC of ``-loss`` with members as positives, from per-image losses of :func:`denoising_losses`."""
+    from sklearn.metrics import roc_auc_score
+
+    y = [1] * len(member_losses) + [0] * len(nonmember_losses)
+    return float(roc_auc_score(y, (-torch.cat([member_losses, nonmember_losses])).double().numpy()))

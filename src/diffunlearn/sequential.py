@@ -1,0 +1,264 @@
+"""Sequential deletion requests: ``diffunlearn unlearn --requests FILE``.
+
+Request ``k`` removes its set ``A_k`` from the model that request ``k - 1`` produced, with the same method settings
+for ``--steps`` steps, keeping ``X \\ (A_1 u ... u A_k)``: what earlier requests removed is never trained on again.
+After each request the run measures, with the model before and after it:
+
+- the noise-and-denoise similarity (:mod:`diffunlearn.metrics.similarity`) of this request's images, and after it
+  of every image forgotten so far;
+- a quality measure, named in each record: the mean denoising loss (membership draws, lower is better) of held-out
+  images (``--held-out`` or the data set's own), else of up to 256 images that no request removes;
+- with held-out images, the membership-inference AUC of this request's images (and of all forgotten so far) against
+  them (:mod:`diffunlearn.metrics.membership`).
+
+After each request the model is saved (atomically) to ``<out>/model`` with the ledger so far inside it, then the
+request's line is appended to ``<out>/ledger.jsonl`` (:mod:`diffunlearn.ledger`). So every ledger line describes a
+model that was saved, and the model directory always carries the ledger of exactly its own history.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+
+from .data import ImageSet, content_hash, load_data, resolve_forget
+from .errors import UserError
+from .ledger import LEDGER_NAME, Ledger, line_hash
+from .models import DiffusionModel
+from .unlearn import UnlearnConfig
+
+QUALITY_IMAGES = 256
+STRIP_IMAGES = 64
+SETTINGS = ("steps", "lr", "batch_size", "grad_accum", "beta1", "beta2", "weight_decay", "clip_norm", "t_min", "t_max",
+            "seed", "mixed_precision")
+
+
+def read_requests(path: str) -> list[str]:
+    """Forget SPECs from a text file (one per line; blank lines and ``#`` comments skipped) or a YAML file (a list, or
+    a mapping with ``requests:``; an entry is a SPEC string, an index, or a list of indices and names)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"requests file not found: {p}")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            obj = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise UserError(f"cannot parse {p}: {str(e).splitlines()[0]}") from None
+        if isinstance(obj, dict) and set(obj) == {"requests"}:
+            obj = obj["requests"]
+        if not isinstance(obj, list):
+            raise UserError(f"{p} must hold a list of requests (or a mapping with only 'requests:')")
+        specs = []
+        for i, item in enumerate(obj, 1):
+            if isinstance(item, list) and item and all(isinstance(x, (str, int)) for x in item):
+                item = ",".join(str(x) for x in item)
+            if not isinstance(item, (str, int)) or isinstance(item, bool):
+                raise UserError(f"{p}: request {i} must be a forget SPEC, an index or a list of them, got {item!r}")
+            specs.append(str(item))
+    else:
+        specs = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    if not specs:
+        raise UserError(f"{p} lists no deletion requests")
+    return specs
+
+
+def resolve_requests(specs: list[str], data: ImageSet) -> list[list[int]]:
+    """Indices of each request's images; requests must be disjoint and leave something to keep."""
+    done: dict[int, int] = {}
+    out = []
+    for k, spec in enumerate(specs, 1):
+        try:
+            idx = resolve_forget(spec, data)
+        except UserError as e:
+            raise UserError(f"request {k}: {e}") from None
+        again = [i for i in idx if i in done]
+        if again:
+            raise UserError(f"request {k} names {data.names[again[0]]}, already removed by request {done[again[0]]}")
+        done.update((i, k) for i in idx)
+        out.append(idx)
+    if len(done) >= len(data):
+        raise UserError("the requests together remove the whole data set: nothing would be left to keep")
+    return out
+
+
+@dataclass
+class Measurement:
+    """One model's metrics on a stack of forgotten images (request order) and on the quality reference."""
+
+    similarity: str
+    scores: torch.Tensor
+    denoised: torch.Tensor
+    losses: torch.Tensor
+    reference_losses: torch.Tensor
+
+
+class Evaluator:
+    """Measures models on the forgotten images and a fixed reference set, with fixed noise throughout."""
+
+    def __init__(self, cfg: UnlearnConfig, reference: torch.Tensor, held_out: bool):
+        from .metrics.similarity import load_similarity
+
+        self.cfg, self.reference, self.held_out = cfg, reference, held_out
+        self.backend = load_similarity(cfg.sscd or None)
+        self.quality_measure = "denoising-loss/" + ("held-out" if held_out else "kept")
+
+    def measure(self, model: DiffusionModel, images: torch.Tensor) -> Measurement:
+        from .metrics.membership import denoising_losses
+        from .metrics.similarity import noise_and_denoise_similarity
+
+        sim = noise_and_denoise_similarity(model, images, self.backend, self.cfg.similarity_t, self.cfg.seed,
+                                           self.cfg.batch_size)
+        losses = denoising_losses(model, images, seed=self.cfg.seed, batch_size=self.cfg.batch_size)
+        ref = denoising_losses(model, self.reference, seed=self.cfg.seed, batch_size=self.cfg.batch_size)
+        return Measurement(sim.similarity, sim.scores, sim.denoised, losses, ref)
+
+    def metrics(self, m: Measurement, sel: slice) -> dict:
+        """The record of the images ``sel`` of the stack ``m`` was measured on."""
+        from .metrics.membership import loss_auc
+
+        scores = m.scores[sel]
+        out = {"similarity": m.similarity, "similarity_t": self.cfg.similarity_t,
+               "similarity_mean": float(scores.mean()), "similarity_per_image": [round(float(s), 6) for s in scores],
+               "quality_measure": self.quality_measure, "quality": float(m.reference_losses.mean())}
+        if self.held_out:
+            out["membership_auc"] = loss_auc(m.losses[sel], m.reference_losses)
+        return out
+
+
+def _reference(cfg: UnlearnConfig, data: ImageSet, removed: set[int], model: DiffusionModel
+               ) -> tuple[torch.Tensor, bool]:
+    """Held-out images (``--held-out``, else the data set's own), else images no request removes; at most 256."""
+    if cfg.held_out:
+        images = load_data(cfg.held_out).images
+        model.check_data(tuple(images.shape[1:]), "held-out")
+    elif data.held_out is not None:
+        images = data.held_out
+    else:
+        images = data.images[[i for i in range(len(data)) if i not in removed]]
+    held = bool(cfg.held_out) or data.held_out is not None
+    if len(images) > QUALITY_IMAGES:
+        g = torch.Generator().manual_seed(cfg.seed)
+        images = images[torch.randperm(len(images), generator=g)[:QUALITY_IMAGES].sort().values]
+    return images, held
+
+
+def _check(cfg: UnlearnConfig) -> None:
+    if cfg.resume or cfg.checkpoint_every:
+        raise UserError("--resume and --checkpoint-every do not apply to --requests: each request's model is saved "
+                        "with its ledger line, so a killed run keeps every finished request")
+    if cfg.forget != "default":
+        raise UserError("--forget does not apply with --requests: list the items to forget in the requests file")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--requests runs in one process: start it without accelerate launch")
+    if not cfg.out:
+        raise UserError("pass --out: the run directory to create")
+    if not cfg.model:
+        raise UserError("pass --model: a diffusers model directory")
+
+
+def run_sequential(cfg: UnlearnConfig) -> dict:
+    """Apply the deletion requests of ``cfg.requests`` in turn; write the run directory and its ledger."""
+    from .models import load_model, model_summary, save_model, state_hash
+    from .runs import RunDir, prepare_out_dir
+    from .sampling import save_grid
+    from .unlearn import resolve_model_dir, unlearn
+
+    _check(cfg)
+    method = cfg.build_method()
+    cfg.validate()
+    specs = read_requests(cfg.requests)
+    out = Path(cfg.out)
+    prepare_out_dir(out, cfg.overwrite)
+    model = load_model(resolve_model_dir(cfg.model), allow_pickle=cfg.allow_pickle)
+    cfg.validate(model.num_train_timesteps)
+    if not 0 <= cfg.similarity_t <= model.num_train_timesteps:
+        raise UserError(f"--similarity-t must lie in [0, {model.num_train_timesteps}], got {cfg.similarity_t}")
+    src = Path(model.source).resolve()
+    if out.resolve() == src or src in out.resolve().parents or out.resolve() in src.parents:
+        raise UserError("--out must not contain or be inside the input model's directory: the input is never modified")
+    data = load_data(cfg.data)
+    model.check_data(data.shape, "data")
+    requests = resolve_requests(specs, data)
+    order = [i for idx in requests for i in idx]
+    reference, held = _reference(cfg, data, set(order), model)
+    evaluator = Evaluator(cfg, reference, held)  # loads SSCD: a bad file fails before anything is written
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    stack = data.images[order]
+    ends = [sum(len(r) for r in requests[:k + 1]) for k in range(len(requests))]
+
+    run = RunDir(out, {"command": "unlearn", **asdict(cfg), "requests_list": specs,
+                       "method_hyperparameters": method.hyperparameters()}, cfg.overwrite)
+    ledger = Ledger(out / LEDGER_NAME)
+    hash_before = state_hash(model.unet)
+    model_in = {"dir": model.source, "sha256": hash_before}
+    measured = evaluator.measure(model, stack[:ends[0]])
+    strips, records = [], []
+    removed_so_far: set[int] = set()
+    for k, idx in enumerate(requests, 1):
+        first = ends[k - 2] if k > 1 else 0
+        sel = slice(first, ends[k - 1])
+        before = evaluator.metrics(measured, sel)
+        removed_so_far.update(idx)
+        kept = data.images[[i for i in range(len(data)) if i not in removed_so_far]]
+        names = [data.names[i] for i in idx]
+        print(f"request {k}/{len(requests)}: removing {len(idx)} images ({', '.join(names[:5])}"
+              f"{', ...' if len(names) > 5 else ''}); {len(kept)} kept", flush=True)
+
+        def log(rec, k=k):
+            run.log({"request": k, **rec})
+            if rec["step"] % max(1, cfg.log_every) == 0 or rec["step"] == cfg.steps:
+                losses = " ".join(f"{n}={v:.4g}" for n, v in rec.items() if n.startswith("loss_"))
+                print(f"  step {rec['step']}/{cfg.steps} {losses}", flush=True)
+
+        t0 = time.time()
+        method = cfg.build_method()
+        new = unlearn(model, kept, data.images[idx], method, cfg, log=log)
+        seconds = time.time() - t0
+        t1 = time.time()
+        previous, measured = measured, evaluator.measure(new, stack[:ends[min(k, len(requests) - 1)]])
+        after = evaluator.metrics(measured, sel)
+        so_far = evaluator.metrics(measured, slice(0, ends[k - 1]))
+        after["forgotten_so_far"] = {"count": ends[k - 1],
+                                     **{n: so_far[n] for n in ("similarity_mean", "membership_auc") if n in so_far}}
+        hash_after = state_hash(new.unet)
+        entry = {"time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                 "removed": [{"index": i, "name": data.names[i], "sha256": content_hash(data.images[i])} for i in idx],
+                 "count": len(idx), "kept": len(kept), "method": method.name,
+                 "settings": {**method.hyperparameters(), **{s: getattr(cfg, s) for s in SETTINGS}},
+                 "metrics_before": before, "metrics_after": after, "seconds": round(seconds, 3),
+                 "metrics_seconds": round(time.time() - t1, 3), "model_before": hash_before, "model_after": hash_after}
+        line = ledger.next_line(entry)
+        save_model(new, run.model_dir, extra_files={LEDGER_NAME: ledger.contents(line)})
+        ledger.append(line)
+        strips.append((sel, previous.denoised[sel], measured.denoised[sel]))
+        records.append({"request": k, "count": len(idx), "similarity_before": before["similarity_mean"],
+                        "similarity_after": after["similarity_mean"], "quality_before": before["quality"],
+                        "quality_after": after["quality"], "membership_auc_before": before.get("membership_auc"),
+                        "membership_auc_after": after.get("membership_auc"), "seconds": round(seconds, 3)})
+        print(f"request {k} done in {seconds:.1f} s: similarity ({before['similarity']}) "
+              f"{before['similarity_mean']:.3f} -> {after['similarity_mean']:.3f}, {evaluator.quality_measure} "
+              f"{before['quality']:.4g} -> {after['quality']:.4g}; model {hash_after[:12]} saved, ledger line {k} "
+              "written", flush=True)
+        model, hash_before = new, hash_after
+
+    # strips.png: per forgotten image, the original, its reconstruction before its request, right after it, at the end
+    tiles = [torch.stack([stack[sel][j], b[j], a[j], measured.denoised[sel][j]])
+             for sel, b, a in strips for j in range(len(b))][:STRIP_IMAGES]
+    save_grid(torch.cat(tiles), out / "strips.png", ncol=4)
+    summary = {"command": "unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
+               "steps": cfg.steps, "requests": len(requests), "forget": len(order), "kept": len(data) - len(order),
+               "similarity": evaluator.backend.name, "quality_measure": evaluator.quality_measure,
+               "per_request": records, "ledger": str(out / LEDGER_NAME), "ledger_head": line_hash(ledger.lines[-1]),
+               "model_in": model_in,
+               "model_out": {"dir": str(run.model_dir), "sha256": hash_before}, "model": model_summary(model)}
+    run.finish(summary)
+    print(f"saved {run.model_dir} with {LEDGER_NAME}; strips.png: original | before | after its request | at the end")
+    return summary
