@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import register
 
     register(COMMANDS)
+    from .sd.prompt import register as register_sd
+
+    register_sd(COMMANDS)
     parser = Parser(prog="diffunlearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, module, cls, run) in CONFIG_COMMANDS.items():
@@ -67,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=3, help="kill-and-resume trials")
     p.add_argument("--markdown", action="store_true", help="print the table of cases and exit")
     p.set_defaults(func=lambda a: _module("faults").run_faults(a.trials, a.markdown))
+    p = sub.add_parser("ledger", help="print a deletion ledger as a table and verify its hash chain and model hash")
+    p.add_argument("dir", help="a run or model directory written by `unlearn --requests`, or a ledger.jsonl file")
+    p.set_defaults(func=lambda a: _module("ledger").run_ledger(a.dir))
     for name, (help_, setup) in COMMANDS.items():
         setup(sub.add_parser(name, help=help_))
     return parser

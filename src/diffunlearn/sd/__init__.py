@@ -1,0 +1,14 @@
+"""Stable Diffusion v1.x: unlearning a memorised image from a prompt (SISS paper, section 5.3).
+
+A text-conditional model with its prompt held fixed is an unconditional model (:class:`FixedPromptUNet`), so the
+ordinary trainer and methods unlearn it unchanged, in VAE latent space. The pieces:
+
+- :mod:`.pipeline`: load a local SD v1.x diffusers directory (safetensors only), encode a prompt, cache latents,
+  sample with DDIM and classifier-free guidance, save the unlearned UNet as a full SD directory;
+- :mod:`.memorisation`: label generated images memorised (A) or not (X \\ A) by k-means or by distance to a reference;
+- :mod:`.quality`: CLIP-IQA when CLIP weights are local, otherwise a named weight-free sharpness proxy;
+- :mod:`.detect`: Wen et al. (2024)'s text-conditional noise magnitude, which flags memorised prompts;
+- :mod:`.prompt`: the ``diffunlearn prompt build|unlearn|score`` and ``diffunlearn detect`` commands.
+
+transformers is needed (``pip install 'diffunlearn[sd]'``); it is imported only when these commands run.
+"""
