@@ -7,6 +7,7 @@ A data SPEC is one of:
 - an ``.npy`` / ``.npz`` file: uint8 in [0, 255] or float in [0, 1]; shapes (N, H, W), (N, H, W, C) or (N, C, H, W);
   an ``.npz`` holds ``images`` (and optionally ``names``) or a single array;
 - a built-in name: ``toy-digits`` (8x8 digits from scikit-learn with one duplicated image to forget),
+  ``instance-digits`` (64 distinct 8x8 digits and 128 held-out ones: forgetting one image),
   ``mnist-tshirt`` (MNIST digits + copies of one Fashion-MNIST T-shirt), ``mnist``.
   Options follow a colon: ``mnist-tshirt:copies=237,mnist_dir=/path/to/idx``.
 
@@ -236,7 +237,31 @@ def builtin_toy_digits(n: int = 240, copies: int = 16, **_) -> ImageSet:
                     held_out=to_model_space(held, "toy held-out"), source="toy-digits")
 
 
-BUILTINS = {"mnist-tshirt": builtin_mnist_tshirt, "mnist": builtin_mnist, "toy-digits": builtin_toy_digits}
+def builtin_instance_digits(n: int = 64, held_out: int = 128, seed: int = 0, **_) -> ImageSet:
+    """``n`` real 8x8 scikit-learn digits, all distinct, and ``held_out`` other digits never trained on.
+
+    The data of ``diffunlearn bench instance`` (forgetting one non-duplicated training image): a set small enough
+    that a small DDPM memorises its individual images. A fixed permutation (``seed``) of the 1,797 digits gives the
+    first ``n`` as X and the next ``held_out`` as held-out images; no built-in forget set (name the image to forget).
+    """
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    n, held_out = int(n), int(held_out)
+    if n < 2 or held_out < 1 or n + held_out > len(d.images):
+        raise UserError(f"instance-digits needs n >= 2, held_out >= 1 and n + held_out <= {len(d.images)}")
+    x = (d.images / 16.0).astype(np.float32)
+    perm = np.random.default_rng(int(seed)).permutation(len(x))
+    train, held = perm[:n], perm[n:n + held_out]
+    names = [f"digit-{i:04d}" for i in train]  # the index in scikit-learn's load_digits()
+    return ImageSet(to_model_space(x[train], "instance-digits"), names,
+                    held_out=to_model_space(x[held], "instance-digits held-out"), source="instance-digits",
+                    meta={"labels": d.target[train].tolist(), "held_out_labels": d.target[held].tolist(),
+                          "sklearn_index": train.tolist(), "held_out_sklearn_index": held.tolist()})
+
+
+BUILTINS = {"mnist-tshirt": builtin_mnist_tshirt, "mnist": builtin_mnist, "toy-digits": builtin_toy_digits,
+            "instance-digits": builtin_instance_digits}
 
 
 def _parse_options(text: str) -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""Benchmarks: ``diffunlearn bench toy`` (exact gold standard on 8x8 digits); more (``bench mnist-tshirt``, ...) plug
-in as entries of :data:`BENCHMARKS`.
+"""Benchmarks: ``diffunlearn bench toy`` (exact gold standard on 8x8 digits); more (``bench mnist-tshirt``,
+``bench instance``, ...) plug in as entries of :data:`BENCHMARKS`.
 
 The command line registers through :func:`register`, which adds ``bench`` to ``cli.COMMANDS``.
 """
@@ -53,6 +53,17 @@ def _mnist_setup(p: argparse.ArgumentParser) -> None:
 
 BENCHMARKS["mnist-tshirt"] = ("the SISS paper's Table 2 on the shipped MNIST T-Shirt model, every method x seeds; "
                               "re-runs resume", _mnist_setup)
+
+
+def _instance_setup(p: argparse.ArgumentParser) -> None:
+    from ..cli import config_command
+    from .instance import InstanceBenchConfig, run_instance_bench
+
+    config_command(p, InstanceBenchConfig, run_instance_bench)
+
+
+BENCHMARKS["instance"] = ("forget one non-duplicated training image (the paper's CelebA-HQ Table 1 and Figure 3) on "
+                          "the shipped instance-base model, every method x targets; re-runs resume", _instance_setup)
 
 
 def _speed_setup(p: argparse.ArgumentParser) -> None:
