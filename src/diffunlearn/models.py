@@ -2,6 +2,8 @@
 
 A model directory is what ``DDPMPipeline.save_pretrained`` writes (``model_index.json``, ``unet/``, ``scheduler/``);
 a bare ``UNet2DModel`` folder (``config.json`` + weights) with an optional ``scheduler_config.json`` also loads.
+A directory that also holds ``vqvae/`` (VQModel, the ``LDMPipeline`` layout) or ``vae/`` (AutoencoderKL) is a latent
+model: it loads with a :class:`diffunlearn.latent.LatentCodec` attached, and saving copies the autoencoder unchanged.
 Weights are read from safetensors only unless ``allow_pickle`` is set; nothing is ever fetched from a hub.
 """
 
@@ -65,6 +67,8 @@ class DiffusionModel:
     unet: torch.nn.Module
     scheduler: object
     source: str = ""
+    #: a latent model's autoencoder (:class:`diffunlearn.latent.LatentCodec`); None for a pixel-space model
+    codec: object = None
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -83,6 +87,24 @@ class DiffusionModel:
     def check_data(self, shape: tuple[int, ...], what: str = "data") -> None:
         if tuple(shape) != self.sample_shape:
             raise UserError(f"{what} images are {tuple(shape)} (C, H, W) but the model takes {self.sample_shape}")
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """The shape of the model's images: ``sample_shape``, or what the autoencoder decodes it to."""
+        return self.codec.image_shape(self.sample_shape) if self.codec is not None else self.sample_shape
+
+    def check_images(self, shape: tuple[int, ...], what: str = "data") -> None:
+        if tuple(shape) != self.image_shape:
+            raise UserError(f"{what} images are {tuple(shape)} (C, H, W) but the model takes {self.image_shape}")
+
+    def encode(self, images: torch.Tensor, what: str = "data") -> torch.Tensor:
+        """Images -> the UNet's space: checked and returned as they are, or a latent model's (cached) latents."""
+        self.check_images(tuple(images.shape[1:]), what)
+        return images if self.codec is None else self.codec.encode(images)
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The UNet's space -> images in [-1, 1] (a latent model decodes with its autoencoder)."""
+        return x.clamp(-1, 1) if self.codec is None else self.codec.decode(x)
 
 
 def _weights_in(folder: Path) -> list[Path]:
@@ -136,7 +158,9 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False) -> Diffusion
     except Exception as e:
         raise UserError(f"cannot load the scheduler from {root}: {str(e).splitlines()[0]}") from None
     unet.eval()
-    return DiffusionModel(unet, scheduler, source=str(root))
+    from .latent import load_codec
+
+    return DiffusionModel(unet, scheduler, source=str(root), codec=load_codec(root, allow_pickle))
 
 
 def state_hash(unet: torch.nn.Module) -> str:
@@ -174,6 +198,10 @@ def _write_pipeline(model: DiffusionModel, folder: Path) -> None:
     from diffusers import DDPMPipeline
 
     DDPMPipeline(unet=model.unet, scheduler=model.scheduler).save_pretrained(str(folder), safe_serialization=True)
+    if model.codec is not None:
+        from .latent import write_latent_pipeline
+
+        write_latent_pipeline(model, folder)
 
 
 def model_summary(model: DiffusionModel) -> dict:

@@ -24,7 +24,8 @@ def initial_noise(shape: tuple[int, ...], gens: list[torch.Generator]) -> torch.
 @torch.inference_mode()
 def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, batch_size: int = 256,
                 start: int = 0, progress: bool = False, device: str | torch.device = "cpu") -> torch.Tensor:
-    """Ancestral DDPM sampling (Ho et al. 2020) on ``steps`` evenly spaced timesteps; returns (n, C, H, W) in [-1, 1].
+    """Ancestral DDPM sampling (Ho et al. 2020) on ``steps`` evenly spaced timesteps; returns (n, C, H, W) in [-1, 1]
+    (a latent model's samples decoded to images).
 
     Image ``i`` uses generator ``(seed, start + i)`` for its initial noise and every step's noise.
     """
@@ -43,8 +44,8 @@ def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, b
         for t in sched.timesteps:
             eps = predict_noise(unet, x, t.expand(len(x)).to(device))
             x = sched.step(eps, t, x, generator=gens).prev_sample
-        out.append(x.clamp(-1, 1).cpu())
-    return torch.cat(out) if out else torch.empty((0, *model.sample_shape))
+        out.append(model.decode(x).cpu())  # a latent model decodes with its autoencoder
+    return torch.cat(out) if out else torch.empty((0, *model.image_shape))
 
 
 def save_grid(images: torch.Tensor, path, ncol: int | None = None, labels: list[str] | None = None) -> None:

@@ -177,6 +177,8 @@ def run_sequential(cfg: UnlearnConfig) -> dict:
     out = Path(cfg.out)
     prepare_out_dir(out, cfg.overwrite)
     model = load_model(resolve_model_dir(cfg.model), allow_pickle=cfg.allow_pickle)
+    if model.codec is not None:
+        raise UserError("--requests does not support latent models (vqvae/ or vae/) yet: run one request at a time")
     cfg.validate(model.num_train_timesteps)
     if not 0 <= cfg.similarity_t <= model.num_train_timesteps:
         raise UserError(f"--similarity-t must lie in [0, {model.num_train_timesteps}], got {cfg.similarity_t}")

@@ -241,7 +241,8 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
     unet.eval().to("cpu")
     if hasattr(unet, "disable_gradient_checkpointing") and cfg.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
-    return DiffusionModel(unet, copy.deepcopy(model.scheduler), source=f"{model.source} unlearned by {method.name}")
+    return DiffusionModel(unet, copy.deepcopy(model.scheduler), source=f"{model.source} unlearned by {method.name}",
+                          codec=model.codec)
 
 
 def _kept_note(checkpoint) -> str:
@@ -329,9 +330,11 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     model = load_model(resolve_model_dir(cfg.model), allow_pickle=cfg.allow_pickle)
     cfg.validate(model.num_train_timesteps)
     data = load_data(cfg.data)
-    model.check_data(data.shape, "data")
+    model.check_images(data.shape, "data")
     forget_idx = resolve_forget(cfg.forget, data)
     kept, forget = split_kept(data, forget_idx)
+    # a latent model's images are encoded here, once (the codec caches them); the trainer sees only latents
+    kept, forget = model.encode(kept, "data"), model.encode(forget, "data")
     src = Path(model.source).resolve()
     if out.resolve() == src or src in out.resolve().parents or out.resolve() in src.parents:
         raise UserError("--out must not contain or be inside the input model's directory: the input is never modified")
