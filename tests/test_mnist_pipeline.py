@@ -54,6 +54,34 @@ def test_demo_runs_and_leaves_the_shipped_model_untouched(shipped, tmp_path):
     assert "| after SISS" in (tmp_path / "demo" / "results.md").read_text()
 
 
+def test_demo_reuses_the_stored_base_evaluation_only_when_it_would_recompute_the_same(shipped, tmp_path):
+    """The base model's evaluation is a deterministic function of its weights and the evaluation settings (samples
+    seeded per image, NLL probes by a fixed seed), so the demo may store it beside the shipped model and reuse it. The
+    stored numbers must equal a fresh evaluation, and a different setting (or different weights) must not reuse them."""
+    import shutil
+
+    from diffunlearn.demo import BEFORE_FILE, DemoConfig, run_demo
+
+    kw = dict(steps=1, n_samples=20, sample_steps=2, nll_probes=1, nll_tol=1e-3)
+    fresh = run_demo(DemoConfig(out=str(tmp_path / "a"), **kw))["before"]
+    assert not fresh["reused_stored_evaluation"]
+    shutil.copy(tmp_path / "a" / BEFORE_FILE, shipped / "mnist-tshirt-base" / BEFORE_FILE)
+    reused = run_demo(DemoConfig(out=str(tmp_path / "b"), **kw))["before"]
+    assert reused["reused_stored_evaluation"]
+    def numbers(m):  # everything but timings; JSON text so that a NaN standard error (1 probe) compares equal
+        strip = lambda d: {k: strip(v) if isinstance(v, dict) else v for k, v in d.items()  # noqa: E731
+                           if k not in ("seconds", "reused_stored_evaluation")}
+        return json.dumps(strip(m), sort_keys=True)
+
+    assert numbers(reused) == numbers(fresh)
+    again = run_demo(DemoConfig(out=str(tmp_path / "c"), **kw, recompute_before=True))["before"]
+    assert not again["reused_stored_evaluation"]
+    assert again["tshirt_nll"]["bpd"] == fresh["tshirt_nll"]["bpd"]
+    other = run_demo(DemoConfig(out=str(tmp_path / "d"), **{**kw, "n_samples": 12}))["before"]
+    assert not other["reused_stored_evaluation"] and other["tshirt_rate"]["n"] == 12
+    (shipped / "mnist-tshirt-base" / BEFORE_FILE).unlink()
+
+
 def test_bench_writes_table_plots_and_resumes(shipped, tmp_path):
     from diffunlearn.bench.mnist_tshirt import MnistBenchConfig, run_mnist_bench
 

@@ -27,6 +27,8 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "unlearning seed"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     show_forgotten: bool = field(default=False, metadata={"help": "show the T-shirt samples in the picture"})
+    recompute_before: bool = field(default=False, metadata={"help": "evaluate the shipped base model again instead "
+                                                                    "of reusing its stored evaluation"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
 
 
@@ -55,8 +57,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     run = RunDir(cfg.out, {"command": "demo", **asdict(cfg), "unlearn": asdict(ucfg)}, cfg.overwrite)
     ecfg = EvalConfig(n_samples=cfg.n_samples, sample_steps=cfg.sample_steps, nll_probes=cfg.nll_probes,
                       nll_tol=cfg.nll_tol, seed=0)
-    print(f"[1/3] evaluating the shipped base model ({cfg.n_samples} samples, NLL of the T-shirt) ...", flush=True)
-    before, s_before = evaluate(base, protocol, ecfg)
+    key = before_key(base, ecfg)
+    stored = None if cfg.recompute_before else load_before(pretrained_dir("mnist-tshirt-base"), key)
+    if stored is not None:
+        before, s_before = stored
+        print(f"[1/3] the shipped base model's evaluation with these settings is stored beside it ({BEFORE_FILE}, "
+              f"same weights hash); reusing it (--recompute-before evaluates again)", flush=True)
+    else:
+        print(f"[1/3] evaluating the shipped base model ({cfg.n_samples} samples, NLL of the T-shirt) ...", flush=True)
+        before, s_before = evaluate(base, protocol, ecfg)
+    save_before(Path(cfg.out), key, before, s_before)
     print(f"[2/3] SISS (lambda 0.5, scaling_norm 5), {cfg.steps} steps of batch 64 ...", flush=True)
     t0 = time.time()
 
@@ -72,6 +82,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print("[3/3] evaluating the unlearned model ...", flush=True)
     after, s_after = evaluate(after_model, protocol, ecfg)
     show = lambda s, m: masked(s[:32], m.pop("_is_target")[:32], cfg.show_forgotten)  # noqa: E731
+    before["reused_stored_evaluation"] = stored is not None
     save_grid(torch.cat([show(s_before, before), show(s_after, after)]), Path(cfg.out) / "before_after.png", ncol=16)
     table = demo_table(before, after, unlearn_s, cfg)
     (Path(cfg.out) / "results.md").write_text(table)
@@ -82,6 +93,42 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"samples that reproduced the T-shirt{'' if cfg.show_forgotten else ', hidden: --show-forgotten shows them'})")
     print(f"total {time.time() - t_all:.0f} s")
     return {"before": before, "after": after}
+
+
+BEFORE_FILE = "demo-before.json"
+
+
+def before_key(model, ecfg) -> dict:
+    """What the base model's evaluation depends on: its weights and the evaluation settings (sampling is seeded per
+    image and the NLL by its own seed, so the same key gives the same numbers)."""
+    from .models import state_hash
+
+    return {"weights_sha256": state_hash(model.unet), "n_samples": ecfg.n_samples, "sample_steps": ecfg.sample_steps,
+            "nll_probes": ecfg.nll_probes, "nll_tol": ecfg.nll_tol, "seed": ecfg.seed}
+
+
+def save_before(folder: Path, key: dict, metrics: dict, samples: torch.Tensor) -> None:
+    """Write the base model's evaluation (metrics and the 32 samples the picture shows) as ``demo-before.json``."""
+    import json
+
+    from .data import to_uint8
+
+    record = {"key": key, "metrics": metrics, "samples32_uint8": to_uint8(samples[:32]).tolist()}
+    (folder / BEFORE_FILE).write_text(json.dumps(record))
+
+
+def load_before(folder: Path, key: dict):
+    """The stored evaluation when its key equals ``key``, else None."""
+    import json
+
+    path = folder / BEFORE_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("key") != key:
+        return None
+    pixels = torch.tensor(record["samples32_uint8"], dtype=torch.float32).permute(0, 3, 1, 2)  # (N, H, W, C) stored
+    return record["metrics"], pixels / 127.5 - 1.0
 
 
 def demo_table(before: dict, after: dict, unlearn_s: float, cfg: DemoConfig) -> str:

@@ -28,6 +28,11 @@ ROWS: dict[str, tuple[str | None, dict, int, int]] = {
 }
 
 
+# settings that may differ between runs into one benchmark directory: they do not change a cell's final model or
+# its metrics (the decay curve samples with its own seeds and never draws from the training generator)
+PER_RUN = ("rows", "seeds", "threads", "out", "curve_every", "curve_samples", "curve_nll_tol")
+
+
 @dataclass
 class MnistBenchConfig:
     out: str = field(default="runs/bench-mnist-tshirt", metadata={"help": "benchmark directory (re-runs resume)"})
@@ -91,6 +96,7 @@ def _run_cell(label: str, seed: int, cfg: MnistBenchConfig, protocol, base, retr
     first_zero = next((p["step"] for p in curve if p["tshirt_count"] == 0), None)
     result = {"label": label, "method": method_name, "hyperparameters": params, "seed": seed, "steps": steps,
               "batch_size": batch, "metrics": metrics, "curve": curve, "first_zero_step": first_zero,
+              "curve_settings": {"every": cfg.curve_every, "samples": cfg.curve_samples, "nll_tol": cfg.curve_nll_tol},
               "unlearn_seconds": round(train_seconds, 1),
               "seconds_per_step": float(np.median(step_seconds)) if step_seconds else None,
               "log": log}
@@ -114,7 +120,9 @@ def _aggregate(results: list[dict]) -> dict[str, dict]:
         k = sum(r["metrics"]["tshirt_rate"]["count"] for r in rs)
         n = sum(r["metrics"]["tshirt_rate"]["n"] for r in rs)
         sps = [r["seconds_per_step"] for r in rs if r["seconds_per_step"]]
-        zeros = [r["first_zero_step"] for r in rs]
+        # per cell: the first curve step with no T-shirt, ">steps" when never reached, None without a curve
+        zeros = [r["first_zero_step"] if r["first_zero_step"] is not None else (f">{r['steps']}" if r["curve"] else None)
+                 for r in rs]
         rows[label] = {
             "steps": rs[0]["steps"], "seeds": len(rs),
             "classifier_is": stat(lambda r: r["metrics"]["classifier_is"]["mean"]),
@@ -125,6 +133,7 @@ def _aggregate(results: list[dict]) -> dict[str, dict]:
             "seconds_per_step": float(np.median(sps)) if sps else None,
             "relative_step_time": float(np.median(sps)) / plain_step if sps and plain_step else None,
             "first_zero_step": zeros,
+            "curve_points": sum(len(r["curve"]) for r in rs),
         }
     return rows
 
@@ -137,7 +146,8 @@ def _markdown(rows: dict[str, dict], cfg: MnistBenchConfig) -> str:
         pm = lambda s: f"{s['mean']:.2f} ± {s['std']:.2f}"  # noqa: E731
         t = r["tshirt"]
         rel = f"{r['relative_step_time']:.2f}x" if r["relative_step_time"] else "—"
-        zero = ", ".join("—" if z is None else str(z) for z in r["first_zero_step"]) if r["steps"] else "—"
+        zero = ", ".join("—" if z is None else str(z) for z in r["first_zero_step"]) if r["curve_points"] else \
+            ("not measured" if r["steps"] else "—")
         lines.append(f"| {label} | {r['steps'] or '—'} | {pm(r['classifier_is'])} | {pm(r['classifier_fid'])} | "
                      f"{pm(r['nll'])} | {t['count']}/{t['n']} = {100 * t['rate']:.2f}% "
                      f"({100 * t['ci95'][0]:.2f}–{100 * t['ci95'][1]:.2f}%) | "
@@ -204,8 +214,8 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict:
     stored = root / "config.json"
     if stored.exists():
         prev = json.loads(stored.read_text())
-        same = {k: v for k, v in prev.items() if k not in ("rows", "seeds", "threads", "out")}
-        now = {k: v for k, v in asdict(cfg).items() if k not in ("rows", "seeds", "threads", "out")}
+        same = {k: v for k, v in prev.items() if k not in PER_RUN}
+        now = {k: v for k, v in asdict(cfg).items() if k not in PER_RUN}
         if same != now:
             raise UserError(f"{root} holds a benchmark with other settings: choose another --out")
     write_json(stored, asdict(cfg))
