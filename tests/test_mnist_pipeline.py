@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from conftest import tiny_model
 from diffunlearn.models import save_model
@@ -39,35 +40,35 @@ def test_eval_writes_metrics_with_intervals(shipped, tmp_path, capsys):
     assert (out / "samples.png").is_file()
 
 
-def test_demo_runs_and_leaves_the_shipped_model_untouched(shipped, tmp_path):
-    from diffunlearn.demo import DemoConfig, run_demo
+def test_demo_runs_leaves_the_shipped_model_untouched_and_reuses_its_stored_evaluation_only_when_exact(
+        shipped, tmp_path):
+    """The demo writes its picture, table and model and never modifies the shipped model.
+
+    The base model's evaluation is a deterministic function of its weights and the evaluation settings (samples
+    seeded per image, NLL probes by a fixed seed), so the demo may store it beside the shipped model and reuse it. The
+    stored numbers must equal a fresh evaluation, --recompute-before must evaluate again (and get the same numbers),
+    and a different setting or different weights must not find the stored evaluation."""
+    from diffunlearn.demo import BEFORE_FILE, DemoConfig, before_key, load_before, run_demo
+    from diffunlearn.evaluate import EvalConfig
     from diffunlearn.models import load_model, state_hash
 
-    before = state_hash(load_model(shipped / "mnist-tshirt-base" / "model").unet)
-    res = run_demo(DemoConfig(out=str(tmp_path / "demo"), steps=2, n_samples=20, sample_steps=2, nll_probes=1,
-                                   nll_tol=1e-3))
-    assert state_hash(load_model(shipped / "mnist-tshirt-base" / "model").unet) == before
+    base_dir = shipped / "mnist-tshirt-base"
+    weights = state_hash(load_model(base_dir / "model").unet)
+    kw = dict(steps=2, n_samples=20, sample_steps=2, nll_probes=1, nll_tol=1e-3)
+    res = run_demo(DemoConfig(out=str(tmp_path / "a"), **kw))
+    assert state_hash(load_model(base_dir / "model").unet) == weights
     for side in ("before", "after"):
         assert res[side]["tshirt_rate"]["n"] == 20
-    assert (tmp_path / "demo" / "before_after.png").is_file()
-    assert (tmp_path / "demo" / "model" / "model_index.json").is_file()
-    assert "| after SISS" in (tmp_path / "demo" / "results.md").read_text()
-
-
-def test_demo_reuses_the_stored_base_evaluation_only_when_it_would_recompute_the_same(shipped, tmp_path):
-    """The base model's evaluation is a deterministic function of its weights and the evaluation settings (samples
-    seeded per image, NLL probes by a fixed seed), so the demo may store it beside the shipped model and reuse it. The
-    stored numbers must equal a fresh evaluation, and a different setting (or different weights) must not reuse them."""
-    import shutil
-
-    from diffunlearn.demo import BEFORE_FILE, DemoConfig, run_demo
-
-    kw = dict(steps=1, n_samples=20, sample_steps=2, nll_probes=1, nll_tol=1e-3)
-    fresh = run_demo(DemoConfig(out=str(tmp_path / "a"), **kw))["before"]
+    assert (tmp_path / "a" / "before_after.png").is_file()
+    assert (tmp_path / "a" / "model" / "model_index.json").is_file()
+    assert "| after SISS" in (tmp_path / "a" / "results.md").read_text()
+    fresh = res["before"]
     assert not fresh["reused_stored_evaluation"]
-    shutil.copy(tmp_path / "a" / BEFORE_FILE, shipped / "mnist-tshirt-base" / BEFORE_FILE)
+
+    shutil.copy(tmp_path / "a" / BEFORE_FILE, base_dir / BEFORE_FILE)
     reused = run_demo(DemoConfig(out=str(tmp_path / "b"), **kw))["before"]
     assert reused["reused_stored_evaluation"]
+
     def numbers(m):  # everything but timings; JSON text so that a NaN standard error (1 probe) compares equal
         strip = lambda d: {k: strip(v) if isinstance(v, dict) else v for k, v in d.items()  # noqa: E731
                            if k not in ("seconds", "reused_stored_evaluation")}
@@ -75,11 +76,17 @@ def test_demo_reuses_the_stored_base_evaluation_only_when_it_would_recompute_the
 
     assert numbers(reused) == numbers(fresh)
     again = run_demo(DemoConfig(out=str(tmp_path / "c"), **kw, recompute_before=True))["before"]
-    assert not again["reused_stored_evaluation"]
-    assert again["tshirt_nll"]["bpd"] == fresh["tshirt_nll"]["bpd"]
-    other = run_demo(DemoConfig(out=str(tmp_path / "d"), **{**kw, "n_samples": 12}))["before"]
-    assert not other["reused_stored_evaluation"] and other["tshirt_rate"]["n"] == 12
-    (shipped / "mnist-tshirt-base" / BEFORE_FILE).unlink()
+    assert not again["reused_stored_evaluation"] and numbers(again) == numbers(fresh)
+
+    base = load_model(base_dir / "model")
+    ecfg = EvalConfig(n_samples=20, sample_steps=2, nll_probes=1, nll_tol=1e-3, seed=0)
+    assert load_before(base_dir, before_key(base, ecfg)) is not None  # the key the demo stored
+    for change in (dict(n_samples=12), dict(sample_steps=3), dict(nll_probes=2), dict(nll_tol=1e-4), dict(seed=1)):
+        assert load_before(base_dir, before_key(base, EvalConfig(**{**ecfg.__dict__, **change}))) is None, change
+    with torch.no_grad():
+        next(base.unet.parameters()).add_(1e-3)
+    assert load_before(base_dir, before_key(base, ecfg)) is None  # other weights
+    (base_dir / BEFORE_FILE).unlink()
 
 
 def test_bench_writes_table_plots_and_resumes(shipped, tmp_path):

@@ -13,13 +13,15 @@ import torch
 
 from ..errors import UserError
 
-# label -> (method, hyperparameters, steps, batch size): the paper's Table 2 (ReTrack: its released settings)
+# label -> (method, hyperparameters, steps, batch size): the paper's Table 2 (ReTrack: its released settings), and
+# SISS with --norm-refresh 10 (the fast approximation of norm-fixing) beside the exact form
 ROWS: dict[str, tuple[str | None, dict, int, int]] = {
     "pretrained": (None, {}, 0, 0),
     "retrain": (None, {}, 0, 0),
     "naive": ("naive", {}, 300, 64),
     "siss-lambda0": ("siss", {"lam": 0.0, "scaling_norm": 5.0}, 300, 64),
     "siss-lambda0.5": ("siss", {"lam": 0.5, "scaling_norm": 5.0}, 300, 64),
+    "siss-lambda0.5-refresh10": ("siss", {"lam": 0.5, "scaling_norm": 5.0, "norm_refresh": 10}, 300, 64),
     "siss-nois": ("siss-nois", {"scaling_norm": 5.0}, 300, 64),
     "erasediff": ("erasediff", {}, 100, 64),
     "siss-lambda1": ("siss", {"lam": 1.0, "scaling_norm": 5.0}, 100, 64),
