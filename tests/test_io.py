@@ -93,3 +93,31 @@ def test_corrupt_and_missing_weights_are_refused(tmp_path):
         load_model(good)
     with pytest.raises(UserError, match="not found"):
         load_model(tmp_path / "nothing")
+
+
+def test_saving_over_a_model_replaces_it_and_a_failed_save_keeps_the_old_one(tmp_path, monkeypatch):
+    """Saving writes a complete directory beside the target and renames it into place; the old directory is moved
+    aside, not deleted, until then. So a save that fails at the last step leaves the previous model loadable, and a
+    save that succeeds leaves exactly the new model and no partial or previous directories."""
+    import os
+
+    import diffunlearn.models as models
+
+    out = tmp_path / "model"
+    first, second = tiny_model(seed=1), tiny_model(seed=2)
+    save_model(first, out)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if ".partial-" in str(src):
+            raise OSError("disk full")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(models.os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        save_model(second, out)
+    monkeypatch.setattr(models.os, "replace", real_replace)
+    assert state_hash(load_model(out).unet) == state_hash(first.unet)
+    save_model(second, out)
+    assert state_hash(load_model(out).unet) == state_hash(second.unet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -185,9 +185,19 @@ def save_model(model: DiffusionModel, out: str | os.PathLike, extra_files: dict[
             if p.is_file():
                 with open(p, "rb") as f:
                     os.fsync(f.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        old = None
+        if out.exists():  # moved aside, not deleted, until the new directory is in place: a model is always on disk
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
+            os.replace(out, old / out.name)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old / out.name, out)
+                old.rmdir()
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
