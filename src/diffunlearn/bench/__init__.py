@@ -1,5 +1,5 @@
 """Benchmarks: ``diffunlearn bench toy`` (exact gold standard on 8x8 digits); more (``bench mnist-tshirt``,
-``bench instance``, ...) plug in as entries of :data:`BENCHMARKS`.
+``bench instance``, ``bench prompt``, ...) plug in as entries of :data:`BENCHMARKS`.
 
 The command line registers through :func:`register`, which adds ``bench`` to ``cli.COMMANDS``.
 """
@@ -75,6 +75,18 @@ def _speed_setup(p: argparse.ArgumentParser) -> None:
 
 BENCHMARKS["speed"] = ("seconds per step and peak memory of every method relative to a plain fine-tuning step",
                        _speed_setup)
+
+
+def _prompt_setup(p: argparse.ArgumentParser) -> None:
+    from ..cli import config_command
+    from .prompt import PromptBenchConfig, run_prompt_bench
+
+    config_command(p, PromptBenchConfig, run_prompt_bench)
+
+
+BENCHMARKS["prompt"] = ("a memorised prompt (the paper's Stable Diffusion protocol) on the shipped CPU replica "
+                        "prompt-digits: success and memorised count per method, on the prompt and a variant",
+                        _prompt_setup)
 
 
 def _bench_setup(p: argparse.ArgumentParser) -> None:

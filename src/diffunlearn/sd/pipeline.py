@@ -5,10 +5,15 @@ The directory is what ``StableDiffusionPipeline.save_pretrained`` writes: ``mode
 loaded). Weights are read from safetensors only (pickle files can run code when loaded), with ``local_files_only``
 and without remote code; nothing is fetched from a hub. Only the UNet is ever trained; the VAE and text encoder are
 frozen, and unlearning happens on the VAE latents of the images, computed once.
+
+A directory whose ``model_index.json`` names no VAE (``"vae": [null, null]``, and no ``vae/`` folder) is a
+pixel-space model: the codec is the identity (images are the UNet's samples, scaling factor 1), and DDIM clips its
+``x_0`` prediction to [-1, 1] as the stored schedule says. The shipped CPU replica ``prompt-digits`` is one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -22,6 +27,7 @@ from ..models import PICKLE_SUFFIXES, DiffusionModel, _check_weights
 from ..sampling import image_generators, initial_noise
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+OPTIONAL = ("vae",)  # no VAE: a pixel-space model (identity codec)
 
 
 def require_transformers():
@@ -78,7 +84,7 @@ class StableDiffusion:
     ``scheduler/scheduler_config.json`` (what the unlearning losses use); sampling builds a DDIM scheduler from it."""
 
     unet: torch.nn.Module
-    vae: torch.nn.Module
+    vae: torch.nn.Module | None  # None: pixel space (identity codec)
     text_encoder: torch.nn.Module
     tokenizer: object
     scheduler: object
@@ -86,8 +92,12 @@ class StableDiffusion:
     device: torch.device = torch.device("cpu")
 
     @property
+    def pixel_space(self) -> bool:
+        return self.vae is None
+
+    @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 1 if self.vae is None else 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -97,17 +107,20 @@ class StableDiffusion:
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
+        if self.vae is None:
+            return self.latent_shape
         _, h, w = self.latent_shape
         return (3, h * self.vae_scale_factor, w * self.vae_scale_factor)
 
     @property
     def scaling_factor(self) -> float:
-        return float(self.vae.config.scaling_factor)
+        return 1.0 if self.vae is None else float(self.vae.config.scaling_factor)
 
     def to(self, device) -> "StableDiffusion":
         self.device = torch.device(device)
         for m in (self.unet, self.vae, self.text_encoder):
-            m.to(self.device)
+            if m is not None:
+                m.to(self.device)
         return self
 
     @torch.no_grad()
@@ -122,14 +135,18 @@ class StableDiffusion:
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
         """VAE latents of model-space images (N, 3, H, W) in [-1, 1]: the posterior mean times ``scaling_factor``,
-        deterministic so that it is computed once and cached for the whole run."""
+        deterministic so that it is computed once and cached for the whole run. Pixel space: the images themselves."""
         self.check_images(tuple(images.shape[1:]))
+        if self.vae is None:
+            return images.float().cpu().clone()
         out = [self.vae.encode(images[i:i + batch_size].to(self.device)).latent_dist.mode() * self.scaling_factor
                for i in range(0, len(images), batch_size)]
         return torch.cat(out).float().cpu()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+        if self.vae is None:
+            return latents.float().clamp(-1, 1).cpu()
         out = [self.vae.decode(latents[i:i + batch_size].to(self.device) / self.scaling_factor).sample
                for i in range(0, len(latents), batch_size)]
         return torch.cat(out).float().clamp(-1, 1).cpu()
@@ -141,10 +158,11 @@ class StableDiffusion:
 
     def ddim(self, steps: int):
         """A DDIM scheduler (Song et al. 2021, eta = 0) on the model's training schedule. Latents are not bounded, so
-        ``clip_sample`` is off whatever the stored config says."""
+        ``clip_sample`` is off whatever the stored config says; a pixel-space model keeps the stored setting."""
         from diffusers import DDIMScheduler
 
-        sched = DDIMScheduler.from_config(self.scheduler.config, clip_sample=False)
+        clip = bool(self.scheduler.config.get("clip_sample", False)) if self.vae is None else False
+        sched = DDIMScheduler.from_config(self.scheduler.config, clip_sample=clip)
         sched.set_timesteps(steps)
         return sched
 
@@ -185,31 +203,57 @@ class StableDiffusion:
         return DiffusionModel(FixedPromptUNet(self.unet, prompt_embeds), self.scheduler, source=self.source)
 
 
+def _declared(root: Path) -> list[str]:
+    """The components the directory must hold: all of COMPONENTS, less an optional one that its model_index.json sets
+    to ``[null, null]``, or omits while the folder is absent too."""
+    try:
+        index = json.loads((root / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = {}
+    index = index if isinstance(index, dict) else {}
+    out = []
+    for c in COMPONENTS:
+        if c in OPTIONAL:
+            entry = index.get(c, "absent")
+            if entry is None or entry == [None, None] or (entry == "absent" and not (root / c).is_dir()):
+                continue
+        out.append(c)
+    return out
+
+
 def _is_sd_dir(root: Path) -> bool:
-    return (root / "model_index.json").is_file() and all((root / c).is_dir() for c in COMPONENTS)
+    return (root / "model_index.json").is_file() and all((root / c).is_dir() for c in _declared(root))
 
 
 def resolve_sd_dir(path: str | os.PathLike) -> Path:
-    """An SD directory, or a run directory written by ``diffunlearn prompt unlearn`` (holding ``model/``)."""
+    """An SD directory, a run directory written by ``diffunlearn prompt unlearn`` (holding ``model/``), or the name of
+    a shipped model (``prompt-digits``)."""
     root = Path(path)
+    if not root.exists():
+        from ..pretrained import available, pretrained_dir
+
+        if str(path) in available():
+            root = pretrained_dir(str(path))
     if not root.is_dir():
         raise UserError(f"model directory not found: {root}")
     if not _is_sd_dir(root) and _is_sd_dir(root / "model"):
         return root / "model"
     if not _is_sd_dir(root):
-        missing = [c for c in ("model_index.json", *COMPONENTS) if not (root / c).exists()]
+        missing = [c for c in ("model_index.json", *_declared(root)) if not (root / c).exists()]
         raise UserError(f"{root} is not a Stable Diffusion diffusers directory (missing {', '.join(missing)})")
     return root
 
 
 def load_sd(path: str | os.PathLike, allow_pickle: bool = False, device: str | torch.device = "cpu") -> StableDiffusion:
-    """Load the five components of a local SD v1.x directory; ``UserError`` on anything missing or unsafe."""
+    """Load the five components of a local SD v1.x directory (four for a pixel-space model without a VAE);
+    ``UserError`` on anything missing or unsafe."""
     require_transformers()
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     root = resolve_sd_dir(path)
-    for part in ("unet", "vae", "text_encoder"):
+    has_vae = "vae" in _declared(root)
+    for part in ("unet", "vae", "text_encoder") if has_vae else ("unet", "text_encoder"):
         _check_weights(root / part, allow_pickle)
     safe = None if allow_pickle else True
 
@@ -224,7 +268,7 @@ def load_sd(path: str | os.PathLike, allow_pickle: bool = False, device: str | t
     kw = dict(local_files_only=True, use_safetensors=safe)
     fp32 = dict(kw, torch_dtype=torch.float32)
     unet = load("unet", lambda: UNet2DConditionModel.from_pretrained(str(root / "unet"), **fp32))
-    vae = load("vae", lambda: AutoencoderKL.from_pretrained(str(root / "vae"), **fp32))
+    vae = load("vae", lambda: AutoencoderKL.from_pretrained(str(root / "vae"), **fp32)) if has_vae else None
     text_encoder = load("text_encoder", lambda: CLIPTextModel.from_pretrained(str(root / "text_encoder"), **kw).float())
     tokenizer = load("tokenizer", lambda: CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True))
     scheduler = load("scheduler", lambda: DDPMScheduler.from_pretrained(str(root / "scheduler"), local_files_only=True))
@@ -234,8 +278,12 @@ def load_sd(path: str | os.PathLike, allow_pickle: bool = False, device: str | t
     if unet.config.cross_attention_dim != text_encoder.config.hidden_size:
         raise UserError(f"{root}: the UNet attends to {unet.config.cross_attention_dim}-dim text but the text encoder "
                         f"gives {text_encoder.config.hidden_size}")
+    if vae is None and unet.config.in_channels != unet.config.out_channels:
+        raise UserError(f"{root} has no VAE (pixel space) but its UNet maps {unet.config.in_channels} channels to "
+                        f"{unet.config.out_channels}")
     for m in (vae, text_encoder):
-        m.requires_grad_(False).eval()
+        if m is not None:
+            m.requires_grad_(False).eval()
     unet.eval()
     sd = StableDiffusion(unet, vae, text_encoder, tokenizer, scheduler, source=str(root))
     return sd.to(device)

@@ -26,6 +26,7 @@ import yaml
 from ..errors import UserError
 from ..methods import METHODS, make_method
 from .memorisation import DEFAULT_THRESHOLD, LABELS_FILE, REFERENCE_FILE, RULE_FILE
+from .replica import ReplicaTrainConfig, train_replica
 
 #: the paper's Stable Diffusion hyperparameters where they differ from a method's own defaults (METHODS.md)
 SD_METHOD_DEFAULTS = {"siss": {"scaling_norm": 750.0}, "siss-nois": {"scaling_norm": 750.0},
@@ -377,7 +378,8 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
     rule = (MemorisationRule(_load_reference(cfg.reference, sd), cfg.threshold or DEFAULT_THRESHOLD, "reference")
             if cfg.reference else data.rule)
     quality = quality_measure(cfg.clip, cfg.clip_iqa_floor, cfg.proxy_band, cfg.allow_pickle, device)
-    sd.vae.to(device)
+    if sd.vae is not None:
+        sd.vae.to(device)
     sd.text_encoder.to(device)
     sd.device = device
     # the latents of X \ A and A, computed once: unlearning happens in latent space
@@ -518,6 +520,8 @@ PROMPT_COMMANDS = {
     "unlearn": ("unlearn a prompt's memorised images from a Stable Diffusion UNet, counting memorised samples",
                 PromptUnlearnConfig, run_prompt_unlearn),
     "score": ("count memorised samples for a prompt, with their quality", PromptScoreConfig, run_score),
+    "train-replica": ("train the CPU replica: a tiny pixel-space text-conditional model in which one prompt mostly "
+                      "reproduces a training digit", ReplicaTrainConfig, train_replica),
 }
 
 
