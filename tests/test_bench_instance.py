@@ -4,7 +4,6 @@ end, on a tiny random-weight stand-in for the shipped ``instance-base`` model an
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch

@@ -8,6 +8,30 @@ from __future__ import annotations
 
 import argparse
 
+def check_bench_dir(root, cfg, free: tuple[str, ...]) -> None:
+    """A benchmark directory is resumable only with the settings it was started with (``free`` settings may differ
+    between runs); any other non-empty directory is refused. ``cfg`` is the benchmark's config dataclass."""
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from ..errors import UserError
+
+    root = Path(root)
+    stored = root / "config.json"
+    if stored.exists():
+        try:
+            prev = json.loads(stored.read_text())
+        except ValueError:
+            raise UserError(f"{stored} is not valid JSON: choose another --out") from None
+        defaults = asdict(type(cfg)())
+        diff = [k for k, v in asdict(cfg).items() if k not in free and prev.get(k, defaults[k]) != v]
+        if diff:
+            raise UserError(f"{root} holds a benchmark with other settings ({', '.join(diff)}): choose another --out")
+    elif root.exists() and any(root.iterdir()):
+        raise UserError(f"{root} exists, is not empty and holds no benchmark: choose another --out")
+
+
 #: benchmark name -> (help, setup_fn(parser)); each setup_fn adds its arguments and sets ``func``
 BENCHMARKS: dict = {}
 

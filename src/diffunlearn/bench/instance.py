@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from . import check_bench_dir
 
 #: label -> (method, hyperparameters); ``None`` rows are references. "auto": 10% of ||G_x|| at the shipped model.
 ROWS: dict[str, tuple[str | None, dict]] = {
@@ -391,21 +392,6 @@ def _cost(label: str) -> float:
             "pretrained": 0.5}.get(label, 2)
 
 
-def _check_settings(root: Path, cfg: InstanceBenchConfig) -> None:
-    stored = root / "config.json"
-    if stored.exists():
-        try:
-            prev = json.loads(stored.read_text())
-        except ValueError:
-            raise UserError(f"{stored} is not valid JSON: choose another --out") from None
-        defaults = asdict(InstanceBenchConfig())
-        diff = [k for k, v in asdict(cfg).items() if k not in FREE_SETTINGS and prev.get(k, defaults[k]) != v]
-        if diff:
-            raise UserError(f"{root} holds a benchmark with other settings ({', '.join(diff)}): choose another --out")
-    elif root.exists() and any(root.iterdir()):
-        raise UserError(f"{root} exists, is not empty and holds no benchmark: choose another --out")
-
-
 def run_instance_bench(cfg: InstanceBenchConfig) -> dict:
     from ..runs import write_json
     from .toy import _Pool
@@ -415,7 +401,7 @@ def run_instance_bench(cfg: InstanceBenchConfig) -> dict:
     root = Path(cfg.out)
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} exists and is not a directory")
-    _check_settings(root, cfg)
+    check_bench_dir(root, cfg, FREE_SETTINGS)
     setup = _cached_setup(cfg)  # every input is checked before anything is written
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "config.json", asdict(cfg))

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from . import check_bench_dir
 
 #: label -> (method, hyperparameters); "auto": scaling_norm_fraction of ||G_x|| at the shipped weights
 ROWS: dict[str, tuple[str, dict]] = {
@@ -183,21 +184,6 @@ def run_cell(cfg: PromptBenchConfig, rep: dict, root: Path, label: str, seed: in
     return res
 
 
-def _check_settings(root: Path, cfg: PromptBenchConfig) -> None:
-    stored = root / "config.json"
-    if stored.exists():
-        try:
-            prev = json.loads(stored.read_text())
-        except ValueError:
-            raise UserError(f"{stored} is not valid JSON: choose another --out") from None
-        defaults = asdict(PromptBenchConfig())
-        diff = [k for k, v in asdict(cfg).items() if k not in FREE_SETTINGS and prev.get(k, defaults[k]) != v]
-        if diff:
-            raise UserError(f"{root} holds a benchmark with other settings ({', '.join(diff)}): choose another --out")
-    elif root.exists() and any(root.iterdir()):
-        raise UserError(f"{root} exists, is not empty and holds no benchmark: choose another --out")
-
-
 def run_prompt_bench(cfg: PromptBenchConfig) -> dict:
     from ..runs import write_json
     from ..sd.pipeline import load_sd, require_transformers
@@ -209,7 +195,7 @@ def run_prompt_bench(cfg: PromptBenchConfig) -> dict:
     root = Path(cfg.out)
     if root.exists() and not root.is_dir():
         raise UserError(f"--out {root} exists and is not a directory")
-    _check_settings(root, cfg)
+    check_bench_dir(root, cfg, FREE_SETTINGS)
     rep = resolve_replica(cfg)
     load_sd(rep["model_dir"])  # every input is checked before anything is written
     for label in labels:
