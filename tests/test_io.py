@@ -101,7 +101,7 @@ def test_saving_over_a_model_replaces_it_and_a_failed_save_keeps_the_old_one(tmp
     save that succeeds leaves exactly the new model and no partial or previous directories."""
     import os
 
-    import diffunlearn.models as models
+    import diffunlearn.runs as runs
 
     out = tmp_path / "model"
     first, second = tiny_model(seed=1), tiny_model(seed=2)
@@ -113,10 +113,10 @@ def test_saving_over_a_model_replaces_it_and_a_failed_save_keeps_the_old_one(tmp
             raise OSError("disk full")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(models.os, "replace", failing_replace)
+    monkeypatch.setattr(runs.os, "replace", failing_replace)
     with pytest.raises(OSError):
         save_model(second, out)
-    monkeypatch.setattr(models.os, "replace", real_replace)
+    monkeypatch.setattr(runs.os, "replace", real_replace)
     assert state_hash(load_model(out).unet) == state_hash(first.unet)
     save_model(second, out)
     assert state_hash(load_model(out).unet) == state_hash(second.unet)

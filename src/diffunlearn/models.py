@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,34 +172,14 @@ def state_hash(unet: torch.nn.Module) -> str:
 
 def save_model(model: DiffusionModel, out: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
     """Save as a ``DDPMPipeline`` directory (safetensors), atomically: written beside ``out`` and renamed into place."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        _write_pipeline(model, tmp)
+    from .runs import atomic_dir
+
+    def write(folder: Path) -> None:
+        _write_pipeline(model, folder)
         for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        old = None
-        if out.exists():  # moved aside, not deleted, until the new directory is in place: a model is always on disk
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
-            os.replace(out, old / out.name)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old / out.name, out)
-                old.rmdir()
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+            (folder / name).write_text(text)
+
+    return atomic_dir(out, write)
 
 
 def _write_pipeline(model: DiffusionModel, folder: Path) -> None:

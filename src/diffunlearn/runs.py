@@ -4,12 +4,48 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import yaml
 
 from .errors import UserError
+
+
+def atomic_dir(out: str | Path, write) -> Path:
+    """Fill a temporary folder beside ``out`` with ``write(folder)``, fsync every file, then rename it to ``out``.
+
+    ``out`` appears only when complete. An existing ``out`` is moved aside, not deleted, until the new folder is in
+    place, so some complete version is on disk at every moment; on any failure the old one is put back."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                with open(p, "rb") as f:
+                    os.fsync(f.fileno())
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.previous-", dir=out.parent))
+            os.replace(out, old / out.name)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old / out.name, out)
+                old.rmdir()
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
 
 
 def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:

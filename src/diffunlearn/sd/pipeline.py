@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -305,22 +304,13 @@ def save_sd(sd: StableDiffusion, unet: torch.nn.Module, out: str | os.PathLike, 
         raise UserError(f"{out} exists: choose another output or allow overwriting")
     if isinstance(unet, FixedPromptUNet):
         unet = unet.unet
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        def ignore(folder, names):
-            return _unet_weights(names) if Path(folder).resolve() == src / "unet" else []
+    from ..runs import atomic_dir
 
+    def ignore(folder, names):
+        return _unet_weights(names) if Path(folder).resolve() == src / "unet" else []
+
+    def write(tmp: Path) -> None:
         shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=ignore)
         unet.save_pretrained(str(tmp / "unet"), safe_serialization=True)
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                with open(p, "rb") as f:
-                    os.fsync(f.fileno())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return atomic_dir(out, write)

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +21,7 @@ import torch
 import yaml
 
 from ..errors import UserError
+from ..runs import atomic_dir
 from ..methods import METHODS, make_method
 from .memorisation import DEFAULT_THRESHOLD, LABELS_FILE, REFERENCE_FILE, RULE_FILE
 from .replica import ReplicaTrainConfig, train_replica
@@ -72,20 +70,6 @@ def _load_reference(path: str, sd) -> torch.Tensor:
 def _check_threshold(threshold: float | None) -> None:
     if threshold is not None and not 0 < threshold <= 1:
         raise UserError(f"--threshold is an RMS pixel distance in (0, 1], got {threshold}")
-
-
-def _atomic_dir(out: Path, write, overwrite: bool) -> None:
-    """Fill a temporary folder beside ``out`` with ``write(folder)``, then rename it to ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------- prompt build
@@ -159,7 +143,7 @@ def run_build(cfg: PromptBuildConfig) -> dict:
             if sel.any():
                 save_grid(images[torch.from_numpy(sel)], folder / f"{part}.png")
 
-    _atomic_dir(out, write, cfg.overwrite)
+    atomic_dir(out, write)
     warn = ""
     if info and (mem.sum() < 2 or info["spread"]["memorised"] > 0.5 * info["spread"]["other"]):
         warn = " (no clearly tighter cluster of copies: the prompt may not be memorised)"
