@@ -130,6 +130,8 @@ def _aggregate(results: list[dict]) -> dict[str, dict]:
             "classifier_is": stat(lambda r: r["metrics"]["classifier_is"]["mean"]),
             "classifier_fid": stat(lambda r: r["metrics"]["classifier_fid"]["value"]),
             "nll": stat(lambda r: r["metrics"]["tshirt_nll"]["bpd"]),
+            # Monte Carlo standard error of the mean NLL over the cells' Hutchinson probes (NaN with 1 probe)
+            "nll_mc_stderr": float(np.sqrt(np.mean([r["metrics"]["tshirt_nll"]["stderr"] ** 2 for r in rs]) / len(rs))),
             "tshirt": {"count": k, "n": n, "rate": k / n, "ci95": list(binomial_ci(k, n))},
             "unlearn_seconds": stat(lambda r: r["unlearn_seconds"]),
             "seconds_per_step": float(np.median(sps)) if sps else None,
@@ -145,18 +147,25 @@ def _markdown(rows: dict[str, dict], cfg: MnistBenchConfig) -> str:
             "| unlearning s | s/step vs plain step | first step with 0 T-shirts |\n|" + "---|" * 9)
     lines = [head]
     for label, r in rows.items():
-        pm = lambda s: f"{s['mean']:.2f} ± {s['std']:.2f}"  # noqa: E731
+        one = r["seeds"] == 1
+        pm = lambda s: f"{s['mean']:.2f}" if one else f"{s['mean']:.2f} ± {s['std']:.2f}"  # noqa: E731
+        mc = r["nll_mc_stderr"]
+        nll = pm(r["nll"]) + (f" (MC ± {mc:.2f})" if mc == mc else "")
         t = r["tshirt"]
         rel = f"{r['relative_step_time']:.2f}x" if r["relative_step_time"] else "—"
         zero = ", ".join("—" if z is None else str(z) for z in r["first_zero_step"]) if r["curve_points"] else \
             ("not measured" if r["steps"] else "—")
         lines.append(f"| {label} | {r['steps'] or '—'} | {pm(r['classifier_is'])} | {pm(r['classifier_fid'])} | "
-                     f"{pm(r['nll'])} | {t['count']}/{t['n']} = {100 * t['rate']:.2f}% "
+                     f"{nll} | {t['count']}/{t['n']} = {100 * t['rate']:.2f}% "
                      f"({100 * t['ci95'][0]:.2f}–{100 * t['ci95'][1]:.2f}%) | "
                      f"{r['unlearn_seconds']['mean']:.0f} | {rel} | {zero} |")
     lines.append(f"\n{cfg.seeds} seed(s) per method; {cfg.n_samples} samples per evaluation ({cfg.sample_steps}-step "
                  f"DDPM, sample i seeded by i); NLL by the probability-flow ODE (rtol=atol={cfg.nll_tol}, "
-                 f"{cfg.nll_probes} probes); IS/FID computed with the shipped domain classifier, not Inception.")
+                 f"{cfg.nll_probes} probes; MC: its Monte Carlo standard error over probes); ± is the standard "
+                 "deviation over seeds (none with one seed); IS/FID computed with the shipped domain classifier, not "
+                 "Inception. Seconds are each cell's own wall time: cells that shared the machine with other jobs ran "
+                 "slower, so `diffunlearn bench speed` (methods side by side in one process) is the measure of "
+                 "relative cost.")
     return "\n".join(lines) + "\n"
 
 
