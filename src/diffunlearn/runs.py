@@ -81,9 +81,15 @@ def _clean(v):
     return v
 
 
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2) + "\n")
+def write_json(path: Path, obj, indent: int = 2) -> None:
+    """Writes ``obj`` to ``path`` atomically: readers see the old file or the whole new one, never a torn one.
+
+    The temporary name carries the process id, so two runs sharing a directory (two benchmark rows started
+    side by side) never replace each other's half-written file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=indent) + "\n")
     tmp.replace(path)
 
 

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..runs import write_json
 from . import check_bench_dir
 
 #: label -> (method, hyperparameters); ``None`` rows are references. "auto": 10% of ||G_x|| at the shipped model.
@@ -366,9 +367,7 @@ def run_cell(cfg: InstanceBenchConfig, label: str, target: int, root: str) -> di
     res["seconds"] = round(time.time() - t0, 2)
     res["cpu_seconds"] = round(time.process_time() - c0, 2)
     cell.mkdir(parents=True, exist_ok=True)
-    tmp = cell / "result.json.tmp"
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(cell / "result.json")  # the cell exists only when complete
+    write_json(cell / "result.json", res, indent=1)  # the cell exists only when complete
     return res
 
 
@@ -378,8 +377,7 @@ def _reference_job(cfg: InstanceBenchConfig, root: str) -> dict:
     ref = held_out_reference(_cached_setup(cfg))
     ref["cpu_seconds"] = round(time.process_time() - c0, 2)
     path = Path(root) / "reference.json"
-    path.with_suffix(".json.tmp").write_text(json.dumps(ref))
-    path.with_suffix(".json.tmp").replace(path)
+    write_json(path, ref)
     return ref
 
 
@@ -393,7 +391,6 @@ def _cost(label: str) -> float:
 
 
 def run_instance_bench(cfg: InstanceBenchConfig) -> dict:
-    from ..runs import write_json
     from .toy import _Pool
 
     _validate(cfg)

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..runs import write_json
 
 # label -> (method, hyperparameters, steps, batch size): the paper's Table 2 (ReTrack: its released settings), and
 # SISS with --norm-refresh 10 (the fast approximation of norm-fixing) beside the exact form
@@ -102,7 +103,7 @@ def _run_cell(label: str, seed: int, cfg: MnistBenchConfig, protocol, base, retr
               "unlearn_seconds": round(train_seconds, 1),
               "seconds_per_step": float(np.median(step_seconds)) if step_seconds else None,
               "log": log}
-    (cell / "result.json").write_text(json.dumps(result, indent=2))
+    write_json(cell / "result.json", result)
     return result
 
 
@@ -210,7 +211,6 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict:
     from ..evaluate import MnistTshirtProtocol
     from ..models import load_model
     from ..pretrained import pretrained_dir
-    from ..runs import write_json
 
     labels = [x.strip() for x in cfg.rows.split(",") if x.strip()]
     unknown = [x for x in labels if x not in ROWS]

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..runs import write_json
 from . import check_bench_dir
 
 #: label -> (method, hyperparameters); "auto": scaling_norm_fraction of ||G_x|| at the shipped weights
@@ -179,13 +180,11 @@ def run_cell(cfg: PromptBenchConfig, rep: dict, root: Path, label: str, seed: in
            "quality_measure": summary["quality_measure"], "quality_rule": summary["quality_rule"],
            "seconds": round(time.time() - t0, 1)}
     path = _cell_dir(root, label, seed) / "cell.json"
-    path.with_suffix(".json.tmp").write_text(json.dumps(res, indent=1))
-    path.with_suffix(".json.tmp").replace(path)  # the cell counts as done only when complete
+    write_json(path, res, indent=1)  # the cell counts as done only when complete
     return res
 
 
 def run_prompt_bench(cfg: PromptBenchConfig) -> dict:
-    from ..runs import write_json
     from ..sd.pipeline import load_sd, require_transformers
     from ..sd.prompt import PromptBuildConfig, run_build
 
