@@ -121,3 +121,26 @@ def test_saving_over_a_model_replaces_it_and_a_failed_save_keeps_the_old_one(tmp
     save_model(second, out)
     assert state_hash(load_model(out).unet) == state_hash(second.unet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_json_results_are_strict_json_and_keep_non_finite_values(tmp_path):
+    """A one-probe NLL has an undefined (NaN) Monte Carlo error, a diverged loss is Inf. ``write_json`` must write
+    strict JSON (which has no NaN or Infinity literals, so other tools can read it) and ``read_json`` must give back
+    the same floats; the write is atomic: no temporary file is left beside the result."""
+    import json
+    import math
+
+    from diffunlearn.runs import read_json, write_json
+
+    obj = {"nll": {"bpd": 1.5, "stderr": math.nan}, "loss": [0.1, math.inf, -math.inf], "label": "naive"}
+    path = tmp_path / "result.json"
+    write_json(path, obj)
+
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    json.loads(path.read_text(), parse_constant=refuse)  # strict JSON: raises on NaN / Infinity literals
+    back = read_json(path)
+    assert back["nll"]["bpd"] == 1.5 and math.isnan(back["nll"]["stderr"])
+    assert back["loss"] == [0.1, math.inf, -math.inf] and back["label"] == "naive"
+    assert [p.name for p in tmp_path.iterdir()] == ["result.json"]

@@ -81,6 +81,24 @@ def _clean(v):
     return v
 
 
+_NONFINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _revive(v):
+    if isinstance(v, str) and v in _NONFINITE:
+        return _NONFINITE[v]
+    if isinstance(v, dict):
+        return {k: _revive(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_revive(x) for x in v]
+    return v
+
+
+def read_json(path: Path):
+    """Reads what ``write_json`` wrote: the non-finite floats it stored as "nan", "inf", "-inf" come back as floats."""
+    return _revive(json.loads(Path(path).read_text()))
+
+
 def write_json(path: Path, obj, indent: int = 2) -> None:
     """Writes ``obj`` to ``path`` atomically: readers see the old file or the whole new one, never a torn one.
 

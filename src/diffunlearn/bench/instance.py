@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..runs import write_json
+from ..runs import read_json, write_json
 from . import check_bench_dir
 
 #: label -> (method, hyperparameters); ``None`` rows are references. "auto": 10% of ||G_x|| at the shipped model.
@@ -408,7 +408,7 @@ def run_instance_bench(cfg: InstanceBenchConfig) -> dict:
         for label in labels:
             path = _cell_dir(root, label, target) / "result.json"
             if path.exists():
-                results.append(json.loads(path.read_text()))
+                results.append(read_json(path))
             else:
                 jobs.append((cfg, label, target, str(root)))
     cached = len(results)
@@ -419,7 +419,7 @@ def run_instance_bench(cfg: InstanceBenchConfig) -> dict:
     try:
         order = sorted(jobs, key=lambda j: -_cost(j[1]))
         if pool.ex is None:
-            ref = _reference_job(cfg, str(root)) if need_ref else json.loads(ref_path.read_text())
+            ref = _reference_job(cfg, str(root)) if need_ref else read_json(ref_path)
             for job in order:
                 results.append(run_cell(*job))
                 _progress(results[-1])
@@ -431,7 +431,7 @@ def run_instance_bench(cfg: InstanceBenchConfig) -> dict:
             for f in as_completed(futures):
                 results.append(f.result())
                 _progress(results[-1])
-            ref = ref_future.result() if ref_future else json.loads(ref_path.read_text())
+            ref = ref_future.result() if ref_future else read_json(ref_path)
     finally:
         pool.close()
     wall = time.time() - t_start

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..runs import write_json
+from ..runs import read_json, write_json
 
 # label -> (method, hyperparameters, steps, batch size): the paper's Table 2 (ReTrack: its released settings), and
 # SISS with --norm-refresh 10 (the fast approximation of norm-fixing) beside the exact form
@@ -176,31 +176,38 @@ def _plots(rows: dict, results: list[dict], root: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for label, r in rows.items():
+    markers = "osD^v<>ph*"
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, (label, r) in enumerate(rows.items()):
         ax.errorbar(r["nll"]["mean"], r["classifier_is"]["mean"], xerr=r["nll"]["std"], yerr=r["classifier_is"]["std"],
-                    fmt="o", capsize=3)
-        ax.annotate(label, (r["nll"]["mean"], r["classifier_is"]["mean"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)
-    ax.set_xlabel("NLL of the T-shirt (bits/dim) → more forgotten")
+                    fmt=markers[i % len(markers)], capsize=3, label=label)  # a legend, as labels of nearby points overlap
+    if "retrain" in rows:
+        ax.axvline(rows["retrain"]["nll"]["mean"], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("NLL of the T-shirt (bits/dim) → more forgotten (dotted: retrained model)")
     ax.set_ylabel("classifier Inception Score → better quality")
     ax.set_title("MNIST T-Shirt: quality against forgetting")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(root / "pareto.png", dpi=120)
     plt.close(fig)
     curves = [r for r in results if r["curve"] and r["seed"] == 0]
     if curves:
+        base = next((x for x in results if x["label"] == "pretrained"), None)
+        gold = next((x for x in results if x["label"] == "retrain"), None)
+        r0 = base["metrics"]["tshirt_rate"]["rate"] if base else float("nan")
+        n0 = base["metrics"]["tshirt_nll"]["bpd"] if base else float("nan")
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-        for r in curves:
+        for i, r in enumerate(curves):
             steps = [0] + [p["step"] for p in r["curve"]]
-            base = next((x for x in results if x["label"] == "pretrained"), None)
-            r0 = base["metrics"]["tshirt_rate"]["rate"] if base else float("nan")
-            n0 = base["metrics"]["tshirt_nll"]["bpd"] if base else float("nan")
-            a1.plot(steps, [100 * r0] + [100 * p["rate"] for p in r["curve"]], marker="o", label=r["label"])
-            a2.plot(steps, [n0] + [p["nll_bpd"] for p in r["curve"]], marker="o", label=r["label"])
+            style = dict(marker=markers[i % len(markers)], linestyle=["-", "--", "-.", ":"][i % 4], label=r["label"])
+            a1.plot(steps, [100 * r0] + [100 * p["rate"] for p in r["curve"]], **style)
+            a2.plot(steps, [n0] + [p["nll_bpd"] for p in r["curve"]], **style)
+        if gold:
+            a2.axhline(gold["metrics"]["tshirt_nll"]["bpd"], color="grey", linestyle=":", linewidth=1,
+                       label="retrained model")
         a1.set_xlabel("unlearning step"), a1.set_ylabel("T-shirt rate (%)")
         a2.set_xlabel("unlearning step"), a2.set_ylabel("T-shirt NLL (bits/dim)")
-        a1.legend(fontsize=7)
+        a2.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(root / "curves.png", dpi=120)
         plt.close(fig)
@@ -240,7 +247,7 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict:
         for seed in range(cfg.seeds if ROWS[label][0] else 1):
             path = _cell_dir(root, label, seed) / "result.json"
             if path.exists():
-                results.append(json.loads(path.read_text()))
+                results.append(read_json(path))
                 print(f"[{label} seed {seed}] cached", flush=True)
                 continue
             t0 = time.time()

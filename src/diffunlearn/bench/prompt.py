@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..runs import write_json
+from ..runs import read_json, write_json
 from . import check_bench_dir
 
 #: label -> (method, hyperparameters); "auto": scaling_norm_fraction of ||G_x|| at the shipped weights
@@ -222,7 +222,7 @@ def run_prompt_bench(cfg: PromptBenchConfig) -> dict:
         for seed in range(cfg.seeds):
             path = _cell_dir(root, label, seed) / "cell.json"
             if path.is_file():
-                results.append(json.loads(path.read_text()))
+                results.append(read_json(path))
                 continue
             print(f"--- {label}, seed {seed}", flush=True)
             results.append(run_cell(cfg, rep, root, label, seed, calib.get(label)))
