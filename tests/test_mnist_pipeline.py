@@ -106,3 +106,18 @@ def test_bench_writes_table_plots_and_resumes(shipped, tmp_path):
     stamp = (tmp_path / "b" / "cells" / "naive-seed0" / "result.json").stat().st_mtime_ns
     run_mnist_bench(cfg)  # a re-run finds every cell done
     assert (tmp_path / "b" / "cells" / "naive-seed0" / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_demo_picture_shows_every_seed_that_reproduced_the_forgotten_image():
+    """The picture's tiles are chosen by index: the base model's hits (up to half the tiles) and then the first other
+    indices, sorted. Samples are seeded per index, so before and after show the same seeds."""
+    from diffunlearn.demo import shown_indices
+
+    hits = [3, 40, 41, 200]
+    is_target = [i in hits for i in range(256)]
+    idx = shown_indices(is_target)
+    assert idx == sorted(idx) and len(idx) == len(set(idx)) == 32
+    assert set(hits) <= set(idx) and set(idx) - set(hits) == set(range(29)) - {3}
+    many = shown_indices([True] * 40 + [False] * 216)
+    assert many == list(range(16)) + list(range(40, 56))  # hits fill at most half the tiles
+    assert shown_indices([False] * 20) == list(range(20))  # fewer samples than tiles
