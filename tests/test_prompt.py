@@ -23,23 +23,12 @@ from diffunlearn.sd.detect import noise_gap_scores  # noqa: E402
 from diffunlearn.sd.memorisation import label_images, read_prompt_data, rms_distance, pixel_features  # noqa: E402
 from diffunlearn.sd.pipeline import FixedPromptUNet, guided_noise, load_sd  # noqa: E402
 from diffunlearn.sd.quality import ClipIQA, LaplacianSharpness  # noqa: E402
+from diffunlearn.sd.replica import _bytes_to_unicode  # noqa: E402
 
 PROMPT = "the hippo and her mother"
 ORIGINAL = "the hippo"
 TEXT = dict(vocab_size=0, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=16)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's byte -> printable character table (what a CLIP vocabulary is written in)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def write_tokenizer_files(folder: Path) -> tuple[Path, Path]:
