@@ -106,6 +106,19 @@ def test_bench_writes_table_plots_and_resumes(shipped, tmp_path):
     stamp = (tmp_path / "b" / "cells" / "naive-seed0" / "result.json").stat().st_mtime_ns
     run_mnist_bench(cfg)  # a re-run finds every cell done
     assert (tmp_path / "b" / "cells" / "naive-seed0" / "result.json").stat().st_mtime_ns == stamp
+    from dataclasses import replace
+
+    from diffunlearn.errors import UserError
+
+    config = (tmp_path / "b" / "config.json").read_text()
+    with pytest.raises(UserError, match="other settings"):  # a setting the cells depend on
+        run_mnist_bench(replace(cfg, n_samples=30))
+    assert (tmp_path / "b" / "config.json").read_text() == config
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds no benchmark"):
+        run_mnist_bench(replace(cfg, out=str(tmp_path / "other")))
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
 
 
 def test_demo_picture_shows_every_seed_that_reproduced_the_forgotten_image():

@@ -3,7 +3,6 @@ Table 2, with the T-shirt decay curve of each run. Cells (method x seed) are cac
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 
 from ..errors import UserError
 from ..runs import read_json, write_json
+from . import check_bench_dir
 
 # label -> (method, hyperparameters, steps, batch size): the paper's Table 2 (ReTrack: its released settings), and
 # SISS with --norm-refresh 10 (the fast approximation of norm-fixing) beside the exact form
@@ -228,15 +228,9 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     root = Path(cfg.out)
+    check_bench_dir(root, cfg, PER_RUN)
     root.mkdir(parents=True, exist_ok=True)
-    stored = root / "config.json"
-    if stored.exists():
-        prev = json.loads(stored.read_text())
-        same = {k: v for k, v in prev.items() if k not in PER_RUN}
-        now = {k: v for k, v in asdict(cfg).items() if k not in PER_RUN}
-        if same != now:
-            raise UserError(f"{root} holds a benchmark with other settings: choose another --out")
-    write_json(stored, asdict(cfg))
+    write_json(root / "config.json", asdict(cfg))
     base = load_model(pretrained_dir("mnist-tshirt-base") / "model")
     retrain = load_model(pretrained_dir("mnist-tshirt-retrain") / "model")
     protocol = MnistTshirtProtocol.load()
