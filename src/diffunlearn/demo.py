@@ -143,8 +143,8 @@ def load_before(folder: Path, key: dict):
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
-    if record.get("key") != key or "shown_samples_uint8" not in record:
-        return None
+    if record.get("key") != key or record.get("shown_indices") != shown_indices(record["metrics"]["_is_target"]):
+        return None  # other weights or settings, or samples stored for another choice of tiles
     pixels = torch.tensor(record["shown_samples_uint8"], dtype=torch.float32).permute(0, 3, 1, 2)  # (N, H, W, C)
     return record["metrics"], pixels / 127.5 - 1.0
 
