@@ -220,6 +220,31 @@ def test_nll_deterministic_given_seed():
     assert torch.isnan(nll_bits_per_dim(model, x[:1], rtol=1e-3, atol=1e-3).stderr).all()
 
 
+def test_nll_traced_network_and_shared_forward_give_the_eager_numbers():
+    """The solve traces a diffusers UNet (attention included) once and shares one forward between an image's probes.
+    Neither changes the mathematics: the traced network runs the same operations as the eager one, so every probe's
+    result equals the eager solve's, and the traced network's parameters stay the model's own (unchanged)."""
+    from conftest import tiny_model
+    from diffunlearn.metrics.nll import _network
+    from diffunlearn.models import state_hash
+
+    model = tiny_model(seed=3)
+    before = state_hash(model.unet)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    traced = nll_bits_per_dim(model, x, n_probes=2, rtol=1e-3, atol=1e-3, jit=True)
+    eager = nll_bits_per_dim(model, x, n_probes=2, rtol=1e-3, atol=1e-3, jit=False)
+    assert traced.nfe == eager.nfe
+    assert torch.allclose(traced.per_probe, eager.per_probe, rtol=0, atol=1e-9)
+    assert state_hash(model.unet) == before
+    t = torch.full((2,), 10)
+    net = _network(model.unet, x, t, jit=True, num_timesteps=1000)
+    assert isinstance(net, torch.jit.ScriptModule)  # the trace was kept: it reproduced the eager outputs
+    with torch.no_grad():
+        assert torch.equal(net(x, torch.tensor([999, 0])), model.unet(x, torch.tensor([999, 0])).sample)
+    gauss = DiffusionModel(GaussianScoreNet(build_scheduler().alphas_cumprod, np.eye(D)), build_scheduler())
+    assert not isinstance(_network(gauss.unet, torch.zeros(1, *SHAPE), t[:1], True, 1000), torch.jit.ScriptModule)
+
+
 def test_nll_refuses_what_it_cannot_compute():
     sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     model = DiffusionModel(GaussianScoreNet(sched.alphas_cumprod, np.eye(D)), sched)

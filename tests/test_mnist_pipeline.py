@@ -81,6 +81,7 @@ def test_demo_runs_leaves_the_shipped_model_untouched_and_reuses_its_stored_eval
     base = load_model(base_dir / "model")
     ecfg = EvalConfig(n_samples=20, sample_steps=2, nll_probes=1, nll_tol=1e-3, seed=0)
     assert load_before(base_dir, before_key(base, ecfg)) is not None  # the key the demo stored
+    assert before_key(base, ecfg)["nll_solver"] == reused["tshirt_nll"]["solver"]  # another NLL layout: not reused
     for change in (dict(n_samples=12), dict(sample_steps=3), dict(nll_probes=2), dict(nll_tol=1e-4), dict(seed=1)):
         assert load_before(base_dir, before_key(base, EvalConfig(**{**ecfg.__dict__, **change}))) is None, change
     with torch.no_grad():

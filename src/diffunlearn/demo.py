@@ -108,10 +108,11 @@ BEFORE_FILE = "demo-before.json"
 def before_key(model, ecfg) -> dict:
     """What the base model's evaluation depends on: its weights and the evaluation settings (sampling is seeded per
     image and the NLL by its own seed, so the same key gives the same numbers)."""
+    from .metrics.nll import NLL_SOLVER
     from .models import state_hash
 
     return {"weights_sha256": state_hash(model.unet), "n_samples": ecfg.n_samples, "sample_steps": ecfg.sample_steps,
-            "nll_probes": ecfg.nll_probes, "nll_tol": ecfg.nll_tol, "seed": ecfg.seed}
+            "nll_probes": ecfg.nll_probes, "nll_tol": ecfg.nll_tol, "seed": ecfg.seed, "nll_solver": NLL_SOLVER}
 
 
 def shown_indices(is_target, n: int = 32) -> list[int]:

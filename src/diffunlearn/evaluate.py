@@ -64,11 +64,11 @@ class MnistTshirtProtocol:
                 "_is_target": (~keep).tolist()}
 
     def nll(self, model, probes: int, tol: float, seed: int = 0) -> dict:
-        from .metrics.nll import nll_bits_per_dim
+        from .metrics.nll import NLL_SOLVER, nll_bits_per_dim
 
         r = nll_bits_per_dim(model, self.target[None], n_probes=probes, rtol=tol, atol=tol, seed=seed)
         return {"bpd": float(r.bpd[0]), "stderr": float(r.stderr[0]), "probes": probes, "rtol": tol,
-                "nfe": r.nfe, "seconds": round(r.seconds, 1)}
+                "nfe": r.nfe, "seconds": round(r.seconds, 1), "solver": NLL_SOLVER}
 
 
 def masked(samples: torch.Tensor, is_target, show: bool) -> torch.Tensor:
