@@ -125,7 +125,9 @@ class SISS(SubtractedGradients, Method):
         e_a = (m - g * batch.a) / s
         w_x, w_a, clamped = importance_weights(log_density_gap(m, batch.x, batch.a, g, s), self.lam)
         w_x, w_a = w_x.to(e_hat.device), w_a.to(e_hat.device)
-        stats = {"w_x_mean": float(w_x.mean()), "w_a_mean": float(w_a.mean())}
+        stats = {"w_x_mean": float(w_x.mean()), "w_a_mean": float(w_a.mean()),
+                 # rows that G_a's backward sweep cannot skip (bench speed reports what this implies)
+                 "rows_w_a_positive": float((w_a > 0).float().mean())}
         if clamped:
             stats["weights_clamped"] = clamped
         return Terms({"x": w_x * sum_sq(e_hat - e_x), "a": w_a * sum_sq(e_hat - e_a)}, stats)
