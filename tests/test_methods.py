@@ -94,6 +94,30 @@ def test_norm_fixing_gives_a_neggrad_component_of_exactly_the_scaling_norm(scali
         torch.testing.assert_close(f, x - 0.5 * a)
 
 
+@pytest.mark.parametrize("name", ["siss", "siss-nois"])
+def test_in_graph_subtraction_is_the_separate_buffers_update(name):
+    """The trainer's lean path (G_a alone, then one backward of ``mean L_x - c mean L_a`` into the parameters'
+    gradients) gives ``G_x - c G_a`` with ``c = scaling_norm / ||G_a||``: the update ``combine`` builds from both
+    gradients taken separately, by linearity of the gradient, up to float rounding; so do the logged norms."""
+    from diffunlearn.unlearn import _subtract_in_graph
+
+    model, (kept, forget) = tiny_model(), random_sets()
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    ref_method, lean_method = make_method(name, scaling_norm=3.0), make_method(name, scaling_norm=3.0)
+    rows = RowSampler(kept, forget, ref_method, 0, 999, seed=4).draw(8)
+    ctx = _ctx(model, kept, forget)
+    losses = ref_method.terms(model.unet, rows, ctx).losses
+    gx = torch.autograd.grad(losses["x"].mean(), params, retain_graph=True)
+    ga = torch.autograd.grad(losses["a"].mean(), params)
+    want, want_stats = ref_method.combine({"x": list(gx), "a": list(ga)})
+    stats = _subtract_in_graph(lean_method, lean_method.terms(model.unet, rows, ctx).losses, params)
+    diff = global_norm([p.grad - w for p, w in zip(params, want)])
+    assert float(diff) <= 1e-5 * float(global_norm(want))  # float32 rounding, relative to the update's size
+    for k in ("grad_norm_x", "grad_norm_a", "superfactor"):
+        assert stats[k] == pytest.approx(want_stats[k], rel=1e-5), k
+    assert stats["superfactor"] * stats["grad_norm_a"] == pytest.approx(3.0, rel=1e-9)
+
+
 def test_norm_fixing_holds_in_a_training_run():
     """Every logged step satisfies ``superfactor * ||G_a|| = scaling_norm`` (the update really used norm-fixing)."""
     model, (kept, forget) = tiny_model(), random_sets()

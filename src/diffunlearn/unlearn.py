@@ -179,6 +179,8 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
         record: dict = {"step": step}
         record.update(method.before_step(ctx))
         separate = method.separate_grads  # asked every step: a method may combine separately only on some steps
+        # One micro-batch in one process: a subtracting method gets its update with G_a as the only extra buffer
+        lean = separate and cfg.grad_accum == 1 and world == 1 and hasattr(method, "stats_in_graph")
         coefs = None if separate else method.loss_coefficients()
         rows = sampler.draw(per_proc * world).slice(slice(rank * per_proc, (rank + 1) * per_proc)).to(acc.device)
         opt.zero_grad(set_to_none=True)
@@ -192,7 +194,9 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
                 sums["loss_" + k] = sums.get("loss_" + k, 0.0) + float(v.detach().mean()) / cfg.grad_accum
             for k, v in terms.stats.items():
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
-            if separate:
+            if lean:
+                update_stats = _subtract_in_graph(method, terms.losses, params)
+            elif separate:
                 names = list(terms.losses)
                 for i, k in enumerate(names):
                     grads = torch.autograd.grad(terms.losses[k].mean() / cfg.grad_accum, params,
@@ -206,7 +210,12 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
                 loss.backward()
         if not all(torch.isfinite(torch.tensor(v)) for k, v in sums.items() if k.startswith("loss_")):
             raise UserError(f"the loss became NaN or Inf at step {step}; {_kept_note(checkpoint)}lower --lr or check the data")
-        if separate:
+        if lean:
+            record.update(update_stats)
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        elif separate:
             if world > 1:
                 bufs = {k: [acc.reduce(b, reduction="mean") for b in v] for k, v in bufs.items()}
             update, stats = method.combine(bufs)
@@ -243,6 +252,18 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
         unet.disable_gradient_checkpointing()
     return DiffusionModel(unet, copy.deepcopy(model.scheduler), source=f"{model.source} unlearned by {method.name}",
                           codec=model.codec)
+
+
+def _subtract_in_graph(method, losses: dict[str, torch.Tensor], params: list) -> dict[str, float]:
+    """``g = G_x - c G_a`` into the parameters' gradients with ``G_a`` the only buffer held beside them: ``G_a`` from
+    its own backward pass (the graph kept), ``c`` from it, then one backward pass of ``mean L_x - c mean L_a``. Two
+    backward passes, as when both gradients are accumulated separately, but one gradient buffer instead of three."""
+    ga = torch.autograd.grad(losses["a"].mean(), params, retain_graph=True, allow_unused=True)
+    ga = [torch.zeros_like(p) if g is None else g for p, g in zip(params, ga)]
+    c = method.factor_for(ga)
+    (losses["x"].mean() - c * losses["a"].mean()).backward()
+    g = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    return method.stats_in_graph(g, ga, c)
 
 
 def _kept_note(checkpoint) -> str:

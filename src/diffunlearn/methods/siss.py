@@ -13,7 +13,7 @@ import torch
 
 from ..diffusion import predict_noise, sum_sq
 from ..errors import UserError
-from .base import Method, Terms, check_range, ddpm_terms, global_norm
+from .base import Method, Terms, check_range, ddpm_terms
 from .weights import importance_weights, log_density_gap
 
 
@@ -71,22 +71,38 @@ class SubtractedGradients:
 
     def combine(self, grads):
         gx, ga = grads["x"], grads["a"]
-        nx, na = global_norm(gx), global_norm(ga)
-        self._last_norm_a = float(na)
-        c = self._factor()
+        c = self.factor_for(ga)
         out = [x - c * a for x, a in zip(gx, ga)]
-        stats = {"grad_norm_x": float(nx), "grad_norm_a": float(na), "superfactor": c}
-        if self.superfactor is None:
-            stats.update(self._stale_norm_cosines(gx, ga, c))
-        return out, stats
-
-    def _stale_norm_cosines(self, gx, ga, c: float) -> dict[str, float]:
-        """How far ``--norm-refresh k`` would move this step's update: the cosine between the exact update and the one
-        built with ``||G_a||`` from k steps ago, for k = 1, 5, 10 (a free diagnostic of the approximation)."""
-        self._norms.append(self._last_norm_a)
         xx = sum((x.double() ** 2).sum() for x in gx)
         xa = sum((x.double() * a.double()).sum() for x, a in zip(gx, ga))
-        aa = sum((a.double() ** 2).sum() for a in ga)
+        return out, self._stats(xx, xa, c)
+
+    # The trainer's lean path (one micro-batch, one process): it takes G_a alone, asks ``factor_for`` for c, then
+    # back-propagates ``mean L_x - c mean L_a`` through the same graph into the parameters' own gradients, so that
+    # only G_a is held beside them (the same update as ``combine``, up to float rounding; ``G_x = g + c G_a``).
+    def factor_for(self, ga) -> float:
+        """The subtraction factor for this step's ``G_a`` (records ``||G_a||`` for norm-fixing and refresh)."""
+        self._aa = sum((a.double() ** 2).sum() for a in ga)
+        self._last_norm_a = float(self._aa.sqrt())
+        return self._factor()
+
+    def stats_in_graph(self, g, ga, c: float) -> dict[str, float]:
+        """The statistics ``combine`` logs, from the combined gradient ``g = G_x - c G_a`` and ``G_a``."""
+        xa = sum((gi.double() * a.double()).sum() for gi, a in zip(g, ga)) + c * self._aa
+        xx = sum(((gi.double() + c * a.double()) ** 2).sum() for gi, a in zip(g, ga))
+        return self._stats(xx, xa, c)
+
+    def _stats(self, xx, xa, c: float) -> dict[str, float]:
+        stats = {"grad_norm_x": float(xx.sqrt()), "grad_norm_a": self._last_norm_a, "superfactor": c}
+        if self.superfactor is None:
+            stats.update(self._stale_norm_cosines(xx, xa, self._aa, c))
+        return stats
+
+    def _stale_norm_cosines(self, xx, xa, aa, c: float) -> dict[str, float]:
+        """How far ``--norm-refresh k`` would move this step's update: the cosine between the exact update and the one
+        built with ``||G_a||`` from k steps ago, for k = 1, 5, 10 (a free diagnostic of the approximation), from the
+        dot products ``xx = <G_x, G_x>``, ``xa = <G_x, G_a>``, ``aa = <G_a, G_a>``."""
+        self._norms.append(self._last_norm_a)
 
         def cos(c1, c2):  # <gx - c1 ga, gx - c2 ga> / (|gx - c1 ga| |gx - c2 ga|), from three dot products
             dot = xx - (c1 + c2) * xa + c1 * c2 * aa
