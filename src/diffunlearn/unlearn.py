@@ -212,9 +212,6 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
             raise UserError(f"the loss became NaN or Inf at step {step}; {_kept_note(checkpoint)}lower --lr or check the data")
         if lean:
             record.update(update_stats)
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
         elif separate:
             if world > 1:
                 bufs = {k: [acc.reduce(b, reduction="mean") for b in v] for k, v in bufs.items()}
@@ -262,8 +259,10 @@ def _subtract_in_graph(method, losses: dict[str, torch.Tensor], params: list) ->
     ga = [torch.zeros_like(p) if g is None else g for p, g in zip(params, ga)]
     c = method.factor_for(ga)
     (losses["x"].mean() - c * losses["a"].mean()).backward()
-    g = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    return method.stats_in_graph(g, ga, c)
+    for p in params:
+        if p.grad is None:  # a parameter neither loss reaches
+            p.grad = torch.zeros_like(p)
+    return method.stats_in_graph([p.grad for p in params], ga, c)
 
 
 def _kept_note(checkpoint) -> str:

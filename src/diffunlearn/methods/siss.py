@@ -82,20 +82,19 @@ class SubtractedGradients:
     # only G_a is held beside them (the same update as ``combine``, up to float rounding; ``G_x = g + c G_a``).
     def factor_for(self, ga) -> float:
         """The subtraction factor for this step's ``G_a`` (records ``||G_a||`` for norm-fixing and refresh)."""
-        self._aa = sum((a.double() ** 2).sum() for a in ga)
-        self._last_norm_a = float(self._aa.sqrt())
+        self._last_norm_a = float(torch.sqrt(sum((a.double() ** 2).sum() for a in ga)))
         return self._factor()
 
     def stats_in_graph(self, g, ga, c: float) -> dict[str, float]:
         """The statistics ``combine`` logs, from the combined gradient ``g = G_x - c G_a`` and ``G_a``."""
-        xa = sum((gi.double() * a.double()).sum() for gi, a in zip(g, ga)) + c * self._aa
+        xa = sum((gi.double() * a.double()).sum() for gi, a in zip(g, ga)) + c * self._last_norm_a ** 2
         xx = sum(((gi.double() + c * a.double()) ** 2).sum() for gi, a in zip(g, ga))
         return self._stats(xx, xa, c)
 
     def _stats(self, xx, xa, c: float) -> dict[str, float]:
         stats = {"grad_norm_x": float(xx.sqrt()), "grad_norm_a": self._last_norm_a, "superfactor": c}
         if self.superfactor is None:
-            stats.update(self._stale_norm_cosines(xx, xa, self._aa, c))
+            stats.update(self._stale_norm_cosines(xx, xa, self._last_norm_a ** 2, c))
         return stats
 
     def _stale_norm_cosines(self, xx, xa, aa, c: float) -> dict[str, float]:

@@ -137,19 +137,22 @@ def _solve(unet, sched: VPSchedule, x0: np.ndarray, probes: torch.Tensor, t_eps:
     D = int(np.prod(shape))
     device = next(unet.parameters(), torch.empty(0)).device
     v = probes.to(device)
-    net = []
+
+    def state_at(t: float, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(y[: U * D]).view(U, *shape).to(device, torch.float32)
+        return x, torch.full((U,), sched.timestep(t), device=device, dtype=torch.long)
+
+    with torch.inference_mode(False):
+        net = _network(unet, *state_at(t_eps, x0.ravel()), jit, sched.num_timesteps)
 
     def rhs(t: float, y: np.ndarray) -> np.ndarray:
         k = sched.timestep(t)
         beta, sigma = sched.beta(t), float(sched.sigmas[k])
         # The vjp needs a graph through the network even when the caller is in inference mode.
         with torch.inference_mode(False), torch.enable_grad():
-            x = torch.from_numpy(y[: U * D]).view(U, *shape).to(device, torch.float32)
-            steps = torch.full((U,), k, device=device, dtype=torch.long)
-            if not net:
-                net.append(_network(unet, x, steps, jit, sched.num_timesteps))
+            x, steps = state_at(t, y)
             x.requires_grad_(True)
-            eps = net[0](x, steps)
+            eps = net(x, steps)
             vjps = [torch.autograd.grad(eps, x, v[j], retain_graph=j < K - 1)[0] for j in range(K)]
         with torch.no_grad():
             drift = -0.5 * beta * (x - eps / sigma)
