@@ -1,0 +1,107 @@
+"""Golden numbers: results pinned before the code was reorganised, so that a refactor provably changes no result.
+
+Each value was computed by the code as it stood before the reorganisation (trainer, configs and benchmarks moved),
+with one torch thread. They are compared within float32 rounding accumulated over a few steps (relative 1e-5), not
+bitwise: summation order may change, arithmetic may not. If a number here must change, the commit that changes it
+says which and why.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import random_sets, tiny_model
+
+GOLDEN_UNLEARN = {
+    'naive/accum1': {'checksum': 2.1461718741246103, 'loss_x': 68.97203826904297, 'grad_norm': 151.0145721435547},
+    'naive/accum2': {'checksum': 2.146176174929755, 'loss_x': 68.97204208374023, 'grad_norm': 151.0145721435547},
+    'neggrad/accum1': {'checksum': 2.860128353913915, 'loss_a': 90.50775909423828, 'grad_norm': 212.5279998779297},
+    'neggrad/accum2': {'checksum': 2.860118537938807, 'loss_a': 90.50776672363281, 'grad_norm': 212.52801513671875},
+    'siss/accum1': {'checksum': 2.3864888013147, 'loss_x': 37.28529739379883, 'loss_a': 92.8420639038086, 'grad_norm': 118.24589538574219},
+    'siss/accum2': {'checksum': 2.3863810375534698, 'loss_x': 37.285292625427246, 'loss_a': 92.84206199645996, 'grad_norm': 118.24590301513672},
+    'siss-nois/accum1': {'checksum': 2.172908713533267, 'loss_x': 69.01152801513672, 'loss_a': 69.76057434082031, 'grad_norm': 146.77037048339844},
+    'siss-nois/accum2': {'checksum': 2.1729435377705415, 'loss_x': 69.01152801513672, 'loss_a': 69.76056671142578, 'grad_norm': 146.77037048339844},
+    'erasediff/accum1': {'checksum': 2.858319382089943, 'loss_r': 66.05603790283203, 'loss_f': 21.426725387573242, 'grad_norm': 164.3457489013672},
+    'erasediff/accum2': {'checksum': 2.4470864113691118, 'loss_r': 65.55827713012695, 'loss_f': 21.82473659515381, 'grad_norm': 175.8391876220703},
+    'erasediff-light/accum1': {'checksum': 2.030508990090918, 'loss_x': 63.1936149597168, 'loss_a': 24.436708450317383, 'grad_norm': 154.17127990722656},
+    'erasediff-light/accum2': {'checksum': 2.0304854195559017, 'loss_x': 63.193620681762695, 'loss_a': 24.436708450317383, 'grad_norm': 154.17127990722656},
+    'retrack/accum1': {'checksum': 2.1637492579067676, 'loss_unlearn': 171.16172790527344, 'loss_remain': 68.94071960449219, 'grad_norm': 151.23574829101562},
+    'retrack/accum2': {'checksum': 2.163714854569028, 'loss_unlearn': 171.16172790527344, 'loss_remain': 68.94071197509766, 'grad_norm': 151.23574829101562},
+    'retrain/accum1': {'checksum': -22.346268995861124, 'loss_x': 71.33025360107422, 'grad_norm': 127.51038360595703},
+    'retrain/accum2': {'checksum': -22.346335448739655, 'loss_x': 71.33024597167969, 'grad_norm': 127.51039123535156},
+    'siss{"superfactor": 0.5}/accum1': {'checksum': 2.688685541926933, 'loss_x': 43.478485107421875, 'loss_a': 99.87763214111328, 'grad_norm': 71.17267608642578},
+    'siss{"superfactor": 0.5}/accum2': {'checksum': 2.688779901764287, 'loss_x': 43.478482246398926, 'loss_a': 99.87763214111328, 'grad_norm': 71.17268371582031},
+    'siss{"norm_refresh": 2}/accum1': {'checksum': 2.3794075178981964, 'loss_x': 37.27823257446289, 'loss_a': 92.83676147460938, 'grad_norm': 118.25399780273438},
+    'siss{"norm_refresh": 2}/accum2': {'checksum': 2.3792717286451786, 'loss_x': 37.27823352813721, 'loss_a': 92.83674430847168, 'grad_norm': 118.2540054321289},
+}
+
+GOLDEN_NLL = {"bpd": 16.838664277256385, "stderr": 0.9569336512214973}
+GOLDEN_PRESET_SISS = {"superfactor": 0.06470523186750052, "loss_x": 15.329355239868164, "loss_a": 3.068290948867798,
+                      "grad_norm": 115.9478988647461}
+GOLDEN_TRAIN = {"loss": 0.8599311709403992, "grad_norm": 2.2249910831451416, "checksum": 2.202101432443233}
+
+
+def checksum(unet) -> float:
+    """A fixed random projection of every weight: any change of any weight moves it."""
+    g = torch.Generator().manual_seed(123)
+    total = 0.0
+    for _, p in sorted(unet.state_dict().items()):
+        total += float((p.double().flatten() * torch.randn(p.numel(), generator=g, dtype=torch.float64)).sum())
+    return total
+
+
+def _close(got: dict, want: dict) -> None:
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-5), k
+
+
+@pytest.mark.parametrize("key", list(GOLDEN_UNLEARN))
+def test_unlearning_runs_reproduce_their_golden_numbers(key):
+    """Three steps of every method (and SISS's fixed superfactor and norm refresh), one micro-batch of 6 rows or
+    two of 3: the final weights and the last step's logged losses and gradient norm."""
+    from diffunlearn import make_method, unlearn
+
+    name_params, accum = key.rsplit("/accum", 1)
+    name, _, params = name_params.partition("{")
+    params = json.loads("{" + params) if params else {}
+    kept, forget = random_sets()
+    logs = []
+    new = unlearn(tiny_model(), kept, forget, make_method(name, **params),
+                  _config(steps=3, batch_size=6 // int(accum), grad_accum=int(accum), lr=1e-3, seed=1), log=logs.append)
+    _close({"checksum": checksum(new.unet), **logs[-1]}, GOLDEN_UNLEARN[key])
+
+
+def _config(**kw):
+    from diffunlearn import UnlearnConfig
+
+    return UnlearnConfig(**kw)
+
+
+def test_nll_reproduces_its_golden_number():
+    from diffunlearn.metrics.nll import nll_bits_per_dim
+
+    _, forget = random_sets()
+    r = nll_bits_per_dim(tiny_model(), forget[:1], n_probes=2, rtol=1e-3, atol=1e-3)
+    _close({"bpd": float(r.bpd[0]), "stderr": float(r.stderr[0])}, GOLDEN_NLL)
+
+
+def test_the_preset_command_reproduces_its_golden_numbers(tmp_path):
+    """``diffunlearn unlearn --config mnist-tshirt`` for two SISS steps of 8 rows on the shipped base model."""
+    from diffunlearn import cli
+
+    assert cli.main(["unlearn", "--config", "mnist-tshirt", "--steps", "2", "--batch-size", "8",
+                     "--out", str(tmp_path / "u"), "--threads", "1"]) == 0
+    last = [json.loads(line) for line in (tmp_path / "u" / "log.jsonl").read_text().splitlines()][-1]
+    _close(last, GOLDEN_PRESET_SISS)
+
+
+def test_the_train_command_reproduces_its_golden_numbers(tmp_path):
+    from diffunlearn import cli, load_model
+
+    assert cli.main(["train", "--data", "toy-digits", "--arch", "tiny", "--steps", "3", "--batch-size", "8",
+                     "--warmup", "1", "--out", str(tmp_path / "t"), "--threads", "1", "--log-every", "1"]) == 0
+    last = [json.loads(line) for line in (tmp_path / "t" / "log.jsonl").read_text().splitlines()][-1]
+    _close({"checksum": checksum(load_model(str(tmp_path / "t" / "model")).unet), **last}, GOLDEN_TRAIN)
