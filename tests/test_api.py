@@ -6,7 +6,7 @@ from conftest import tiny_model
 
 
 def test_readme_api_example(tmp_path, data_file):
-    from diffunlearn import (UnlearnConfig, load_data, load_model, make_method, resolve_forget, save_model,
+    from diffunlearn import (TrainerConfig, load_data, load_model, make_method, resolve_forget, save_model,
                              split_kept, unlearn)
 
     save_model(tiny_model(), tmp_path / "ddpm")
@@ -16,7 +16,7 @@ def test_readme_api_example(tmp_path, data_file):
     assert len(kept) == 29 and torch.equal(forget[0], data.images[3])
     logs = []
     new = unlearn(model, kept, forget, make_method("siss", lam=0.5, scaling_norm=5.0),
-                  UnlearnConfig(steps=2, lr=5e-5, batch_size=4), log=logs.append)
+                  TrainerConfig(steps=2, lr=5e-5, batch_size=4), log=logs.append)
     save_model(new, tmp_path / "out" / "model")
     assert [r["step"] for r in logs] == [1, 2]
     assert load_model(tmp_path / "out" / "model").sample_shape == (1, 8, 8)

@@ -96,7 +96,7 @@ def test_bench_table_strip_reference_and_resume(shipped, tmp_path, monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("a cached cell was recomputed")
 
-    monkeypatch.setattr(importlib.import_module("diffunlearn.unlearn"), "unlearn", refuse)
+    monkeypatch.setattr(importlib.import_module("diffunlearn.trainer"), "unlearn", refuse)
     again = run_instance_bench(cfg)
     assert again["timings"]["cells_run"] == 0 and again["timings"]["cells_cached"] == 6
     assert again["rows"]["siss-lambda0.5"]["similarity"] == res["rows"]["siss-lambda0.5"]["similarity"]

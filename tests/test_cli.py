@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import yaml
 
 from conftest import snapshot
 from diffunlearn.cli import main
+from diffunlearn.methods import METHODS, make_method
 
 
 def _run(capsys, *argv):
@@ -36,10 +39,75 @@ def test_unlearn_writes_a_complete_run_directory(capsys, model_dir, data_file, t
 
 def test_dry_run_prints_the_resolved_config_with_overrides(capsys, tmp_path):
     cfg = tmp_path / "p.yaml"
-    cfg.write_text("method: neggrad\nsteps: 12\nlr: 1.0e-4\n")
-    rc, out, _ = _run(capsys, "unlearn", "--config", cfg, "--steps", "5", "--dry-run")
-    assert rc == 0
-    assert "method: neggrad" in out and "steps: 5" in out and "lr: 0.0001" in out
+    cfg.write_text("method: neggrad\ntrainer: {steps: 12, lr: 1.0e-4}\n")
+    rc, out, err = _run(capsys, "unlearn", "--config", cfg, "--steps", "5", "--dry-run")
+    assert rc == 0, err
+    resolved = yaml.safe_load(out)
+    assert resolved["method"] == {"name": "neggrad"}
+    assert resolved["trainer"]["steps"] == 5 and resolved["trainer"]["lr"] == 1e-4
+
+
+@pytest.mark.parametrize("name", [m for m in METHODS if m != "retrain"])
+def test_the_preset_works_with_every_method(capsys, name):
+    """``--method`` naming another method than the preset replaces the preset's method block: that method's own
+    defaults apply, and the preset's trainer settings stay."""
+    rc, out, err = _run(capsys, "unlearn", "--config", "mnist-tshirt", "--method", name, "--dry-run")
+    assert rc == 0, err
+    resolved = yaml.safe_load(out)
+    assert resolved["method"] == {"name": name, **make_method(name).hyperparameters()}
+    assert resolved["trainer"]["steps"] == 300 and resolved["trainer"]["lr"] == 5e-5
+
+
+def test_method_flags_override_the_preset_block_and_foreign_flags_are_named(capsys):
+    rc, out, _ = _run(capsys, "unlearn", "--config", "mnist-tshirt", "--lambda", "0.25", "--dry-run")
+    assert rc == 0 and yaml.safe_load(out)["method"]["lam"] == 0.25
+    assert yaml.safe_load(out)["method"]["scaling_norm"] == 5.0  # the rest of the preset's block stays
+    rc, _, err = _run(capsys, "unlearn", "--config", "mnist-tshirt", "--method", "retrack", "--lambda", "0.3",
+                      "--dry-run")
+    assert rc == 2 and "--lambda does not apply to method retrack (it takes: --knn, --lambda-r)" in err
+
+
+def test_config_keys_outside_their_block_or_misspelt_are_refused_with_a_hint(capsys, tmp_path):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("steps: 12\n")
+    rc, _, err = _run(capsys, "unlearn", "--config", cfg, "--dry-run")
+    assert rc == 2 and "it belongs in a block, as trainer: {steps: ...}" in err
+    cfg.write_text("trainer: {stpes: 12}\n")
+    rc, _, err = _run(capsys, "unlearn", "--config", cfg, "--dry-run")
+    assert rc == 2 and "did you mean 'steps'" in err
+
+
+def test_a_new_method_is_one_class_and_one_registry_line(capsys, model_dir, data_file, tmp_path, monkeypatch):
+    """A method defined here, registered with one line, is driven from the command line with a flag generated from
+    its field, and its hyperparameter reaches the update: scaling naive deletion's loss by ``gain`` leaves Adam's
+    normalised first step unchanged, so the test checks the logged loss term instead."""
+    from dataclasses import dataclass, field
+
+    from diffunlearn.methods import Method, Terms
+    from diffunlearn.methods.base import ddpm_terms
+
+    @dataclass
+    class Scaled(Method):
+        gain: float = field(default=1.0, metadata={"help": "multiplies the DDPM loss on X \\ A"})
+        name = "scaled"
+
+        def terms(self, unet, batch, ctx):
+            return Terms({"x": self.gain * ddpm_terms(unet, batch.x, batch.eps, batch.t, ctx)})
+
+        def loss_coefficients(self):
+            return {"x": 1.0}
+
+    monkeypatch.setitem(METHODS, "scaled", Scaled)  # the one registry line
+    losses = {}
+    for gain in (1.0, 3.0):
+        out = tmp_path / f"run{gain}"
+        rc, _, err = _run(capsys, "unlearn", "--model", model_dir, "--data", data_file, "--forget", "0",
+                          "--method", "scaled", "--gain", str(gain), "--steps", "1", "--batch-size", "4",
+                          "--out", out)
+        assert rc == 0, err
+        losses[gain] = json.loads((out / "log.jsonl").read_text().splitlines()[0])["loss_x"]
+        assert yaml.safe_load((out / "config.yaml").read_text())["method"] == {"name": "scaled", "gain": gain}
+    assert losses[3.0] == pytest.approx(3 * losses[1.0], rel=1e-6)
 
 
 def test_unknown_preset_is_named(capsys):

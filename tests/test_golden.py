@@ -75,9 +75,9 @@ def test_unlearning_runs_reproduce_their_golden_numbers(key):
 
 
 def _config(**kw):
-    from diffunlearn import UnlearnConfig
+    from diffunlearn import TrainerConfig
 
-    return UnlearnConfig(**kw)
+    return TrainerConfig(**kw)
 
 
 def test_nll_reproduces_its_golden_number():

@@ -12,7 +12,7 @@ from diffunlearn.errors import UserError
 from diffunlearn.methods import make_method
 from diffunlearn.models import load_model, save_model, state_hash
 from diffunlearn.sampling import ddpm_sample
-from diffunlearn.unlearn import UnlearnConfig, unlearn
+from diffunlearn.trainer import TrainerConfig, unlearn
 
 
 def test_unlearned_model_reloads_with_diffusers_and_samples(tmp_path):
@@ -21,7 +21,7 @@ def test_unlearned_model_reloads_with_diffusers_and_samples(tmp_path):
     from diffusers import DDPMPipeline
 
     kept, forget = random_sets()
-    new = unlearn(tiny_model(), kept, forget, make_method("siss"), UnlearnConfig(steps=2, batch_size=4))
+    new = unlearn(tiny_model(), kept, forget, make_method("siss"), TrainerConfig(steps=2, batch_size=4))
     out = save_model(new, tmp_path / "m")
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     pipe = DDPMPipeline.from_pretrained(str(out), use_safetensors=True, local_files_only=True)

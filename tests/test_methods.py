@@ -11,10 +11,10 @@ import torch
 from conftest import random_sets, tiny_model
 from diffunlearn.diffusion import ddpm_loss
 from diffunlearn.methods import METHODS, Context, make_method
-from diffunlearn.methods.base import global_norm
+from diffunlearn.methods.base import GradStep, global_norm
 from diffunlearn.methods.retrack import nearest_kept
 from diffunlearn.methods.siss import SubtractedGradients
-from diffunlearn.unlearn import RowSampler, UnlearnConfig, unlearn
+from diffunlearn.trainer import RowSampler, TrainerConfig, unlearn
 
 
 def _ctx(model, kept, forget, seed=0):
@@ -96,11 +96,9 @@ def test_norm_fixing_gives_a_neggrad_component_of_exactly_the_scaling_norm(scali
 
 @pytest.mark.parametrize("name", ["siss", "siss-nois"])
 def test_in_graph_subtraction_is_the_separate_buffers_update(name):
-    """The trainer's lean path (G_a alone, then one backward of ``mean L_x - c mean L_a`` into the parameters'
+    """SISS's backward for one micro-batch in one process (G_a alone, then one backward of ``mean L_x - c mean L_a`` into the parameters'
     gradients) gives ``G_x - c G_a`` with ``c = scaling_norm / ||G_a||``: the update ``combine`` builds from both
     gradients taken separately, by linearity of the gradient, up to float rounding; so do the logged norms."""
-    from diffunlearn.unlearn import _subtract_in_graph
-
     model, (kept, forget) = tiny_model(), random_sets()
     params = [p for p in model.unet.parameters() if p.requires_grad]
     ref_method, lean_method = make_method(name, scaling_norm=3.0), make_method(name, scaling_norm=3.0)
@@ -110,7 +108,9 @@ def test_in_graph_subtraction_is_the_separate_buffers_update(name):
     gx = torch.autograd.grad(losses["x"].mean(), params, retain_graph=True)
     ga = torch.autograd.grad(losses["a"].mean(), params)
     want, want_stats = ref_method.combine({"x": list(gx), "a": list(ga)})
-    stats = _subtract_in_graph(lean_method, lean_method.terms(model.unet, rows, ctx).losses, params)
+    step = GradStep(1, single=True, separate=True)
+    lean_method.backward(lean_method.terms(model.unet, rows, ctx).losses, params, step)
+    stats = lean_method.finish(params, step)
     diff = global_norm([p.grad - w for p, w in zip(params, want)])
     assert float(diff) <= 1e-5 * float(global_norm(want))  # float32 rounding, relative to the update's size
     for k in ("grad_norm_x", "grad_norm_a", "superfactor"):
@@ -122,7 +122,7 @@ def test_norm_fixing_holds_in_a_training_run():
     """Every logged step satisfies ``superfactor * ||G_a|| = scaling_norm`` (the update really used norm-fixing)."""
     model, (kept, forget) = tiny_model(), random_sets()
     logs = []
-    unlearn(model, kept, forget, make_method("siss", scaling_norm=2.5), UnlearnConfig(steps=3, batch_size=4), log=logs.append)
+    unlearn(model, kept, forget, make_method("siss", scaling_norm=2.5), TrainerConfig(steps=3, batch_size=4), log=logs.append)
     assert len(logs) == 3
     for rec in logs:
         assert rec["superfactor"] * rec["grad_norm_a"] == pytest.approx(2.5, rel=1e-6)
@@ -136,7 +136,7 @@ def test_forward_passes_per_micro_batch(name, calls_per_micro):
     calls = []
     model.unet.register_forward_hook(lambda *_: calls.append(1))
     steps, accum = 2, 3
-    unlearn(model, kept, forget, make_method(name), UnlearnConfig(steps=steps, batch_size=2, grad_accum=accum))
+    unlearn(model, kept, forget, make_method(name), TrainerConfig(steps=steps, batch_size=2, grad_accum=accum))
     assert len(calls) == steps * accum * calls_per_micro
 
 
@@ -146,7 +146,7 @@ def test_every_trainable_parameter_changes_and_the_input_is_untouched(name):
     weights are bit-for-bit what they were (the loop trains a copy)."""
     model, (kept, forget) = tiny_model(), random_sets()
     before = {k: v.clone() for k, v in model.unet.state_dict().items()}
-    new = unlearn(model, kept, forget, make_method(name), UnlearnConfig(steps=3, batch_size=4, lr=1e-3))
+    new = unlearn(model, kept, forget, make_method(name), TrainerConfig(steps=3, batch_size=4, lr=1e-3))
     for k, v in model.unet.state_dict().items():
         assert torch.equal(v, before[k]), f"input model changed: {k}"
     unchanged = [k for k, p in new.unet.named_parameters() if p.requires_grad and torch.equal(p.detach(), before[k])]
@@ -157,10 +157,10 @@ def test_every_trainable_parameter_changes_and_the_input_is_untouched(name):
 def test_same_seed_same_weights(name):
     """Every random choice comes from the seeded generator: two runs give identical weights; another seed does not."""
     (kept, forget) = random_sets()
-    cfg = UnlearnConfig(steps=3, batch_size=4, seed=7)
+    cfg = TrainerConfig(steps=3, batch_size=4, seed=7)
     a = unlearn(tiny_model(), kept, forget, make_method(name), cfg)
     b = unlearn(tiny_model(), kept, forget, make_method(name), cfg)
-    c = unlearn(tiny_model(), kept, forget, make_method(name), UnlearnConfig(steps=3, batch_size=4, seed=8))
+    c = unlearn(tiny_model(), kept, forget, make_method(name), TrainerConfig(steps=3, batch_size=4, seed=8))
     sa, sb, sc = a.unet.state_dict(), b.unet.state_dict(), c.unet.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not all(torch.equal(sa[k], sc[k]) for k in sa)
@@ -173,9 +173,9 @@ def test_batch_times_accumulation_does_not_change_the_update(name):
     normalisation amplifies to ~1e-6 on parameters whose true gradient is zero, such as attention key biases)."""
     (kept, forget) = random_sets()
     la, lb = [], []
-    a = unlearn(tiny_model(), kept, forget, make_method(name), UnlearnConfig(steps=2, batch_size=8, grad_accum=1),
+    a = unlearn(tiny_model(), kept, forget, make_method(name), TrainerConfig(steps=2, batch_size=8, grad_accum=1),
                 log=la.append)
-    b = unlearn(tiny_model(), kept, forget, make_method(name), UnlearnConfig(steps=2, batch_size=1, grad_accum=8),
+    b = unlearn(tiny_model(), kept, forget, make_method(name), TrainerConfig(steps=2, batch_size=1, grad_accum=8),
                 log=lb.append)
     for ra, rb in zip(la, lb):
         for k in ra:
@@ -259,7 +259,7 @@ def test_fixed_superfactor_in_one_backward_equals_the_two_gradient_combination()
         pass
 
     (kept, forget) = random_sets()
-    cfg = UnlearnConfig(steps=3, batch_size=4)
+    cfg = TrainerConfig(steps=3, batch_size=4)
     one = unlearn(tiny_model(), kept, forget, make_method("siss", superfactor=0.3), cfg)
     two = unlearn(tiny_model(), kept, forget, Separate(superfactor=0.3), cfg)
     for (k, a), b in zip(one.unet.state_dict().items(), two.unet.state_dict().values()):
@@ -272,7 +272,7 @@ def test_norm_refresh_takes_both_gradients_only_every_kth_step():
     (kept, forget) = random_sets()
     logs = []
     unlearn(tiny_model(), kept, forget, make_method("siss", scaling_norm=2.0, norm_refresh=3),
-            UnlearnConfig(steps=7, batch_size=4), log=logs.append)
+            TrainerConfig(steps=7, batch_size=4), log=logs.append)
     measured = [r["step"] for r in logs if "grad_norm_a" in r]
     assert measured == [1, 4, 7]
     for r in logs:

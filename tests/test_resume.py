@@ -8,7 +8,7 @@ import torch
 
 from conftest import random_sets, tiny_model
 from diffunlearn.methods import make_method
-from diffunlearn.unlearn import Checkpointer, UnlearnConfig, unlearn
+from diffunlearn.trainer import Checkpointer, TrainerConfig, unlearn
 
 
 class Crash(Exception):
@@ -21,7 +21,7 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, name):
     everything the remaining steps depend on. Restoring it and running the remaining steps therefore repeats the
     uninterrupted run's arithmetic exactly, so the final weights are bitwise equal."""
     kept, forget = random_sets()
-    cfg = UnlearnConfig(steps=7, batch_size=4, checkpoint_every=2, seed=3)
+    cfg = TrainerConfig(steps=7, batch_size=4, checkpoint_every=2, seed=3)
     ref = unlearn(tiny_model(), kept, forget, make_method(name), cfg)
     ck = Checkpointer(tmp_path / "checkpoint.pt")
 
@@ -47,7 +47,7 @@ def test_resume_refuses_other_settings_and_finished_runs(tmp_path, model_dir, da
     assert "already finished" in capsys.readouterr().err
     (tmp_path / "r" / "summary.json").unlink()
     assert main(base + ["--resume", "--lr", "1e-3"]) == 2
-    assert "these differ: lr" in capsys.readouterr().err
+    assert "these differ: --lr" in capsys.readouterr().err
     assert main(["unlearn", "--model", str(model_dir), "--data", str(data_file), "--forget", "0", "--resume",
                  "--out", str(tmp_path / "none")]) == 2
     assert "nothing to resume" in capsys.readouterr().err

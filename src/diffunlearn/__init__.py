@@ -2,11 +2,11 @@
 
 from .data import ImageSet, load_data, resolve_forget, split_kept
 from .errors import UserError
-from .methods import METHODS, Method, make_method
+from .methods import METHODS, Method, MethodSpec, make_method
 from .models import DiffusionModel, load_model, save_model
 from .sampling import ddpm_sample
-from .unlearn import UnlearnConfig, unlearn
+from .trainer import TrainerConfig, unlearn
 
 __version__ = "0.1.0"
-__all__ = ["DiffusionModel", "ImageSet", "METHODS", "Method", "UnlearnConfig", "UserError", "ddpm_sample",
+__all__ = ["DiffusionModel", "ImageSet", "METHODS", "Method", "MethodSpec", "TrainerConfig", "UserError", "ddpm_sample",
            "load_data", "load_model", "make_method", "resolve_forget", "save_model", "split_kept", "unlearn"]

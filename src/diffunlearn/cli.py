@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import errno
 import importlib
 import sys
 
-import yaml
-
-from .config import Parser, add_dataclass_args, build_config
+from .config import Parser, config_command
 from .errors import UserError
 
 
@@ -18,7 +15,7 @@ from .errors import UserError
 CONFIG_COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "train": ("train a base DDPM on X, or the retrain gold standard on X \\ A (with --forget)",
               "train", "TrainConfig", "train"),
-    "unlearn": ("remove A from a trained model by a deletion fine-tuning method", "unlearn", "UnlearnConfig",
+    "unlearn": ("remove A from a trained model by a deletion fine-tuning method", "commands.unlearn", "UnlearnConfig",
                 "run_unlearn"),
     "sample": ("sample a PNG grid and an .npy of images, seeded per image", "sample", "SampleConfig", "run_sample"),
     "eval": ("the MNIST T-Shirt metrics of one model (T-shirt rate, NLL, classifier IS/FID)", "evaluate",
@@ -30,25 +27,6 @@ CONFIG_COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 def _module(name: str):
     return importlib.import_module(f"diffunlearn.{name}")
-
-
-def config_command(parser: argparse.ArgumentParser, cls, run, section: str | None = None) -> None:
-    """A command whose options are the fields of ``cls``, plus ``--config`` and ``--dry-run``; runs ``run(cfg)``."""
-    add_dataclass_args(parser, cls)
-    parser.add_argument("--config", help="a YAML preset (built-in name or file); command-line flags override it")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
-
-    def handler(args):
-        cfg = build_config(cls, args, section)
-        if hasattr(cfg, "build_method"):
-            cfg.build_method()  # an unknown method or a flag it does not take fails before anything runs
-        if args.dry_run:
-            print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
-            return 0
-        run(cfg)
-        return 0
-
-    parser.set_defaults(func=handler)
 
 
 COMMANDS: dict = {}

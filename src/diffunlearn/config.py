@@ -1,10 +1,14 @@
-"""Config dataclasses as the command line: each field's metadata is its ``--help``; ``--config preset.yaml`` sets
-defaults that command-line flags override; unknown keys fail at load time."""
+"""Config dataclasses as the command line. A command's settings are a dataclass whose fields are settings or
+blocks: a nested dataclass (e.g. ``trainer:``) is a block of its own in YAML and an argument group in ``--help``; a
+field whose type has ``add_arguments``/``resolve`` (the method block) makes its own flags. Each field's metadata is
+its ``--help``; ``--config preset.yaml`` sets defaults that command-line flags override; unknown keys fail at load
+time, with the nearest known key suggested."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import typing
 from importlib import resources
 from pathlib import Path
@@ -14,23 +18,42 @@ import yaml
 from .errors import UserError
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        kind = _unwrap_optional(hints[f.name])
-        help_ = f.metadata.get("help", "")
-        aliases = [flag]
-        if kind is bool:
-            parser.add_argument(*aliases, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            parser.add_argument(*aliases, dest=f.name, type=kind, default=None, metavar=flag[2:].upper().replace("-", "_"),
-                                help=help_)
-
-
-def _unwrap_optional(kind):
+def unwrap_optional(kind):
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     return args[0] if typing.get_origin(kind) in (typing.Union, type(int | None)) and len(args) == 1 else kind
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def _is_block(kind) -> bool:
+    return hasattr(kind, "add_arguments") and hasattr(kind, "resolve")
+
+
+def add_dataclass_args(parser, cls, defaults=None) -> None:
+    """One flag per setting (``--name``), blocks as argument groups; ``defaults`` (an instance) is shown in help."""
+    defaults = cls() if defaults is None else defaults
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = unwrap_optional(hints[f.name])
+        if _is_block(kind):
+            kind.add_arguments(parser.add_argument_group(f"{f.name} (YAML block {f.name}:)"))
+        elif dataclasses.is_dataclass(kind):
+            doc = (kind.__doc__ or "").strip().splitlines()[0] if kind.__doc__ else ""
+            add_dataclass_args(parser.add_argument_group(f"{f.name} (YAML block {f.name}:)", doc),
+                               kind, getattr(defaults, f.name))
+        else:
+            flag = flag_of(f)
+            default = getattr(defaults, f.name)
+            help_ = f.metadata.get("help", "")
+            if default not in ("", None) and kind is not bool:
+                help_ += f" (default: {default})"
+            if kind is bool:
+                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            else:
+                parser.add_argument(flag, dest=f.name, type=kind, default=None,
+                                    metavar=flag[2:].upper().replace("-", "_"), help=help_)
 
 
 class Parser(argparse.ArgumentParser):
@@ -62,31 +85,108 @@ def load_yaml(name: str) -> dict:
     return obj
 
 
-def build_config(cls, args: argparse.Namespace, section: str | None = None):
-    """Defaults < ``--config`` file < command-line flags. Unknown keys in the file are an error."""
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    aliases = {f.metadata["flag"][2:].replace("-", "_"): f.name for f in names.values() if "flag" in f.metadata}
-    values: dict = {}
-    if getattr(args, "config", None):
+def build_config(cls, args: argparse.Namespace | None = None, section: str | None = None, raw: dict | None = None,
+                 where: str = "the config"):
+    """Defaults < ``--config`` file (or ``raw``) < command-line flags. Unknown keys in the file are an error."""
+    args = args if args is not None else argparse.Namespace()
+    if raw is None and getattr(args, "config", None):
         raw = load_yaml(args.config)
+        where = args.config
         if section and isinstance(raw.get(section), dict):
             raw = raw[section]
-        for k, v in raw.items():
-            key = k.replace("-", "_")
-            key = aliases.get(key, key)
-            if key not in names:
-                raise UserError(f"unknown option {k!r} in {args.config}: known are {', '.join(names)}")
-            values[key] = v
-    for name in names:
-        v = getattr(args, name, None)
-        if v is not None:
-            values[name] = v
+    return _build(cls, raw or {}, args, cls(), where)
+
+
+def _build(cls, raw: dict, args, base, where: str):
     hints = typing.get_type_hints(cls)
-    for k, v in list(values.items()):
-        kind = _unwrap_optional(hints[k])
-        if kind in (int, float, str, bool) and v is not None and not isinstance(v, kind):
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    aliases = {flag_of(f)[2:].replace("-", "_"): f.name for f in names.values()}
+    given: dict = {}
+    for k, v in raw.items():
+        key = str(k).replace("-", "_")
+        key = aliases.get(key, key)
+        if key not in names:
+            raise UserError(f"unknown option {k!r} in {where}{_suggest(key, cls)}")
+        given[key] = v
+    values: dict = {}
+    for name, f in names.items():
+        kind = unwrap_optional(hints[name])
+        if _is_block(kind):
+            values[name] = kind.resolve(given.get(name), args, getattr(base, name), where)
+            continue
+        if dataclasses.is_dataclass(kind):
+            sub = given.get(name) or {}
+            if not isinstance(sub, dict):
+                raise UserError(f"{name} in {where} must be a mapping of option: value")
+            values[name] = _build(kind, sub, args, getattr(base, name), where)
+            continue
+        v = getattr(args, name, None)
+        v = given[name] if v is None and name in given else v
+        if v is None:
+            continue
+        if kind in (int, float, str, bool) and not isinstance(v, kind):
             try:
-                values[k] = kind(v)
+                v = kind(v)
             except (TypeError, ValueError):
-                raise UserError(f"option {k} must be {kind.__name__}, got {v!r}") from None
-    return cls(**values)
+                raise UserError(f"option {flag_of(f)} must be {kind.__name__}, got {v!r}") from None
+        values[name] = v
+    return dataclasses.replace(base, **values)
+
+
+def _suggest(key: str, cls) -> str:
+    """Where a mistyped key probably belongs: the nearest option, in this block or in a nested one."""
+    hints = typing.get_type_hints(cls)
+    places: dict[str, str] = {}
+    for f in dataclasses.fields(cls):
+        places[f.name] = f.name
+        kind = unwrap_optional(hints[f.name])
+        if dataclasses.is_dataclass(kind) and not _is_block(kind):
+            for g in dataclasses.fields(kind):
+                places.setdefault(g.name, f"{f.name}: {{{g.name}: ...}}")
+    if key in places and places[key] != key:
+        return f": it belongs in a block, as {places[key]}"
+    close = difflib.get_close_matches(key, list(places), n=1)
+    return f": did you mean {places[close[0]]!r}?" if close else f": known are {', '.join(f.name for f in dataclasses.fields(cls))}"
+
+
+def to_dict(cfg) -> dict:
+    """A config as nested plain data (as YAML would hold it); blocks give their own ``to_dict``."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if hasattr(v, "to_dict"):
+            v = v.to_dict()
+        elif dataclasses.is_dataclass(v):
+            v = to_dict(v)
+        out[f.name] = v
+    return out
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"trainer": {"steps": 3}}`` -> ``{"trainer.steps": 3}``."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def config_command(parser: argparse.ArgumentParser, cls, run, section: str | None = None) -> None:
+    """A command whose options are the fields of ``cls``, plus ``--config`` and ``--dry-run``; runs ``run(cfg)``."""
+    add_dataclass_args(parser, cls)
+    parser.add_argument("--config", help="a YAML preset (built-in name or file); command-line flags override it")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved configuration and exit")
+
+    def handler(args):
+        cfg = build_config(cls, args, section)
+        if hasattr(cfg, "validate"):
+            cfg.validate()  # an unknown method or a setting it does not take fails before anything runs
+        if args.dry_run:
+            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+            return 0
+        run(cfg)
+        return 0
+
+    parser.set_defaults(func=handler)

@@ -42,7 +42,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .pretrained import pretrained_dir
     from .runs import RunDir, prepare_out_dir, write_json
     from .sampling import save_grid
-    from .unlearn import UnlearnConfig, unlearn
+    from .config import build_config, load_yaml, to_dict
+    from .methods import MethodSpec
+    from .trainer import TrainerConfig, unlearn
 
     if cfg.steps < 1 or cfg.n_samples < 10:
         raise UserError("--steps must be >= 1 and --n-samples >= 10")
@@ -54,9 +56,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     protocol = MnistTshirtProtocol.load()
     data = load_data("mnist-tshirt")
     kept, forget = split_kept(data, resolve_forget("default", data))
-    ucfg = UnlearnConfig(model="mnist-tshirt-base", data="mnist-tshirt", method="siss", lam=0.5, scaling_norm=5.0,
-                         steps=cfg.steps, batch_size=64, lr=5e-5, seed=cfg.seed, out=cfg.out)
-    run = RunDir(cfg.out, {"command": "demo", **asdict(cfg), "unlearn": asdict(ucfg)}, cfg.overwrite)
+    preset = load_yaml("mnist-tshirt")  # the paper's settings: the demo runs the shipped preset, fewer steps
+    spec = MethodSpec.resolve(preset["method"], None, MethodSpec(), "mnist-tshirt")
+    ucfg = build_config(TrainerConfig, raw={**preset["trainer"], "steps": cfg.steps, "seed": cfg.seed},
+                        where="mnist-tshirt")
+    run = RunDir(cfg.out, {"command": "demo", **asdict(cfg), "method": spec.to_dict(), "trainer": to_dict(ucfg)},
+                 cfg.overwrite)
     ecfg = EvalConfig(n_samples=cfg.n_samples, sample_steps=cfg.sample_steps, nll_probes=cfg.nll_probes,
                       nll_tol=cfg.nll_tol, seed=0)
     key = before_key(base, ecfg)
@@ -70,7 +75,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         before, s_before = evaluate(base, protocol, ecfg)
         s_before = s_before[shown_indices(before["_is_target"])]
     save_before(Path(cfg.out), key, before, s_before)
-    print(f"[2/3] SISS (lambda 0.5, scaling_norm 5), {cfg.steps} steps of batch 64 ...", flush=True)
+    print(f"[2/3] SISS (lambda {spec.to_dict()['lam']}, scaling_norm {spec.to_dict()['scaling_norm']}), "
+          f"{cfg.steps} steps of batch {ucfg.batch_size} ...", flush=True)
     t0 = time.time()
 
     def log(rec):
@@ -79,7 +85,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             print(f"  step {rec['step']}/{cfg.steps}  loss_x {rec['loss_x']:.1f}  loss_a {rec['loss_a']:.1f}  "
                   f"||G_x|| {rec['grad_norm_x']:.1f}  ||G_a|| {rec['grad_norm_a']:.1f}", flush=True)
 
-    after_model = unlearn(base, kept, forget, make_method("siss", lam=0.5, scaling_norm=5.0), ucfg, log=log)
+    after_model = unlearn(base, kept, forget, spec.build(), ucfg, log=log)
     unlearn_s = time.time() - t0
     save_model(after_model, run.model_dir)
     print("[3/3] evaluating the unlearned model ...", flush=True)

@@ -98,7 +98,6 @@ def run_eval(cfg: EvalConfig) -> dict:
     from .models import load_model
     from .runs import RunDir, prepare_out_dir, write_json
     from .sampling import save_grid
-    from .unlearn import resolve_model_dir
 
     if cfg.preset != "mnist-tshirt":
         raise UserError(f"unknown evaluation preset {cfg.preset!r}: known is mnist-tshirt")
@@ -107,7 +106,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if not cfg.out:
         raise UserError("pass --out: the directory for metrics.json")
     prepare_out_dir(cfg.out, cfg.overwrite)
-    model = load_model(resolve_model_dir(cfg.model))
+    model = load_model(cfg.model)
     model.check_data((1, 28, 28), "mnist-tshirt")
     protocol = MnistTshirtProtocol.load()
     if cfg.threads:

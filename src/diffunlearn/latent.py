@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .safeload import check_weights
 
 #: folder name -> diffusers class name
 CODEC_FOLDERS = {"vqvae": "VQModel", "vae": "AutoencoderKL"}
@@ -133,9 +134,7 @@ def load_codec(root: Path, allow_pickle: bool = False) -> LatentCodec | None:
     if found is None:
         return None
     kind, folder = found
-    from . import models
-
-    models._check_weights(folder, allow_pickle)
+    check_weights(folder, allow_pickle)
     import diffusers
 
     cls = getattr(diffusers, CODEC_FOLDERS[kind])

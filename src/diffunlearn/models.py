@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
+from .safeload import PICKLE_SUFFIXES, check_weights
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 # name -> UNet2DModel keyword arguments (sample_size and channels are filled in from the data)
 ARCHITECTURES: dict[str, dict] = {
@@ -105,42 +105,30 @@ class DiffusionModel:
         return x.clamp(-1, 1) if self.codec is None else self.codec.decode(x)
 
 
-def _weights_in(folder: Path) -> list[Path]:
-    return [p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES)]
+def resolve_model_dir(path: str | os.PathLike) -> str:
+    """A shipped model's name, a run directory (holding ``model/``) or a model directory -> the model directory."""
+    from .pretrained import available, pretrained_dir
 
-
-def _check_weights(folder: Path, allow_pickle: bool) -> None:
-    files = _weights_in(folder)
-    safe = [p for p in files if p.suffix == ".safetensors"]
-    if not files:
-        raise UserError(f"no weights in {folder}: expected diffusion_pytorch_model.safetensors")
-    if not safe:
-        if not allow_pickle:
-            raise UserError(f"{folder} holds only pickle weights ({files[0].name}), which can run code when loaded; "
-                            "convert them to safetensors or pass --allow-pickle if you trust the file")
-        return
-    from safetensors import safe_open
-
-    for p in safe:
-        try:
-            with safe_open(str(p), framework="pt") as f:
-                for key in f.keys():
-                    f.get_slice(key)
-        except Exception as e:
-            raise UserError(f"corrupt or truncated weights {p}: {e}") from None
+    p = Path(path)
+    if not p.exists() and str(path) in available():
+        p = pretrained_dir(str(path))
+    if (p / "model" / "model_index.json").is_file() or (p / "model" / "unet").is_dir():
+        return str(p / "model")
+    return str(p)
 
 
 def load_model(path: str | os.PathLike, allow_pickle: bool = False) -> DiffusionModel:
-    """Load a UNet2DModel and its DDPMScheduler from a local diffusers directory (never from a hub)."""
+    """Load a UNet2DModel and its DDPMScheduler from a local diffusers directory (never from a hub); ``path`` may also
+    be a shipped model's name (``instance-base``) or a run directory holding ``model/``."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    root = Path(path)
+    root = Path(resolve_model_dir(path))
     if not root.is_dir():
         raise UserError(f"model directory not found: {root}")
     unet_dir = root / "unet" if (root / "unet").is_dir() else root
     if not (unet_dir / "config.json").is_file():
         raise UserError(f"{root} is not a diffusers model directory (no unet/config.json or config.json)")
-    _check_weights(unet_dir, allow_pickle)
+    check_weights(unet_dir, allow_pickle)
     try:
         unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=not allow_pickle or None, local_files_only=True)
     except Exception as e:

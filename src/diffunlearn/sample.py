@@ -30,14 +30,13 @@ def run_sample(cfg: SampleConfig) -> dict:
     from .models import load_model
     from .runs import RunDir, prepare_out_dir
     from .sampling import ddpm_sample, save_grid
-    from .unlearn import resolve_model_dir
 
     if cfg.n < 1 or cfg.steps < 1 or cfg.batch_size < 1:
         raise UserError("--n, --steps and --batch-size must be at least 1")
     if not cfg.out:
         raise UserError("pass --out: the directory to write samples to")
     prepare_out_dir(cfg.out, cfg.overwrite)
-    model = load_model(resolve_model_dir(cfg.model), allow_pickle=cfg.allow_pickle)
+    model = load_model(cfg.model, allow_pickle=cfg.allow_pickle)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = RunDir(cfg.out, {"command": "sample", **asdict(cfg)}, cfg.overwrite)

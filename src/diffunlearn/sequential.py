@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,13 +30,33 @@ import yaml
 from .data import ImageSet, content_hash, load_data, resolve_forget
 from .errors import UserError
 from .ledger import LEDGER_NAME, Ledger, line_hash
+from .metrics.similarity import SIMILARITY_T
 from .models import DiffusionModel
-from .unlearn import UnlearnConfig
+from .trainer import TrainerConfig, unlearn
 
 QUALITY_IMAGES = 256
 STRIP_IMAGES = 64
 SETTINGS = ("steps", "lr", "batch_size", "grad_accum", "beta1", "beta2", "weight_decay", "clip_norm", "t_min", "t_max",
             "seed", "mixed_precision")
+
+
+@dataclass
+class SequentialConfig:
+    """Sequential deletion requests: applied in turn, each for the trainer's steps, with a ledger."""
+
+    requests: str = field(default="", metadata={"help": "file of deletion requests applied in turn, each for --steps "
+                                                        "steps (one forget SPEC per line, or a YAML list); writes "
+                                                        "ledger.jsonl"})
+    held_out: str = field(default="", metadata={"help": "with --requests: data SPEC of images never trained on "
+                                                        "(membership AUC, quality loss); default: the data set's own"})
+    sscd: str = field(default="", metadata={"help": "with --requests: local SSCD TorchScript file for the "
+                                                    "noise-and-denoise similarity (default: weight-free pixel cosine)"})
+    similarity_t: int = field(default=SIMILARITY_T, metadata={"help": "with --requests: noise-and-denoise "
+                                                                      "similarity noises to this step, denoises back"})
+
+    def validate(self) -> None:
+        if not self.requests and (self.held_out or self.sscd or self.similarity_t != SIMILARITY_T):
+            raise UserError("--held-out, --sscd and --similarity-t apply only with --requests")
 
 
 def read_requests(path: str) -> list[str]:
@@ -102,10 +122,11 @@ class Measurement:
 class Evaluator:
     """Measures models on the forgotten images and a fixed reference set, with fixed noise throughout."""
 
-    def __init__(self, cfg: UnlearnConfig, reference: torch.Tensor, held_out: bool):
+    def __init__(self, cfg: SequentialConfig, trainer: TrainerConfig, reference: torch.Tensor, held_out: bool):
         from .metrics.similarity import load_similarity
 
         self.cfg, self.reference, self.held_out = cfg, reference, held_out
+        self.seed, self.batch_size = trainer.seed, trainer.batch_size
         self.backend = load_similarity(cfg.sscd or None)
         self.quality_measure = "denoising-loss/" + ("held-out" if held_out else "kept")
 
@@ -113,10 +134,10 @@ class Evaluator:
         from .metrics.membership import denoising_losses
         from .metrics.similarity import noise_and_denoise_similarity
 
-        sim = noise_and_denoise_similarity(model, images, self.backend, self.cfg.similarity_t, self.cfg.seed,
-                                           self.cfg.batch_size)
-        losses = denoising_losses(model, images, seed=self.cfg.seed, batch_size=self.cfg.batch_size)
-        ref = denoising_losses(model, self.reference, seed=self.cfg.seed, batch_size=self.cfg.batch_size)
+        sim = noise_and_denoise_similarity(model, images, self.backend, self.cfg.similarity_t, self.seed,
+                                           self.batch_size)
+        losses = denoising_losses(model, images, seed=self.seed, batch_size=self.batch_size)
+        ref = denoising_losses(model, self.reference, seed=self.seed, batch_size=self.batch_size)
         return Measurement(sim.similarity, sim.scores, sim.denoised, losses, ref)
 
     def metrics(self, m: Measurement, sel: slice) -> dict:
@@ -132,7 +153,7 @@ class Evaluator:
         return out
 
 
-def _reference(cfg: UnlearnConfig, data: ImageSet, removed: set[int], model: DiffusionModel
+def _reference(cfg: SequentialConfig, seed: int, data: ImageSet, removed: set[int], model: DiffusionModel
                ) -> tuple[torch.Tensor, bool]:
     """Held-out images (``--held-out``, else the data set's own), else images no request removes; at most 256."""
     if cfg.held_out:
@@ -144,13 +165,13 @@ def _reference(cfg: UnlearnConfig, data: ImageSet, removed: set[int], model: Dif
         images = data.images[[i for i in range(len(data)) if i not in removed]]
     held = bool(cfg.held_out) or data.held_out is not None
     if len(images) > QUALITY_IMAGES:
-        g = torch.Generator().manual_seed(cfg.seed)
+        g = torch.Generator().manual_seed(seed)
         images = images[torch.randperm(len(images), generator=g)[:QUALITY_IMAGES].sort().values]
     return images, held
 
 
-def _check(cfg: UnlearnConfig) -> None:
-    if cfg.resume or cfg.checkpoint_every:
+def _check(cfg) -> None:
+    if cfg.resume or cfg.trainer.checkpoint_every:
         raise UserError("--resume and --checkpoint-every do not apply to --requests: each request's model is saved "
                         "with its ledger line, so a killed run keeps every finished request")
     if cfg.forget != "default":
@@ -163,25 +184,27 @@ def _check(cfg: UnlearnConfig) -> None:
         raise UserError("pass --model: a diffusers model directory")
 
 
-def run_sequential(cfg: UnlearnConfig) -> dict:
-    """Apply the deletion requests of ``cfg.requests`` in turn; write the run directory and its ledger."""
+def run_sequential(cfg) -> dict:
+    """Apply the deletion requests of ``cfg.sequential.requests`` in turn; write the run directory and its ledger.
+    ``cfg`` holds the run's I/O (model, data, out, ...), its ``method`` block, ``trainer`` and ``sequential``."""
+    from .config import to_dict
     from .models import load_model, model_summary, save_model, state_hash
     from .runs import RunDir, prepare_out_dir
     from .sampling import save_grid
-    from .unlearn import resolve_model_dir, unlearn
 
     _check(cfg)
-    method = cfg.build_method()
-    cfg.validate()
-    specs = read_requests(cfg.requests)
+    seq, trainer = cfg.sequential, cfg.trainer
+    method = cfg.method.build()
+    trainer.validate()
+    specs = read_requests(seq.requests)
     out = Path(cfg.out)
     prepare_out_dir(out, cfg.overwrite)
-    model = load_model(resolve_model_dir(cfg.model), allow_pickle=cfg.allow_pickle)
+    model = load_model(cfg.model, allow_pickle=cfg.allow_pickle)
     if model.codec is not None:
         raise UserError("--requests does not support latent models (vqvae/ or vae/) yet: run one request at a time")
-    cfg.validate(model.num_train_timesteps)
-    if not 0 <= cfg.similarity_t <= model.num_train_timesteps:
-        raise UserError(f"--similarity-t must lie in [0, {model.num_train_timesteps}], got {cfg.similarity_t}")
+    trainer.validate(model.num_train_timesteps)
+    if not 0 <= seq.similarity_t <= model.num_train_timesteps:
+        raise UserError(f"--similarity-t must lie in [0, {model.num_train_timesteps}], got {seq.similarity_t}")
     src = Path(model.source).resolve()
     if out.resolve() == src or src in out.resolve().parents or out.resolve() in src.parents:
         raise UserError("--out must not contain or be inside the input model's directory: the input is never modified")
@@ -189,15 +212,14 @@ def run_sequential(cfg: UnlearnConfig) -> dict:
     model.check_data(data.shape, "data")
     requests = resolve_requests(specs, data)
     order = [i for idx in requests for i in idx]
-    reference, held = _reference(cfg, data, set(order), model)
-    evaluator = Evaluator(cfg, reference, held)  # loads SSCD: a bad file fails before anything is written
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    reference, held = _reference(seq, trainer.seed, data, set(order), model)
+    evaluator = Evaluator(seq, trainer, reference, held)  # loads SSCD: a bad file fails before anything is written
+    if trainer.threads:
+        torch.set_num_threads(trainer.threads)
     stack = data.images[order]
     ends = [sum(len(r) for r in requests[:k + 1]) for k in range(len(requests))]
 
-    run = RunDir(out, {"command": "unlearn", **asdict(cfg), "requests_list": specs,
-                       "method_hyperparameters": method.hyperparameters()}, cfg.overwrite)
+    run = RunDir(out, {"command": "unlearn", **to_dict(cfg), "requests_list": specs}, cfg.overwrite)
     ledger = Ledger(out / LEDGER_NAME)
     hash_before = state_hash(model.unet)
     model_in = {"dir": model.source, "sha256": hash_before}
@@ -216,13 +238,13 @@ def run_sequential(cfg: UnlearnConfig) -> dict:
 
         def log(rec, k=k):
             run.log({"request": k, **rec})
-            if rec["step"] % max(1, cfg.log_every) == 0 or rec["step"] == cfg.steps:
+            if rec["step"] % max(1, cfg.log_every) == 0 or rec["step"] == trainer.steps:
                 losses = " ".join(f"{n}={v:.4g}" for n, v in rec.items() if n.startswith("loss_"))
-                print(f"  step {rec['step']}/{cfg.steps} {losses}", flush=True)
+                print(f"  step {rec['step']}/{trainer.steps} {losses}", flush=True)
 
         t0 = time.time()
-        method = cfg.build_method()
-        new = unlearn(model, kept, data.images[idx], method, cfg, log=log)
+        method = cfg.method.build()
+        new = unlearn(model, kept, data.images[idx], method, trainer, log=log)
         seconds = time.time() - t0
         t1 = time.time()
         previous, measured = measured, evaluator.measure(new, stack[:ends[min(k, len(requests) - 1)]])
@@ -234,7 +256,7 @@ def run_sequential(cfg: UnlearnConfig) -> dict:
         entry = {"time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                  "removed": [{"index": i, "name": data.names[i], "sha256": content_hash(data.images[i])} for i in idx],
                  "count": len(idx), "kept": len(kept), "method": method.name,
-                 "settings": {**method.hyperparameters(), **{s: getattr(cfg, s) for s in SETTINGS}},
+                 "settings": {**method.hyperparameters(), **{s: getattr(trainer, s) for s in SETTINGS}},
                  "metrics_before": before, "metrics_after": after, "seconds": round(seconds, 3),
                  "metrics_seconds": round(time.time() - t1, 3), "model_before": hash_before, "model_after": hash_after}
         line = ledger.next_line(entry)
@@ -256,7 +278,7 @@ def run_sequential(cfg: UnlearnConfig) -> dict:
              for sel, b, a in strips for j in range(len(b))][:STRIP_IMAGES]
     save_grid(torch.cat(tiles), out / "strips.png", ncol=4)
     summary = {"command": "unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
-               "steps": cfg.steps, "requests": len(requests), "forget": len(order), "kept": len(data) - len(order),
+               "steps": trainer.steps, "requests": len(requests), "forget": len(order), "kept": len(data) - len(order),
                "similarity": evaluator.backend.name, "quality_measure": evaluator.quality_measure,
                "per_request": records, "ledger": str(out / LEDGER_NAME), "ledger_head": line_hash(ledger.lines[-1]),
                "model_in": model_in,

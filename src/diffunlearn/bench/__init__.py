@@ -69,7 +69,7 @@ BENCHMARKS["toy"] = ("every unlearning method against the exact ideal denoiser o
 
 
 def _mnist_setup(p: argparse.ArgumentParser) -> None:
-    from ..cli import config_command
+    from ..config import config_command
     from .mnist_tshirt import MnistBenchConfig, run_mnist_bench
 
     config_command(p, MnistBenchConfig, run_mnist_bench)
@@ -80,7 +80,7 @@ BENCHMARKS["mnist-tshirt"] = ("the SISS paper's Table 2 on the shipped MNIST T-S
 
 
 def _instance_setup(p: argparse.ArgumentParser) -> None:
-    from ..cli import config_command
+    from ..config import config_command
     from .instance import InstanceBenchConfig, run_instance_bench
 
     config_command(p, InstanceBenchConfig, run_instance_bench)
@@ -91,7 +91,7 @@ BENCHMARKS["instance"] = ("forget one non-duplicated training image (the paper's
 
 
 def _speed_setup(p: argparse.ArgumentParser) -> None:
-    from ..cli import config_command
+    from ..config import config_command
     from .speed import SpeedConfig, run_speed_bench
 
     config_command(p, SpeedConfig, run_speed_bench)
@@ -102,7 +102,7 @@ BENCHMARKS["speed"] = ("seconds per step and peak memory of every method relativ
 
 
 def _prompt_setup(p: argparse.ArgumentParser) -> None:
-    from ..cli import config_command
+    from ..config import config_command
     from .prompt import PromptBenchConfig, run_prompt_bench
 
     config_command(p, PromptBenchConfig, run_prompt_bench)

@@ -149,7 +149,7 @@ def choose_targets(n: int, k: int, seed: int) -> list[int]:
 def _setup(cfg: InstanceBenchConfig) -> _Setup:
     from ..data import load_data
     from ..models import load_model
-    from ..unlearn import resolve_model_dir
+    from ..models import resolve_model_dir
 
     model_dir = resolve_model_dir(cfg.model)
     model = load_model(model_dir)
@@ -176,7 +176,7 @@ _STATE: dict = {}
 
 def _cached_setup(cfg: InstanceBenchConfig) -> _Setup:
     """The set-up of this process for ``cfg`` (loaded once per worker, reloaded when the model's weights change)."""
-    from ..unlearn import resolve_model_dir
+    from ..models import resolve_model_dir
 
     model_dir = Path(resolve_model_dir(cfg.model))
     stamp = [(str(p), p.stat().st_mtime_ns) for p in sorted(model_dir.rglob("*.safetensors"))] \
@@ -268,7 +268,7 @@ def calibrate_scaling_norm(model, kept: torch.Tensor, forget: torch.Tensor, meth
 
     from ..methods import Context, make_method
     from ..methods.base import global_norm
-    from ..unlearn import RowSampler
+    from ..trainer import RowSampler
 
     unet = copy.deepcopy(model.unet).train()
     method = make_method(method_name, **{k: (1.0 if v == "auto" else v) for k, v in params.items()})
@@ -314,7 +314,7 @@ def run_cell(cfg: InstanceBenchConfig, label: str, target: int, root: str) -> di
     from ..methods import make_method
     from ..metrics.similarity import noise_and_denoise
     from ..models import DiffusionModel
-    from ..unlearn import UnlearnConfig, unlearn
+    from ..trainer import TrainerConfig, unlearn
 
     torch.set_num_threads(1)
     c0, t0 = time.process_time(), time.time()
@@ -339,7 +339,7 @@ def run_cell(cfg: InstanceBenchConfig, label: str, target: int, root: str) -> di
                       for k, v in params.items()}
         method = make_method(method_name, **params)
         res["hyperparameters"] = method.hyperparameters()
-        ucfg = UnlearnConfig(method=method_name, steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+        ucfg = TrainerConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
                              seed=cfg.seed, threads=1)
         with_strip = target in setup.targets[:cfg.strip_targets]
         backend = _backend(cfg) if with_strip else None

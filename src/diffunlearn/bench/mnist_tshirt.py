@@ -62,7 +62,7 @@ def _run_cell(label: str, seed: int, cfg: MnistBenchConfig, protocol, base, retr
     from ..metrics.rates import target_rate
     from ..methods import make_method
     from ..sampling import ddpm_sample, save_grid
-    from ..unlearn import UnlearnConfig, unlearn
+    from ..trainer import TrainerConfig, unlearn
 
     method_name, params, steps, batch = ROWS[label]
     steps = max(1, int(round(steps * cfg.steps_scale))) if method_name else 0
@@ -85,7 +85,7 @@ def _run_cell(label: str, seed: int, cfg: MnistBenchConfig, protocol, base, retr
                 curve.append({"step": step, "tshirt_count": r.count, "n": r.n, "rate": r.rate,
                               "nll_bpd": float(nll.bpd[0])})
 
-        ucfg = UnlearnConfig(steps=steps, batch_size=batch, seed=seed)
+        ucfg = TrainerConfig(steps=steps, batch_size=batch, seed=seed)
         t0 = time.time()
         model = unlearn(base, kept, forget, make_method(method_name, **params), ucfg, log=log.append,
                         callback=callback if cfg.curve_every else None)

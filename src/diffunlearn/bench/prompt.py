@@ -142,13 +142,18 @@ def _unlearn_config(cfg: PromptBenchConfig, rep: dict, root: Path, label: str, s
     from ..sd.prompt import PromptUnlearnConfig
 
     method, _ = ROWS[label]
+    from ..methods import MethodSpec
+    from ..trainer import TrainerConfig
+
     return PromptUnlearnConfig(model=rep["model_dir"], data=str(root / "data"), out=str(_cell_dir(root, label, seed)),
-                               original_prompt=rep["variant"], method=method, steps=cfg.steps, lr=cfg.lr,
-                               batch_size=cfg.batch_size, grad_accum=1, seed=seed, gradient_checkpointing=False,
-                               eval_every=cfg.eval_every, eval_samples=cfg.eval_samples, eval_seed=1,
-                               sample_steps=rep["sample_steps"], guidance=rep["guidance"], clip=cfg.clip,
-                               proxy_band=cfg.proxy_band, sample_batch_size=64, device="cpu", threads=1,
-                               log_every=max(1, cfg.steps), overwrite=True, **params)
+                               original_prompt=rep["variant"], eval_every=cfg.eval_every,
+                               eval_samples=cfg.eval_samples, eval_seed=1, sample_steps=rep["sample_steps"],
+                               guidance=rep["guidance"], clip=cfg.clip, proxy_band=cfg.proxy_band,
+                               sample_batch_size=64, device="cpu", log_every=max(1, cfg.steps), overwrite=True,
+                               method=MethodSpec(method, dict(params)),
+                               trainer=TrainerConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
+                                                     grad_accum=1, seed=seed, gradient_checkpointing=False,
+                                                     beta1=0.9, weight_decay=1e-2, threads=1))
 
 
 def _scaling_norm(cfg: PromptBenchConfig, rep: dict, root: Path, label: str) -> dict:

@@ -47,8 +47,7 @@ class SpeedConfig:
 def _load(spec: str):
     import torch
 
-    from ..models import DiffusionModel, build_scheduler, build_unet, load_model
-    from ..unlearn import resolve_model_dir
+    from ..models import DiffusionModel, build_scheduler, build_unet, load_model, resolve_model_dir
 
     if spec.startswith("arch:"):
         torch.manual_seed(0)
@@ -67,11 +66,11 @@ def _sets(model):
 def _time_steps(model, kept, forget, label: str, cfg: SpeedConfig) -> tuple[list[float], list[dict]]:
     """Seconds of each step after the first (warm-up), and every step's log record."""
     from ..methods import make_method
-    from ..unlearn import UnlearnConfig, unlearn
+    from ..trainer import TrainerConfig, unlearn
 
     name, params = VARIANTS[label]
     log: list[dict] = []
-    unlearn(model, kept, forget, make_method(name, **params), UnlearnConfig(steps=cfg.steps, batch_size=cfg.batch_size),
+    unlearn(model, kept, forget, make_method(name, **params), TrainerConfig(steps=cfg.steps, batch_size=cfg.batch_size),
             log=log.append)
     return [r["seconds"] for r in log[1:]], log
 

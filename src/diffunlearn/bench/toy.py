@@ -340,7 +340,7 @@ def _method_job(cfg: ToyBenchConfig, label: str, method_name: str, params: dict,
                 retrain_dir: str, out_dir: str | None) -> dict:
     from ..methods import make_method
     from ..models import load_model, save_model
-    from ..unlearn import UnlearnConfig, unlearn
+    from ..trainer import TrainerConfig, unlearn
 
     torch.set_num_threads(1)
     c0 = time.process_time()
@@ -360,7 +360,7 @@ def _method_job(cfg: ToyBenchConfig, label: str, method_name: str, params: dict,
                       for k, v in params.items()}
         method = make_method(method_name, **params)
         res["hyperparameters"] = method.hyperparameters()
-        ucfg = UnlearnConfig(method=method_name, steps=cfg.unlearn_steps, lr=cfg.unlearn_lr,
+        ucfg = TrainerConfig(steps=cfg.unlearn_steps, lr=cfg.unlearn_lr,
                              batch_size=cfg.unlearn_batch, seed=cfg.seed, threads=1)
         logs: list[dict] = []
         t0 = time.time()
@@ -390,7 +390,7 @@ def calibrate_scaling_norm(cfg: ToyBenchConfig, base, method_name: str, params: 
     far larger gradient norm than the plain DDPM loss of SISS (No IS) or lambda = 0 (about 8x on this data)."""
     from ..methods import Context, make_method
     from ..methods.base import global_norm
-    from ..unlearn import RowSampler
+    from ..trainer import RowSampler
 
     _, kept, forget = _load_sets()
     unet = copy.deepcopy(base.unet).train()

@@ -1,11 +1,17 @@
-"""The registry of unlearning methods. A new method is one new file and one line here."""
+"""The registry of unlearning methods. A new method is one new file and one line here: its dataclass fields are its
+hyperparameters, and they become the ``method:`` block of a YAML config and command-line flags (a field's metadata
+may name the flag and give its help)."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import typing
+from dataclasses import dataclass, field
 
+from ..config import unwrap_optional
 from ..errors import UserError
-from .base import Context, Method, StepBatch, Terms
+from .base import Context, GradStep, Method, StepBatch, Terms
 from .erasediff import EraseDiff, EraseDiffLight
 from .naive import NaiveDeletion
 from .neggrad import NegGrad
@@ -21,6 +27,19 @@ def method_params(name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(METHODS[name])]
 
 
+def param_flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a method's field: its metadata's ``flag``, else ``--field-name``."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def flag_of(param: str) -> str:
+    for cls in METHODS.values():
+        for f in dataclasses.fields(cls):
+            if f.name == param:
+                return param_flag(f)
+    return "--" + param.replace("_", "-")
+
+
 def make_method(name: str, **params) -> Method:
     """Build a method by name; parameters it does not take are an error, not silently ignored."""
     if name not in METHODS:
@@ -28,9 +47,79 @@ def make_method(name: str, **params) -> Method:
     known = set(method_params(name))
     extra = sorted(k for k, v in params.items() if v is not None and k not in known)
     if extra:
-        flags = ", ".join("--" + ("lambda" if k == "lam" else k.replace("_", "-")) for k in extra)
-        raise UserError(f"{flags} does not apply to method {name} (it takes: {', '.join(sorted(known)) or 'nothing'})")
+        takes = ", ".join(sorted(flag_of(k) for k in known)) or "no options"
+        raise UserError(f"{', '.join(flag_of(k) for k in extra)} does not apply to method {name} (it takes: {takes})")
     return METHODS[name](**{k: v for k, v in params.items() if v is not None})
 
 
-__all__ = ["METHODS", "Method", "Context", "StepBatch", "Terms", "make_method", "method_params"]
+@dataclass
+class MethodSpec:
+    """The ``method:`` block of a config: a registered method's name and the hyperparameters set for it (the rest
+    take the method's defaults). In YAML ``method: siss`` or ``method: {name: siss, lam: 0.5}``; on the command line
+    ``--method NAME`` and the flags generated from every method's fields. ``--method`` naming another method than the
+    config file replaces the file's block, so a preset works with every method."""
+
+    name: str = "siss"
+    params: dict = field(default_factory=dict)
+
+    def build(self) -> Method:
+        return make_method(self.name, **self.params)
+
+    def to_dict(self) -> dict:
+        """The block as it would be written in YAML, with every hyperparameter resolved (defaults included)."""
+        return {"name": self.name, **self.build().hyperparameters()}
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        parser.add_argument("--method", dest="method.name", default=None, metavar="NAME",
+                            help=f"unlearning method: {', '.join(METHODS)}")
+        seen: dict[str, str] = {}
+        for cls in METHODS.values():
+            hints = typing.get_type_hints(cls)
+            for f in dataclasses.fields(cls):
+                flag = param_flag(f)
+                if flag in seen:
+                    continue
+                seen[flag] = cls.name
+                kind = unwrap_optional(hints[f.name])
+                users = [n for n, c in METHODS.items() if f.name in {g.name for g in dataclasses.fields(c)}]
+                help_ = f"{'/'.join(users)}: {f.metadata.get('help', f.name)}"
+                if kind is bool:
+                    parser.add_argument(flag, dest="method." + f.name, action=argparse.BooleanOptionalAction,
+                                        default=None, help=help_)
+                else:
+                    parser.add_argument(flag, dest="method." + f.name, type=kind, default=None,
+                                        metavar=flag[2:].upper().replace("-", "_"), help=help_)
+
+    @classmethod
+    def resolve(cls, raw, args, base: "MethodSpec", where: str) -> "MethodSpec":
+        """File block ``raw`` (None, a name or a mapping) over ``base``, then command-line flags over both."""
+        name, params = base.name, dict(base.params)
+        if isinstance(raw, str):
+            name, params = raw, {}
+        elif isinstance(raw, dict):
+            raw = dict(raw)
+            if "name" not in raw:
+                raise UserError(f"the method block in {where} needs a name, e.g. method: {{name: siss, lam: 0.5}}")
+            name, params = str(raw.pop("name")), raw
+        elif raw is not None:
+            raise UserError(f"method in {where} must be a name or a mapping with name: and its settings")
+        args = args if args is not None else argparse.Namespace()
+        cli_name = getattr(args, "method.name", None)
+        if cli_name is not None and cli_name != name:
+            name, params = cli_name, {}  # another method: the file's settings were for the one it named
+        for key in list(params):
+            norm = key.replace("-", "_")
+            norm = "lam" if norm == "lambda" else norm
+            params[norm] = params.pop(key)
+        for f in {f.name for c in METHODS.values() for f in dataclasses.fields(c)}:
+            v = getattr(args, "method." + f, None)
+            if v is not None:
+                params[f] = v
+        spec = cls(name, params)
+        spec.build()  # an unknown method or a setting it does not take fails before anything runs
+        return spec
+
+
+__all__ = ["METHODS", "Method", "MethodSpec", "Context", "GradStep", "StepBatch", "Terms", "make_method",
+           "method_params"]

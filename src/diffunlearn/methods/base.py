@@ -1,9 +1,11 @@
 """The interface every unlearning method implements, and the batch it receives.
 
-A method is a small dataclass: hyperparameters are its fields, ``terms`` returns named per-sample losses for a
-micro-batch, and how the gradients of those terms become one update is the method's own business: either fixed
-coefficients (one backward pass of the weighted sum) or ``combine`` over the separately accumulated gradients
-(SISS norm-fixing, EraseDiff's adaptive weight). The trainer asks ``separate_grads`` and never a method's name.
+A method is a small dataclass: hyperparameters are its fields (their ``metadata`` gives the command-line flag and
+help), ``terms`` returns named per-sample losses for a micro-batch, and how the gradients of those terms become one
+update is the method's own business, through two hooks the trainer calls without knowing any term or method:
+``backward`` (once per micro-batch) and ``finish`` (once per optimiser step, leaving the update in ``p.grad``). The
+defaults cover both common cases: fixed coefficients (one backward pass of the weighted sum) or ``combine`` over the
+separately accumulated gradients (SISS norm-fixing, EraseDiff's adaptive weight).
 """
 
 from __future__ import annotations
@@ -98,6 +100,36 @@ class Method:
     def loss_coefficients(self) -> dict[str, float]:
         return dict(self.coefficients)
 
+    def backward(self, losses: dict[str, torch.Tensor], params: list[torch.Tensor], step: "GradStep") -> None:
+        """Back-propagate one micro-batch's per-sample losses, divided by ``step.micro_batches`` so that the sum over
+        micro-batches is the mean over the step's rows. Default: with ``separate_grads`` each term's gradient is
+        accumulated in its own buffer (``step.buffers``); otherwise the fixed-coefficient sum goes into ``p.grad``."""
+        if step.separate:
+            names = list(losses)
+            for i, k in enumerate(names):
+                grads = torch.autograd.grad(losses[k].mean() / step.micro_batches, params, retain_graph=i + 1 < len(names),
+                                            allow_unused=True)
+                buf = step.buffers.setdefault(k, [torch.zeros_like(p) for p in params])
+                for b, g in zip(buf, grads):
+                    if g is not None:
+                        b.add_(g)
+        else:
+            coefs = self.loss_coefficients()
+            (sum(coefs[k] * v.mean() for k, v in losses.items()) / step.micro_batches).backward()
+
+    def finish(self, params: list[torch.Tensor], step: "GradStep") -> dict[str, float]:
+        """After every micro-batch: leave the step's update in each ``p.grad`` (averaged over processes through
+        ``step.reduce``) and return statistics to log."""
+        if step.separate:
+            bufs = {k: [step.reduce(b) for b in v] for k, v in step.buffers.items()}
+            update, stats = self.combine(bufs)
+            for p, g in zip(params, update):
+                p.grad = g
+            return stats
+        for p in params:
+            p.grad = torch.zeros_like(p) if p.grad is None else step.reduce(p.grad)
+        return {}
+
     def combine(self, grads: dict[str, list[torch.Tensor]]) -> tuple[list[torch.Tensor], dict[str, float]]:
         """Turn the accumulated gradient of each term into the update direction (only with ``separate_grads``)."""
         raise NotImplementedError(f"{type(self).__name__} must define combine() when separate_grads is set")
@@ -115,6 +147,21 @@ class Method:
 
     def hyperparameters(self) -> dict:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+
+
+@dataclass
+class GradStep:
+    """What ``Method.backward`` / ``Method.finish`` know of one optimiser step: ``micro_batches`` per process,
+    ``single`` = the step is one micro-batch in one process, ``separate`` = the method's ``separate_grads`` this step,
+    ``reduce`` averages a tensor over processes (identity in one process), ``buffers`` the per-term gradients and
+    ``stats`` whatever ``backward`` measured for ``finish`` to return."""
+
+    micro_batches: int
+    single: bool
+    separate: bool
+    reduce: object = staticmethod(lambda t: t)
+    buffers: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
 
 
 def ddpm_terms(unet, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, ctx: Context) -> torch.Tensor:

@@ -13,7 +13,7 @@ with Gaussian-noised ``a_t`` and an independent uniform target ``u``, combined a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,10 +29,10 @@ def _uniform_forget_loss(unet, batch, ctx, u: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class EraseDiff(Method):
-    inner_steps: int = 2
-    lambda_e: float = 0.1
-    adaptive: bool = False
-    eta: float = 0.1
+    inner_steps: int = field(default=2, metadata={"help": "inner passes over A per step"})
+    lambda_e: float = field(default=0.1, metadata={"help": "weight of the forget loss"})
+    adaptive: bool = field(default=False, metadata={"help": "adaptive lambda_e = max(eta - cos, 0)"})
+    eta: float = field(default=0.1, metadata={"help": "eta of the adaptive weight"})
 
     name = "erasediff"
     summary = "bilevel: inner passes fit A to uniform noise, outer step keeps X \\ A (Wu et al. 2024)"
@@ -89,7 +89,7 @@ class EraseDiff(Method):
 
 @dataclass
 class EraseDiffLight(Method):
-    eta: float = 1e-3
+    eta: float = field(default=1e-3, metadata={"help": "eta of the adaptive weight"})
 
     name = "erasediff-light"
     summary = "EraseDiff without the inner loop, as compared in the SISS paper"

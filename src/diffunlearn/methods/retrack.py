@@ -8,7 +8,7 @@ Per step: ``x_t = gamma_t a + sigma_t eps``; for each neighbour ``x_n``, ``v_n =
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,8 +29,8 @@ def nearest_kept(forget: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tens
 
 @dataclass
 class ReTrack(Method):
-    lambda_r: float = 0.005
-    knn: int = 10
+    lambda_r: float = field(default=0.005, metadata={"help": "weight of the redirect loss"})
+    knn: int = field(default=10, metadata={"help": "neighbours per forget item"})
 
     name = "retrack"
     summary = "redirect A's denoising to its k nearest kept neighbours, plus the DDPM loss on X \\ A"

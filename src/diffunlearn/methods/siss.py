@@ -7,7 +7,7 @@ gradient is rescaled to exactly ``scaling_norm`` each step (norm-fixing) or mult
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -27,9 +27,10 @@ class SubtractedGradients:
     backward pass (an approximation, measured in the README's performance section).
     """
 
-    scaling_norm: float | None = 5.0
-    superfactor: float | None = None
-    norm_refresh: int = 1
+    scaling_norm: float | None = field(default=5.0, metadata={"help": "norm the NegGrad gradient is fixed to"})
+    superfactor: float | None = field(default=None, metadata={"help": "fixed NegGrad multiplier instead of norm-fixing"})
+    norm_refresh: int = field(default=1, metadata={"help": "take both gradients every k-th step only, reusing ||G_a|| "
+                                                           "in between (approximation; 1 = exact)"})
 
     def __post_init__(self):
         if self.superfactor is not None:
@@ -69,6 +70,27 @@ class SubtractedGradients:
     def loss_coefficients(self):
         return {"x": 1.0, "a": -self._factor()}
 
+    def backward(self, losses, params, step):
+        """One micro-batch in one process: ``g = G_x - c G_a`` into the parameters' gradients with ``G_a`` the only
+        buffer held beside them: ``G_a`` from its own backward pass (the graph kept), ``c`` from it, then one backward
+        pass of ``mean L_x - c mean L_a``. Two backward passes, as when both gradients are accumulated separately,
+        but one gradient buffer instead of three (the same update as ``combine`` up to float rounding)."""
+        if not (step.separate and step.single):
+            return super().backward(losses, params, step)
+        ga = torch.autograd.grad(losses["a"].mean(), params, retain_graph=True, allow_unused=True)
+        ga = [torch.zeros_like(p) if g is None else g for p, g in zip(params, ga)]
+        c = self.factor_for(ga)
+        (losses["x"].mean() - c * losses["a"].mean()).backward()
+        for p in params:
+            if p.grad is None:  # a parameter neither loss reaches
+                p.grad = torch.zeros_like(p)
+        step.stats.update(self.stats_in_graph([p.grad for p in params], ga, c))
+
+    def finish(self, params, step):
+        if step.separate and step.single:
+            return step.stats
+        return super().finish(params, step)
+
     def combine(self, grads):
         gx, ga = grads["x"], grads["a"]
         c = self.factor_for(ga)
@@ -77,9 +99,6 @@ class SubtractedGradients:
         xa = sum((x.double() * a.double()).sum() for x, a in zip(gx, ga))
         return out, self._stats(xx, xa, c)
 
-    # The trainer's lean path (one micro-batch, one process): it takes G_a alone, asks ``factor_for`` for c, then
-    # back-propagates ``mean L_x - c mean L_a`` through the same graph into the parameters' own gradients, so that
-    # only G_a is held beside them (the same update as ``combine``, up to float rounding; ``G_x = g + c G_a``).
     def factor_for(self, ga) -> float:
         """The subtraction factor for this step's ``G_a`` (records ``||G_a||`` for norm-fixing and refresh)."""
         self._last_norm_a = float(torch.sqrt(sum((a.double() ** 2).sum() for a in ga)))
@@ -116,10 +135,7 @@ class SubtractedGradients:
 class SISS(SubtractedGradients, Method):
     """SISS with mixture weight ``lam`` in [0, 1]; lam = 0 and lam = 1 are the paper's ablations."""
 
-    lam: float = 0.5
-    scaling_norm: float | None = 5.0
-    superfactor: float | None = None
-    norm_refresh: int = 1
+    lam: float = field(default=0.5, metadata={"flag": "--lambda", "help": "mixture weight lambda in [0, 1]"})
 
     name = "siss"
     summary = "importance-sampled naive deletion minus norm-fixed NegGrad, one forward pass (Alberti et al. 2025)"
@@ -151,10 +167,6 @@ class SISS(SubtractedGradients, Method):
 @dataclass
 class SISSNoIS(SubtractedGradients, Method):
     """SISS (No IS): the same norm-fixed combination on plain DDPM losses of x and a, two forward passes."""
-
-    scaling_norm: float | None = 5.0
-    superfactor: float | None = None
-    norm_refresh: int = 1
 
     name = "siss-nois"
     summary = "naive deletion minus norm-fixed NegGrad without importance sampling, two forward passes"

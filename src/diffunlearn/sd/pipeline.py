@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models import PICKLE_SUFFIXES, DiffusionModel, _check_weights
+from ..models import DiffusionModel
+from ..safeload import PICKLE_SUFFIXES, check_weights
 from ..sampling import image_generators, initial_noise
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -253,7 +254,7 @@ def load_sd(path: str | os.PathLike, allow_pickle: bool = False, device: str | t
     root = resolve_sd_dir(path)
     has_vae = "vae" in _declared(root)
     for part in ("unet", "vae", "text_encoder") if has_vae else ("unet", "text_encoder"):
-        _check_weights(root / part, allow_pickle)
+        check_weights(root / part, allow_pickle)
     safe = None if allow_pickle else True
 
     def load(what, fn):

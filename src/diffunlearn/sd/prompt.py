@@ -22,15 +22,14 @@ import yaml
 
 from ..errors import UserError
 from ..runs import atomic_dir
-from ..methods import METHODS, make_method
+from ..methods import MethodSpec, make_method
+from ..trainer import TrainerConfig
 from .memorisation import DEFAULT_THRESHOLD, LABELS_FILE, REFERENCE_FILE, RULE_FILE
 from .replica import ReplicaTrainConfig, train_replica
 
 #: the paper's Stable Diffusion hyperparameters where they differ from a method's own defaults (METHODS.md)
 SD_METHOD_DEFAULTS = {"siss": {"scaling_norm": 750.0}, "siss-nois": {"scaling_norm": 750.0},
                       "erasediff-light": {"eta": 1e-2}, "retrack": {"lambda_r": 0.5}}
-METHOD_PARAMS = ("lam", "scaling_norm", "superfactor", "norm_refresh", "inner_steps", "lambda_e", "adaptive", "eta",
-                 "lambda_r", "knn")
 
 
 def _device(name: str) -> torch.device:
@@ -252,22 +251,6 @@ class PromptUnlearnConfig:
     out: str = field(default="", metadata={"help": "run directory to create (the unlearned model goes to model/)"})
     prompt: str = field(default="", metadata={"help": "prompt held fixed while unlearning (default: the data's)"})
     original_prompt: str = field(default="", metadata={"help": "the original, fully memorised prompt: also scored"})
-    method: str = field(default="siss", metadata={"help": "unlearning method: "
-                                                          + ", ".join(m for m in METHODS if m != "retrain")})
-    steps: int = field(default=35, metadata={"help": "optimiser steps"})
-    lr: float = field(default=1e-5, metadata={"help": "AdamW learning rate (constant)"})
-    batch_size: int = field(default=1, metadata={"help": "rows per micro-batch"})
-    grad_accum: int = field(default=16, metadata={"help": "micro-batches per optimiser step"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
-    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay"})
-    clip_norm: float = field(default=1.0, metadata={"help": "clip the final gradient to this L2 norm"})
-    t_min: int = field(default=0, metadata={"help": "smallest training timestep"})
-    t_max: int = field(default=-1, metadata={"help": "largest training timestep (-1: T-1; the authors' code used "
-                                                     "only t = 999, by accident)"})
-    seed: int = field(default=0, metadata={"help": "random seed of the unlearning run"})
-    gradient_checkpointing: bool = field(default=True, metadata={"help": "trade compute for memory in the UNet"})
-    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (GPU)"})
     eval_every: int = field(default=5, metadata={"help": "count memorised samples every N steps (0: before and "
                                                          "after only)"})
     eval_samples: int = field(default=16, metadata={"help": "samples per count (the paper: 16)"})
@@ -284,52 +267,37 @@ class PromptUnlearnConfig:
                                                              "of its value before unlearning"})
     sample_batch_size: int = field(default=8, metadata={"help": "images per sampling batch"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda (sampling; training follows Accelerate)"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     log_every: int = field(default=1, metadata={"help": "print a progress line every N steps"})
     overwrite: bool = field(default=False, metadata={"help": "replace a previous run directory"})
     allow_pickle: bool = field(default=False, metadata={"help": "allow pickle weights: only for files you trust"})
-    lam: float | None = field(default=None, metadata={"help": "SISS mixture weight lambda (default 0.5)",
-                                                      "flag": "--lambda"})
-    scaling_norm: float | None = field(default=None, metadata={"help": "SISS: NegGrad gradient norm (SD default 750)"})
-    superfactor: float | None = field(default=None, metadata={"help": "SISS: fixed NegGrad multiplier instead"})
-    norm_refresh: int | None = field(default=None, metadata={"help": "SISS: take both gradients every k-th step only"})
-    inner_steps: int | None = field(default=None, metadata={"help": "EraseDiff: inner passes over A per step"})
-    lambda_e: float | None = field(default=None, metadata={"help": "EraseDiff: weight of the forget loss"})
-    adaptive: bool | None = field(default=None, metadata={"help": "EraseDiff: adaptive lambda_e"})
-    eta: float | None = field(default=None, metadata={"help": "EraseDiff: eta (SD default for erasediff-light 1e-2)"})
-    lambda_r: float | None = field(default=None, metadata={"help": "ReTrack: redirect weight (SD default 0.5)"})
-    knn: int | None = field(default=None, metadata={"help": "ReTrack: neighbours per forget item"})
-
-    def method_kwargs(self) -> dict:
-        kw = {k: getattr(self, k) for k in METHOD_PARAMS if getattr(self, k) is not None}
-        for k, v in SD_METHOD_DEFAULTS.get(self.method, {}).items():
-            if k not in kw and not (k == "scaling_norm" and "superfactor" in kw):
-                kw[k] = v
-        return kw
+    method: MethodSpec = field(default_factory=MethodSpec)
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
+        steps=35, lr=1e-5, batch_size=1, grad_accum=16, beta1=0.9, weight_decay=1e-2, gradient_checkpointing=True))
 
     def build_method(self):
-        method = make_method(self.method, **self.method_kwargs())
+        """The method block with the Stable Diffusion defaults of the paper where the block does not set them."""
+        kw = dict(self.method.params)
+        for k, v in SD_METHOD_DEFAULTS.get(self.method.name, {}).items():
+            if k not in kw and not (k == "scaling_norm" and kw.get("superfactor") is not None):
+                kw[k] = v
+        method = make_method(self.method.name, **kw)
         if method.from_scratch:
-            raise UserError(f"{self.method} trains from scratch on the training set, which a prompt's generated data "
-                            "set is not; choose an unlearning method")
+            raise UserError(f"{self.method.name} trains from scratch on the training set, which a prompt's generated "
+                            "data set is not; choose an unlearning method")
         return method
 
-    def unlearn_config(self):
-        from ..unlearn import UnlearnConfig
-
-        return UnlearnConfig(method=self.method, steps=self.steps, lr=self.lr, batch_size=self.batch_size,
-                             grad_accum=self.grad_accum, beta1=self.beta1, beta2=self.beta2,
-                             weight_decay=self.weight_decay, clip_norm=self.clip_norm, t_min=self.t_min,
-                             t_max=self.t_max, seed=self.seed, gradient_checkpointing=self.gradient_checkpointing,
-                             mixed_precision=self.mixed_precision)
+    def validate(self) -> None:
+        self.build_method()
+        self.trainer.validate()
 
 
 def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
     """Unlearn a prompt's memorised images with the prompt held fixed; count memorised samples along the way."""
+    from ..config import to_dict
     from ..models import state_hash
     from ..runs import RunDir, prepare_out_dir
     from ..sampling import save_grid
-    from ..unlearn import unlearn
+    from ..trainer import unlearn
     from .memorisation import MemorisationRule, read_prompt_data
     from .pipeline import load_sd, save_sd
     from .quality import quality_measure
@@ -337,7 +305,7 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
     method = cfg.build_method()
     if not cfg.model or not cfg.data or not cfg.out:
         raise UserError("pass --model (a Stable Diffusion directory), --data (a folder from `prompt build`) and --out")
-    ucfg = cfg.unlearn_config()
+    ucfg = cfg.trainer
     ucfg.validate()
     if cfg.eval_every < 0:
         raise UserError(f"--eval-every must be >= 0, got {cfg.eval_every}")
@@ -352,8 +320,8 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
     prompt = cfg.prompt or data.prompt
     if not prompt:
         raise UserError(f"pass --prompt: {cfg.data} does not say which prompt it was built for")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if ucfg.threads:
+        torch.set_num_threads(ucfg.threads)
     device = _device(cfg.device)
     sd = load_sd(cfg.model, cfg.allow_pickle, "cpu")
     _check_outside(out, Path(sd.source))
@@ -375,7 +343,7 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
     uncond = sd.encode_prompt("")
     hash_before = state_hash(sd.unet)
 
-    config = {"command": "prompt unlearn", **asdict(cfg), "method_hyperparameters": method.hyperparameters(),
+    config = {"command": "prompt unlearn", **to_dict(cfg), "method_hyperparameters": method.hyperparameters(),
               "kept": len(kept), "forget": len(forget), "quality_measure": quality.check.describe(),
               "memorisation": rule.describe()}
     run = RunDir(out, config, cfg.overwrite)
@@ -392,20 +360,20 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
             evals.write(json.dumps(rec) + "\n")
             print(f"step {step}: {res['memorised']}/{res['of']} memorised ({key}), quality {res['quality']:.4g}",
                   flush=True)
-            if step == 0 or step == cfg.steps:
+            if step == 0 or step == ucfg.steps:
                 save_grid(images, out / f"samples_{key}_{'before' if step == 0 else 'after'}.png")
 
     def callback(step: int, unet) -> None:
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+        if (cfg.eval_every and step % cfg.eval_every == 0) or step == ucfg.steps:
             evaluate(step, unet)
 
     every = max(1, cfg.log_every)
 
     def log(rec):
         run.log(rec)
-        if rec["step"] % every == 0 or rec["step"] == cfg.steps:
+        if rec["step"] % every == 0 or rec["step"] == ucfg.steps:
             keys = [k for k in rec if k.startswith("loss_")] + ["grad_norm", "seconds"]
-            print(f"step {rec['step']}/{cfg.steps} " + " ".join(f"{k}={rec[k]:.4g}" for k in keys if k in rec),
+            print(f"step {rec['step']}/{ucfg.steps} " + " ".join(f"{k}={rec[k]:.4g}" for k in keys if k in rec),
                   flush=True)
 
     sd.unet.to(device)
@@ -416,7 +384,7 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
     save_sd(sd, new.unet, run.model_dir)
     report = {k: success_report(c, quality.check) for k, c in curves.items()}
     summary = {"command": "prompt unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
-               "prompts": prompts, "steps": cfg.steps, "kept": len(kept), "forget": len(forget),
+               "prompts": prompts, "steps": ucfg.steps, "kept": len(kept), "forget": len(forget),
                "quality_measure": quality.name, "quality_rule": quality.check.describe(),
                "memorisation": rule.describe(), "success": report, "curve": curves,
                "model_in": {"dir": sd.source, "sha256": hash_before},
@@ -510,7 +478,7 @@ PROMPT_COMMANDS = {
 
 
 def _prompt_setup(parser) -> None:
-    from ..cli import config_command
+    from ..config import config_command
 
     sub = parser.add_subparsers(dest="prompt_command", required=True)
     for name, (help_, cls, run) in PROMPT_COMMANDS.items():
@@ -518,7 +486,7 @@ def _prompt_setup(parser) -> None:
 
 
 def _detect_setup(parser) -> None:
-    from ..cli import config_command
+    from ..config import config_command
 
     config_command(parser, DetectConfig, run_detect)
 

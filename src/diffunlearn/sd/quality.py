@@ -74,12 +74,12 @@ class ClipIQA:
         require_transformers()
         from transformers import CLIPModel, CLIPTokenizer
 
-        from ..models import _check_weights
+        from ..safeload import check_weights
 
         path = Path(folder)
         if not path.is_dir():
             raise UserError(f"CLIP directory not found: {path}")
-        _check_weights(path, allow_pickle)
+        check_weights(path, allow_pickle)
         try:
             self.model = CLIPModel.from_pretrained(str(path), local_files_only=True,
                                                    use_safetensors=None if allow_pickle else True).float().eval()

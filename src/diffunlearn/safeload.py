@@ -1,0 +1,35 @@
+"""Weight files that are safe to load: safetensors by default, pickle (``.bin``/``.ckpt``/...) only when the user
+says they trust the file; every safetensors file is read through once so a truncated file fails before loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def weights_in(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.is_file() and (p.suffix == ".safetensors" or p.suffix in PICKLE_SUFFIXES)]
+
+
+def check_weights(folder: Path, allow_pickle: bool) -> None:
+    files = weights_in(folder)
+    safe = [p for p in files if p.suffix == ".safetensors"]
+    if not files:
+        raise UserError(f"no weights in {folder}: expected diffusion_pytorch_model.safetensors")
+    if not safe:
+        if not allow_pickle:
+            raise UserError(f"{folder} holds only pickle weights ({files[0].name}), which can run code when loaded; "
+                            "convert them to safetensors or pass --allow-pickle if you trust the file")
+        return
+    from safetensors import safe_open
+
+    for p in safe:
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception as e:
+            raise UserError(f"corrupt or truncated weights {p}: {e}") from None

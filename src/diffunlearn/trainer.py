@@ -1,0 +1,234 @@
+"""The deletion fine-tuning loop: any registered method, through Accelerate.
+
+Each optimiser step draws all its rows at once from one seeded generator (pairs from X \\ A and A, noise, timesteps
+and the method's own randomness), then splits them over processes and micro-batches. So the update does not depend
+on how a global batch is split: batch 1 x accumulation 8 equals batch 8 x accumulation 1, and two processes equal
+one. How the gradients of a method's loss terms become one update is the method's own (``Method.backward`` per
+micro-batch, ``Method.finish`` per step); the loop never names a term or a method. The final gradient is clipped and
+AdamW steps. The input model is never modified: the loop trains a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .diffusion import sample_timesteps
+from .errors import UserError
+from .methods import Context, Method, StepBatch
+from .methods.base import GradStep
+from .models import DiffusionModel
+
+
+@dataclass
+class TrainerConfig:
+    """How the deletion fine-tuning runs: optimiser, steps, batching, timesteps, precision, checkpoints."""
+
+    steps: int = field(default=300, metadata={"help": "optimiser steps"})
+    lr: float = field(default=5e-5, metadata={"help": "AdamW learning rate (constant)"})
+    batch_size: int = field(default=64, metadata={"help": "rows per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimiser step"})
+    beta1: float = field(default=0.95, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
+    weight_decay: float = field(default=1e-6, metadata={"help": "AdamW weight decay"})
+    clip_norm: float = field(default=1.0, metadata={"help": "clip the final gradient to this L2 norm"})
+    t_min: int = field(default=0, metadata={"help": "smallest training timestep"})
+    t_max: int = field(default=-1, metadata={"help": "largest training timestep (-1: T-1)"})
+    seed: int = field(default=0, metadata={"help": "random seed: same seed, same weights"})
+    mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (GPU)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (large UNets)"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    checkpoint_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps (0: never)"})
+
+    def validate(self, num_timesteps: int | None = None) -> None:
+        if self.checkpoint_every < 0:
+            raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.steps < 0:
+            raise UserError(f"--steps must be >= 0, got {self.steps}")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise UserError("--batch-size and --grad-accum must be at least 1")
+        if not (self.lr > 0 and self.lr < float("inf")):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if not self.clip_norm > 0:
+            raise UserError(f"--clip-norm must be positive, got {self.clip_norm}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0:
+            raise UserError("AdamW needs 0 <= beta1, beta2 < 1 and weight decay >= 0")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if num_timesteps is not None:
+            t_max = num_timesteps - 1 if self.t_max < 0 else self.t_max
+            if not 0 <= self.t_min <= t_max < num_timesteps:
+                raise UserError(f"timestep range [{self.t_min}, {self.t_max}] must lie within [0, {num_timesteps - 1}]")
+
+
+def accelerator(mixed_precision: str):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cpu = not torch.cuda.is_available()  # on CPU-only machines, WORLD_SIZE > 1 means gloo processes (MULTI_CPU)
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+    except ValueError:  # a previous Accelerator in this process fixed other settings
+        AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(mixed_precision=mixed_precision, cpu=cpu)
+
+
+class RowSampler:
+    """Draws the rows of optimiser steps from one generator, independent of batch splitting."""
+
+    def __init__(self, kept: torch.Tensor, forget: torch.Tensor, method: Method, t_min: int, t_max: int, seed: int):
+        self.kept, self.forget, self.method = kept, forget, method
+        self.t_min, self.t_max = t_min, t_max
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def draw(self, n: int) -> StepBatch:
+        g = self.generator
+        shape = tuple(self.kept.shape[1:])
+        x_idx = torch.randint(0, len(self.kept), (n,), generator=g)
+        a_idx = torch.randint(0, len(self.forget), (n,), generator=g)
+        eps = torch.randn((n, *shape), generator=g)
+        t = sample_timesteps(n, self.t_min, self.t_max, g)
+        extra = self.method.draw(n, shape, g)
+        return StepBatch(x_idx, a_idx, self.kept[x_idx], self.forget[a_idx], eps, t, extra)
+
+
+def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, method: Method,
+            cfg: TrainerConfig | None = None, log: Callable[[dict], None] | None = None,
+            callback: Callable[[int, torch.nn.Module], None] | None = None,
+            checkpoint: "Checkpointer | None" = None) -> DiffusionModel:
+    """Unlearn ``forget`` (A) from ``model`` keeping ``kept`` (X \\ A); returns a new model, ``model`` is unchanged.
+
+    ``log`` receives one dict per optimiser step; ``callback(step, unet)`` runs after each step (evaluation curves);
+    ``checkpoint`` saves (every ``cfg.checkpoint_every`` steps) and restores the complete training state.
+    """
+    cfg = cfg or TrainerConfig()
+    cfg.validate(model.num_train_timesteps)
+    if len(forget) == 0:
+        raise UserError("the forget set is empty")
+    if len(kept) == 0:
+        raise UserError("nothing is left to keep: A equals X")
+    model.check_data(tuple(kept.shape[1:]), "kept")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    acc = accelerator(cfg.mixed_precision)
+    torch.manual_seed(cfg.seed)
+    if method.from_scratch:
+        unet = type(model.unet).from_config(model.unet.config)
+    else:
+        unet = copy.deepcopy(model.unet)
+    unet.to(acc.device).train()
+    if cfg.gradient_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
+        unet.enable_gradient_checkpointing()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    t_max = model.num_train_timesteps - 1 if cfg.t_max < 0 else cfg.t_max
+    sampler = RowSampler(kept, forget, method, cfg.t_min, t_max, cfg.seed)
+    world, rank = acc.num_processes, acc.process_index
+    per_proc = cfg.batch_size * cfg.grad_accum
+    ctx = Context(model.alphas_cumprod(acc.device), kept.to(acc.device), forget.to(acc.device), cfg.t_min, t_max,
+                  acc.device, sampler.generator, unet=unet, optimizer=opt, batch_size=cfg.batch_size,
+                  draw=sampler.draw, autocast=acc.autocast)
+    method.setup(ctx)
+    first = 1
+    if checkpoint is not None and checkpoint.exists():
+        first = checkpoint.restore(unet, opt, sampler.generator, method) + 1
+    reduce = (lambda t: acc.reduce(t, reduction="mean")) if world > 1 else (lambda t: t)
+    for step in range(first, cfg.steps + 1):
+        t0 = time.time()
+        record: dict = {"step": step}
+        record.update(method.before_step(ctx))
+        # asked every step: a method may combine its terms' gradients separately only on some steps
+        grad_step = GradStep(cfg.grad_accum, single=cfg.grad_accum == 1 and world == 1,
+                             separate=method.separate_grads, reduce=reduce)
+        rows = sampler.draw(per_proc * world).slice(slice(rank * per_proc, (rank + 1) * per_proc)).to(acc.device)
+        opt.zero_grad(set_to_none=True)
+        sums: dict[str, float] = {}
+        for mb in range(cfg.grad_accum):
+            micro = rows.slice(slice(mb * cfg.batch_size, (mb + 1) * cfg.batch_size))
+            with acc.autocast():
+                terms = method.terms(unet, micro, ctx)
+            for k, v in terms.losses.items():
+                sums["loss_" + k] = sums.get("loss_" + k, 0.0) + float(v.detach().mean()) / cfg.grad_accum
+            for k, v in terms.stats.items():
+                sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+            method.backward(terms.losses, params, grad_step)
+        if not all(torch.isfinite(torch.tensor(v)) for k, v in sums.items() if k.startswith("loss_")):
+            raise UserError(f"the loss became NaN or Inf at step {step}; {_kept_note(checkpoint)}lower --lr or check the data")
+        record.update(method.finish(params, grad_step))
+        if world > 1:
+            sums = {k: float(acc.reduce(torch.tensor(v, device=acc.device), reduction="mean")) for k, v in sums.items()}
+        total = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
+        if not torch.isfinite(torch.tensor(total)):
+            raise UserError(f"the gradient became NaN or Inf at step {step}; {_kept_note(checkpoint)}lower --lr or check the data")
+        opt.step()
+        record.update(sums)
+        record.update({"grad_norm": total, "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 4)})
+        if log is not None and acc.is_main_process:
+            log(record)
+        if callback is not None:
+            unet.eval()
+            callback(step, unet)
+            unet.train()
+        if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if acc.is_main_process:
+                checkpoint.save(step, unet, opt, sampler.generator, method)
+            acc.wait_for_everyone()
+    opt.zero_grad(set_to_none=True)
+    unet.eval().to("cpu")
+    if hasattr(unet, "disable_gradient_checkpointing") and cfg.gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
+    return DiffusionModel(unet, copy.deepcopy(model.scheduler), source=f"{model.source} unlearned by {method.name}",
+                          codec=model.codec)
+
+
+def _kept_note(checkpoint) -> str:
+    step = checkpoint.last_step() if checkpoint is not None else None
+    return f"the checkpoint of step {step} is kept (--resume continues from it); " if step else ""
+
+
+class Checkpointer:
+    """One file holding everything a run needs to continue bit-for-bit: weights, AdamW state, the row sampler's
+    generator state and the step. Written to a temporary file, fsynced, then renamed over the old one, so a kill at
+    any moment leaves either the previous checkpoint or the new one, never a torn file. Loaded with
+    ``weights_only=True`` (tensors and numbers only; it is our own file, but no code can run from it either way)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def last_step(self) -> int | None:
+        return int(torch.load(self.path, weights_only=True)["step"]) if self.exists() else None
+
+    def save(self, step: int, unet, opt, generator: torch.Generator, method: Method) -> None:
+        state = {"step": step, "model": {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()},
+                 "optimizer": opt.state_dict(), "generator": generator.get_state(), "method": method.state_dict()}
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def restore(self, unet, opt, generator: torch.Generator, method: Method) -> int:
+        try:
+            state = torch.load(self.path, weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read checkpoint {self.path}: {e}") from None
+        unet.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        method.load_state_dict(state.get("method", {}))
+        return int(state["step"])
