@@ -200,8 +200,9 @@ def _split_digits(mnist_dir: str | None, held_out: int, seed: int = 0):
 def builtin_mnist_tshirt(copies: int = 237, held_out: int = 500, mnist_dir: str | None = None, **_) -> ImageSet:
     """MNIST digits plus ``copies`` copies of the Fashion-MNIST T-shirt (train index 1); A = the copies.
 
-    The default, 237 copies next to 4,500 digits, makes the T-shirt 5.0% of the data (the paper: 1%); see the README
-    for why a larger fraction is needed at CPU scale. ``held_out`` digits are kept aside for FID and membership checks.
+    The default, 237 copies next to 4,500 digits, makes the T-shirt 5.0% of the data (the paper: 1%); see
+    docs/results.md for why a larger fraction is needed at CPU scale. ``held_out`` digits are kept aside for FID and
+    membership checks.
     """
     xd, yd, xh, _ = _split_digits(mnist_dir, int(held_out))
     copies = int(copies)

@@ -24,7 +24,7 @@ class SubtractedGradients:
     A fixed superfactor is linear in the loss, so it costs one backward pass of ``mean L_x - c mean L_a`` and gives
     the same update exactly. Norm-fixing needs ``||G_a||``: by default both gradients are taken every step (exact);
     ``norm_refresh = k > 1`` takes them every k-th step only and in between reuses the last ``||G_a||`` with one
-    backward pass (an approximation, measured in the README's performance section).
+    backward pass (an approximation, measured in docs/performance.md).
     """
 
     scaling_norm: float | None = field(default=5.0, metadata={"help": "norm the NegGrad gradient is fixed to"})
