@@ -115,10 +115,12 @@ def test_saving_over_a_model_replaces_it_and_a_failed_save_keeps_the_old_one(tmp
 
     monkeypatch.setattr(runs.os, "replace", failing_replace)
     with pytest.raises(OSError):
-        save_model(second, out)
+        save_model(second, out, overwrite=True)
     monkeypatch.setattr(runs.os, "replace", real_replace)
     assert state_hash(load_model(out).unet) == state_hash(first.unet)
-    save_model(second, out)
+    with pytest.raises(UserError, match="pass overwrite=True"):
+        save_model(second, out)  # the API refuses to replace a model unless told, as the CLI does
+    save_model(second, out, overwrite=True)
     assert state_hash(load_model(out).unet) == state_hash(second.unet)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
 

@@ -1,4 +1,6 @@
-"""The ``diffunlearn`` command line."""
+"""diffunlearn: remove training images from a trained diffusion model without retraining it, and measure how well
+they were removed. Each command has its own --help with an example; presets (--config) are YAML files whose settings
+nest by concern (method:, trainer:, sequential:)."""
 
 from __future__ import annotations
 
@@ -25,6 +27,18 @@ CONFIG_COMMANDS: dict[str, tuple[str, str, str, str]] = {
 }
 
 
+#: one example per command, shown at the end of its --help
+EXAMPLES = {
+    "train": "diffunlearn train --data mnist-tshirt --forget default --out runs/retrain   # the gold standard on X \\ A",
+    "unlearn": "diffunlearn unlearn --model instance-base --data instance-digits --forget 7 --method siss \\\n"
+               "    --lambda 0.5 --scaling-norm 1.5 --lr 1e-3 --batch-size 32 --steps 60 --out runs/forget-7\n"
+               "diffunlearn unlearn --config mnist-tshirt --method naive --out runs/naive   # a preset, another method",
+    "sample": "diffunlearn sample --model runs/forget-7 --n 64 --out runs/samples",
+    "eval": "diffunlearn eval --model runs/naive --preset mnist-tshirt --out runs/eval",
+    "demo": "diffunlearn demo --out runs/demo",
+}
+
+
 def _module(name: str):
     return importlib.import_module(f"diffunlearn.{name}")
 
@@ -40,10 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_sd(COMMANDS)
     parser = Parser(prog="diffunlearn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"diffunlearn {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_, module, cls, run) in CONFIG_COMMANDS.items():
         mod = _module(module)
-        config_command(sub.add_parser(name, help=help_), getattr(mod, cls), getattr(mod, run), name)
+        p = sub.add_parser(name, help=help_, description=help_, epilog="example:\n  " + EXAMPLES[name].replace(
+            "\n", "\n  "), formatter_class=argparse.RawDescriptionHelpFormatter)
+        config_command(p, getattr(mod, cls), getattr(mod, run), name)
     p = sub.add_parser("faults", help="run the fault-injection suite (every bad input, kill-and-resume trials)")
     p.add_argument("--trials", type=int, default=3, help="kill-and-resume trials")
     p.add_argument("--markdown", action="store_true", help="print the table of cases and exit")
@@ -56,9 +73,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _version() -> str:
+    from .cards import tool_version
+
+    return tool_version()
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    """Every option string of ``parser`` and its subcommands (for "did you mean")."""
+    out: set[str] = set()
+    for action in parser._actions:
+        out.update(o for o in action.option_strings if o.startswith("--"))
+        for child in (getattr(action, "choices", None) or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+            out |= _options(child)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    import difflib
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        flag = next((x for x in extra if x.startswith("-")), extra[0])
+        close = difflib.get_close_matches(flag.split("=")[0], sorted(_options(parser)), n=1)
+        hint = f": did you mean {close[0]}?" if close else " (see --help)"
+        print(f"error: diffunlearn {args.command}: unrecognized argument {flag}{hint}", file=sys.stderr)
+        return 2
     try:
         rc = args.func(args)
     except UserError as e:

@@ -82,6 +82,12 @@ class DiffusionModel:
     def alphas_cumprod(self, device=None) -> torch.Tensor:
         return self.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
 
+    def __repr__(self) -> str:
+        n = sum(p.numel() for p in self.unet.parameters())
+        latent = f", latent ({self.codec.kind})" if self.codec is not None else ""
+        return (f"DiffusionModel({type(self.unet).__name__}, {n / 1e6:.2f} M parameters, sample {self.sample_shape}, "
+                f"T={self.num_train_timesteps}{latent}, source={self.source!r})")
+
     def check_data(self, shape: tuple[int, ...], what: str = "data") -> None:
         if tuple(shape) != self.sample_shape:
             raise UserError(f"{what} images are {tuple(shape)} (C, H, W) but the model takes {self.sample_shape}")
@@ -117,9 +123,10 @@ def resolve_model_dir(path: str | os.PathLike) -> str:
     return str(p)
 
 
-def load_model(path: str | os.PathLike, allow_pickle: bool = False) -> DiffusionModel:
+def load_model(path: str | os.PathLike, allow_pickle: bool = False, variant: str | None = None) -> DiffusionModel:
     """Load a UNet2DModel and its DDPMScheduler from a local diffusers directory (never from a hub); ``path`` may also
-    be a shipped model's name (``instance-base``) or a run directory holding ``model/``."""
+    be a shipped model's name (``instance-base``) or a run directory holding ``model/``. ``variant`` picks weights
+    saved as a variant (``diffusion_pytorch_model.fp16.safetensors``: ``variant="fp16"``)."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     root = Path(resolve_model_dir(path))
@@ -129,10 +136,12 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False) -> Diffusion
     if not (unet_dir / "config.json").is_file():
         raise UserError(f"{root} is not a diffusers model directory (no unet/config.json or config.json)")
     check_weights(unet_dir, allow_pickle)
+    _check_variant(unet_dir, variant)
     try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=not allow_pickle or None, local_files_only=True)
+        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=not allow_pickle or None, local_files_only=True,
+                                           variant=variant)
     except Exception as e:
-        raise UserError(f"cannot load the UNet from {unet_dir}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot load the UNet from {unet_dir}: {_diffusers_reason(e)}") from None
     sched_dir = root / "scheduler"
     try:
         if (sched_dir / "scheduler_config.json").is_file():
@@ -149,6 +158,28 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False) -> Diffusion
     return DiffusionModel(unet, scheduler, source=str(root), codec=load_codec(root, allow_pickle))
 
 
+def _check_variant(folder: Path, variant: str | None) -> None:
+    """Weights saved only as a variant need ``--variant``; a variant that is not there is named with those that are."""
+    names = [p.name for p in folder.glob("diffusion_pytorch_model*")]
+    variants = sorted({n.split(".")[1] for n in names if n.count(".") == 2})
+    plain = any(n.count(".") == 1 for n in names)
+    if variant is None and not plain and variants:
+        raise UserError(f"the weights in {folder} are saved only as variant {', '.join(variants)}: pass --variant "
+                        f"{variants[0]}")
+    if variant is not None and variant not in variants:
+        raise UserError(f"no weights of variant {variant!r} in {folder} (variants there: {', '.join(variants) or 'none'})")
+
+
+def _diffusers_reason(e: Exception) -> str:
+    """diffusers' error in one line, without its advice to pass ``ignore_mismatched_sizes`` (which would load random
+    weights in place of the mismatched ones)."""
+    text = str(e)
+    if "ignore_mismatched_sizes" in text or "size mismatch" in text:
+        return ("its weights do not match its config.json (tensor shapes differ): the config and the weights belong "
+                "to different models; use the config.json saved with these weights")
+    return text.strip().splitlines()[0] if text.strip() else type(e).__name__
+
+
 def state_hash(unet: torch.nn.Module) -> str:
     """SHA-256 over the model's parameters and buffers, in name order: the model's identity in the ledger."""
     h = hashlib.sha256()
@@ -158,9 +189,14 @@ def state_hash(unet: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def save_model(model: DiffusionModel, out: str | os.PathLike, extra_files: dict[str, str] | None = None) -> Path:
-    """Save as a ``DDPMPipeline`` directory (safetensors), atomically: written beside ``out`` and renamed into place."""
+def save_model(model: DiffusionModel, out: str | os.PathLike, extra_files: dict[str, str] | None = None,
+               overwrite: bool = False) -> Path:
+    """Save as a ``DDPMPipeline`` directory (safetensors), atomically: written beside ``out`` and renamed into place.
+    An existing ``out`` is replaced only with ``overwrite=True`` (and then kept until the new one is complete)."""
     from .runs import atomic_dir
+
+    if Path(out).exists() and not overwrite:
+        raise UserError(f"{out} exists: choose another folder, or pass overwrite=True to replace it")
 
     def write(folder: Path) -> None:
         _write_pipeline(model, folder)

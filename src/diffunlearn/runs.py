@@ -25,6 +25,9 @@ def atomic_dir(out: str | Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; a model directory gets the modes diffusers gives
         for p in tmp.rglob("*"):
             if p.is_file():
                 with open(p, "rb") as f:
@@ -54,6 +57,9 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
+        if not overwrite and (out / "checkpoint.pt").is_file() and not (out / "summary.json").is_file():
+            raise UserError(f"output directory {out} holds an interrupted run with a checkpoint: pass --resume to "
+                            "continue it, or choose another --out (--overwrite would discard it)")
         if not overwrite:
             raise UserError(f"output directory {out} exists and is not empty: choose another --out or pass --overwrite")
         if not (out / "config.yaml").is_file():

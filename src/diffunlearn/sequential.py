@@ -171,7 +171,7 @@ def _reference(cfg: SequentialConfig, seed: int, data: ImageSet, removed: set[in
 
 
 def _check(cfg) -> None:
-    if cfg.resume or cfg.trainer.checkpoint_every:
+    if cfg.resume or cfg.trainer.checkpoint_every > 0:
         raise UserError("--resume and --checkpoint-every do not apply to --requests: each request's model is saved "
                         "with its ledger line, so a killed run keeps every finished request")
     if cfg.forget != "default":
@@ -260,7 +260,7 @@ def run_sequential(cfg) -> dict:
                  "metrics_before": before, "metrics_after": after, "seconds": round(seconds, 3),
                  "metrics_seconds": round(time.time() - t1, 3), "model_before": hash_before, "model_after": hash_after}
         line = ledger.next_line(entry)
-        save_model(new, run.model_dir, extra_files={LEDGER_NAME: ledger.contents(line)})
+        save_model(new, run.model_dir, extra_files={LEDGER_NAME: ledger.contents(line)}, overwrite=True)
         ledger.append(line)
         strips.append((sel, previous.denoised[sel], measured.denoised[sel]))
         records.append({"request": k, "count": len(idx), "similarity_before": before["similarity_mean"],

@@ -115,7 +115,10 @@ def train(cfg: TrainConfig) -> dict:
             print(rec, flush=True)
     ema.to("cpu")
     out_model = DiffusionModel(ema, model.scheduler)
-    save_model(out_model, run.model_dir)
+    from .cards import training_card
+
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "threads", "log_every")}
+    save_model(out_model, run.model_dir, extra_files={"README.md": training_card(kept_what, len(images), settings)})
     summary = {"command": "train", "trained_on": kept_what, "images": len(images), "steps": cfg.steps,
                "train_seconds": round(time.time() - t0, 1), "model": model_summary(out_model),
                "model_dir": str(run.model_dir)}

@@ -44,11 +44,12 @@ class TrainerConfig:
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (GPU)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (large UNets)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
-    checkpoint_every: int = field(default=0, metadata={"help": "write a resumable checkpoint every N steps (0: never)"})
+    checkpoint_every: int = field(default=-1, metadata={"help": "write a resumable checkpoint every N steps (0: never; "
+                                                                "-1: every 10 minutes of wall time)"})
 
     def validate(self, num_timesteps: int | None = None) -> None:
-        if self.checkpoint_every < 0:
-            raise UserError(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
+        if self.checkpoint_every < -1:
+            raise UserError(f"--checkpoint-every must be >= -1 (-1: every 10 minutes), got {self.checkpoint_every}")
         if self.steps < 0:
             raise UserError(f"--steps must be >= 0, got {self.steps}")
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -139,6 +140,7 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
     if checkpoint is not None and checkpoint.exists():
         first = checkpoint.restore(unet, opt, sampler.generator, method) + 1
     reduce = (lambda t: acc.reduce(t, reduction="mean")) if world > 1 else (lambda t: t)
+    last_save = time.time()
     for step in range(first, cfg.steps + 1):
         t0 = time.time()
         record: dict = {"step": step}
@@ -175,16 +177,30 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
             unet.eval()
             callback(step, unet)
             unet.train()
-        if checkpoint is not None and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        if checkpoint is not None and step < cfg.steps and _checkpoint_due(cfg, step, last_save, acc):
             if acc.is_main_process:
                 checkpoint.save(step, unet, opt, sampler.generator, method)
             acc.wait_for_everyone()
+            last_save = time.time()
     opt.zero_grad(set_to_none=True)
     unet.eval().to("cpu")
     if hasattr(unet, "disable_gradient_checkpointing") and cfg.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     return DiffusionModel(unet, copy.deepcopy(model.scheduler), source=f"{model.source} unlearned by {method.name}",
                           codec=model.codec)
+
+
+#: with ``checkpoint_every = -1``, a checkpoint is written when this many seconds have passed since the last one
+CHECKPOINT_SECONDS = 600.0
+
+
+def _checkpoint_due(cfg: TrainerConfig, step: int, last_save: float, acc) -> bool:
+    if cfg.checkpoint_every >= 0:
+        return cfg.checkpoint_every > 0 and step % cfg.checkpoint_every == 0
+    due = time.time() - last_save >= CHECKPOINT_SECONDS
+    if acc.num_processes > 1:  # every process must decide alike, or the barrier after saving would never be met
+        due = bool(acc.reduce(torch.tensor(float(due), device=acc.device), reduction="sum") > 0)
+    return due
 
 
 def _kept_note(checkpoint) -> str:

@@ -25,20 +25,32 @@ class UnlearnConfig:
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
     allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickle weights (.bin/.ckpt): only for "
                                                                 "files you trust"})
+    variant: str = field(default="", metadata={"help": "load weights saved as a variant, e.g. fp16 "
+                                                       "(diffusion_pytorch_model.fp16.safetensors)"})
     log_every: int = field(default=1, metadata={"help": "print a progress line every N steps (the JSONL log has "
                                                         "every step)"})
+    report_to: str = field(default="none", metadata={"help": "also log to none, tensorboard (<out>/tensorboard; pip "
+                                                             "install 'diffunlearn[tracking]') or wandb (offline)"})
+    sample_every: int = field(default=0, metadata={"help": "with --report-to: log 8 samples every N steps (0: at the "
+                                                           "start and the end only)"})
     method: MethodSpec = field(default_factory=MethodSpec)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sequential: SequentialConfig = field(default_factory=SequentialConfig)
 
     def validate(self) -> None:
+        from ..tracking import check_report_to
+
         self.method.build()
         self.trainer.validate()
         self.sequential.validate()
+        check_report_to(self.report_to)
+        if self.sample_every < 0:
+            raise UserError(f"--sample-every must be >= 0, got {self.sample_every}")
 
 
 #: settings that may differ when a run is resumed
-RESUME_IGNORES = ("resume", "overwrite", "trainer.threads", "log_every")
+RESUME_IGNORES = ("resume", "overwrite", "trainer.threads", "trainer.checkpoint_every", "log_every", "report_to",
+                  "sample_every")
 
 
 def run_unlearn(cfg: UnlearnConfig) -> dict:
@@ -66,9 +78,11 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     out = Path(cfg.out)
     if cfg.resume:
         _check_resumable(out, cfg)
+        if not (out / "checkpoint.pt").is_file():
+            print(f"no checkpoint in {out} yet: the run starts again from step 1", flush=True)
     else:
         prepare_out_dir(out, cfg.overwrite)
-    model = load_model(cfg.model, allow_pickle=cfg.allow_pickle)
+    model = load_model(cfg.model, allow_pickle=cfg.allow_pickle, variant=cfg.variant or None)
     trainer.validate(model.num_train_timesteps)
     data = load_data(cfg.data)
     model.check_images(data.shape, "data")
@@ -88,19 +102,40 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         config = {"command": "unlearn", **to_dict(cfg)}
         run = RunDir(out, config, cfg.overwrite, resume_from=checkpoint.last_step() or 0 if cfg.resume else None)
     acc.wait_for_everyone()
-    every = max(1, cfg.log_every)
+    from ..tracking import Progress, Tracker
+
+    progress = Progress(trainer.steps, cfg.log_every)
+    tracker = Tracker(cfg.report_to, out, config) if cfg.report_to != "none" and acc.is_main_process else None
     last: dict = {}
 
     def log(rec):
         last.clear()
         last.update(rec)
         run.log(rec)
-        if rec["step"] % every == 0 or rec["step"] == trainer.steps:
-            keys = [k for k in rec if k.startswith("loss_")] + ["grad_norm", "seconds"]
-            print(f"step {rec['step']}/{trainer.steps} " + " ".join(f"{k}={rec[k]:.4g}" for k in keys if k in rec),
-                  flush=True)
+        if tracker is not None:
+            tracker.log(rec)
+        line = progress.line(rec["step"], rec, [k for k in rec if k.startswith("loss_")] + ["grad_norm", "seconds"])
+        if line:
+            print(line, flush=True)
 
-    new = unlearn(model, kept, forget, method, trainer, log=log, checkpoint=checkpoint)
+    def samples(step, unet):
+        if tracker is not None and (step == trainer.steps or (cfg.sample_every and step % cfg.sample_every == 0)):
+            _log_samples(tracker, type(model)(unet, model.scheduler, codec=model.codec), step)
+
+    if tracker is not None:
+        _log_samples(tracker, model, 0)
+    try:
+        new = unlearn(model, kept, forget, method, trainer, log=log, checkpoint=checkpoint,
+                      callback=samples if tracker is not None else None)
+    except KeyboardInterrupt:
+        step = checkpoint.last_step()
+        print(f"interrupted after step {last.get('step', 0)}: " + (
+            f"rerun the same command with --resume to continue from the checkpoint of step {step}" if step else
+            "no checkpoint was written yet (--checkpoint-every N writes one every N steps)"), flush=True)
+        raise
+    finally:
+        if tracker is not None:
+            tracker.finish()
     summary = {"command": "unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
                "steps": trainer.steps, "kept": len(kept), "forget": len(forget_idx),
                "forget_names": [data.names[i] for i in forget_idx][:50],
@@ -108,7 +143,14 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
                "model_out": {"dir": str(out / "model"), "sha256": state_hash(new.unet)},
                "processes": acc.num_processes, "last_step": last, "model": model_summary(new)}
     if acc.is_main_process:
-        save_model(new, run.model_dir)  # atomic: the model directory appears only when complete
+        from ..cards import unlearning_card
+        from ..data import content_hash
+
+        card = unlearning_card(summary["model_in"], method.name, method.hyperparameters(), to_dict(trainer),
+                               [{"name": data.names[i], "sha256": content_hash(data.images[i])} for i in forget_idx],
+                               len(kept))
+        # atomic: the model directory appears only when complete, its model card inside
+        save_model(new, run.model_dir, extra_files={"README.md": card}, overwrite=True)  # the run's own folder
         run.finish(summary)
         print(f"saved {run.model_dir}")
         checkpoint.path.unlink(missing_ok=True)
@@ -142,3 +184,10 @@ def _flag(key: str) -> str:
         return "--method"
     block, _, leaf = key.rpartition(".")
     return flag_of(leaf) if block == "method" else "--" + leaf.replace("_", "-")
+
+
+def _log_samples(tracker, model, step: int) -> None:
+    from ..sampling import ddpm_sample
+
+    device = next(model.unet.parameters()).device  # sample where the UNet trains; never move it
+    tracker.log_images("samples", ddpm_sample(model, 8, steps=20, seed=0, batch_size=8, device=device), step)
