@@ -40,7 +40,11 @@ def run_sample(cfg: SampleConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = RunDir(cfg.out, {"command": "sample", **asdict(cfg)}, cfg.overwrite)
+    import time
+
+    t0 = time.time()
     x = ddpm_sample(model, cfg.n, cfg.steps, cfg.seed, cfg.batch_size, progress=True)
+    run.log({"images": cfg.n, "steps": cfg.steps, "seconds": round(time.time() - t0, 3)})
     np.save(Path(cfg.out) / "samples.npy", to_uint8(x))
     save_grid(x[:256], Path(cfg.out) / "samples.png")
     summary = {"command": "sample", "n": cfg.n, "steps": cfg.steps, "seed": cfg.seed, "model": model.source,

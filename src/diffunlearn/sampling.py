@@ -34,17 +34,22 @@ def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, b
     unet = model.unet.to(device).eval()
     out = []
     it = range(0, n, batch_size)
-    if progress:
+    bar = None
+    if progress:  # counts denoising steps over all batches, so its ETA is right from the first batch on
         from tqdm import tqdm
 
-        it = tqdm(it, desc="sampling", unit="batch")
+        bar = tqdm(total=len(it) * len(sched.timesteps), desc=f"sampling {n} images", unit="step")
     for b0 in it:
         gens = image_generators(seed, range(start + b0, start + min(n, b0 + batch_size)))
         x = initial_noise(model.sample_shape, gens).to(device)
         for t in sched.timesteps:
             eps = predict_noise(unet, x, t.expand(len(x)).to(device))
             x = sched.step(eps, t, x, generator=gens).prev_sample
+            if bar is not None:
+                bar.update()
         out.append(model.decode(x).cpu())  # a latent model decodes with its autoencoder
+    if bar is not None:
+        bar.close()
     return torch.cat(out) if out else torch.empty((0, *model.image_shape))
 
 

@@ -18,6 +18,7 @@ from .diffusion import ddpm_loss, sample_timesteps
 from .errors import UserError
 from .models import DiffusionModel, build_scheduler, build_unet, model_summary, save_model
 from .runs import RunDir
+from .tracking import Progress
 
 
 @dataclass
@@ -90,6 +91,7 @@ def train(cfg: TrainConfig) -> dict:
     images = images.to(acc.device)
     t0 = time.time()
     running = 0.0
+    progress = Progress(cfg.steps, cfg.log_every)
     for step in range(cfg.steps):
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
         eps = torch.randn((cfg.batch_size, c, h, w), generator=gen).to(acc.device)
@@ -112,7 +114,9 @@ def train(cfg: TrainConfig) -> dict:
                    "lr": sched.get_last_lr()[0], "ema_decay": d, "seconds": round(time.time() - t0, 2)}
             running = 0.0
             run.log(rec)
-            print(rec, flush=True)
+            line = progress.line(step + 1, rec, ["loss", "grad_norm", "lr"])
+            if line:
+                print(line, flush=True)
     ema.to("cpu")
     out_model = DiffusionModel(ema, model.scheduler)
     from .cards import training_card
@@ -123,4 +127,6 @@ def train(cfg: TrainConfig) -> dict:
                "train_seconds": round(time.time() - t0, 1), "model": model_summary(out_model),
                "model_dir": str(run.model_dir)}
     run.finish(summary)
+    print(f"saved {run.model_dir} (trained on {kept_what}: {len(images)} images, {cfg.steps} steps, "
+          f"{summary['train_seconds']:.0f} s)")
     return summary
