@@ -33,12 +33,10 @@ COMMANDS: dict = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import register
+    from .commands import bench, prompt
 
-    register(COMMANDS)
-    from .sd.prompt import register as register_sd
-
-    register_sd(COMMANDS)
+    bench.register(COMMANDS)
+    prompt.register(COMMANDS)
     parser = Parser(prog="diffunlearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, module, cls, run) in CONFIG_COMMANDS.items():

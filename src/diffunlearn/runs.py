@@ -111,6 +111,20 @@ def write_json(path: Path, obj, indent: int = 2) -> None:
     tmp.replace(path)
 
 
+def step_printer(log, steps: int, every: int = 1):
+    """A trainer ``log`` callback: passes every step's record to ``log`` and prints a progress line (loss terms,
+    gradient norm, seconds) every ``every`` steps and at the last of ``steps``."""
+    every = max(1, every)
+
+    def on_step(rec: dict) -> None:
+        log(rec)
+        if rec["step"] % every == 0 or rec["step"] == steps:
+            keys = [k for k in rec if k.startswith("loss_")] + ["grad_norm", "seconds"]
+            print(f"step {rec['step']}/{steps} " + " ".join(f"{k}={rec[k]:.4g}" for k in keys if k in rec), flush=True)
+
+    return on_step
+
+
 def _step_of(line: str) -> int | None:
     try:
         return int(json.loads(line)["step"])

@@ -51,7 +51,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     from ..config import to_dict
     from ..data import load_data, resolve_forget, split_kept
     from ..models import load_model, model_summary, save_model, state_hash
-    from ..runs import RunDir, prepare_out_dir
+    from ..runs import RunDir, prepare_out_dir, step_printer
 
     if cfg.sequential.requests:
         from ..sequential import run_sequential
@@ -88,19 +88,15 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         config = {"command": "unlearn", **to_dict(cfg)}
         run = RunDir(out, config, cfg.overwrite, resume_from=checkpoint.last_step() or 0 if cfg.resume else None)
     acc.wait_for_everyone()
-    every = max(1, cfg.log_every)
     last: dict = {}
 
-    def log(rec):
+    def record(rec):
         last.clear()
         last.update(rec)
         run.log(rec)
-        if rec["step"] % every == 0 or rec["step"] == trainer.steps:
-            keys = [k for k in rec if k.startswith("loss_")] + ["grad_norm", "seconds"]
-            print(f"step {rec['step']}/{trainer.steps} " + " ".join(f"{k}={rec[k]:.4g}" for k in keys if k in rec),
-                  flush=True)
 
-    new = unlearn(model, kept, forget, method, trainer, log=log, checkpoint=checkpoint)
+    new = unlearn(model, kept, forget, method, trainer, log=step_printer(record, trainer.steps, cfg.log_every),
+                  checkpoint=checkpoint)
     summary = {"command": "unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
                "steps": trainer.steps, "kept": len(kept), "forget": len(forget_idx),
                "forget_names": [data.names[i] for i in forget_idx][:50],
