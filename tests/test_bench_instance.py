@@ -41,7 +41,8 @@ def _cfg(tmp_path, **kw):
 def test_bench_table_strip_reference_and_resume(shipped, tmp_path, monkeypatch):
     import importlib
 
-    from diffunlearn.bench.instance import choose_targets, run_instance_bench
+    from diffunlearn.bench.instance import run_instance_bench
+    from diffunlearn.protocols.instance import choose_targets
     from diffunlearn.data import load_data
     from diffunlearn.metrics.membership import denoising_losses, loss_auc
     from diffunlearn.metrics.similarity import noise_and_denoise_similarity

@@ -42,6 +42,8 @@ GOLDEN_NLL = {"bpd": 16.838664277256385, "stderr": 0.9569336512214973}
 GOLDEN_PRESET_SISS = {"superfactor": 0.06470523186750052, "loss_x": 15.329355239868164, "loss_a": 3.068290948867798,
                       "grad_norm": 115.9478988647461}
 GOLDEN_TRAIN = {"loss": 0.8599311709403992, "grad_norm": 2.2249910831451416, "checksum": 2.202101432443233}
+# `prompt train-replica`, 3 steps, computed with the replica's own training loop before it went through train.py's
+GOLDEN_REPLICA = {"loss": 1.1357135772705078, "grad_norm": 2.3533687591552734, "checksum": -1.1126146950399864}
 
 
 def checksum(unet) -> float:
@@ -105,3 +107,19 @@ def test_the_train_command_reproduces_its_golden_numbers(tmp_path):
                      "--warmup", "1", "--out", str(tmp_path / "t"), "--threads", "1", "--log-every", "1"]) == 0
     last = [json.loads(line) for line in (tmp_path / "t" / "log.jsonl").read_text().splitlines()][-1]
     _close({"checksum": checksum(load_model(str(tmp_path / "t" / "model")).unet), **last}, GOLDEN_TRAIN)
+
+
+def test_the_replica_command_reproduces_its_golden_numbers(tmp_path):
+    """The prompt replica trains through the same loop as ``diffunlearn train`` (its own batches and loss)."""
+    pytest.importorskip("transformers")
+    from diffusers import UNet2DConditionModel
+
+    from diffunlearn import cli
+
+    out = tmp_path / "r"
+    assert cli.main(["prompt", "train-replica", "--out", str(out), "--steps", "3", "--batch-size", "8", "--per-class",
+                     "1", "--copies", "2", "--variant-copies", "1", "--samples", "2", "--sample-steps", "1",
+                     "--threads", "1", "--log-every", "1"]) == 0
+    last = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()][-1]
+    unet = UNet2DConditionModel.from_pretrained(str(out / "model" / "unet"))
+    _close({"checksum": checksum(unet), **last}, GOLDEN_REPLICA)

@@ -97,7 +97,7 @@ def test_ideal_denoiser_batches_per_row_timesteps_and_stays_finite():
 def test_bench_command_refuses_a_non_empty_out_dir(tmp_path, capsys):
     """``bench toy`` checks --out before training anything: a non-empty directory is refused without --overwrite."""
     from diffunlearn import cli
-    from diffunlearn.bench import register
+    from diffunlearn.commands.bench import register
 
     register(cli.COMMANDS)
     out = tmp_path / "out"

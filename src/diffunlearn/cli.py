@@ -47,12 +47,10 @@ COMMANDS: dict = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import register
+    from .commands import bench, prompt
 
-    register(COMMANDS)
-    from .sd.prompt import register as register_sd
-
-    register_sd(COMMANDS)
+    bench.register(COMMANDS)
+    prompt.register(COMMANDS)
     parser = Parser(prog="diffunlearn", description=__doc__)
     parser.add_argument("--version", action="version", version=f"diffunlearn {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -70,7 +70,11 @@ def preset_path(name: str) -> Path:
     res = resources.files("diffunlearn.presets").joinpath(f"{name}.yaml")
     if res.is_file():
         return Path(str(res))
-    known = sorted(x.name[:-5] for x in resources.files("diffunlearn.presets").iterdir() if x.name.endswith(".yaml"))
+    folder = name.rpartition("/")[0]  # a benchmark's presets live in presets/bench/
+    place = resources.files("diffunlearn.presets")
+    place = place.joinpath(folder) if folder else place
+    known = sorted((folder + "/" if folder else "") + x.name[:-5] for x in place.iterdir()
+                   if x.name.endswith(".yaml")) if place.is_dir() else []
     raise UserError(f"unknown preset or config file {name!r}: known presets are {', '.join(known)}")
 
 
@@ -86,15 +90,16 @@ def load_yaml(name: str) -> dict:
 
 
 def build_config(cls, args: argparse.Namespace | None = None, section: str | None = None, raw: dict | None = None,
-                 where: str = "the config"):
-    """Defaults < ``--config`` file (or ``raw``) < command-line flags. Unknown keys in the file are an error."""
+                 where: str = "the config", base=None):
+    """Defaults (or ``base``, an instance of ``cls``) < ``--config`` file (or ``raw``) < command-line flags. Unknown
+    keys in the file are an error."""
     args = args if args is not None else argparse.Namespace()
     if raw is None and getattr(args, "config", None):
         raw = load_yaml(args.config)
         where = args.config
         if section and isinstance(raw.get(section), dict):
             raw = raw[section]
-    return _build(cls, raw or {}, args, cls(), where)
+    return _build(cls, raw or {}, args, cls() if base is None else base, where)
 
 
 def _build(cls, raw: dict, args, base, where: str):
@@ -124,13 +129,18 @@ def _build(cls, raw: dict, args, base, where: str):
         v = given[name] if v is None and name in given else v
         if v is None:
             continue
-        if kind in (int, float, str, bool) and not isinstance(v, kind):
-            try:
-                v = kind(v)
-            except (TypeError, ValueError):
-                raise UserError(f"option {flag_of(f)} must be {kind.__name__}, got {v!r}") from None
-        values[name] = v
+        values[name] = coerce(v, kind, flag_of(f))
     return dataclasses.replace(base, **values)
+
+
+def coerce(value, kind, flag: str):
+    """``value`` as a ``kind`` (int, float, str or bool; other kinds pass through): YAML reads ``1e-3`` as a string."""
+    if kind in (int, float, str, bool) and not isinstance(value, kind):
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise UserError(f"option {flag} must be {kind.__name__}, got {value!r}") from None
+    return value
 
 
 def _suggest(key: str, cls) -> str:

@@ -36,7 +36,8 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig) -> dict:
     from .data import load_data, resolve_forget, split_kept
-    from .evaluate import EvalConfig, MnistTshirtProtocol, evaluate, masked
+    from .evaluate import EvalConfig, evaluate
+    from .protocols.mnist_tshirt import MnistTshirtProtocol, masked
     from .methods import make_method
     from .models import load_model, save_model
     from .pretrained import pretrained_dir

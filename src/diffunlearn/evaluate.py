@@ -1,20 +1,15 @@
-"""``diffunlearn eval``: the MNIST T-Shirt metrics of METHODS.md for one model, written to ``metrics.json``.
-
-- T-shirt rate: fraction of N seeded 50-step DDPM samples within L2 10 of the T-shirt, with its 95% interval;
-- NLL of the T-shirt in bits/dim by the probability-flow ODE, with its Monte Carlo (probe) standard error;
-- classifier IS and classifier FID: Inception Score and Frechet distance computed with the shipped MNIST+T-shirt
-  domain classifier (not Inception), IS after removing detected T-shirts, FID against the kept training digits.
-"""
+"""``diffunlearn eval``: the MNIST T-Shirt metrics of METHODS.md for one model, written to ``metrics.json`` (the
+protocol itself: :mod:`diffunlearn.protocols.mnist_tshirt`)."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import UserError
+from .protocols.mnist_tshirt import MnistTshirtProtocol, masked
 
 
 @dataclass
@@ -33,65 +28,10 @@ class EvalConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
 
 
-@dataclass
-class MnistTshirtProtocol:
-    """Everything the MNIST T-Shirt metrics need besides the model, loaded once."""
-
-    target: torch.Tensor
-    reference: torch.Tensor
-    classifier: torch.nn.Module
-
-    @classmethod
-    def load(cls) -> "MnistTshirtProtocol":
-        from .data import load_data, resolve_forget, split_kept
-        from .metrics.classifier import load_classifier
-        from .pretrained import pretrained_dir
-
-        data = load_data("mnist-tshirt")
-        kept, forget = split_kept(data, resolve_forget("default", data))
-        return cls(forget[0], kept, load_classifier(pretrained_dir("mnist-classifier")))
-
-    def sample_metrics(self, samples: torch.Tensor) -> dict:
-        from .metrics.classifier import classifier_fid, classifier_inception_score
-        from .metrics.rates import target_rate
-
-        rate = target_rate(samples, self.target)
-        keep = rate.distances > rate.threshold
-        is_mean, is_std = classifier_inception_score(self.classifier, samples[keep], splits=10)
-        fid = classifier_fid(self.classifier, samples[keep], self.reference)
-        return {"tshirt_rate": rate.summary(), "classifier_is": {"mean": is_mean, "std": is_std, "splits": 10},
-                "classifier_fid": {"value": fid, "reference": f"{len(self.reference)} kept training digits"},
-                "_is_target": (~keep).tolist()}
-
-    def nll(self, model, probes: int, tol: float, seed: int = 0) -> dict:
-        from .metrics.nll import NLL_SOLVER, nll_bits_per_dim
-
-        r = nll_bits_per_dim(model, self.target[None], n_probes=probes, rtol=tol, atol=tol, seed=seed)
-        return {"bpd": float(r.bpd[0]), "stderr": float(r.stderr[0]), "probes": probes, "rtol": tol,
-                "nfe": r.nfe, "seconds": round(r.seconds, 1), "solver": NLL_SOLVER}
-
-
-def masked(samples: torch.Tensor, is_target, show: bool) -> torch.Tensor:
-    """Replace samples that reproduce the forgotten image by a flat grey tile unless ``show``: a report must not
-    reproduce what was asked to be forgotten."""
-    if show:
-        return samples
-    out = samples.clone()
-    out[torch.as_tensor(is_target, dtype=torch.bool)] = 0.0
-    return out
-
-
 def evaluate(model, protocol: MnistTshirtProtocol, cfg: EvalConfig) -> tuple[dict, torch.Tensor]:
-    from .sampling import ddpm_sample
-
-    t0 = time.time()
-    samples = ddpm_sample(model, cfg.n_samples, cfg.sample_steps, cfg.seed, cfg.batch_size)
-    t_sample = time.time() - t0
-    metrics = protocol.sample_metrics(samples)
-    metrics["tshirt_nll"] = protocol.nll(model, cfg.nll_probes, cfg.nll_tol)
-    metrics["seconds"] = {"sampling": round(t_sample, 1), "total": round(time.time() - t0, 1)}
-    metrics["sampling"] = {"n": cfg.n_samples, "steps": cfg.sample_steps, "seed": cfg.seed}
-    return metrics, samples
+    """The protocol's metrics of ``model`` with ``cfg``'s sampling and NLL settings."""
+    return protocol.evaluate(model, cfg.n_samples, cfg.sample_steps, cfg.nll_probes, cfg.nll_tol, cfg.seed,
+                             cfg.batch_size)
 
 
 def run_eval(cfg: EvalConfig) -> dict:

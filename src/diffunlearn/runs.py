@@ -117,6 +117,22 @@ def write_json(path: Path, obj, indent: int = 2) -> None:
     tmp.replace(path)
 
 
+def step_printer(log, steps: int, every: int = 1):
+    """A trainer ``log`` callback: passes every step's record to ``log`` and prints a progress line (loss terms,
+    gradient norm, seconds) every ``every`` steps and at the last of ``steps``."""
+    from .tracking import Progress
+
+    progress = Progress(steps, every)
+
+    def on_step(rec: dict) -> None:
+        log(rec)
+        line = progress.line(rec["step"], rec, [k for k in rec if k.startswith("loss_")] + ["grad_norm", "seconds"])
+        if line:
+            print(line, flush=True)
+
+    return on_step
+
+
 def _step_of(line: str) -> int | None:
     try:
         return int(json.loads(line)["step"])

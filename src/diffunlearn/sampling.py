@@ -21,6 +21,17 @@ def initial_noise(shape: tuple[int, ...], gens: list[torch.Generator]) -> torch.
     return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
 
+def seeded_batches(n: int, batch_size: int, seed: int, start: int = 0, progress: bool = False):
+    """The generators of each batch of ``n`` images: image ``i`` gets generator ``(seed, start + i)``."""
+    it = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="sampling", unit="batch")
+    for b0 in it:
+        yield image_generators(seed, range(start + b0, start + min(n, b0 + batch_size)))
+
+
 @torch.inference_mode()
 def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, batch_size: int = 256,
                 start: int = 0, progress: bool = False, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -33,14 +44,12 @@ def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, b
     sched.set_timesteps(steps)
     unet = model.unet.to(device).eval()
     out = []
-    it = range(0, n, batch_size)
     bar = None
     if progress:  # counts denoising steps over all batches, so its ETA is right from the first batch on
         from tqdm import tqdm
 
-        bar = tqdm(total=len(it) * len(sched.timesteps), desc=f"sampling {n} images", unit="step")
-    for b0 in it:
-        gens = image_generators(seed, range(start + b0, start + min(n, b0 + batch_size)))
+        bar = tqdm(total=-(-n // batch_size) * len(sched.timesteps), desc=f"sampling {n} images", unit="step")
+    for gens in seeded_batches(n, batch_size, seed, start):
         x = initial_noise(model.sample_shape, gens).to(device)
         for t in sched.timesteps:
             eps = predict_noise(unet, x, t.expand(len(x)).to(device))

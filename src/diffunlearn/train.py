@@ -10,6 +10,7 @@ import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -53,10 +54,57 @@ def cosine_lr(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def train_loop(unet: torch.nn.Module, draw: Callable, batch_loss: Callable, run: RunDir, *, steps: int, lr: float,
+               warmup: int, weight_decay: float, ema_max_decay: float, seed: int, log_every: int,
+               mixed_precision: str = "no") -> tuple[torch.nn.Module, dict]:
+    """The one from-scratch training loop (the base model, the retrain gold standard, the prompt replica): AdamW
+    (betas 0.95/0.999) at ``lr`` after ``warmup`` linear warm-up steps with cosine decay, the gradient clipped to 1.0,
+    and an EMA copy of the weights (inv_gamma 1, power 0.75, at most ``ema_max_decay``), through Accelerate.
+
+    Each step draws its batch, a tuple of tensors, with ``draw(generator)`` from one generator seeded by ``seed``,
+    moves it to the device and back-propagates the scalar ``batch_loss(unet, batch)``. Every ``log_every`` steps and
+    at the last, the mean loss since the previous record, the gradient norm, lr, EMA decay and seconds go to
+    ``run``'s log and are printed. Trains ``unet`` in place; returns the EMA weights (on the CPU, not trainable) and
+    the last record."""
+    from .trainer import accelerator
+
+    acc = accelerator(mixed_precision)
+    unet.train()
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, betas=(0.95, 0.999), weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, warmup))
+    unet, opt = acc.prepare(unet, opt)
+    ema.to(acc.device)
+    gen = torch.Generator().manual_seed(seed)
+    t0, running, rec = time.time(), 0.0, {}
+    progress = Progress(steps, log_every)
+    for step in range(steps):
+        batch = tuple(v.to(acc.device) for v in draw(gen))
+        with acc.autocast():
+            loss = batch_loss(unet, batch)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        gnorm = acc.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        d = ema_decay(step, ema_max_decay)
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), acc.unwrap_model(unet).parameters()):
+                pe.lerp_(p.detach(), 1.0 - d)
+        running += loss.item()
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            rec = {"step": step + 1, "loss": running / ((step % log_every) + 1), "grad_norm": float(gnorm),
+                   "lr": sched.get_last_lr()[0], "ema_decay": d, "seconds": round(time.time() - t0, 2)}
+            running = 0.0
+            run.log(rec)
+            line = progress.line(step + 1, rec, ["loss", "grad_norm", "lr"])
+            if line:
+                print(line, flush=True)
+    return ema.to("cpu"), rec
+
+
 def train(cfg: TrainConfig) -> dict:
     """Train a DDPM on the configured data and save the EMA weights to ``<out>/model``."""
-    from accelerate import Accelerator
-
     if cfg.steps <= 0 or cfg.batch_size <= 0:
         raise UserError("--steps and --batch-size must be positive")
     if not cfg.lr > 0:
@@ -80,44 +128,21 @@ def train(cfg: TrainConfig) -> dict:
     model = DiffusionModel(unet, build_scheduler(cfg.timesteps))
     run = RunDir(cfg.out, {"command": "train", **asdict(cfg)}, cfg.overwrite)
 
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=(0.95, 0.999), weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
-    unet, opt = acc.prepare(unet, opt)
-    ema.to(acc.device)
-    abar = model.alphas_cumprod(acc.device)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    images = images.to(acc.device)
-    t0 = time.time()
-    running = 0.0
-    progress = Progress(cfg.steps, cfg.log_every)
-    for step in range(cfg.steps):
+    abar = model.alphas_cumprod()
+
+    def draw(gen: torch.Generator) -> tuple:
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
-        eps = torch.randn((cfg.batch_size, c, h, w), generator=gen).to(acc.device)
-        t = sample_timesteps(cfg.batch_size, 0, cfg.timesteps - 1, gen).to(acc.device)
-        with acc.autocast():
-            # mean over pixels (the standard diffusers recipe); unlearning uses sums, as METHODS.md says
-            loss = ddpm_loss(unet, images[idx.to(acc.device)], eps, t, abar).mean() / (c * h * w)
-        opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
-        gnorm = acc.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        d = ema_decay(step, cfg.ema_max_decay)
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), acc.unwrap_model(unet).parameters()):
-                pe.lerp_(p.detach(), 1.0 - d)
-        running += loss.item()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            rec = {"step": step + 1, "loss": running / ((step % cfg.log_every) + 1), "grad_norm": float(gnorm),
-                   "lr": sched.get_last_lr()[0], "ema_decay": d, "seconds": round(time.time() - t0, 2)}
-            running = 0.0
-            run.log(rec)
-            line = progress.line(step + 1, rec, ["loss", "grad_norm", "lr"])
-            if line:
-                print(line, flush=True)
-    ema.to("cpu")
+        eps = torch.randn((cfg.batch_size, c, h, w), generator=gen)
+        return images[idx], eps, sample_timesteps(cfg.batch_size, 0, cfg.timesteps - 1, gen)
+
+    def batch_loss(net, batch) -> torch.Tensor:
+        # mean over pixels (the standard diffusers recipe); unlearning uses sums, as METHODS.md says
+        return ddpm_loss(net, *batch, abar).mean() / (c * h * w)
+
+    t0 = time.time()
+    ema, _ = train_loop(unet, draw, batch_loss, run, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+                        weight_decay=cfg.weight_decay, ema_max_decay=cfg.ema_max_decay, seed=cfg.seed,
+                        log_every=cfg.log_every, mixed_precision=cfg.mixed_precision)
     out_model = DiffusionModel(ema, model.scheduler)
     from .cards import training_card
 

@@ -1,8 +1,11 @@
 """``diffunlearn bench mnist-tshirt``: every method on the shipped MNIST T-Shirt model, shaped like the SISS paper's
-Table 2, with the T-shirt decay curve of each run. Cells (method x seed) are cached on disk, so a re-run resumes."""
+Table 2 (the measures of :mod:`diffunlearn.protocols.mnist_tshirt`), with the T-shirt decay curve of each run. The
+rows are the preset ``presets/bench/mnist-tshirt.yaml``; cells (row x seed) are cached on disk, so a re-run
+resumes."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -11,36 +14,24 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..runs import read_json, write_json
-from . import check_bench_dir
+from .harness import Cell, aggregate, check_bench_dir, load_rows, open_bench_dir, pm, run_cells, select, stat, \
+    write_results
 
-# label -> (method, hyperparameters, steps, batch size): the paper's Table 2 (ReTrack: its released settings), and
-# SISS with --norm-refresh 10 (the fast approximation of norm-fixing) beside the exact form
-ROWS: dict[str, tuple[str | None, dict, int, int]] = {
-    "pretrained": (None, {}, 0, 0),
-    "retrain": (None, {}, 0, 0),
-    "naive": ("naive", {}, 300, 64),
-    "siss-lambda0": ("siss", {"lam": 0.0, "scaling_norm": 5.0}, 300, 64),
-    "siss-lambda0.5": ("siss", {"lam": 0.5, "scaling_norm": 5.0}, 300, 64),
-    "siss-lambda0.5-refresh10": ("siss", {"lam": 0.5, "scaling_norm": 5.0, "norm_refresh": 10}, 300, 64),
-    "siss-nois": ("siss-nois", {"scaling_norm": 5.0}, 300, 64),
-    "erasediff": ("erasediff", {}, 100, 64),
-    "siss-lambda1": ("siss", {"lam": 1.0, "scaling_norm": 5.0}, 100, 64),
-    "neggrad": ("neggrad", {}, 100, 64),
-    "retrack": ("retrack", {"lambda_r": 0.005, "knn": 10}, 50, 128),
-}
-
-
+PRESET = "bench/mnist-tshirt"
+REFERENCES = ("pretrained", "retrain")
 # settings that may differ between runs into one benchmark directory: they do not change a cell's final model or
-# its metrics (the decay curve samples with its own seeds and never draws from the training generator)
-PER_RUN = ("rows", "seeds", "threads", "out", "curve_every", "curve_samples", "curve_nll_tol")
+# its metrics (the decay curve samples with its own seeds and never draws from the training generator; a cell
+# records its row and is refused if the preset now defines that row otherwise)
+PER_RUN = ("rows", "preset", "seeds", "threads", "out", "curve_every", "curve_samples", "curve_nll_tol")
 
 
 @dataclass
 class MnistBenchConfig:
     out: str = field(default="runs/bench-mnist-tshirt", metadata={"help": "benchmark directory (re-runs resume)"})
     seeds: int = field(default=3, metadata={"help": "seeds per method"})
-    rows: str = field(default=",".join(ROWS), metadata={"help": "comma-separated rows to run"})
+    rows: str = field(default="", metadata={"help": "comma-separated rows of the preset (default: those not marked "
+                                                    "default: false)"})
+    preset: str = field(default=PRESET, metadata={"help": "the rows: a YAML preset (built-in name or file)"})
     steps_scale: float = field(default=1.0, metadata={"help": "multiply every method's steps (quick runs)"})
     n_samples: int = field(default=512, metadata={"help": "samples per evaluation (T-shirt rate, IS, FID)"})
     sample_steps: int = field(default=50, metadata={"help": "DDPM sampling steps"})
@@ -53,94 +44,82 @@ class MnistBenchConfig:
     show_forgotten: bool = field(default=False, metadata={"help": "show T-shirt samples in the grids"})
 
 
-def _cell_dir(root: Path, label: str, seed: int) -> Path:
-    return root / "cells" / f"{label}-seed{seed}"
-
-
-def _run_cell(label: str, seed: int, cfg: MnistBenchConfig, protocol, base, retrain, kept, forget, root: Path) -> dict:
-    from ..evaluate import EvalConfig, evaluate, masked
-    from ..metrics.rates import target_rate
-    from ..methods import make_method
-    from ..sampling import ddpm_sample, save_grid
+def _run_cell(cell: Cell, cfg: MnistBenchConfig, protocol, base, retrain, kept, forget) -> dict:
+    from ..models import DiffusionModel
+    from ..protocols.mnist_tshirt import masked
+    from ..sampling import save_grid
     from ..trainer import TrainerConfig, unlearn
 
-    method_name, params, steps, batch = ROWS[label]
-    steps = max(1, int(round(steps * cfg.steps_scale))) if method_name else 0
-    ecfg = EvalConfig(n_samples=cfg.n_samples, sample_steps=cfg.sample_steps, nll_probes=cfg.nll_probes,
-                      nll_tol=cfg.nll_tol, seed=0)
+    row, seed = cell.row, cell.key
     curve, log = [], []
-    train_seconds = 0.0
-    if method_name is None:
-        model = base if label == "pretrained" else retrain
+    train_seconds, steps, batch = 0.0, 0, 0
+    if row.reference:
+        model = base if row.reference == "pretrained" else retrain
     else:
+        ucfg = row.trainer_config(TrainerConfig(seed=seed))
+        steps, batch = max(1, int(round(ucfg.steps * cfg.steps_scale))), ucfg.batch_size
+        ucfg = dataclasses.replace(ucfg, steps=steps)
+
         def callback(step, unet):
-            if cfg.curve_every and (step % cfg.curve_every == 0 or step == steps):
-                from ..models import DiffusionModel
-                from ..metrics.nll import nll_bits_per_dim
+            if step % cfg.curve_every == 0 or step == steps:
+                curve.append(protocol.curve_point(DiffusionModel(unet, base.scheduler), step, cfg.curve_samples,
+                                                  cfg.sample_steps, cfg.curve_nll_tol))
 
-                m = DiffusionModel(unet, base.scheduler)
-                s = ddpm_sample(m, cfg.curve_samples, cfg.sample_steps, seed=10_000)
-                r = target_rate(s, protocol.target)
-                nll = nll_bits_per_dim(m, protocol.target[None], 1, cfg.curve_nll_tol, cfg.curve_nll_tol)
-                curve.append({"step": step, "tshirt_count": r.count, "n": r.n, "rate": r.rate,
-                              "nll_bpd": float(nll.bpd[0])})
-
-        ucfg = TrainerConfig(steps=steps, batch_size=batch, seed=seed)
         t0 = time.time()
-        model = unlearn(base, kept, forget, make_method(method_name, **params), ucfg, log=log.append,
+        model = unlearn(base, kept, forget, row.method.build(), ucfg, log=log.append,
                         callback=callback if cfg.curve_every else None)
         train_seconds = time.time() - t0
-    metrics, samples = evaluate(model, protocol, ecfg)
+    metrics, samples = protocol.evaluate(model, cfg.n_samples, cfg.sample_steps, cfg.nll_probes, cfg.nll_tol, seed=0)
     is_target = metrics.pop("_is_target")
-    cell = _cell_dir(root, label, seed)
-    cell.mkdir(parents=True, exist_ok=True)
-    save_grid(masked(samples[:64], is_target[:64], cfg.show_forgotten), cell / "samples.png", ncol=8)
+    cell.dir.mkdir(parents=True, exist_ok=True)
+    save_grid(masked(samples[:64], is_target[:64], cfg.show_forgotten), cell.dir / "samples.png", ncol=8)
     step_seconds = [r["seconds"] for r in log]
     first_zero = next((p["step"] for p in curve if p["tshirt_count"] == 0), None)
-    result = {"label": label, "method": method_name, "hyperparameters": params, "seed": seed, "steps": steps,
-              "batch_size": batch, "metrics": metrics, "curve": curve, "first_zero_step": first_zero,
-              "curve_settings": {"every": cfg.curve_every, "samples": cfg.curve_samples, "nll_tol": cfg.curve_nll_tol},
-              "unlearn_seconds": round(train_seconds, 1),
-              "seconds_per_step": float(np.median(step_seconds)) if step_seconds else None,
-              "log": log}
-    write_json(cell / "result.json", result)
-    return result
+    return {"label": row.label, "method": row.method.name if row.method else None,
+            "hyperparameters": dict(row.method.params) if row.method else {}, "seed": seed, "steps": steps,
+            "batch_size": batch, "metrics": metrics, "curve": curve, "first_zero_step": first_zero,
+            "curve_settings": {"every": cfg.curve_every, "samples": cfg.curve_samples, "nll_tol": cfg.curve_nll_tol},
+            "unlearn_seconds": round(train_seconds, 1),
+            "seconds_per_step": float(np.median(step_seconds)) if step_seconds else None,
+            "log": log}
 
 
-def _aggregate(results: list[dict]) -> dict[str, dict]:
+def _progress(r: dict) -> None:
+    m = r["metrics"]
+    print(f"[{r['label']} seed {r['seed']}] {r['unlearn_seconds']:.0f}s unlearning  rate {m['tshirt_rate']['count']}/"
+          f"{m['tshirt_rate']['n']}  NLL {m['tshirt_nll']['bpd']:.2f}  IS {m['classifier_is']['mean']:.2f}  "
+          f"FID {m['classifier_fid']['value']:.2f}", flush=True)
+
+
+def _summariser(results: list[dict]):
     from ..metrics.rates import binomial_ci
 
-    rows: dict[str, dict] = {}
-    plain = [r["seconds_per_step"] for r in results if r["label"] == "naive" and r["seconds_per_step"]]
+    plain = [r["seconds_per_step"] for r in results if r["method"] == "naive" and r["seconds_per_step"]]
     plain_step = float(np.median(plain)) if plain else None
-    for label in ROWS:
-        rs = [r for r in results if r["label"] == label]
-        if not rs:
-            continue
-        def stat(get):
-            v = np.array([get(r) for r in rs], dtype=float)
-            return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+    def summarise(rs: list[dict]) -> dict:
         k = sum(r["metrics"]["tshirt_rate"]["count"] for r in rs)
         n = sum(r["metrics"]["tshirt_rate"]["n"] for r in rs)
         sps = [r["seconds_per_step"] for r in rs if r["seconds_per_step"]]
         # per cell: the first curve step with no T-shirt, ">steps" when never reached, None without a curve
         zeros = [r["first_zero_step"] if r["first_zero_step"] is not None else (f">{r['steps']}" if r["curve"] else None)
                  for r in rs]
-        rows[label] = {
+        return {
             "steps": rs[0]["steps"], "seeds": len(rs),
-            "classifier_is": stat(lambda r: r["metrics"]["classifier_is"]["mean"]),
-            "classifier_fid": stat(lambda r: r["metrics"]["classifier_fid"]["value"]),
-            "nll": stat(lambda r: r["metrics"]["tshirt_nll"]["bpd"]),
+            "classifier_is": stat(r["metrics"]["classifier_is"]["mean"] for r in rs),
+            "classifier_fid": stat(r["metrics"]["classifier_fid"]["value"] for r in rs),
+            "nll": stat(r["metrics"]["tshirt_nll"]["bpd"] for r in rs),
             # Monte Carlo standard error of the mean NLL over the cells' Hutchinson probes (NaN with 1 probe)
             "nll_mc_stderr": float(np.sqrt(np.mean([r["metrics"]["tshirt_nll"]["stderr"] ** 2 for r in rs]) / len(rs))),
             "tshirt": {"count": k, "n": n, "rate": k / n, "ci95": list(binomial_ci(k, n))},
-            "unlearn_seconds": stat(lambda r: r["unlearn_seconds"]),
+            "unlearn_seconds": stat(r["unlearn_seconds"] for r in rs),
             "seconds_per_step": float(np.median(sps)) if sps else None,
             "relative_step_time": float(np.median(sps)) / plain_step if sps and plain_step else None,
             "first_zero_step": zeros,
             "curve_points": sum(len(r["curve"]) for r in rs),
         }
-    return rows
+
+    return summarise
 
 
 def _markdown(rows: dict[str, dict], cfg: MnistBenchConfig) -> str:
@@ -149,16 +128,15 @@ def _markdown(rows: dict[str, dict], cfg: MnistBenchConfig) -> str:
     lines = [head]
     for label, r in rows.items():
         one = r["seeds"] == 1
-        pm = lambda s: f"{s['mean']:.2f}" if one else f"{s['mean']:.2f} ± {s['std']:.2f}"  # noqa: E731
         mc = r["nll_mc_stderr"]
-        nll = pm(r["nll"]) + (f" (MC ± {mc:.2f})" if mc == mc else "")
+        nll = pm(r["nll"], mean_alone=one) + (f" (MC ± {mc:.2f})" if mc == mc else "")
         t = r["tshirt"]
         rel = f"{r['relative_step_time']:.2f}x" if r["relative_step_time"] else "—"
         zero = ", ".join("—" if z is None else str(z) for z in r["first_zero_step"]) if r["curve_points"] else \
             ("not measured" if r["steps"] else "—")
-        lines.append(f"| {label} | {r['steps'] or '—'} | {pm(r['classifier_is'])} | {pm(r['classifier_fid'])} | "
-                     f"{nll} | {t['count']}/{t['n']} = {100 * t['rate']:.2f}% "
-                     f"({100 * t['ci95'][0]:.2f}–{100 * t['ci95'][1]:.2f}%) | "
+        lines.append(f"| {label} | {r['steps'] or '—'} | {pm(r['classifier_is'], mean_alone=one)} | "
+                     f"{pm(r['classifier_fid'], mean_alone=one)} | {nll} | {t['count']}/{t['n']} = "
+                     f"{100 * t['rate']:.2f}% ({100 * t['ci95'][0]:.2f}–{100 * t['ci95'][1]:.2f}%) | "
                      f"{r['unlearn_seconds']['mean']:.0f} | {rel} | {zero} |")
     lines.append(f"\n{cfg.seeds} seed(s) per method; {cfg.n_samples} samples per evaluation ({cfg.sample_steps}-step "
                  f"DDPM, sample i seeded by i); NLL by the probability-flow ODE (rtol=atol={cfg.nll_tol}, "
@@ -215,45 +193,29 @@ def _plots(rows: dict, results: list[dict], root: Path) -> None:
 
 def run_mnist_bench(cfg: MnistBenchConfig) -> dict:
     from ..data import load_data, resolve_forget, split_kept
-    from ..evaluate import MnistTshirtProtocol
     from ..models import load_model
     from ..pretrained import pretrained_dir
+    from ..protocols.mnist_tshirt import MnistTshirtProtocol
 
-    labels = [x.strip() for x in cfg.rows.split(",") if x.strip()]
-    unknown = [x for x in labels if x not in ROWS]
-    if unknown:
-        raise UserError(f"unknown benchmark row {unknown[0]!r}: rows are {', '.join(ROWS)}")
+    preset = load_rows(cfg.preset, REFERENCES)[0]
+    rows = select(preset, cfg.rows)
     if cfg.seeds < 1 or cfg.n_samples < 10 or cfg.steps_scale <= 0:
         raise UserError("--seeds >= 1, --n-samples >= 10 and --steps-scale > 0 are required")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     root = Path(cfg.out)
     check_bench_dir(root, cfg, PER_RUN)
-    root.mkdir(parents=True, exist_ok=True)
-    write_json(root / "config.json", asdict(cfg))
     base = load_model(pretrained_dir("mnist-tshirt-base") / "model")
     retrain = load_model(pretrained_dir("mnist-tshirt-retrain") / "model")
     protocol = MnistTshirtProtocol.load()
     data = load_data("mnist-tshirt")
     kept, forget = split_kept(data, resolve_forget("default", data))
-    results = []
-    for label in labels:
-        for seed in range(cfg.seeds if ROWS[label][0] else 1):
-            path = _cell_dir(root, label, seed) / "result.json"
-            if path.exists():
-                results.append(read_json(path))
-                print(f"[{label} seed {seed}] cached", flush=True)
-                continue
-            t0 = time.time()
-            results.append(_run_cell(label, seed, cfg, protocol, base, retrain, kept, forget, root))
-            m = results[-1]["metrics"]
-            print(f"[{label} seed {seed}] {time.time() - t0:.0f}s  rate {m['tshirt_rate']['count']}/"
-                  f"{m['tshirt_rate']['n']}  NLL {m['tshirt_nll']['bpd']:.2f}  IS {m['classifier_is']['mean']:.2f}  "
-                  f"FID {m['classifier_fid']['value']:.2f}", flush=True)
-    rows = _aggregate(results)
-    table = _markdown(rows, cfg)
-    (root / "results.md").write_text(table)
-    write_json(root / "results.json", {"config": asdict(cfg), "rows": rows, "cells": results})
-    _plots(rows, results, root)
-    print(table)
-    return rows
+    open_bench_dir(root, cfg)
+    cells = [Cell.of(root, row, seed) for row in rows for seed in range(cfg.seeds if row.method else 1)]
+    results, _, _ = run_cells(cells, lambda c: _run_cell(c, cfg, protocol, base, retrain, kept, forget),
+                              progress=_progress)
+    labels = [label for label in preset if label in {r.label for r in rows}]
+    table = aggregate(results, labels, _summariser(results))
+    write_results(root, {"config": asdict(cfg), "rows": table, "cells": results}, _markdown(table, cfg))
+    _plots(table, results, root)
+    return table

@@ -1,24 +1,25 @@
-"""``diffunlearn bench prompt``: the SISS paper's Stable Diffusion protocol (section 5.3) on the shipped CPU replica
-``prompt-digits``, a tiny pixel-space text-conditional model in which one prompt mostly reproduces a training digit
-and a variant prompt only sometimes (see :mod:`diffunlearn.sd.replica` and the model's README.md).
+"""``diffunlearn bench prompt``: the SISS paper's Stable Diffusion protocol (section 5.3;
+:mod:`diffunlearn.protocols.prompt`) on the shipped CPU replica ``prompt-digits``, a tiny pixel-space
+text-conditional model in which one prompt mostly reproduces a training digit and a variant prompt only sometimes
+(see :mod:`diffunlearn.sd.replica` and the model's README.md).
 
-It runs the ``diffunlearn prompt`` code paths unchanged:
+It runs the ``diffunlearn prompt`` library code on one loaded model:
 
 1. ``prompt build``: ``n`` samples of the prompt, labelled memorised (A) or not (X \\ A) by k-means (2 clusters on
    pixels; the tighter cluster is A) or, with ``--label reference``, by distance to the known training image;
-2. ``prompt unlearn`` for every method x seed from the shipped weights, the prompt held fixed (the conditional model
-   treated as unconditional, ``FixedPromptUNet``), counting memorised samples among ``eval_samples`` (16) on the
-   prompt and on the variant every ``eval_every`` steps, with the quality measure (the weight-free sharpness proxy
-   unless ``--clip`` names local CLIP weights);
+2. ``prompt unlearn`` for every row of the preset ``presets/bench/prompt.yaml`` x seed from the shipped weights, the
+   prompt held fixed (the conditional model treated as unconditional, ``FixedPromptUNet``), counting memorised
+   samples among ``eval_samples`` (16) on the prompt and on the variant every ``eval_every`` steps, with the quality
+   measure (the weight-free sharpness proxy unless ``--clip`` names local CLIP weights);
 3. success as the paper defines it, per prompt and run: 0 of 16 memorised at the end while quality holds at every
    count; the success rate is the share of seeds that succeed.
 
 SISS's ``scaling_norm`` is the paper's rule applied to this model ("auto": ``scaling_norm_fraction`` of ||G_x||, the
-gradient norm of the variant's own X \\ A term at the shipped weights, as ``bench instance`` does); the paper's 750
-is Stable Diffusion's value, for a UNet about 3,500 times larger.
+gradient norm of the variant's own X \\ A term at the shipped weights, as ``bench instance`` does; stored in
+``scaling_norm.json``); the paper's 750 is Stable Diffusion's value, for a UNet about 3,500 times larger.
 
-Cells (method x seed) are cached under ``cells/``: a re-run with the same settings loads them. Writes
-``results.md``, ``results.json`` and ``memorised.png`` (memorised count over steps, per method, on both prompts).
+Cells (row x seed) are cached under ``cells/``: a re-run with the same settings loads them. Writes ``results.md``,
+``results.json`` and ``memorised.png`` (memorised count over steps, per method, on both prompts).
 """
 
 from __future__ import annotations
@@ -33,21 +34,13 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..runs import read_json, write_json
-from . import check_bench_dir
+from ..runs import write_json
+from ..trainer import TrainerConfig
+from .harness import Cell, aggregate, check_bench_dir, command_line, load_rows, open_bench_dir, run_cells, select, \
+    write_results
 
-#: label -> (method, hyperparameters); "auto": scaling_norm_fraction of ||G_x|| at the shipped weights
-ROWS: dict[str, tuple[str, dict]] = {
-    "siss-lambda0.5": ("siss", {"lam": 0.5, "scaling_norm": "auto"}),
-    "siss-nois": ("siss-nois", {"scaling_norm": "auto"}),
-    "naive": ("naive", {}),
-    "erasediff": ("erasediff", {"inner_steps": 2, "lambda_e": 0.1}),
-    "retrack": ("retrack", {"lambda_r": 0.5, "knn": 10}),
-    "erasediff-light": ("erasediff-light", {"eta": 1e-2}),
-    "neggrad": ("neggrad", {}),
-}
-DEFAULT_ROWS = ["siss-lambda0.5", "siss-nois", "naive", "erasediff", "retrack"]
-FREE_SETTINGS = ("out", "rows", "seeds")
+PRESET = "bench/prompt"
+FREE_SETTINGS = ("out", "rows", "preset", "seeds")
 
 
 @dataclass
@@ -56,7 +49,9 @@ class PromptBenchConfig:
     model: str = field(default="prompt-digits", metadata={"help": "shipped model name or SD-layout directory"})
     prompt: str = field(default="", metadata={"help": "the memorised prompt (default: the replica's replica.json)"})
     variant: str = field(default="", metadata={"help": "the variant prompt, also scored (default: the replica's)"})
-    rows: str = field(default=",".join(DEFAULT_ROWS), metadata={"help": "comma-separated methods: " + ", ".join(ROWS)})
+    rows: str = field(default="", metadata={"help": "comma-separated rows of the preset (default: those not marked "
+                                                    "default: false)"})
+    preset: str = field(default=PRESET, metadata={"help": "the rows: a YAML preset (built-in name or file)"})
     seeds: int = field(default=3, metadata={"help": "unlearning seeds per method (success rate = share of seeds)"})
     n: int = field(default=128, metadata={"help": "samples of the prompt labelled into A and X \\ A"})
     label: str = field(default="kmeans", metadata={"help": "kmeans (the paper's) or reference (distance to the "
@@ -76,16 +71,6 @@ class PromptBenchConfig:
     proxy_band: float = field(default=2.0, metadata={"help": "without CLIP: sharpness must stay within this factor"})
 
 
-def _rows(cfg: PromptBenchConfig) -> list[str]:
-    labels = list(dict.fromkeys(x.strip() for x in cfg.rows.split(",") if x.strip()))
-    unknown = [x for x in labels if x not in ROWS]
-    if unknown:
-        raise UserError(f"unknown benchmark row {unknown[0]!r}: rows are {', '.join(ROWS)}")
-    if not labels:
-        raise UserError("--rows names no row")
-    return labels
-
-
 def _validate(cfg: PromptBenchConfig) -> None:
     if cfg.seeds < 1 or cfg.steps < 1 or cfg.batch_size < 1 or cfg.eval_every < 1 or cfg.eval_samples < 1:
         raise UserError("--seeds, --steps, --batch-size, --eval-every and --eval-samples must be at least 1")
@@ -101,224 +86,147 @@ def _validate(cfg: PromptBenchConfig) -> None:
         raise UserError("--sample-steps must be >= 0 and --guidance a finite number >= 0")
     if not cfg.scaling_norm_fraction > 0 or not cfg.proxy_band > 1:
         raise UserError("--scaling-norm-fraction must be positive and --proxy-band > 1")
-    _rows(cfg)
 
 
-def resolve_replica(cfg: PromptBenchConfig) -> dict:
-    """The model directory, the replica's description (``replica.json`` beside or above it; {} if none) and the
-    settings that follow from it."""
-    from ..pretrained import available, pretrained_dir
-    from ..sd.pipeline import resolve_sd_dir
-    from ..sd.replica import REPLICA_FILE
-
-    p = Path(cfg.model)
-    if not p.exists() and cfg.model in available():
-        p = pretrained_dir(cfg.model)
-    model_dir = resolve_sd_dir(p)
-    info = {}
-    for folder in (model_dir, model_dir.parent):
-        if (folder / REPLICA_FILE).is_file():
-            info = json.loads((folder / REPLICA_FILE).read_text())
-            info["folder"] = str(folder)
-            break
-    prompt, variant = cfg.prompt or info.get("prompt", ""), cfg.variant or info.get("variant", "")
-    if not prompt or not variant:
-        raise UserError(f"{model_dir} has no {REPLICA_FILE} naming its prompts: pass --prompt and --variant")
-    reference = None
-    if cfg.label == "reference":
-        if not info.get("memorised_image"):
-            raise UserError(f"--label reference needs the known training image: no {REPLICA_FILE} beside {model_dir}")
-        reference = str(Path(info["folder"]) / info["memorised_image"])
-    return {"model_dir": str(model_dir), "prompt": prompt, "variant": variant, "reference": reference,
-            "sample_steps": cfg.sample_steps or int(info.get("sample_steps", 50)),
-            "guidance": cfg.guidance or float(info.get("guidance", 7.5)), "replica": info}
+def _trainer(cfg: PromptBenchConfig, seed: int) -> TrainerConfig:
+    """The benchmark's budget; the preset's trainer block (and a row's) goes over it."""
+    return TrainerConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=seed, threads=1)
 
 
-def _cell_dir(root: Path, label: str, seed: int) -> Path:
-    return root / "cells" / f"{label}-seed{seed}"
+class _Session:
+    """Everything loaded once for all cells: the model, the data set's latents, the counter of memorised samples."""
+
+    def __init__(self, cfg: PromptBenchConfig, rep: dict, sd, root: Path):
+        from ..protocols.prompt import MemorisedCounter
+        from ..sd.memorisation import read_prompt_data
+        from ..sd.prompt import prompt_latents
+        from ..sd.quality import quality_measure
+
+        self.cfg, self.rep, self.sd = cfg, rep, sd
+        self.data = read_prompt_data(root / "data")
+        self.quality = quality_measure(cfg.clip, band=cfg.proxy_band)
+        self.kept, self.forget = prompt_latents(sd, self.data, "cpu")
+        self.counter = MemorisedCounter(sd, self.data.rule, self.quality,
+                                        {"prompt": rep["prompt"], "original_prompt": rep["variant"]},
+                                        cfg.eval_samples, 1, rep["sample_steps"], rep["guidance"], 64, cfg.eval_every)
+
+    def calibrate(self, row) -> dict:
+        """The paper's scaling_norm rule at the shipped weights with the prompt held fixed."""
+        from ..protocols.calibration import calibrate_scaling_norm
+
+        model = self.sd.as_unconditional(self.counter.embeds["prompt"])
+        return calibrate_scaling_norm(model, self.kept, self.forget, row.method, self.cfg.batch_size,
+                                      self.cfg.scaling_norm_fraction, seed=0)
+
+    def run(self, cell: Cell, calib: dict | None) -> dict:
+        from ..config import to_dict
+        from ..protocols.calibration import with_scaling_norm
+        from ..runs import RunDir
+        from ..sd.prompt import prompt_method, unlearn_prompt
+
+        row, seed = cell.row, cell.key
+        spec = with_scaling_norm(row.method, calib["scaling_norm"]) if row.auto else row.method
+        method, trainer = prompt_method(spec), row.trainer_config(_trainer(self.cfg, seed))
+        t0 = time.time()
+        run = RunDir(cell.dir, {"command": "bench prompt", "row": row.settings(), "seed": seed,
+                                "method": {"name": method.name, **method.hyperparameters()},
+                                "trainer": to_dict(trainer), "prompts": self.counter.prompts}, overwrite=True)
+        s = unlearn_prompt(self.sd, self.kept, self.forget, method, trainer, self.counter, run, "cpu",
+                           log_every=max(1, trainer.steps))
+        return {"label": row.label, "seed": seed, "method": s["method"], "hyperparameters": s["hyperparameters"],
+                "scaling_norm_calibration": calib, "success": s["success"], "curve": s["curve"],
+                "quality_measure": s["quality_measure"], "quality_rule": s["quality_rule"],
+                "seconds": round(time.time() - t0, 1)}
 
 
-def _unlearn_config(cfg: PromptBenchConfig, rep: dict, root: Path, label: str, seed: int, params: dict):
-    from ..sd.prompt import PromptUnlearnConfig
-
-    method, _ = ROWS[label]
-    from ..methods import MethodSpec
-    from ..trainer import TrainerConfig
-
-    return PromptUnlearnConfig(model=rep["model_dir"], data=str(root / "data"), out=str(_cell_dir(root, label, seed)),
-                               original_prompt=rep["variant"], eval_every=cfg.eval_every,
-                               eval_samples=cfg.eval_samples, eval_seed=1, sample_steps=rep["sample_steps"],
-                               guidance=rep["guidance"], clip=cfg.clip, proxy_band=cfg.proxy_band,
-                               sample_batch_size=64, device="cpu", log_every=max(1, cfg.steps), overwrite=True,
-                               method=MethodSpec(method, dict(params)),
-                               trainer=TrainerConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size,
-                                                     grad_accum=1, seed=seed, gradient_checkpointing=False,
-                                                     beta1=0.9, weight_decay=1e-2, threads=1))
-
-
-def _scaling_norm(cfg: PromptBenchConfig, rep: dict, root: Path, label: str) -> dict:
-    """The paper's rule at the shipped weights with the prompt held fixed, through ``bench instance``'s
-    calibration."""
-    from ..sd.memorisation import read_prompt_data
-    from ..sd.pipeline import load_sd
-    from .instance import calibrate_scaling_norm
-
-    method, params = ROWS[label]
-    sd = load_sd(rep["model_dir"])
-    data = read_prompt_data(root / "data")
-    latents = sd.encode_images(data.images)
-    mask = torch.from_numpy(data.memorised)
-    model = sd.as_unconditional(sd.encode_prompt(rep["prompt"]))
-    return calibrate_scaling_norm(model, latents[~mask], latents[mask], method, params, cfg.batch_size,
-                                  cfg.scaling_norm_fraction, seed=0)
-
-
-def run_cell(cfg: PromptBenchConfig, rep: dict, root: Path, label: str, seed: int, calib: dict | None) -> dict:
-    from ..sd.prompt import run_prompt_unlearn
-
-    _, params = ROWS[label]
-    params = {k: (calib["scaling_norm"] if v == "auto" else v) for k, v in params.items()}
-    t0 = time.time()
-    summary = run_prompt_unlearn(_unlearn_config(cfg, rep, root, label, seed, params))
-    res = {"label": label, "seed": seed, "method": summary["method"], "hyperparameters": summary["hyperparameters"],
-           "scaling_norm_calibration": calib, "success": summary["success"], "curve": summary["curve"],
-           "quality_measure": summary["quality_measure"], "quality_rule": summary["quality_rule"],
-           "seconds": round(time.time() - t0, 1)}
-    path = _cell_dir(root, label, seed) / "cell.json"
-    write_json(path, res, indent=1)  # the cell counts as done only when complete
-    return res
+def _progress(r: dict) -> None:
+    p, v = r["success"]["prompt"], r["success"]["original_prompt"]
+    print(f"[{r['label']} seed {r['seed']}] {r['seconds']:.0f}s  memorised {p['memorised_before']} -> "
+          f"{p['memorised_after']} (prompt), {v['memorised_before']} -> {v['memorised_after']} (variant)", flush=True)
 
 
 def run_prompt_bench(cfg: PromptBenchConfig) -> dict:
-    from ..sd.pipeline import load_sd, require_transformers
-    from ..sd.prompt import PromptBuildConfig, run_build
+    from ..protocols.calibration import with_scaling_norm
+    from ..protocols.prompt import data_quality, reference_distance, resolve_replica
+    from ..sd.memorisation import RULE_FILE, load_image
+    from ..sd.pipeline import check_outside, load_sd, require_transformers
+    from ..sd.prompt import build_data, prompt_method
 
     _validate(cfg)
     require_transformers()
-    labels = _rows(cfg)
+    rows = select(load_rows(cfg.preset)[0], cfg.rows)
     root = Path(cfg.out)
-    if root.exists() and not root.is_dir():
-        raise UserError(f"--out {root} exists and is not a directory")
     check_bench_dir(root, cfg, FREE_SETTINGS)
-    rep = resolve_replica(cfg)
-    load_sd(rep["model_dir"])  # every input is checked before anything is written
-    for label in labels:
-        _unlearn_config(cfg, rep, root, label, 0, {k: (1.0 if v == "auto" else v)
-                                                   for k, v in ROWS[label][1].items()}).build_method()
+    rep = resolve_replica(cfg.model, cfg.prompt, cfg.variant, cfg.label, cfg.sample_steps, cfg.guidance)
+    sd = load_sd(rep["model_dir"])
+    check_outside(root, Path(sd.source))
+    for row in rows:  # every input is checked before anything is written
+        prompt_method(with_scaling_norm(row.method, 1.0))
+        row.trainer_config(_trainer(cfg, 0)).validate(int(sd.scheduler.config.num_train_timesteps))
     torch.set_num_threads(1)
     t_start = time.time()
-    root.mkdir(parents=True, exist_ok=True)
-    write_json(root / "config.json", asdict(cfg))
+    open_bench_dir(root, cfg)
     data = root / "data"
     if not (data / "labels.csv").is_file():
-        run_build(PromptBuildConfig(model=rep["model_dir"], prompt=rep["prompt"], out=str(data), n=cfg.n, seed=0,
-                                    sample_steps=rep["sample_steps"], guidance=rep["guidance"],
-                                    reference=rep["reference"] or "",
-                                    threshold=cfg.threshold if rep["reference"] else None, batch_size=64,
-                                    device="cpu", threads=1, overwrite=True))
-    build = json.loads((data / "memorisation.json").read_text())
+        reference = load_image(Path(rep["reference"]), sd.image_shape[1:]) if rep["reference"] else None
+        build_data(sd, rep["prompt"], data, cfg.n, 0, rep["sample_steps"], rep["guidance"], reference,
+                   cfg.threshold if reference is not None else None, 64,
+                   {"command": "bench prompt: build", "model": rep["model_dir"], "prompt": rep["prompt"], "n": cfg.n,
+                    "seed": 0, "sample_steps": rep["sample_steps"], "guidance": rep["guidance"],
+                    "reference": rep["reference"] or "", "threshold": cfg.threshold if reference is not None else None})
+    build = json.loads((data / RULE_FILE).read_text())
+    session = _Session(cfg, rep, sd, root)
     calib_path = root / "scaling_norm.json"
     calib = json.loads(calib_path.read_text()) if calib_path.is_file() else {}
-    results, ran = [], 0
-    for label in labels:
-        if "auto" in ROWS[label][1].values() and label not in calib:
-            calib[label] = _scaling_norm(cfg, rep, root, label)
+    for row in rows:
+        if row.auto and row.label not in calib:
+            calib[row.label] = session.calibrate(row)
             write_json(calib_path, calib)
-        for seed in range(cfg.seeds):
-            path = _cell_dir(root, label, seed) / "cell.json"
-            if path.is_file():
-                results.append(read_json(path))
-                continue
-            print(f"--- {label}, seed {seed}", flush=True)
-            results.append(run_cell(cfg, rep, root, label, seed, calib.get(label)))
-            ran += 1
+    cells = [Cell.of(root, row, seed) for row in rows for seed in range(cfg.seeds)]
+    results, ran, _ = run_cells(cells, lambda c: session.run(c, calib.get(c.row.label)), progress=_progress)
+    labels = [r.label for r in rows]
     summary = {"benchmark": "prompt", "config": asdict(cfg), "model_dir": rep["model_dir"],
                "prompt": rep["prompt"], "variant": rep["variant"], "sample_steps": rep["sample_steps"],
                "guidance": rep["guidance"], "replica": rep["replica"],
                "data": {"n": build["n"], "memorised": build["memorised"], "labelled_by": build["how"],
-                        "threshold": build["threshold"],
-                        "reference_distance": _reference_distance(rep, data),
-                        "quality": _data_quality(cfg, data)},
-               "rows": aggregate(results, labels),
+                        "threshold": build["threshold"], "reference_distance": reference_distance(rep["replica"], data),
+                        "quality": data_quality(session.quality, session.data)},
+               "rows": aggregate(results, labels, _summarise),
                "timings": {"wall_seconds": round(time.time() - t_start, 1), "cells_run": ran,
                            "cells_cached": len(results) - ran, "build_seconds": build.get("seconds"),
                            "cell_seconds": round(sum(c["seconds"] for c in results), 1)},
                "cells": results}
-    (root / "results.md").write_text(markdown(summary))
-    write_json(root / "results.json", summary)
+    write_results(root, summary, markdown(summary))
     plot(summary, root / "memorised.png")
-    print(markdown(summary))
     return summary
 
 
-def _data_quality(cfg: PromptBenchConfig, data: Path) -> dict:
-    """Mean quality of the build's memorised (A) and not memorised (X \\ A) samples, by the benchmark's measure: the
-    scale against which to read a change of quality (a model that makes X \\ A-like samples instead of copies of A
-    scores about kept / memorised of its value before unlearning, with nothing broken)."""
-    from ..sd.memorisation import read_prompt_data
-    from ..sd.quality import quality_measure
+def _summarise(cells: list[dict]) -> dict:
+    """One row: the success rate over seeds on each prompt, the memorised counts, quality and the mean curves."""
+    from ..protocols.prompt import success_rate
 
-    pd = read_prompt_data(data)
-    q = quality_measure(cfg.clip, band=cfg.proxy_band)
-    return {"measure": q.name, "memorised": float(np.mean(q(pd.forget))), "kept": float(np.mean(q(pd.kept)))}
-
-
-def _reference_distance(rep: dict, data: Path) -> float | None:
-    """RMS pixel distance between the build's reference (the medoid of A) and the replica's real training image: how
-    well the labelling found the memorised image (0 = it is the training image)."""
-    from ..sd.memorisation import load_image, pixel_features, rms_distance
-
-    info = rep["replica"]
-    if not info.get("memorised_image"):
-        return None
-    ref = load_image(data / "reference.png")
-    true = load_image(Path(info["folder"]) / info["memorised_image"], tuple(ref.shape[-2:]))
-    return float(rms_distance(pixel_features(ref[None]), pixel_features(true[None])[0])[0])
-
-
-def success_rate(cells: list[dict], which: str) -> dict:
-    """The share of runs that succeed on prompt ``which`` (``prompt`` or ``original_prompt``, the variant)."""
-    ok = [bool(c["success"][which]["success"]) for c in cells]
-    return {"successes": sum(ok), "runs": len(ok), "rate": sum(ok) / len(ok) if ok else float("nan")}
-
-
-def aggregate(results: list[dict], labels: list[str]) -> dict:
-    rows = {}
-    for label in labels:
-        cells = sorted((c for c in results if c["label"] == label), key=lambda c: c["seed"])
-        if not cells:
-            continue
-        row = {"method": cells[0]["method"], "hyperparameters": cells[0]["hyperparameters"],
-               "seeds": [c["seed"] for c in cells]}
-        for key, name in (("prompt", "prompt"), ("original_prompt", "variant")):
-            s = [c["success"][key] for c in cells]
-            row[name] = {"success": success_rate(cells, key),
-                         "memorised_before": s[0]["memorised_before"], "of": s[0]["of"],
-                         "memorised_after": [r["memorised_after"] for r in s],
-                         "quality_before": s[0]["quality_before"],
-                         "quality_after": float(np.mean([r["quality_after"] for r in s])),
-                         "quality_min": float(min(r["quality_min"] for r in s)),
-                         "quality_holds": [r["quality_holds"] for r in s]}
-            steps = [r["step"] for r in cells[0]["curve"][key]]
-            ratio = [[c["curve"][key][i]["quality"] / c["curve"][key][0]["quality"] for c in cells]
-                     for i in range(len(steps))]
-            row[name]["curve"] = {"step": steps,
-                                  "memorised_mean": [float(np.mean([c["curve"][key][i]["memorised"] for c in cells]))
-                                                     for i in range(len(steps))],
-                                  "quality_ratio_mean": [float(np.mean(r)) for r in ratio],
-                                  "quality_ratio_min": [float(np.min(r)) for r in ratio]}
-        row["seconds"] = float(np.mean([c["seconds"] for c in cells]))
-        rows[label] = row
-    return rows
-
-
-def command_line(cfg: dict) -> str:
-    defaults = asdict(PromptBenchConfig())
-    parts = ["diffunlearn bench prompt", "--out", str(cfg["out"])]
-    for k, v in cfg.items():
-        if k != "out" and v != defaults.get(k):
-            parts += ["--" + k.replace("_", "-"), f"'{v}'" if isinstance(v, str) and " " in v else str(v)]
-    return " ".join(parts)
+    cells = sorted(cells, key=lambda c: c["seed"])
+    row = {"method": cells[0]["method"], "hyperparameters": cells[0]["hyperparameters"],
+           "seeds": [c["seed"] for c in cells]}
+    for key, name in (("prompt", "prompt"), ("original_prompt", "variant")):
+        s = [c["success"][key] for c in cells]
+        row[name] = {"success": success_rate(cells, key),
+                     "memorised_before": s[0]["memorised_before"], "of": s[0]["of"],
+                     "memorised_after": [r["memorised_after"] for r in s],
+                     "quality_before": s[0]["quality_before"],
+                     "quality_after": float(np.mean([r["quality_after"] for r in s])),
+                     "quality_min": float(min(r["quality_min"] for r in s)),
+                     "quality_holds": [r["quality_holds"] for r in s]}
+        steps = [r["step"] for r in cells[0]["curve"][key]]
+        ratio = [[c["curve"][key][i]["quality"] / c["curve"][key][0]["quality"] for c in cells]
+                 for i in range(len(steps))]
+        row[name]["curve"] = {"step": steps,
+                              "memorised_mean": [float(np.mean([c["curve"][key][i]["memorised"] for c in cells]))
+                                                 for i in range(len(steps))],
+                              "quality_ratio_mean": [float(np.mean(r)) for r in ratio],
+                              "quality_ratio_min": [float(np.min(r)) for r in ratio]}
+    row["seconds"] = float(np.mean([c["seconds"] for c in cells]))
+    return row
 
 
 def markdown(summary: dict) -> str:
@@ -367,7 +275,7 @@ def markdown(summary: dict) -> str:
         f"one torch thread; this invocation {summary['timings']['wall_seconds']:.0f} s wall "
         f"({summary['timings']['cells_run']} run(s), {summary['timings']['cells_cached']} cached).",
         "",
-        f"Command: `{command_line(cfg)}`",
+        f"Command: `{command_line('prompt', cfg, PromptBenchConfig)}`",
     ]
     return "\n".join(lines + notes) + "\n"
 
@@ -406,4 +314,4 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["PromptBenchConfig", "ROWS", "aggregate", "markdown", "plot", "run_prompt_bench", "success_rate"]
+__all__ = ["PromptBenchConfig", "markdown", "plot", "run_prompt_bench"]

@@ -1,37 +1,20 @@
 """``diffunlearn bench toy``: every unlearning method against an exact gold standard, in about two minutes on 2 cores.
 
-The data are ``toy-digits``: 240 real 8x8 digits plus 16 copies of one more '7' (the forget set A). X \\ A is a small
-finite set, so the ideal denoiser of X \\ A (the Bayes-optimal noise prediction a perfect retrain would converge to,
-:mod:`diffunlearn.ideal`) is known in closed form, and so is the ideal denoiser of X (a perfect base model).
-
-Steps: train a small base DDPM (``toy-small``, 164 k parameters) on X and, with the same recipe, the retrain gold
-standard on X \\ A (``train.train``: 800 steps, batch 64, AdamW lr 2e-3 with cosine decay after 100 warm-up steps,
-EMA weights saved); run every method of :data:`diffunlearn.methods.METHODS` on the base model (the registry's
-``retrain``, which re-initialises the weights and trains only for the unlearning budget, is replaced by that
-full-recipe retrain); evaluate every model on fixed probes:
-
-- *near A*: ``gamma_t a + sigma_t eps`` for a in A; *elsewhere*: ``gamma_t x + sigma_t eps`` for x in X \\ A, on a grid
-  of timesteps, the same noise for every model. Reported: the mean over the grid of the per-dimension squared
-  distance of ``eps_theta`` to the ideal X \\ A denoiser, to the ideal X denoiser and to the retrained model, and
-  (near A) the *progress*: the position of ``eps_theta`` on the segment from the ideal X denoiser (0) to the ideal
-  X \\ A one (1). Elsewhere the two ideals coincide (A's posterior weight vanishes there), so the distances there
-  measure damage to what should be kept.
-- the likelihood of A: exact NLL in bits/dim by the probability-flow ODE (:mod:`diffunlearn.metrics.nll`, tolerance
-  1e-3 for speed, 4 Hutchinson probes), and the NLL of 8 held-out digits (a quality measure); also A's DDPM loss
-  per dimension at 512 fixed (t, eps) draws (a cheap proxy, named ``loss_A``).
-- samples: 128 DDPM samples (25 steps, per-image seeds) assigned to their nearest training image; the fraction whose
-  nearest image is the target (with a 95% Clopper-Pearson interval), and the mean distance of the other samples to
-  their nearest image of X \\ A (broken models produce samples far from every digit).
+The measures are those of :mod:`diffunlearn.protocols.toy` (noise predictions against the ideal denoisers of X and
+X \\ A, A's likelihood, samples). Steps: train a small base DDPM (``toy-small``, 164 k parameters) on X and, with the
+same recipe, the retrain gold standard on X \\ A (``train.train``: 800 steps, batch 64, AdamW lr 2e-3 with cosine
+decay after 100 warm-up steps, EMA weights saved); run every method of :data:`diffunlearn.methods.METHODS` on the
+base model (the registry's ``retrain``, which re-initialises the weights and trains only for the unlearning budget,
+is replaced by that full-recipe retrain); evaluate every model (the retrained model is the reference of the
+``d(retrain)`` distances; NLL at tolerance 1e-3 for speed, 4 Hutchinson probes, 8 held-out digits; A's loss at 512
+draws; 128 DDPM samples of 25 steps).
 
 Unlearning hyperparameters (chosen for this data and budget, the same for every method where shared): 100 steps,
 batch 64, AdamW lr 1e-4 (constant; betas 0.95/0.999, weight decay 1e-6), gradient clipped to 1.0, uniform timesteps.
-The paper's MNIST run used lr 5e-5 for 300 steps; with a third of the steps the rate is doubled. Per method:
-SISS lambda 0.5 with ``scaling_norm`` = 10% of ||G_x|| (the paper's rule), measured for each variant at the base
-model (``calibrate_scaling_norm``: the importance-weighted x term of lambda = 0.5 has a larger gradient norm than
-the plain DDPM term of SISS (No IS) or lambda = 0, so one shared value would be 10% for one and far more for
-another); EraseDiff 2 inner steps, lambda_e 0.1; EraseDiff-light eta 1e-3 (the SISS paper's MNIST value); ReTrack
-lambda_r 0.005 and 10 neighbours (the released MNIST settings); naive deletion and NegGrad take none.
-``--ablations`` adds SISS lambda = 0 and lambda = 1.
+The paper's MNIST run used lr 5e-5 for 300 steps; with a third of the steps the rate is doubled. Each method's own
+hyperparameters are the rows of the preset ``presets/bench/toy.yaml`` (with the reasons); SISS's ``scaling_norm`` is
+``auto``, 10% of ||G_x|| measured for each variant at the base model (:mod:`diffunlearn.protocols.calibration`).
+``--ablations`` adds the preset's SISS lambda = 0 and lambda = 1 rows.
 
 Jobs run in ``workers`` spawned processes (one torch thread each): the base and retrain trainings in parallel, then
 the methods, each unlearning and evaluating its own model. A script that calls :func:`run_toy_bench` with
@@ -41,7 +24,6 @@ Writes ``results.json``, ``results.md`` and ``toy.png`` (and the models, under `
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -52,23 +34,10 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..protocols.toy import PROGRESS_MIN_GAP, ToyEvaluator
+from .harness import Pool, Row, load_rows, per_process, weights_stamp, write_results
 
-#: Hyperparameters of the methods on the toy data (a method missing here runs with its own defaults); the module
-#: docstring gives the reasons. ``scaling_norm="auto"``: 10% of ||G_x|| measured for the variant at the base model.
-TOY_HYPERPARAMS: dict[str, dict] = {
-    "naive": {},
-    "neggrad": {},
-    "siss": {"lam": 0.5, "scaling_norm": "auto"},
-    "siss-nois": {"scaling_norm": "auto"},
-    "erasediff": {"inner_steps": 2, "lambda_e": 0.1},
-    "erasediff-light": {"eta": 1e-3},
-    "retrack": {"lambda_r": 0.005, "knn": 10},
-}
-#: The SISS paper's ablations, run as extra rows: (label, method, hyperparameters).
-TOY_ABLATIONS: list[tuple[str, str, dict]] = [
-    ("siss-lam0", "siss", {"lam": 0.0, "scaling_norm": "auto"}),
-    ("siss-lam1", "siss", {"lam": 1.0, "scaling_norm": "auto"}),
-]
+PRESET = "bench/toy"
 #: Methods of the registry that are not fine-tuning runs on the base model (replaced by the honest retrain).
 SKIPPED = {"retrain": "replaced by 'retrain': train.train on X \\ A with the base model's full recipe"}
 
@@ -91,7 +60,7 @@ class ToyBenchConfig:
     scaling_norm_fraction: float = 0.10
     calibration_batches: int = 4
     # evaluation
-    probe_timesteps: tuple[int, ...] = (50, 100, 150, 200, 300, 400, 600, 800)
+    probe_timesteps: tuple[int, ...] = (50, 100, 200, 300, 400, 600, 800)
     probes_per_t: int = 128
     n_samples: int = 128
     sample_steps: int = 25
@@ -104,220 +73,48 @@ class ToyBenchConfig:
     workers: int = 2
     save_models: bool = True
     methods: tuple[str, ...] | None = None  # None: every registered method
+    preset: str = PRESET  # the rows: each method's hyperparameters
 
     @classmethod
     def quick_config(cls, **overrides) -> "ToyBenchConfig":
-        """Tiny settings for tests and smoke runs (tens of seconds on one core)."""
-        base = dict(quick=True, base_steps=300, base_batch=32, base_lr=3e-3, warmup=30, unlearn_steps=5,
-                    ablations=False, probes_per_t=32, probe_timesteps=(50, 100, 200, 300), n_samples=32,
-                    sample_steps=10, nll=False, loss_draws=128, workers=1, save_models=False, calibration_batches=2)
-        base.update(overrides)
-        return cls(**base)
+        """Tiny settings for tests and smoke runs (tens of seconds on one core): the preset's ``quick`` block."""
+        from ..config import build_config
+
+        quick = load_rows(overrides.get("preset", PRESET), extra=("quick",))[1].get("quick", {})
+        cfg = build_config(cls, raw={**quick, "quick": True}, where=f"the quick block of {PRESET}")
+        return dataclasses.replace(cfg, probe_timesteps=tuple(cfg.probe_timesteps), **overrides)
 
 
-# ---------------------------------------------------------------- data and probes
+#: the base model and the retrain gold standard, trained by the benchmark itself (not preset rows)
+REFERENCES = [Row("pretrained", reference="pretrained", cost=0.3), Row("retrain", reference="retrain", cost=0.3)]
 
 
-def _load_sets():
-    from ..data import load_data, split_kept
+def toy_rows(cfg: ToyBenchConfig) -> list[Row]:
+    """The method rows: every registered method (or ``cfg.methods``) in registry order, with its preset row's
+    hyperparameters (its own defaults when the preset has none), then the non-default rows with ``ablations``."""
+    from ..methods import METHODS, MethodSpec
 
-    data = load_data("toy-digits")
-    kept, forget = split_kept(data, data.default_forget)
-    return data, kept, forget
-
-
-@dataclass
-class ProbeSet:
-    x_t: torch.Tensor
-    t: torch.Tensor
-    eps: torch.Tensor
-    ideal_kept: torch.Tensor  # eps* of X \ A at x_t (float64)
-    ideal_all: torch.Tensor   # eps* of X at x_t (float64)
-
-
-def make_probes(clean: torch.Tensor, all_x: torch.Tensor, kept: torch.Tensor, alphas_cumprod: torch.Tensor,
-                timesteps, per_t: int, generator: torch.Generator) -> ProbeSet:
-    """``per_t`` probes ``gamma_t c + sigma_t eps`` per timestep, cycling through the clean images ``clean``."""
-    from ..diffusion import gamma_sigma
-    from ..ideal import ideal_eps
-
-    xs, ts, es = [], [], []
-    for t in timesteps:
-        idx = torch.arange(per_t) % len(clean)
-        eps = torch.randn((per_t, *clean.shape[1:]), generator=generator)
-        tt = torch.full((per_t,), int(t), dtype=torch.long)
-        g, s = gamma_sigma(alphas_cumprod, tt)
-        xs.append(g * clean[idx] + s * eps)
-        ts.append(tt)
-        es.append(eps)
-    x_t, t, eps = torch.cat(xs), torch.cat(ts), torch.cat(es)
-    return ProbeSet(x_t, t, eps, ideal_eps(x_t, t, kept, alphas_cumprod), ideal_eps(x_t, t, all_x, alphas_cumprod))
-
-
-@torch.no_grad()
-def predict(unet, x_t: torch.Tensor, t: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    from ..diffusion import predict_noise
-
-    unet.eval()
-    return torch.cat([predict_noise(unet, x_t[i:i + batch], t[i:i + batch]).double()
-                      for i in range(0, len(x_t), batch)])
-
-
-def _per_t(sq: torch.Tensor, t: torch.Tensor, grid) -> list[float]:
-    return [float(sq[t == int(k)].mean()) for k in grid]
-
-
-#: a timestep enters the progress score when the two ideal denoisers differ there by at least this much per dim
-PROGRESS_MIN_GAP = 5e-3
-
-
-def progress(pred: torch.Tensor, probes: ProbeSet, grid) -> tuple[float, list]:
-    """How far ``pred`` has moved from the ideal X denoiser toward the ideal X \\ A one, per timestep:
-    ``sum_i <pred_i - eps*_X, eps*_X\\A - eps*_X> / sum_i ||eps*_X\\A - eps*_X||^2`` over the probes at t (the
-    least-squares coefficient of ``pred`` on the segment from eps*_X (0) to eps*_X\\A (1)). Unlike the raw distances
-    it ignores the error components orthogonal to the unlearning direction, which any generalising network has near
-    the ideals (they memorise the finite set at small t). Averaged over the grid timesteps whose gap is at least
-    ``PROGRESS_MIN_GAP`` per dim (elsewhere the direction is undefined); ``None`` at the others."""
-    u = (probes.ideal_kept - probes.ideal_all).flatten(1)
-    v = (pred - probes.ideal_all).flatten(1)
-    per_t = []
-    for k in grid:
-        sel = probes.t == int(k)
-        den = float(u[sel].pow(2).sum())
-        ok = den / (int(sel.sum()) * u.shape[1]) >= PROGRESS_MIN_GAP
-        per_t.append(float((u[sel] * v[sel]).sum()) / den if ok else None)
-    used = [x for x in per_t if x is not None]
-    return (sum(used) / len(used) if used else float("nan")), per_t
-
-
-def distances(pred: torch.Tensor, probes: ProbeSet, grid, reference: torch.Tensor | None = None,
-              with_progress: bool = False) -> dict:
-    """Mean over the timestep grid of the per-dimension squared distance of ``pred`` to each target."""
-    D = pred[0].numel()
-    targets = {"ideal_kept": probes.ideal_kept, "ideal_all": probes.ideal_all, "noise": probes.eps.double()}
-    if reference is not None:
-        targets["retrain"] = reference
-    out = {}
-    for name, target in targets.items():
-        per_t = _per_t((pred - target).pow(2).flatten(1).sum(1) / D, probes.t, grid)
-        out[name] = sum(per_t) / len(per_t)
-        out[name + "_per_t"] = per_t
-    if with_progress:
-        out["progress"], out["progress_per_t"] = progress(pred, probes, grid)
+    rows = load_rows(cfg.preset, extra=("quick",))[0]
+    names = list(cfg.methods) if cfg.methods is not None else list(METHODS)
+    unknown = [n for n in names if n not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
+    out = [rows[n] if n in rows and rows[n].method else Row(n, MethodSpec(n)) for n in names if n not in SKIPPED]
+    if cfg.ablations and cfg.methods is None:
+        out += [r for r in rows.values() if not r.default and r.method is not None]
     return out
 
 
-# ---------------------------------------------------------------- one worker's state
+def method_list(cfg: ToyBenchConfig) -> list[tuple[str, str, dict]]:
+    """(label, method, hyperparameters) of every method row, in the order of the results."""
+    return [(r.label, r.method.name, dict(r.method.params)) for r in toy_rows(cfg)]
 
 
-class _Evaluator:
-    """Everything fixed across models: the data, the probes and their ideal denoisers, the retrain model's outputs."""
-
-    def __init__(self, cfg: ToyBenchConfig, alphas_cumprod: torch.Tensor, retrain_dir: str | None):
-        data, kept, forget = _load_sets()
-        self.cfg, self.data, self.kept, self.forget = cfg, data, kept, forget
-        self.abar = alphas_cumprod
-        g = torch.Generator().manual_seed(10_000 + cfg.seed)
-        grid = cfg.probe_timesteps
-        self.near = make_probes(forget, data.images, kept, alphas_cumprod, grid, cfg.probes_per_t, g)
-        self.elsewhere = make_probes(kept[torch.randperm(len(kept), generator=g)], data.images, kept,
-                                     alphas_cumprod, grid, cfg.probes_per_t, g)
-        # A's DDPM loss at uniform timesteps (a cheap likelihood proxy: the unweighted variational bound's terms)
-        self.loss_t = torch.randint(0, len(alphas_cumprod), (cfg.loss_draws,), generator=g)
-        self.loss_eps = torch.randn((cfg.loss_draws, *kept.shape[1:]), generator=g)
-        self.ref_near = self.ref_else = None
-        if retrain_dir:
-            from ..models import load_model
-
-            ref = load_model(retrain_dir)
-            self.ref_near = predict(ref.unet, self.near.x_t, self.near.t)
-            self.ref_else = predict(ref.unet, self.elsewhere.x_t, self.elsewhere.t)
-
-    def reference_gaps(self) -> dict:
-        """Distances between the two ideal denoisers themselves: the scale of every distance in the table."""
-        grid, D = self.cfg.probe_timesteps, self.kept[0].numel()
-        out = {}
-        for name, p in (("near_A", self.near), ("elsewhere", self.elsewhere)):
-            per_t = _per_t((p.ideal_all - p.ideal_kept).pow(2).flatten(1).sum(1) / D, p.t, grid)
-            out[name] = {"ideal_all_vs_ideal_kept": sum(per_t) / len(per_t), "per_t": per_t}
-        return out
-
-    def evaluate(self, model) -> dict:
-        from ..diffusion import gamma_sigma, predict_noise
-        from ..sampling import ddpm_sample
-
-        cfg, t0 = self.cfg, time.time()
-        unet = model.unet.eval()
-        res: dict = {}
-        res["near_A"] = distances(predict(unet, self.near.x_t, self.near.t), self.near, cfg.probe_timesteps,
-                                  self.ref_near, with_progress=True)
-        res["elsewhere"] = distances(predict(unet, self.elsewhere.x_t, self.elsewhere.t), self.elsewhere,
-                                     cfg.probe_timesteps, self.ref_else)
-        with torch.no_grad():
-            a = self.forget[0].expand(len(self.loss_t), *self.forget.shape[1:])
-            g, s = gamma_sigma(self.abar, self.loss_t)
-            err = predict_noise(unet, g * a + s * self.loss_eps, self.loss_t) - self.loss_eps
-            res["loss_A"] = float(err.double().pow(2).flatten(1).sum(1).mean() / a[0].numel())
-        if cfg.nll:
-            res.update(self._nll(model))
-        res.update(self._samples(ddpm_sample(model, cfg.n_samples, steps=cfg.sample_steps, seed=cfg.seed,
-                                             batch_size=max(1, cfg.n_samples))))
-        res["eval_seconds"] = round(time.time() - t0, 2)
-        return res
-
-    def _nll(self, model) -> dict:
-        try:
-            from ..metrics.nll import nll_bits_per_dim
-        except ImportError:  # the metrics package is optional for this benchmark
-            return {}
-        cfg = self.cfg
-        held = self.data.held_out[: cfg.nll_heldout] if self.data.held_out is not None else self.kept[:0]
-        k = max(1, cfg.nll_probes)
-        # A is copies of one image: k copies of it (so k different Hutchinson probes, which are seeded by the image's
-        # position) and the held-out digits (one probe each) in one ODE solve
-        images = torch.cat([self.forget[:1].expand(k, *self.forget.shape[1:]), held])
-        r = nll_bits_per_dim(model, images, n_probes=1, rtol=cfg.nll_rtol, atol=cfg.nll_atol, seed=cfg.seed,
-                             batch_size=len(images))
-        bpd_a = r.bpd[:k].double()
-        out = {"nll_A_bpd": float(bpd_a.mean()),
-               "nll_A_stderr": float(bpd_a.std() / math.sqrt(k)) if k > 1 else float("nan"), "nll_nfe": r.nfe,
-               "nll_seconds": round(r.seconds, 2)}
-        if len(held):
-            out["nll_heldout_bpd"] = float(r.bpd[k:].mean())
-        return out
-
-    def _samples(self, samples: torch.Tensor) -> dict:
-        kept = self.kept.flatten(1).double()
-        target = self.forget[0].flatten().double()
-        s = samples.flatten(1).double()
-        d_kept = torch.cdist(s, kept).min(1).values
-        d_target = (s - target).norm(dim=1)
-        is_target = d_target < d_kept
-        k, n = int(is_target.sum()), len(s)
-        try:
-            from ..metrics.rates import binomial_ci
-
-            ci = list(binomial_ci(k, n))
-        except ImportError:
-            ci = None
-        others = d_kept[~is_target]
-        return {"target_count": k, "n_samples": n, "target_frac": k / n, "target_frac_ci95": ci,
-                "nn_dist_kept": float(others.mean()) if len(others) else float("nan"),
-                "nn_dist_kept_all": float(d_kept.mean())}
-
-
-_STATE: dict = {}
-
-
-def _evaluator(cfg: ToyBenchConfig, abar: torch.Tensor, retrain_dir: str | None) -> _Evaluator:
-    stamp = None
-    if retrain_dir:  # the retrain model's outputs are cached: a model re-trained into the same folder invalidates them
-        stamp = [(p.name, p.stat().st_mtime_ns) for p in sorted(Path(retrain_dir).rglob("*.safetensors"))]
-    key = (json.dumps(asdict(cfg), sort_keys=True, default=str), retrain_dir, stamp)
-    if _STATE.get("key") != key:
-        _STATE.clear()
-        _STATE.update(key=key, ev=_Evaluator(cfg, abar, retrain_dir))
-    return _STATE["ev"]
+def _evaluator(cfg: ToyBenchConfig, abar: torch.Tensor, retrain_dir: str | None) -> ToyEvaluator:
+    # the retrain model's outputs are cached: a model re-trained into the same folder invalidates them
+    key = (json.dumps(asdict(cfg), sort_keys=True, default=str), retrain_dir,
+           weights_stamp(retrain_dir) if retrain_dir else None)
+    return per_process("toy", key, lambda: ToyEvaluator(cfg, abar, retrain_dir))
 
 
 # ---------------------------------------------------------------- jobs (run inline or in worker processes)
@@ -336,39 +133,39 @@ def _train_job(cfg: ToyBenchConfig, out: str, forget: str) -> dict:
             "model_dir": summary["model_dir"], "recipe": asdict(tc)}
 
 
-def _method_job(cfg: ToyBenchConfig, label: str, method_name: str, params: dict, base_dir: str,
-                retrain_dir: str, out_dir: str | None) -> dict:
-    from ..methods import make_method
+def _method_job(cfg: ToyBenchConfig, row: Row, base_dir: str, retrain_dir: str, out_dir: str | None) -> dict:
     from ..models import load_model, save_model
+    from ..protocols.calibration import calibrated
     from ..trainer import TrainerConfig, unlearn
 
     torch.set_num_threads(1)
     c0 = time.process_time()
     base = load_model(base_dir)
     ev = _evaluator(cfg, base.alphas_cumprod(), retrain_dir)
-    res: dict = {"label": label, "method": method_name, "hyperparameters": dict(params)}
-    if method_name == "pretrained":
+    res: dict = {"label": row.label, "method": row.reference or row.method.name,
+                 "hyperparameters": dict(row.method.params) if row.method else {}}
+    if row.reference == "pretrained":
         model, res["steps"] = base, cfg.base_steps
-    elif method_name == "retrain":
+    elif row.reference == "retrain":
         model, res["steps"] = load_model(retrain_dir), cfg.base_steps
         res["hyperparameters"] = {"from_scratch_on": "X \\ A", "steps": cfg.base_steps, "batch_size": cfg.base_batch,
                                   "lr": cfg.base_lr, "recipe": "train.train (as the base model)"}
     else:
-        if any(v == "auto" for v in params.values()):
-            res["scaling_norm_calibration"] = calibrate_scaling_norm(cfg, base, method_name, params)
-            params = {k: (res["scaling_norm_calibration"]["scaling_norm"] if v == "auto" else v)
-                      for k, v in params.items()}
-        method = make_method(method_name, **params)
+        spec, calib = calibrated(base, ev.kept, ev.forget, row.method, cfg.unlearn_batch, cfg.scaling_norm_fraction,
+                                 cfg.seed, cfg.calibration_batches)
+        if calib:
+            res["scaling_norm_calibration"] = calib
+        method = spec.build()
         res["hyperparameters"] = method.hyperparameters()
-        ucfg = TrainerConfig(steps=cfg.unlearn_steps, lr=cfg.unlearn_lr,
-                             batch_size=cfg.unlearn_batch, seed=cfg.seed, threads=1)
+        ucfg = row.trainer_config(TrainerConfig(steps=cfg.unlearn_steps, lr=cfg.unlearn_lr,
+                                                batch_size=cfg.unlearn_batch, seed=cfg.seed, threads=1))
         logs: list[dict] = []
         t0 = time.time()
         model = unlearn(base, ev.kept, ev.forget, method, ucfg, log=logs.append)
-        res["seconds"], res["steps"] = round(time.time() - t0, 2), cfg.unlearn_steps
+        res["seconds"], res["steps"] = round(time.time() - t0, 2), ucfg.steps
         res["train_log"] = _summarise_log(logs)
         if out_dir:
-            save_model(model, Path(out_dir) / label)
+            save_model(model, Path(out_dir) / row.label)
     res["metrics"] = ev.evaluate(model)
     res["cpu_seconds"] = round(time.process_time() - c0, 2)  # this job's CPU time (unlearning + evaluation)
     return res
@@ -383,82 +180,7 @@ def _summarise_log(logs: list[dict]) -> dict:
             "last": {k: logs[-1][k] for k in keys if k in logs[-1]}}
 
 
-def calibrate_scaling_norm(cfg: ToyBenchConfig, base, method_name: str, params: dict) -> dict:
-    """The paper's rule, ``scaling_norm ~ 10% of the logged ||G_x||``, for this variant: ||G_x|| (the gradient of the
-    batch mean of the variant's own ``x`` term, sum-over-pixels loss, batch ``unlearn_batch``) averaged over a few
-    batches at the base model. Per variant, because the importance-weighted ``x`` term of SISS (lambda = 0.5) has a
-    far larger gradient norm than the plain DDPM loss of SISS (No IS) or lambda = 0 (about 8x on this data)."""
-    from ..methods import Context, make_method
-    from ..methods.base import global_norm
-    from ..trainer import RowSampler
-
-    _, kept, forget = _load_sets()
-    unet = copy.deepcopy(base.unet).train()
-    method = make_method(method_name, **{k: (1.0 if v == "auto" else v) for k, v in params.items()})
-    T = base.num_train_timesteps
-    sampler = RowSampler(kept, forget, method, 0, T - 1, cfg.seed + 777)
-    ctx = Context(base.alphas_cumprod(), kept, forget, 0, T - 1, torch.device("cpu"), sampler.generator, unet=unet,
-                  batch_size=cfg.unlearn_batch, draw=sampler.draw)
-    method.setup(ctx)
-    params_ = [p for p in unet.parameters() if p.requires_grad]
-    norms = []
-    for _ in range(max(1, cfg.calibration_batches)):
-        rows = sampler.draw(cfg.unlearn_batch)
-        grads = torch.autograd.grad(method.terms(unet, rows, ctx).losses["x"].mean(), params_, allow_unused=True)
-        norms.append(float(global_norm([g for g in grads if g is not None])))
-    gx = sum(norms) / len(norms)
-    return {"grad_norm_x": gx, "fraction": cfg.scaling_norm_fraction, "scaling_norm": cfg.scaling_norm_fraction * gx}
-
-
-class _Pool:
-    """Runs jobs in ``workers`` spawned processes, or inline when ``workers == 1``."""
-
-    def __init__(self, workers: int):
-        self.workers = max(1, int(workers))
-        self.ex = None
-        if self.workers > 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            self.ex = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
-
-    def map(self, fn, arglists: list[tuple]) -> list:
-        if self.ex is None:  # inline: the jobs set torch to one thread; give the caller its setting back
-            threads = torch.get_num_threads()
-            try:
-                return [fn(*args) for args in arglists]
-            finally:
-                torch.set_num_threads(threads)
-        from concurrent.futures.process import BrokenProcessPool
-
-        futures = [self.ex.submit(fn, *args) for args in arglists]
-        try:
-            return [f.result() for f in futures]
-        except BrokenProcessPool:
-            raise UserError("a benchmark worker process died (out of memory, or a script without an "
-                            "`if __name__ == '__main__':` guard re-ran itself in the spawned worker); "
-                            "retry with --workers 1") from None
-
-    def close(self):
-        if self.ex is not None:
-            self.ex.shutdown()
-
-
 # ---------------------------------------------------------------- the benchmark
-
-
-def method_list(cfg: ToyBenchConfig) -> list[tuple[str, str, dict]]:
-    """(label, method, hyperparameters) for every registered method (and the SISS ablations), in registry order."""
-    from ..methods import METHODS
-
-    names = list(cfg.methods) if cfg.methods is not None else list(METHODS)
-    unknown = [n for n in names if n not in METHODS]
-    if unknown:
-        raise UserError(f"unknown method(s) {', '.join(unknown)}: choose from {', '.join(METHODS)}")
-    runs = [(n, n, dict(TOY_HYPERPARAMS.get(n, {}))) for n in names if n not in SKIPPED]
-    if cfg.ablations and cfg.methods is None:
-        runs += [(label, m, dict(p)) for label, m, p in TOY_ABLATIONS]
-    return runs
 
 
 def run_toy_bench(out_dir: str | Path, seed: int = 0, quick: bool = False, overwrite: bool = False,
@@ -467,7 +189,7 @@ def run_toy_bench(out_dir: str | Path, seed: int = 0, quick: bool = False, overw
 
     ``overrides`` set :class:`ToyBenchConfig` fields (e.g. ``workers=1``, ``unlearn_steps=50``).
     """
-    from ..runs import prepare_out_dir, write_json
+    from ..runs import prepare_out_dir
 
     if config is None:
         config = ToyBenchConfig.quick_config(seed=seed) if quick else ToyBenchConfig(seed=seed)
@@ -476,37 +198,28 @@ def run_toy_bench(out_dir: str | Path, seed: int = 0, quick: bool = False, overw
         raise UserError(f"unknown toy-bench setting(s): {', '.join(bad)}")
     cfg = dataclasses.replace(config, **overrides)
     out = prepare_out_dir(out_dir, overwrite)
+    rows = toy_rows(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    runs = method_list(cfg)
     t_start = time.time()
     timings: dict = {}
-    pool = _Pool(cfg.workers)
-    try:
+    with Pool(cfg.workers) as pool:
         # 1. the base model on X and the retrain gold standard on X \ A, same recipe, in parallel
         t0 = time.time()
         base_info, retrain_info = pool.map(_train_job, [(cfg, str(out / "base"), ""),
                                                        (cfg, str(out / "retrain"), "default")])
         timings["train_base_and_retrain"] = round(time.time() - t0, 2)
         base_dir, retrain_dir = base_info["model_dir"], retrain_info["model_dir"]
-        jobs = []
-        for label, name, params in runs:
-            jobs.append((cfg, label, name, params, base_dir, retrain_dir,
-                         str(out / "models") if cfg.save_models else None))
-        jobs.append((cfg, "pretrained", "pretrained", {}, base_dir, retrain_dir, None))
-        jobs.append((cfg, "retrain", "retrain", {}, base_dir, retrain_dir, None))
+        models = str(out / "models") if cfg.save_models else None
+        jobs = [(cfg, r, base_dir, retrain_dir, models) for r in rows]
+        jobs += [(cfg, r, base_dir, retrain_dir, None) for r in REFERENCES]
         # 2. every method (unlearn + evaluate), longest first so the two workers finish together
-        order = sorted(range(len(jobs)), key=lambda i: -_cost(jobs[i][2]))
         t0 = time.time()
-        done = pool.map(_method_job, [jobs[i] for i in order])
+        done = pool.map(_method_job, sorted(jobs, key=lambda j: -j[1].cost))
         timings["methods_and_evaluation"] = round(time.time() - t0, 2)
-    finally:
-        pool.close()
     by_label = {r["label"]: r for r in done}
-    retrain_row = by_label["retrain"]
-    retrain_row["seconds"] = retrain_info["seconds"]
+    by_label["retrain"]["seconds"] = retrain_info["seconds"]
     by_label["pretrained"]["seconds"] = base_info["seconds"]
-    labels = ["pretrained", "retrain"] + [label for label, _, _ in runs]
-    rows = [by_label[label] for label in labels]
+    labels = [r.label for r in REFERENCES + rows]
     timings["total"] = round(time.time() - t_start, 2)
     # CPU seconds of the jobs: on a loaded machine, what the wall time would be on idle cores (one thread per job)
     cpu_jobs = sum(r["cpu_seconds"] for r in done)
@@ -526,16 +239,13 @@ def run_toy_bench(out_dir: str | Path, seed: int = 0, quick: bool = False, overw
                    "clip_norm": 1.0}},
         "skipped": SKIPPED,
         "reference": ev.reference_gaps(),
-        "rows": rows,
+        "rows": [by_label[label] for label in labels],
         "timings": timings,
         "threads_per_worker": 1,
         "workers": cfg.workers,
     }
-    write_json(out / "results.json", results)
-    table = markdown_table(results)
-    (out / "results.md").write_text(table)
+    write_results(out, results, markdown_table(results))
     plot(results, out / "toy.png")
-    print(table)
     return results
 
 
@@ -543,11 +253,6 @@ def _abar(model_dir: str) -> torch.Tensor:
     from ..models import load_model
 
     return load_model(model_dir).alphas_cumprod()
-
-
-def _cost(name: str) -> float:
-    return {"erasediff": 5, "retrack": 3, "siss": 2.2, "siss-nois": 3, "erasediff-light": 3, "naive": 1,
-            "neggrad": 1, "pretrained": 0.3, "retrain": 0.3}.get(name, 2)
 
 
 # ---------------------------------------------------------------- reporting

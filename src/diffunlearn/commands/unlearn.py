@@ -63,7 +63,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     from ..config import to_dict
     from ..data import load_data, resolve_forget, split_kept
     from ..models import load_model, model_summary, save_model, state_hash
-    from ..runs import RunDir, prepare_out_dir
+    from ..runs import RunDir, prepare_out_dir, step_printer
 
     if cfg.sequential.requests:
         from ..sequential import run_sequential
@@ -102,21 +102,17 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         config = {"command": "unlearn", **to_dict(cfg)}
         run = RunDir(out, config, cfg.overwrite, resume_from=checkpoint.last_step() or 0 if cfg.resume else None)
     acc.wait_for_everyone()
-    from ..tracking import Progress, Tracker
+    from ..tracking import Tracker
 
-    progress = Progress(trainer.steps, cfg.log_every)
     tracker = Tracker(cfg.report_to, out, config) if cfg.report_to != "none" and acc.is_main_process else None
     last: dict = {}
 
-    def log(rec):
+    def record(rec):
         last.clear()
         last.update(rec)
         run.log(rec)
         if tracker is not None:
             tracker.log(rec)
-        line = progress.line(rec["step"], rec, [k for k in rec if k.startswith("loss_")] + ["grad_norm", "seconds"])
-        if line:
-            print(line, flush=True)
 
     def samples(step, unet):
         if tracker is not None and (step == trainer.steps or (cfg.sample_every and step % cfg.sample_every == 0)):
@@ -125,8 +121,8 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     if tracker is not None:
         _log_samples(tracker, model, 0)
     try:
-        new = unlearn(model, kept, forget, method, trainer, log=log, checkpoint=checkpoint,
-                      callback=samples if tracker is not None else None)
+        new = unlearn(model, kept, forget, method, trainer, log=step_printer(record, trainer.steps, cfg.log_every),
+                      checkpoint=checkpoint, callback=samples if tracker is not None else None)
     except KeyboardInterrupt:
         step = checkpoint.last_step()
         print(f"interrupted after step {last.get('step', 0)}: " + (

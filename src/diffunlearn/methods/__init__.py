@@ -9,7 +9,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-from ..config import unwrap_optional
+from ..config import coerce, unwrap_optional
 from ..errors import UserError
 from .base import Context, GradStep, Method, StepBatch, Terms
 from .erasediff import EraseDiff, EraseDiffLight
@@ -108,10 +108,13 @@ class MethodSpec:
         cli_name = getattr(args, "method.name", None)
         if cli_name is not None and cli_name != name:
             name, params = cli_name, {}  # another method: the file's settings were for the one it named
+        hints = typing.get_type_hints(METHODS[name]) if name in METHODS else {}
         for key in list(params):
             norm = key.replace("-", "_")
             norm = "lam" if norm == "lambda" else norm
-            params[norm] = params.pop(key)
+            value = params.pop(key)
+            kind = unwrap_optional(hints[norm]) if norm in hints and value is not None else None
+            params[norm] = coerce(value, kind, flag_of(norm))  # YAML reads 1e-3 (no dot) as a string
         for f in {f.name for c in METHODS.values() for f in dataclasses.fields(c)}:
             v = getattr(args, "method." + f, None)
             if v is not None:

@@ -24,7 +24,7 @@ import torch
 from ..errors import UserError
 from ..models import DiffusionModel
 from ..safeload import PICKLE_SUFFIXES, check_weights
-from ..sampling import image_generators, initial_noise
+from ..sampling import initial_noise, seeded_batches
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 OPTIONAL = ("vae",)  # no VAE: a pixel-space model (identity codec)
@@ -38,6 +38,23 @@ def require_transformers():
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     return transformers
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA when there is one), ``cpu`` or ``cuda[:N]``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from None
+
+
+def check_outside(out: Path, model_dir: Path, flag: str = "--out") -> None:
+    """``out`` must neither be nor contain nor lie inside the input model's directory: the input is never modified."""
+    o, m = Path(out).resolve(), Path(model_dir).resolve()
+    if o == m or m in o.parents or o in m.parents:
+        raise UserError(f"{flag} must not contain or be inside the model directory {m}: the input is never modified")
 
 
 class FixedPromptUNet(torch.nn.Module):
@@ -179,13 +196,7 @@ class StableDiffusion:
         cond, uncond = prompt_embeds.to(dev), uncond.to(dev)
         sched = self.ddim(steps)
         out = []
-        it = range(0, n, batch_size)
-        if progress:
-            from tqdm import tqdm
-
-            it = tqdm(it, desc="sampling", unit="batch")
-        for b0 in it:
-            gens = image_generators(seed, range(start + b0, start + min(n, b0 + batch_size)))
+        for gens in seeded_batches(n, batch_size, seed, start, progress):
             x = initial_noise(self.latent_shape, gens).to(dev) * sched.init_noise_sigma
             for t in sched.timesteps:
                 eps = guided_noise(unet, sched.scale_model_input(x, t), t, cond, uncond, guidance)

@@ -1,11 +1,13 @@
-"""The memorised-prompt commands: ``diffunlearn prompt build|unlearn|score`` and ``diffunlearn detect``.
+"""What the memorised-prompt commands run (``diffunlearn prompt build|unlearn|score``; the command line is
+:mod:`diffunlearn.commands.prompt`).
 
 The SISS paper's Stable Diffusion protocol (section 5.3, Figure 6): for a memorised prompt, generate 128 images,
 label them memorised (A) or not (X \\ A), unlearn A with the prompt held fixed (35 steps, batch 1 x 16, AdamW 1e-5,
 SISS lambda 0.5, scaling_norm 750, gradient checkpointing), and call the run a success when 0 of 16 samples are
 memorised at the end while quality holds throughout (CLIP-IQA >= 0.35). Fully memorised prompts leave no X \\ A, so
 the paper builds the data from a *modified*, partially memorised prompt (tokens added or deleted by hand) and reports
-success on it and on the original prompt; ``--original-prompt`` does the latter.
+success on it and on the original prompt; ``--original-prompt`` does the latter. The counting and the success rule
+are :mod:`diffunlearn.protocols.prompt`.
 """
 
 from __future__ import annotations
@@ -16,29 +18,20 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
 from ..errors import UserError
-from ..runs import atomic_dir
 from ..methods import MethodSpec, make_method
+from ..protocols.prompt import MemorisedCounter, evaluate_prompt
+from ..runs import atomic_dir
 from ..trainer import TrainerConfig
 from .memorisation import DEFAULT_THRESHOLD, LABELS_FILE, REFERENCE_FILE, RULE_FILE
-from .replica import ReplicaTrainConfig, train_replica
+from .pipeline import check_outside, pick_device
 
 #: the paper's Stable Diffusion hyperparameters where they differ from a method's own defaults (METHODS.md)
 SD_METHOD_DEFAULTS = {"siss": {"scaling_norm": 750.0}, "siss-nois": {"scaling_norm": 750.0},
                       "erasediff-light": {"eta": 1e-2}, "retrack": {"lambda_r": 0.5}}
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise UserError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from None
 
 
 def _check_sampling(n: int, steps: int, guidance: float, batch_size: int, what: str = "--samples") -> None:
@@ -50,12 +43,6 @@ def _check_sampling(n: int, steps: int, guidance: float, batch_size: int, what: 
         raise UserError(f"--guidance must be a finite number >= 0, got {guidance}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-
-
-def _check_outside(out: Path, model_dir: Path, flag: str = "--out") -> None:
-    o, m = out.resolve(), model_dir.resolve()
-    if o == m or m in o.parents or o in m.parents:
-        raise UserError(f"{flag} must not contain or be inside the model directory {m}: the input is never modified")
 
 
 def _load_reference(path: str, sd) -> torch.Tensor:
@@ -100,8 +87,6 @@ class PromptBuildConfig:
 def run_build(cfg: PromptBuildConfig) -> dict:
     """Generate ``n`` images for the prompt, label them, and write the folder the user inspects before unlearning."""
     from ..runs import prepare_out_dir
-    from ..sampling import save_grid
-    from .memorisation import label_images, save_image, write_labels
     from .pipeline import load_sd
 
     if not cfg.prompt.strip():
@@ -117,18 +102,32 @@ def run_build(cfg: PromptBuildConfig) -> dict:
     out = prepare_out_dir(cfg.out, cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    sd = load_sd(cfg.model, cfg.allow_pickle, _device(cfg.device))
-    _check_outside(out, Path(sd.source))
+    sd = load_sd(cfg.model, cfg.allow_pickle, pick_device(cfg.device))
+    check_outside(out, Path(sd.source))
     reference = _load_reference(cfg.reference, sd) if cfg.reference else None
+    meta = build_data(sd, cfg.prompt, out, cfg.n, cfg.seed, cfg.sample_steps, cfg.guidance, reference,
+                      cfg.threshold, cfg.batch_size, {"command": "prompt build", **asdict(cfg)})
+    print(f"inspect and edit {out / LABELS_FILE} (label forget or keep), then: diffunlearn prompt unlearn "
+          f"--model {cfg.model} --data {out} --out RUN")
+    return meta
+
+
+def build_data(sd, prompt: str, out: Path, n: int, seed: int, sample_steps: int, guidance: float,
+               reference: torch.Tensor | None, threshold: float | None, batch_size: int, config: dict) -> dict:
+    """``n`` images of ``prompt`` (image ``i`` from the noise of generator ``(seed, i)``), labelled memorised or not
+    (by distance to ``reference``, else by k-means), written atomically to ``out`` with ``config`` as the record."""
+    from ..sampling import save_grid
+    from .memorisation import label_images, save_image, write_labels
+
     t0 = time.time()
-    images = sd.sample(sd.encode_prompt(cfg.prompt), cfg.n, cfg.seed, cfg.sample_steps, cfg.guidance,
-                       batch_size=cfg.batch_size, progress=cfg.n > cfg.batch_size)
-    mem, rule, info = label_images(images, reference, cfg.threshold or DEFAULT_THRESHOLD, cfg.seed)
+    images = sd.sample(sd.encode_prompt(prompt), n, seed, sample_steps, guidance, batch_size=batch_size,
+                       progress=n > batch_size)
+    mem, rule, info = label_images(images, reference, threshold or DEFAULT_THRESHOLD, seed)
     dist = rule.distances(images)
-    files = [f"images/{i:04d}.png" for i in range(cfg.n)]
-    meta = {"prompt": cfg.prompt, **rule.describe(), "n": cfg.n, "memorised": int(mem.sum()),
-            "seed": cfg.seed, "sample_steps": cfg.sample_steps, "guidance": cfg.guidance, "model": sd.source,
-            "kmeans": info or None, "seconds": round(time.time() - t0, 2)}
+    files = [f"images/{i:04d}.png" for i in range(n)]
+    meta = {"prompt": prompt, **rule.describe(), "n": n, "memorised": int(mem.sum()), "seed": seed,
+            "sample_steps": sample_steps, "guidance": guidance, "model": sd.source, "kmeans": info or None,
+            "seconds": round(time.time() - t0, 2)}
 
     def write(folder: Path):
         (folder / "images").mkdir()
@@ -137,7 +136,7 @@ def run_build(cfg: PromptBuildConfig) -> dict:
         write_labels(folder, files, mem, dist)
         save_image(rule.reference, folder / REFERENCE_FILE)
         (folder / RULE_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        (folder / "config.yaml").write_text(yaml.safe_dump({"command": "prompt build", **asdict(cfg)}, sort_keys=False))
+        (folder / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         for part, sel in (("forget", mem), ("keep", ~mem)):
             if sel.any():
                 save_grid(images[torch.from_numpy(sel)], folder / f"{part}.png")
@@ -146,33 +145,12 @@ def run_build(cfg: PromptBuildConfig) -> dict:
     warn = ""
     if info and (mem.sum() < 2 or info["spread"]["memorised"] > 0.5 * info["spread"]["other"]):
         warn = " (no clearly tighter cluster of copies: the prompt may not be memorised)"
-    print(f"{cfg.n} images for {cfg.prompt!r}: {int(mem.sum())} memorised (forget), {int((~mem).sum())} kept, "
+    print(f"{n} images for {prompt!r}: {int(mem.sum())} memorised (forget), {int((~mem).sum())} kept, "
           f"labelled by {rule.how}{warn}")
-    print(f"inspect and edit {out / LABELS_FILE} (label forget or keep), then: diffunlearn prompt unlearn "
-          f"--model {cfg.model} --data {out} --out RUN")
     return meta
 
 
 # ---------------------------------------------------------------- scoring
-
-
-def evaluate_prompt(sd, unet, prompt_embeds, uncond, rule, quality, n: int, seed: int, steps: int, guidance: float,
-                    batch_size: int) -> tuple[dict, torch.Tensor]:
-    """Sample ``n`` images (seeded per image) and count the memorised ones; mean quality by ``quality``."""
-    images = sd.sample(prompt_embeds, n, seed, steps, guidance, batch_size=batch_size, unet=unet, uncond=uncond)
-    d = rule.distances(images)
-    return {"memorised": int((d <= rule.threshold).sum()), "of": n, "quality": float(np.mean(quality(images))),
-            "min_distance": float(d.min())}, images
-
-
-def success_report(curve: list[dict], check) -> dict:
-    """The paper's success: 0 memorised at the last evaluation and quality holding at every evaluation."""
-    first, last = curve[0], curve[-1]
-    holds = all(check.holds(r["quality"], first["quality"]) for r in curve)
-    return {"memorised_before": first["memorised"], "memorised_after": last["memorised"], "of": last["of"],
-            "quality_before": first["quality"], "quality_after": last["quality"],
-            "quality_min": min(r["quality"] for r in curve), "quality_holds": holds,
-            "success": last["memorised"] == 0 and holds}
 
 
 @dataclass
@@ -222,7 +200,7 @@ def run_score(cfg: PromptScoreConfig) -> dict:
         raise UserError(f"--out {cfg.out} is a directory: give a file name")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    sd = load_sd(cfg.model, cfg.allow_pickle, _device(cfg.device))
+    sd = load_sd(cfg.model, cfg.allow_pickle, pick_device(cfg.device))
     rule, pd = _rule_for(cfg.data, cfg.reference, cfg.threshold, sd)
     prompt = cfg.prompt or (pd.prompt if pd else None)
     if not prompt:
@@ -275,31 +253,33 @@ class PromptUnlearnConfig:
         steps=35, lr=1e-5, batch_size=1, grad_accum=16, beta1=0.9, weight_decay=1e-2, gradient_checkpointing=True))
 
     def build_method(self):
-        """The method block with the Stable Diffusion defaults of the paper where the block does not set them."""
-        kw = dict(self.method.params)
-        for k, v in SD_METHOD_DEFAULTS.get(self.method.name, {}).items():
-            if k not in kw and not (k == "scaling_norm" and kw.get("superfactor") is not None):
-                kw[k] = v
-        method = make_method(self.method.name, **kw)
-        if method.from_scratch:
-            raise UserError(f"{self.method.name} trains from scratch on the training set, which a prompt's generated "
-                            "data set is not; choose an unlearning method")
-        return method
+        return prompt_method(self.method)
 
     def validate(self) -> None:
         self.build_method()
         self.trainer.validate()
 
 
+def prompt_method(spec: MethodSpec):
+    """The method of ``spec`` with the paper's Stable Diffusion defaults where the block does not set them; methods
+    that train from scratch are refused (a prompt's generated data set is not a training set)."""
+    kw = dict(spec.params)
+    for k, v in SD_METHOD_DEFAULTS.get(spec.name, {}).items():
+        if k not in kw and not (k == "scaling_norm" and kw.get("superfactor") is not None):
+            kw[k] = v
+    method = make_method(spec.name, **kw)
+    if method.from_scratch:
+        raise UserError(f"{spec.name} trains from scratch on the training set, which a prompt's generated "
+                        "data set is not; choose an unlearning method")
+    return method
+
+
 def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
     """Unlearn a prompt's memorised images with the prompt held fixed; count memorised samples along the way."""
     from ..config import to_dict
-    from ..models import state_hash
     from ..runs import RunDir, prepare_out_dir
-    from ..sampling import save_grid
-    from ..trainer import unlearn
     from .memorisation import MemorisationRule, read_prompt_data
-    from .pipeline import load_sd, save_sd
+    from .pipeline import load_sd
     from .quality import quality_measure
 
     method = cfg.build_method()
@@ -322,75 +302,67 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
         raise UserError(f"pass --prompt: {cfg.data} does not say which prompt it was built for")
     if ucfg.threads:
         torch.set_num_threads(ucfg.threads)
-    device = _device(cfg.device)
+    device = pick_device(cfg.device)
     sd = load_sd(cfg.model, cfg.allow_pickle, "cpu")
-    _check_outside(out, Path(sd.source))
+    check_outside(out, Path(sd.source))
     sd.check_images(tuple(data.images.shape[1:]), f"images in {cfg.data}")
     ucfg.validate(int(sd.scheduler.config.num_train_timesteps))
     rule = (MemorisationRule(_load_reference(cfg.reference, sd), cfg.threshold or DEFAULT_THRESHOLD, "reference")
             if cfg.reference else data.rule)
     quality = quality_measure(cfg.clip, cfg.clip_iqa_floor, cfg.proxy_band, cfg.allow_pickle, device)
-    if sd.vae is not None:
-        sd.vae.to(device)
-    sd.text_encoder.to(device)
-    sd.device = device
-    # the latents of X \ A and A, computed once: unlearning happens in latent space
-    latents = sd.encode_images(data.images)
-    mask = torch.from_numpy(data.memorised)
-    kept, forget = latents[~mask], latents[mask]
+    kept, forget = prompt_latents(sd, data, device)
     prompts = {"prompt": prompt, **({"original_prompt": cfg.original_prompt} if cfg.original_prompt else {})}
-    embeds = {k: sd.encode_prompt(p) for k, p in prompts.items()}
-    uncond = sd.encode_prompt("")
-    hash_before = state_hash(sd.unet)
-
+    counter = MemorisedCounter(sd, rule, quality, prompts, cfg.eval_samples, cfg.eval_seed, cfg.sample_steps,
+                               cfg.guidance, cfg.sample_batch_size, cfg.eval_every)
     config = {"command": "prompt unlearn", **to_dict(cfg), "method_hyperparameters": method.hyperparameters(),
               "kept": len(kept), "forget": len(forget), "quality_measure": quality.check.describe(),
               "memorisation": rule.describe()}
     run = RunDir(out, config, cfg.overwrite)
-    save_grid(rule.reference[None], out / "reference.png")
-    curves: dict[str, list[dict]] = {k: [] for k in prompts}
-    evals = open(out / "memorised.jsonl", "a", buffering=1)
+    return unlearn_prompt(sd, kept, forget, method, ucfg, counter, run, device, cfg.log_every)
 
-    def evaluate(step: int, unet) -> None:
-        for key, emb in embeds.items():
-            res, images = evaluate_prompt(sd, unet, emb, uncond, rule, quality, cfg.eval_samples, cfg.eval_seed,
-                                          cfg.sample_steps, cfg.guidance, cfg.sample_batch_size)
-            rec = {"step": step, "which": key, **res}
-            curves[key].append(rec)
-            evals.write(json.dumps(rec) + "\n")
-            print(f"step {step}: {res['memorised']}/{res['of']} memorised ({key}), quality {res['quality']:.4g}",
-                  flush=True)
-            if step == 0 or step == ucfg.steps:
-                save_grid(images, out / f"samples_{key}_{'before' if step == 0 else 'after'}.png")
 
-    def callback(step: int, unet) -> None:
-        if (cfg.eval_every and step % cfg.eval_every == 0) or step == ucfg.steps:
-            evaluate(step, unet)
+def prompt_latents(sd, data, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The latents of X \\ A and A, computed once (unlearning happens in latent space); the VAE and text encoder move
+    to ``device`` for it and for sampling, the UNet stays where it is."""
+    if sd.vae is not None:
+        sd.vae.to(device)
+    sd.text_encoder.to(device)
+    sd.device = torch.device(device)
+    latents = sd.encode_images(data.images)
+    mask = torch.from_numpy(data.memorised)
+    return latents[~mask], latents[mask]
 
-    every = max(1, cfg.log_every)
 
-    def log(rec):
-        run.log(rec)
-        if rec["step"] % every == 0 or rec["step"] == ucfg.steps:
-            keys = [k for k in rec if k.startswith("loss_")] + ["grad_norm", "seconds"]
-            print(f"step {rec['step']}/{ucfg.steps} " + " ".join(f"{k}={rec[k]:.4g}" for k in keys if k in rec),
-                  flush=True)
+def unlearn_prompt(sd, kept: torch.Tensor, forget: torch.Tensor, method, trainer: TrainerConfig,
+                   counter: MemorisedCounter, run, device, log_every: int = 1) -> dict:
+    """Unlearn ``forget`` (latents) from ``sd``'s UNet with the counter's first prompt held fixed, counting memorised
+    samples before, during (the counter's steps) and after; the new SD directory goes to ``run.model_dir`` and the
+    summary (the paper's success per prompt) to ``run``. ``sd`` is not modified."""
+    from ..models import state_hash
+    from ..runs import step_printer
+    from ..sampling import save_grid
+    from ..trainer import unlearn
+    from .pipeline import save_sd
 
+    save_grid(counter.rule.reference[None], run.path / "reference.png")
+    counter.start(run.path, trainer.steps)
+    hash_before = state_hash(sd.unet)
     sd.unet.to(device)
-    evaluate(0, sd.unet)
+    counter.count(0, sd.unet)
     sd.unet.to("cpu")  # the trainer trains a copy on its own device; the original need not occupy it
-    new = unlearn(sd.as_unconditional(embeds["prompt"]), kept, forget, method, ucfg, log=log, callback=callback)
-    evals.close()
+    new = unlearn(sd.as_unconditional(counter.embeds["prompt"]), kept, forget, method, trainer,
+                  log=step_printer(run.log, trainer.steps, log_every), callback=counter)
     save_sd(sd, new.unet, run.model_dir)
-    report = {k: success_report(c, quality.check) for k, c in curves.items()}
+    report = counter.report()
+    quality = counter.quality
     summary = {"command": "prompt unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
-               "prompts": prompts, "steps": ucfg.steps, "kept": len(kept), "forget": len(forget),
+               "prompts": counter.prompts, "steps": trainer.steps, "kept": len(kept), "forget": len(forget),
                "quality_measure": quality.name, "quality_rule": quality.check.describe(),
-               "memorisation": rule.describe(), "success": report, "curve": curves,
+               "memorisation": counter.rule.describe(), "success": report, "curve": counter.curves,
                "model_in": {"dir": sd.source, "sha256": hash_before},
                "model_out": {"dir": str(run.model_dir), "sha256": state_hash(new.unet.unet)}}
     run.finish(summary)
-    print(f"success = 0 of {cfg.eval_samples} memorised at the end and, at every count, {quality.check.describe()}")
+    print(f"success = 0 of {counter.n} memorised at the end and, at every count, {quality.check.describe()}")
     for k, r in report.items():
         print(f"{k}: memorised {r['memorised_before']} -> {r['memorised_after']} of {r['of']}; quality "
               f"{r['quality_before']:.4g} -> {r['quality_after']:.4g} (min {r['quality_min']:.4g}): "
@@ -399,103 +371,5 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
     return summary
 
 
-# ---------------------------------------------------------------- detect
-
-
-@dataclass
-class DetectConfig:
-    model: str = field(default="", metadata={"help": "local Stable Diffusion v1.x diffusers directory"})
-    prompts: str = field(default="", metadata={"help": "text file, one prompt per line (blank lines skipped)"})
-    out: str = field(default="detect.json", metadata={"help": "JSON file to write the scores to"})
-    seeds: int = field(default=4, metadata={"help": "starting noises averaged per prompt"})
-    sample_steps: int = field(default=50, metadata={"help": "DDIM steps (the score is taken at the first one)"})
-    seed: int = field(default=0, metadata={"help": "seed of the starting noises"})
-    batch_size: int = field(default=8, metadata={"help": "noises per UNet batch"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
-    allow_pickle: bool = field(default=False, metadata={"help": "allow pickle weights: only for files you trust"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out file"})
-
-
-def read_prompts(path: str) -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"prompts file not found: {path}")
-    try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text: {e}") from None
-    prompts = list(dict.fromkeys(line.strip() for line in lines if line.strip()))
-    if not prompts:
-        raise UserError(f"{path} holds no prompts (one per line)")
-    return prompts
-
-
-def run_detect(cfg: DetectConfig) -> dict:
-    """Score every prompt by Wen et al.'s text-conditional noise magnitude; print them sorted, write JSON."""
-    from ..runs import write_json
-    from .detect import noise_gap_scores
-    from .pipeline import load_sd
-
-    if not cfg.model or not cfg.prompts:
-        raise UserError("pass --model (a Stable Diffusion directory) and --prompts (a file, one prompt per line)")
-    if cfg.seeds < 1 or cfg.sample_steps < 1 or cfg.batch_size < 1:
-        raise UserError("--seeds, --sample-steps and --batch-size must be at least 1")
-    out = Path(cfg.out)
-    if out.is_dir() or (out.exists() and not cfg.overwrite):
-        raise UserError(f"--out {out} exists: choose another file or pass --overwrite")
-    prompts = read_prompts(cfg.prompts)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    sd = load_sd(cfg.model, cfg.allow_pickle, _device(cfg.device))
-    _check_outside(out, Path(sd.source))
-    scores, t = noise_gap_scores(sd, prompts, cfg.seeds, cfg.sample_steps, cfg.seed, cfg.batch_size)
-    ranked = sorted(zip(prompts, scores), key=lambda ps: -ps[1])
-    result = {"model": sd.source, "measure": "mean over seeds of ||eps(x_T, t, prompt) - eps(x_T, t, '')||_2 at the "
-                                             "first DDIM step (Wen et al. 2024); higher = more likely memorised",
-              "timestep": t, "seeds": cfg.seeds, "seed": cfg.seed, "sample_steps": cfg.sample_steps,
-              "scores": [{"prompt": p, "score": s} for p, s in ranked]}
-    width = max(len(f"{s:.4g}") for s in scores)
-    for p, s in ranked:
-        print(f"{s:>{width}.4g}  {p}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
-    print(f"wrote {out}")
-    return result
-
-
-# ---------------------------------------------------------------- command line
-
-PROMPT_COMMANDS = {
-    "build": ("generate images for a prompt and label them memorised (forget) or not (keep)", PromptBuildConfig,
-              run_build),
-    "unlearn": ("unlearn a prompt's memorised images from a Stable Diffusion UNet, counting memorised samples",
-                PromptUnlearnConfig, run_prompt_unlearn),
-    "score": ("count memorised samples for a prompt, with their quality", PromptScoreConfig, run_score),
-    "train-replica": ("train the CPU replica: a tiny pixel-space text-conditional model in which one prompt mostly "
-                      "reproduces a training digit", ReplicaTrainConfig, train_replica),
-}
-
-
-def _prompt_setup(parser) -> None:
-    from ..config import config_command
-
-    sub = parser.add_subparsers(dest="prompt_command", required=True)
-    for name, (help_, cls, run) in PROMPT_COMMANDS.items():
-        config_command(sub.add_parser(name, help=help_, description=help_), cls, run)
-
-
-def _detect_setup(parser) -> None:
-    from ..config import config_command
-
-    config_command(parser, DetectConfig, run_detect)
-
-
-def register(commands: dict) -> None:
-    """Add ``prompt`` and ``detect`` to the CLI's command table."""
-    commands["prompt"] = ("Stable Diffusion: build a memorised prompt's data set, unlearn it, score it", _prompt_setup)
-    commands["detect"] = ("Stable Diffusion: rank prompts by how memorised they look (Wen et al. 2024)", _detect_setup)
-
-
-__all__ = ["PromptBuildConfig", "PromptUnlearnConfig", "PromptScoreConfig", "DetectConfig", "run_build",
-           "run_prompt_unlearn", "run_score", "run_detect", "register"]
+__all__ = ["PromptBuildConfig", "PromptUnlearnConfig", "PromptScoreConfig", "build_data", "prompt_latents",
+           "prompt_method", "run_build", "run_prompt_unlearn", "run_score", "unlearn_prompt"]

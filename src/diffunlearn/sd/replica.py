@@ -31,7 +31,6 @@ model's README).
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import time
@@ -260,10 +259,10 @@ def memorisation_rates(sd, reference: torch.Tensor, prompts: dict[str, str], n: 
 
 def train_replica(cfg: ReplicaTrainConfig) -> dict:
     """Train the replica and measure how often each prompt reproduces the memorised image."""
-    from ..diffusion import sample_timesteps
+    from ..diffusion import gamma_sigma, sample_timesteps
     from ..models import state_hash
     from ..runs import RunDir, prepare_out_dir
-    from ..train import cosine_lr, ema_decay
+    from ..train import train_loop
     from .memorisation import save_image
     from .pipeline import load_sd, require_transformers
 
@@ -285,39 +284,24 @@ def train_replica(cfg: ReplicaTrainConfig) -> dict:
     cap_idx = torch.tensor([uniq.index(c) for c in data.captions])
     empty = len(uniq) - 1
 
-    ema = copy.deepcopy(unet).requires_grad_(False)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, betas=(0.95, 0.999), weight_decay=cfg.weight_decay)
-    lrs = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, cfg.steps, cfg.warmup))
-    gen = torch.Generator().manual_seed(cfg.seed)
     x = data.images
-    c, h, w = x.shape[1:]
-    t0, running = time.time(), 0.0
-    unet.train()
-    for step in range(cfg.steps):
+
+    def draw(gen: torch.Generator) -> tuple:
         i = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
         emb = table[torch.where(drop, torch.full_like(i, empty), cap_idx[i])]
-        eps = torch.randn((cfg.batch_size, c, h, w), generator=gen)
-        t = sample_timesteps(cfg.batch_size, 0, len(abar) - 1, gen)
-        g, s = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
-        pred = unet(g * x[i] + s * eps, t, encoder_hidden_states=emb).sample
-        loss = ((pred - eps) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
-        lrs.step()
-        d = ema_decay(step, cfg.ema_max_decay)
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p.detach(), 1.0 - d)
-        running += loss.item()
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            rec = {"step": step + 1, "loss": running / ((step % cfg.log_every) + 1), "grad_norm": float(gnorm),
-                   "lr": lrs.get_last_lr()[0], "ema_decay": d, "seconds": round(time.time() - t0, 2)}
-            running = 0.0
-            run.log(rec)
-            print(rec, flush=True)
+        eps = torch.randn((cfg.batch_size, *x.shape[1:]), generator=gen)
+        return x[i], emb, eps, sample_timesteps(cfg.batch_size, 0, len(abar) - 1, gen)
+
+    def batch_loss(net, batch) -> torch.Tensor:
+        x0, emb, eps, t = batch
+        g, s = gamma_sigma(abar, t)
+        return ((net(g * x0 + s * eps, t, encoder_hidden_states=emb).sample - eps) ** 2).mean()
+
+    t0 = time.time()
+    ema, rec = train_loop(unet, draw, batch_loss, run, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+                          weight_decay=cfg.weight_decay, ema_max_decay=cfg.ema_max_decay, seed=cfg.seed,
+                          log_every=cfg.log_every)
     train_seconds = time.time() - t0
     write_sd_dir(run.model_dir, ema.eval(), text, tok)
     import shutil
