@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .sd.prompt import register as register_sd
 
     register_sd(COMMANDS)
+    from .verify.command import register as register_verify
+
+    register_verify(COMMANDS)
     parser = Parser(prog="diffunlearn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_, module, cls, run) in CONFIG_COMMANDS.items():

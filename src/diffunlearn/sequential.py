@@ -254,7 +254,8 @@ def run_sequential(cfg: UnlearnConfig) -> dict:
     # strips.png: per forgotten image, the original, its reconstruction before its request, right after it, at the end
     tiles = [torch.stack([stack[sel][j], b[j], a[j], measured.denoised[sel][j]])
              for sel, b, a in strips for j in range(len(b))][:STRIP_IMAGES]
-    save_grid(torch.cat(tiles), out / "strips.png", ncol=4)
+    save_grid(torch.cat(tiles), out / "strips.png", ncol=4, labels=["original", "before its request", "after it",
+                                                                    "at the end"] * (len(tiles)))
     summary = {"command": "unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
                "steps": cfg.steps, "requests": len(requests), "forget": len(order), "kept": len(data) - len(order),
                "similarity": evaluator.backend.name, "quality_measure": evaluator.quality_measure,
@@ -263,4 +264,11 @@ def run_sequential(cfg: UnlearnConfig) -> dict:
                "model_out": {"dir": str(run.model_dir), "sha256": hash_before}, "model": model_summary(model)}
     run.finish(summary)
     print(f"saved {run.model_dir} with {LEDGER_NAME}; strips.png: original | before | after its request | at the end")
+    if cfg.verify != "off":  # every request's model and ledger line are saved: a failed verification is recorded
+        from .verify.command import audit_settings, verify_run
+
+        summary["verification"] = verify_run(
+            out, load_model(resolve_model_dir(cfg.model), allow_pickle=cfg.allow_pickle), model, data, order,
+            cfg.verify, held_out=load_data(cfg.held_out).images if cfg.held_out else None, sscd=cfg.sscd or None,
+            seed=cfg.seed, similarity_t=cfg.similarity_t, audit=audit_settings(cfg.audit, cfg.lr, cfg.batch_size, cfg.seed))
     return summary

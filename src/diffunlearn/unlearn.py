@@ -71,6 +71,11 @@ class UnlearnConfig:
     eta: float | None = field(default=None, metadata={"help": "EraseDiff: eta of the adaptive weight"})
     lambda_r: float | None = field(default=None, metadata={"help": "ReTrack: weight of the redirect loss (default 0.005)"})
     knn: int | None = field(default=None, metadata={"help": "ReTrack: neighbours per forget item (default 10)"})
+    # after saving: verification.json + report.html (diffunlearn.verify)
+    verify: str = field(default="fast", metadata={"help": "verify the deletion after saving the model: fast, full "
+                                                          "or off (writes verification.json and report.html)"})
+    audit: str = field(default="", metadata={"help": "with --verify: relearning audit relearn[:K] (fine-tune K "
+                                                     "steps on X \\ A and on A's neighbours, measure A again)"})
 
     def method_kwargs(self) -> dict:
         return {k: getattr(self, k) for k in ("lam", "scaling_norm", "superfactor", "inner_steps", "lambda_e",
@@ -81,6 +86,9 @@ class UnlearnConfig:
         return make_method(self.method, **self.method_kwargs())
 
     def validate(self, num_timesteps: int | None = None) -> None:
+        from .verify.command import check_options
+
+        check_options(self.verify, self.audit)
         if not self.requests and (self.held_out or self.sscd or self.similarity_t != SIMILARITY_T):
             raise UserError("--held-out, --sscd and --similarity-t apply only with --requests")
         if self.checkpoint_every < 0:
@@ -316,7 +324,7 @@ class Checkpointer:
         return int(state["step"])
 
 
-RESUME_IGNORES = ("resume", "overwrite", "threads", "log_every")
+RESUME_IGNORES = ("resume", "overwrite", "threads", "log_every", "verify", "audit")
 
 
 def run_unlearn(cfg: UnlearnConfig) -> dict:
@@ -391,6 +399,11 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         print(f"saved {run.model_dir}")
         checkpoint.path.unlink(missing_ok=True)
     acc.wait_for_everyone()
+    if acc.is_main_process:  # the model is saved: a failed verification is recorded, the model stays
+        from .verify.command import audit_settings, verify_run
+
+        summary["verification"] = verify_run(out, model, new, data, forget_idx, cfg.verify, seed=cfg.seed, audit=
+                                             audit_settings(cfg.audit, cfg.lr, cfg.batch_size, cfg.seed))
     return summary
 
 
