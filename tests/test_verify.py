@@ -17,9 +17,9 @@ from diffunlearn.metrics.membership import denoising_losses, loss_auc
 from diffunlearn.metrics.rates import binomial_ci, pixel_distances
 from diffunlearn.metrics.similarity import noise_and_denoise, noise_and_denoise_similarity
 from diffunlearn.models import save_model
-from diffunlearn.verify import BUDGETS, AuditSettings, verify
-from diffunlearn.verify.audit import parse_audit, recovered
-from diffunlearn.verify.verdicts import forget_verdict, near_copies, overall, quality_verdict, ranks
+from diffunlearn.verification import BUDGETS, AuditSettings, verify
+from diffunlearn.verification.audit import parse_audit, recovered
+from diffunlearn.verification.verdicts import forget_verdict, near_copies, overall, quality_verdict, ranks
 
 
 #: the fast budget with a looser NLL tolerance and fewer samples: the measures as they run, at test speed
@@ -181,7 +181,7 @@ def test_relearning_audit_reports_recovered_fractions():
         for k, frac in row["recovered"].items():
             b, s, x = a["before"][k], row["start"][k], row["attacked"][k]
             assert frac == (None if b == s else pytest.approx((x - s) / (b - s))), k
-    assert "recovered" in a["text"]
+    assert "recovers" in a["text"]
 
 
 # ---------------------------------------------------------------- command line
@@ -238,7 +238,7 @@ def test_unlearn_writes_verification_and_report(capsys, model_dir, data_file, tm
 @pytest.mark.parametrize("error", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_a_failed_verification_keeps_the_model_and_records_the_error(capsys, monkeypatch, model_dir, data_file,
                                                                     tmp_path, error):
-    import diffunlearn.verify.core as core
+    import diffunlearn.verification.core as core
     from diffunlearn.models import load_model
 
     def fail(*a, **k):
@@ -265,7 +265,7 @@ def test_non_finite_outputs_are_recorded_not_raised(capsys, data_file, tmp_path)
     run = tmp_path / "run"
     run.mkdir()
     from diffunlearn.data import load_data
-    from diffunlearn.verify import verify_run
+    from diffunlearn.verification import verify_run
 
     head = verify_run(run, tiny_model(seed=0), model, load_data(str(data_file)), [0], "fast", log=lambda m: None)
     assert head["status"] == "failed" and "NaN" in head["error"]

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .sd.prompt import register as register_sd
 
     register_sd(COMMANDS)
-    from .verify.command import register as register_verify
+    from .verification.command import register as register_verify
 
     register_verify(COMMANDS)
     parser = Parser(prog="diffunlearn", description=__doc__)

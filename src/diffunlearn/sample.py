@@ -43,7 +43,8 @@ def run_sample(cfg: SampleConfig) -> dict:
     run = RunDir(cfg.out, {"command": "sample", **asdict(cfg)}, cfg.overwrite)
     x = ddpm_sample(model, cfg.n, cfg.steps, cfg.seed, cfg.batch_size, progress=True)
     np.save(Path(cfg.out) / "samples.npy", to_uint8(x))
-    save_grid(x[:256], Path(cfg.out) / "samples.png")
+    save_grid(x[:256], Path(cfg.out) / "samples.png", title=f"{min(cfg.n, 256)} samples of {cfg.model}"
+              f" ({cfg.steps} DDPM steps, image i seeded by ({cfg.seed}, i))")
     summary = {"command": "sample", "n": cfg.n, "steps": cfg.steps, "seed": cfg.seed, "model": model.source,
                "files": ["samples.png", "samples.npy"]}
     run.finish(summary)

@@ -265,7 +265,7 @@ def run_sequential(cfg: UnlearnConfig) -> dict:
     run.finish(summary)
     print(f"saved {run.model_dir} with {LEDGER_NAME}; strips.png: original | before | after its request | at the end")
     if cfg.verify != "off":  # every request's model and ledger line are saved: a failed verification is recorded
-        from .verify.command import audit_settings, verify_run
+        from .verification.command import audit_settings, verify_run
 
         summary["verification"] = verify_run(
             out, load_model(resolve_model_dir(cfg.model), allow_pickle=cfg.allow_pickle), model, data, order,

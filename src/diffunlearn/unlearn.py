@@ -71,7 +71,7 @@ class UnlearnConfig:
     eta: float | None = field(default=None, metadata={"help": "EraseDiff: eta of the adaptive weight"})
     lambda_r: float | None = field(default=None, metadata={"help": "ReTrack: weight of the redirect loss (default 0.005)"})
     knn: int | None = field(default=None, metadata={"help": "ReTrack: neighbours per forget item (default 10)"})
-    # after saving: verification.json + report.html (diffunlearn.verify)
+    # after saving: verification.json + report.html (diffunlearn.verification)
     verify: str = field(default="fast", metadata={"help": "verify the deletion after saving the model: fast, full "
                                                           "or off (writes verification.json and report.html)"})
     audit: str = field(default="", metadata={"help": "with --verify: relearning audit relearn[:K] (fine-tune K "
@@ -86,7 +86,7 @@ class UnlearnConfig:
         return make_method(self.method, **self.method_kwargs())
 
     def validate(self, num_timesteps: int | None = None) -> None:
-        from .verify.command import check_options
+        from .verification.command import check_options
 
         check_options(self.verify, self.audit)
         if not self.requests and (self.held_out or self.sscd or self.similarity_t != SIMILARITY_T):
@@ -400,7 +400,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         checkpoint.path.unlink(missing_ok=True)
     acc.wait_for_everyone()
     if acc.is_main_process:  # the model is saved: a failed verification is recorded, the model stays
-        from .verify.command import audit_settings, verify_run
+        from .verification.command import audit_settings, verify_run
 
         summary["verification"] = verify_run(out, model, new, data, forget_idx, cfg.verify, seed=cfg.seed, audit=
                                              audit_settings(cfg.audit, cfg.lr, cfg.batch_size, cfg.seed))

@@ -25,6 +25,7 @@ from .measures import Measured, Subjects, measure_model
 from .verdicts import ranks
 
 DEFAULT_STEPS = 50
+WORDS = {"similarity": "similarity", "loss": "loss", "membership_auc": "membership AUC"}
 
 
 @dataclass
@@ -100,7 +101,7 @@ def relearn_audit(models: dict, measured: dict[str, Measured], subjects: Subject
                 row["recovered"] = {k: recovered(before[k], start[k], got[k]) for k in got}
             rows.append(row)
     return {"settings": asdict(settings), "before": before, "rows": rows, "seconds": round(time.time() - t0, 2),
-            "definition": "fine-tune with the plain DDPM loss (trainer, method naive), on X \\ A ('kept') and on the "
+            "definition": "Fine-tune with the plain DDPM loss (trainer, method naive), on X \\ A ('kept') and on the "
                           f"{settings.knn} nearest kept neighbours of each item of A in pixel space ('neighbours'); "
                           "recovered = (attacked - start) / (before - start) per measure, start being the model "
                           "before the attack (the unlearned or the retrained one)",
@@ -112,13 +113,14 @@ def audit_text(rows: list[dict]) -> str:
     for r in rows:
         rec = r.get("recovered")
         if not rec:
-            parts.append(f"{r['model']} model, fine-tuned on {r['attack']}: A's similarity "
+            parts.append(f"the {r['model']} model fine-tuned on {r['attack']}: A's similarity "
                          f"{r['start']['similarity']:.3f} -> {r['attacked']['similarity']:.3f}, membership AUC "
                          f"{r['start']['membership_auc']:.2f} -> {r['attacked']['membership_auc']:.2f}")
             continue
-        fr = ", ".join(f"{k.replace('_', ' ')} {_pct(v)}" for k, v in rec.items())
-        parts.append(f"{r['model']} model, fine-tuned on {r['attack']}: recovered {fr}")
-    return "; ".join(parts) + "." if parts else ""
+        fr = ", ".join(f"{WORDS[k]} {_pct(v)}" for k, v in rec.items())
+        parts.append(f"the {r['model']} model fine-tuned on {r['attack']} recovers {fr} of the change")
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:] + "." if parts else ""
 
 
 def _pct(x: float | None) -> str:

@@ -218,17 +218,20 @@ def _curves(log: list[dict] | None) -> str:
 def _audit(a: dict | None) -> str:
     if not a:
         return ""
+    keys = ("similarity", "loss", "membership_auc")
+    spec = {"similarity": ".3f", "loss": ".4g", "membership_auc": ".2f"}
     rows = []
     for r in a["rows"]:
         rec = r.get("recovered") or {}
         rows.append([r["model"], f"{r['attack']} ({r['images']} images)"]
-                    + [f"{r['start'][k]:.3f} → {r['attacked'][k]:.3f}" for k in ("similarity", "loss", "membership_auc")]
-                    + ["—" if rec.get(k) is None else f"{100 * rec[k]:.0f}%" for k in ("similarity", "loss",
-                                                                                       "membership_auc")])
-    s = a["settings"]
+                    + [f"{r['start'][k]:{spec[k]}} → {r['attacked'][k]:{spec[k]}}" for k in keys]
+                    + ["—" if rec.get(k) is None else f"{100 * rec[k]:.0f}%" for k in keys])
+    s, b = a["settings"], a.get("before")
+    before = (f" Under the model before, A scored: similarity {b['similarity']:.3f}, loss {b['loss']:.4g}, "
+              f"membership AUC {b['membership_auc']:.2f}." if b else "")
     return ("<h2>Relearning audit</h2>"
             f"<p class='note'>{_e(a['definition'])}. {s['steps']} steps, lr {s['lr']:g}, batch {s['batch_size']}, "
-            f"seed {s['seed']}; {a['seconds']:.0f} s.</p>"
+            f"seed {s['seed']}; {a['seconds']:.0f} s.{_e(before)}</p>"
             + _table(["model", "fine-tuned on", "A similarity", "A loss", "membership AUC", "recovered: similarity",
                       "recovered: loss", "recovered: AUC"], rows) + f"<p>{_e(a['text'])}</p>")
 
@@ -262,9 +265,9 @@ def _method_notes(v: dict) -> str:
     secs = "; ".join(f"{r} " + ", ".join(f"{k} {s:.1f} s" for k, s in v["measures"][r]["seconds"].items())
                      for r in v["measures"])
     return ("<h2>How this was measured</h2><ul>" + items + "</ul>"
-            f"<p class='note'>Budget <b>{_e(b['name'])}</b>: similarity of {c['similarity_items']} distinct items of A "
+            f"<p class='note'>Budget <b>{_e(b['name'])}</b>: similarity of {c['similarity_items']} distinct item(s) of A "
             f"and {c['similarity_reference']} reference images, loss of every distinct item ({c['loss_items']}) and "
-            f"{c['loss_reference']} reference images, NLL of {c['nll_items']} items and {c['nll_reference']} reference "
+            f"{c['loss_reference']} reference images, NLL of {c['nll_items']} item(s) and {c['nll_reference']} reference "
             f"images, {b['samples']} samples. Verdicts: an item of A <i>stands out</i> when it looks more memorised "
             f"than {TAIL_HIGH:.0%} of the reference images under the same model (rank above {TAIL_HIGH:g}), "
             f"<i>falls below</i> under {TAIL_LOW:g}; quality is <i>degraded</i> when the reference images' mean moved "

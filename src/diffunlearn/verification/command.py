@@ -48,7 +48,7 @@ class VerifyConfig:
 
 
 def audit_settings(spec: str, lr: float, batch_size: int, seed: int):
-    """The :class:`~diffunlearn.verify.audit.AuditSettings` of ``--audit relearn[:K]``, or None."""
+    """The :class:`~diffunlearn.verification.audit.AuditSettings` of ``--audit relearn[:K]``, or None."""
     from .audit import AuditSettings, parse_audit
 
     steps = parse_audit(spec)
@@ -152,7 +152,8 @@ def verify_run(run_dir: str | Path, before, after, data, forget_idx, budget: str
         except Exception as e:  # noqa: BLE001 - any failure is recorded; the saved model stays
             result = failure("failed", f"{type(e).__name__}: {e}", started)
     _record(run_dir, result, log)
-    head = {"status": result["status"], "file": str(run_dir / VERIFICATION_NAME)}
+    head = {"status": result["status"], "file": str(run_dir / VERIFICATION_NAME),
+            "seconds_with_report": round(time.time() - started, 2)}
     if result["status"] == "ok":
         head.update(overall=result["overall"]["status"], seconds=result["seconds"])
     else:

@@ -223,9 +223,12 @@ def overall(forget: list[dict], quality: list[dict]) -> dict:
     else:
         status = "not removed"
     quiet = [v["label"] for v in forget if v["status"] in ("no signal", "not shown")]
-    text = f"A was removed on {len(removed)} of {len(signal)} measures that showed it"
-    text += f" ({', '.join(removed)})" if removed else ""
-    text += f"; no signal on {', '.join(quiet)}" if quiet else ""
+    if signal:
+        text = f"A was removed on {len(removed)} of {len(signal)} measures that showed it"
+        text += f" ({', '.join(removed)})" if removed else ""
+        text += f"; no signal on {', '.join(quiet)}" if quiet else ""
+    else:
+        text = f"No measure showed A as memorised, so none can show it removed ({', '.join(quiet)})"
     judged = [q for q in quality if q["status"] in ("kept", "degraded")]
     if degraded:
         text += f". Quality degraded on {', '.join(degraded)}: the model is damaged, so the deletion does not pass."

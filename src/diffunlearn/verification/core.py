@@ -106,7 +106,7 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
     its nearest sample, near-copies of A with an exact 95% interval). Each measure gets a verdict in words against
     the reference images measured in the same run; the same measures on the reference images judge the quality kept.
 
-    Budgets (:data:`diffunlearn.verify.measures.BUDGETS`):
+    Budgets (:data:`diffunlearn.verification.measures.BUDGETS`):
 
     - ``fast``: similarity on 25 evenly spaced ancestral steps back from t, up to 16 distinct items of A and 8
       reference images; loss over 8 (t, eps) pairs on every item and 32 reference images; NLL by the ODE at a loose
@@ -116,7 +116,7 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
       pairs and 128 reference images; the ODE NLL at rtol = atol = 1e-5 with 4 probes (the protocol) of up to 8 items
       and 8 reference images; 256 samples of 100 steps. Minutes per model for 28x28 images.
 
-    ``audit``: ``None``, or :class:`diffunlearn.verify.audit.AuditSettings` (or a step count) to also run the
+    ``audit``: ``None``, or :class:`diffunlearn.verification.audit.AuditSettings` (or a step count) to also run the
     relearning audit. Returns a JSON-ready dict (what ``verification.json`` holds). No model is modified.
     """
     from ..metrics.similarity import load_similarity
