@@ -71,8 +71,12 @@ def recovered(before: float, start: float, attacked: float) -> float | None:
     return None if change == 0 or not math.isfinite(change) else (attacked - start) / change
 
 
-def relearn_audit(models: dict, measured: dict[str, Measured], subjects: Subjects, data: ImageSet, forget_idx: list[int],
-                  settings: AuditSettings, backend, similarity_t: int, seed: int, log=None) -> dict:
+def relearn_audit(models: dict, measured: dict[str, Measured], subjects: Subjects, data: ImageSet,
+                  forget_idx: list[int], settings: AuditSettings, backend, similarity_t: int, seed: int,
+                  removed: dict[str, bool] | None = None, log=None) -> dict:
+    """Run both attacks on the unlearned (and retrained) model. ``removed[k]``: whether the deletion removed A on
+    measure ``k``; where it did not, nothing can be recovered and the fraction is None (a fraction of a change
+    within noise would only be noise)."""
     from ..methods import make_method
     from ..methods.retrack import nearest_kept
     from ..unlearn import UnlearnConfig, unlearn
@@ -98,13 +102,15 @@ def relearn_audit(models: dict, measured: dict[str, Measured], subjects: Subject
             got = forget_summary(m)
             row = {"model": role, "attack": name, "images": len(images), "start": start, "attacked": got}
             if before is not None:
-                row["recovered"] = {k: recovered(before[k], start[k], got[k]) for k in got}
+                row["recovered"] = {k: None if role == "after" and removed and not removed.get(k, True)
+                                    else recovered(before[k], start[k], got[k]) for k in got}
             rows.append(row)
     return {"settings": asdict(settings), "before": before, "rows": rows, "seconds": round(time.time() - t0, 2),
             "definition": "Fine-tune with the plain DDPM loss (trainer, method naive), on X \\ A ('kept') and on the "
                           f"{settings.knn} nearest kept neighbours of each item of A in pixel space ('neighbours'); "
                           "recovered = (attacked - start) / (before - start) per measure, start being the model "
-                          "before the attack (the unlearned or the retrained one)",
+                          "before the attack (the unlearned or the retrained one); not given where the deletion did "
+                          "not remove A on that measure",
             "text": audit_text(rows)}
 
 
@@ -117,8 +123,10 @@ def audit_text(rows: list[dict]) -> str:
                          f"{r['start']['similarity']:.3f} -> {r['attacked']['similarity']:.3f}, membership AUC "
                          f"{r['start']['membership_auc']:.2f} -> {r['attacked']['membership_auc']:.2f}")
             continue
-        fr = ", ".join(f"{WORDS[k]} {_pct(v)}" for k, v in rec.items())
-        parts.append(f"the {r['model']} model fine-tuned on {r['attack']} recovers {fr} of the change")
+        fr = ", ".join(f"{WORDS[k]} {_pct(v)}" for k, v in rec.items() if v is not None)
+        parts.append(f"the {r['model']} model fine-tuned on {r['attack']} recovers {fr} of the change" if fr else
+                     f"the {r['model']} model had nothing removed to recover (fine-tuned on {r['attack']}: A's "
+                     f"similarity {r['start']['similarity']:.3f} -> {r['attacked']['similarity']:.3f})")
     text = "; ".join(parts)
     return text[:1].upper() + text[1:] + "." if parts else ""
 

@@ -13,7 +13,7 @@ from ..errors import UserError
 from ..metrics.similarity import SIMILARITY_T
 from ..models import DiffusionModel
 from .measures import Budget, Measured, Subjects, get_budget, measure_model
-from .verdicts import forget_verdict, near_copies, near_copy_text, overall, quality_verdict
+from .verdicts import REMOVED, forget_verdict, near_copies, near_copy_text, overall, quality_verdict
 
 ROLES = ("before", "after", "retrained")
 
@@ -149,8 +149,11 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
         from .audit import AuditSettings, relearn_audit
 
         settings = audit if isinstance(audit, AuditSettings) else AuditSettings(steps=int(audit))
+        status = {v["measure"]: v["status"] for v in result["verdicts"]}
+        removed = {"similarity": status["similarity"] in REMOVED, "loss": status["loss"] in REMOVED,
+                   "membership_auc": status["loss"] in REMOVED}
         result["audit"] = relearn_audit(models, measured, subjects, data, idx, settings, backend, similarity_t, seed,
-                                        log=say)
+                                        removed, log=say)
     result["seconds"] = round(time.time() - t_start, 2)
     return result
 
