@@ -75,3 +75,31 @@ def test_chromium_renders_the_report_without_errors(run_dir, tmp_path):
     dom = subprocess.run(common + ["--dump-dom", url], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0 and "Deletion report" in dom.stdout and "img-07" in dom.stdout
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_sequential_requests_report_their_ledger_and_a_run_without_verification_still_renders(tmp_path):
+    """``unlearn --requests`` verifies everything removed (all requests together) and the report shows the ledger;
+    without verification.json, ``report`` still writes the settings, curves and ledger and says it is unverified."""
+    import json
+
+    import numpy as np
+
+    from conftest import tiny_model
+    from diffunlearn.models import save_model
+
+    model = save_model(tiny_model(), tmp_path / "base")
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "data.npz", images=rng.integers(0, 256, (20, 8, 8), dtype=np.uint8))
+    (tmp_path / "requests.txt").write_text("2\n5,6\n")
+    out = tmp_path / "run"
+    assert main(["unlearn", "--model", str(model), "--data", str(tmp_path / "data.npz"), "--requests",
+                 str(tmp_path / "requests.txt"), "--steps", "1", "--batch-size", "2", "--similarity-t", "5",
+                 "--out", str(out)]) == 0
+    v = json.loads((out / "verification.json").read_text())
+    assert v["status"] == "ok" and [i["index"] for i in v["forget"]["items"]] == [2, 5, 6]
+    html = (out / "report.html").read_text()
+    assert "Deletion ledger" in html and html.count("<tr>") > 10
+    (out / "verification.json").unlink()
+    assert main(["report", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    assert "not verified" in html and "Deletion ledger" in html and "Training curves" in html

@@ -212,8 +212,9 @@ REMOVED = ("removed", "removed (below reference)", "changed")
 def overall(forget: list[dict], quality: list[dict]) -> dict:
     """One line over every measure: removed / partly removed / not removed / inconclusive, and quality."""
     signal = [v for v in forget if v["status"] not in ("no signal", "not shown")]
-    degraded = [q["label"] for q in quality if q["status"] == "degraded"]
-    removed = [v["label"] for v in signal if v["status"] in REMOVED]
+    short = {k: v[0].replace(" (bits/dim)", "") for k, v in MEASURES.items()}
+    degraded = [short[q["measure"]] for q in quality if q["status"] == "degraded"]
+    removed = [short[v["measure"]] for v in signal if v["status"] in REMOVED]
     if not signal:
         status = "inconclusive"
     elif len(removed) == len(signal):
@@ -222,7 +223,7 @@ def overall(forget: list[dict], quality: list[dict]) -> dict:
         status = "partly removed"
     else:
         status = "not removed"
-    quiet = [v["label"] for v in forget if v["status"] in ("no signal", "not shown")]
+    quiet = [short[v["measure"]] for v in forget if v["status"] in ("no signal", "not shown")]
     if signal:
         text = f"A was removed on {len(removed)} of {len(signal)} measures that showed it"
         text += f" ({', '.join(removed)})" if removed else ""
