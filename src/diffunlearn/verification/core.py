@@ -111,7 +111,7 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
     - ``fast``: similarity on 25 evenly spaced ancestral steps back from t, up to 16 distinct items of A and 8
       reference images; loss over 8 (t, eps) pairs on every item and 32 reference images; NLL by the ODE at a loose
       tolerance (rtol = atol = 1e-2, 2 probes) of up to 2 items and 4 reference images; 32 samples of 20 steps. One
-      28x28 image on the shipped 1.1 M-parameter model: about 15 s per model on one thread (README).
+      28x28 image on the shipped 1.1 M-parameter model: about 11 s per model on one thread (README: measured).
     - ``full``: similarity on all t steps (the protocol), up to 64 items and 32 reference images; loss over 32
       pairs and 128 reference images; the ODE NLL at rtol = atol = 1e-5 with 4 probes (the protocol) of up to 8 items
       and 8 reference images; 256 samples of 100 steps. Minutes per model for 28x28 images.

@@ -57,7 +57,7 @@ class Budget:
 
 
 BUDGETS = {
-    # one 28x28 image of A, three models at most: about 15 s per model on one thread (README: measured)
+    # one 28x28 image of A: about 11 s per model on one thread (README: measured)
     "fast": Budget("fast", reference_images=32, similarity_items=16, similarity_reference=8, similarity_steps=25,
                    loss_draws=8, nll_items=2, nll_reference=4, nll_probes=2, nll_tol=1e-2, samples=32,
                    sample_steps=20),
