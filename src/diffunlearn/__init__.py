@@ -6,7 +6,9 @@ from .methods import METHODS, Method, MethodSpec, make_method
 from .models import DiffusionModel, load_model, save_model
 from .sampling import ddpm_sample
 from .trainer import TrainerConfig, unlearn
+from .verification import verify, write_report
 
 __version__ = "0.1.0"
 __all__ = ["DiffusionModel", "ImageSet", "METHODS", "Method", "MethodSpec", "TrainerConfig", "UserError", "ddpm_sample",
-           "load_data", "load_model", "make_method", "resolve_forget", "save_model", "split_kept", "unlearn"]
+           "load_data", "load_model", "make_method", "resolve_forget", "save_model", "split_kept", "unlearn", "verify",
+           "write_report"]

@@ -47,10 +47,11 @@ COMMANDS: dict = {}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .commands import bench, prompt
+    from .commands import bench, prompt, verify
 
     bench.register(COMMANDS)
     prompt.register(COMMANDS)
+    verify.register(COMMANDS)
     parser = Parser(prog="diffunlearn", description=__doc__)
     parser.add_argument("--version", action="version", version=f"diffunlearn {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

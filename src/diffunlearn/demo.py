@@ -97,7 +97,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     after_target = after.pop("_is_target")
     after_tiles = masked(s_after[idx], [after_target[i] for i in idx], cfg.show_forgotten)
     before["reused_stored_evaluation"] = stored is not None
-    save_grid(torch.cat([before_tiles, after_tiles]), Path(cfg.out) / "before_after.png", ncol=16)
+    save_grid(torch.cat([before_tiles, after_tiles]), Path(cfg.out) / "before_after.png", ncol=16,
+              title="top two rows: before; bottom two rows: after SISS (the same seeds)")
     table = demo_table(before, after, unlearn_s, cfg)
     (Path(cfg.out) / "results.md").write_text(table)
     write_json(Path(cfg.out) / "metrics.json", {"before": before, "after": after, "unlearn_seconds": unlearn_s})

@@ -54,7 +54,8 @@ def run_eval(cfg: EvalConfig) -> dict:
     run = RunDir(cfg.out, {"command": "eval", **asdict(cfg)}, cfg.overwrite)
     metrics, samples = evaluate(model, protocol, cfg)
     is_target = metrics.pop("_is_target")
-    save_grid(masked(samples[:256], is_target[:256], cfg.show_forgotten), Path(cfg.out) / "samples.png")
+    save_grid(masked(samples[:256], is_target[:256], cfg.show_forgotten), Path(cfg.out) / "samples.png",
+              title=f"{min(len(samples), 256)} samples" + ("" if cfg.show_forgotten else "; grey: a T-shirt, hidden"))
     metrics["model"] = model.source
     write_json(Path(cfg.out) / "metrics.json", metrics)
     run.finish({"command": "eval", "metrics": "metrics.json"})

@@ -46,7 +46,8 @@ def run_sample(cfg: SampleConfig) -> dict:
     x = ddpm_sample(model, cfg.n, cfg.steps, cfg.seed, cfg.batch_size, progress=True)
     run.log({"images": cfg.n, "steps": cfg.steps, "seconds": round(time.time() - t0, 3)})
     np.save(Path(cfg.out) / "samples.npy", to_uint8(x))
-    save_grid(x[:256], Path(cfg.out) / "samples.png")
+    save_grid(x[:256], Path(cfg.out) / "samples.png", title=f"{min(cfg.n, 256)} samples of {cfg.model}"
+              f" ({cfg.steps} DDPM steps, image i seeded by ({cfg.seed}, i))")
     summary = {"command": "sample", "n": cfg.n, "steps": cfg.steps, "seed": cfg.seed, "model": model.source,
                "files": ["samples.png", "samples.npy"]}
     run.finish(summary)

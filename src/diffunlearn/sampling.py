@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 
 from .diffusion import predict_noise
@@ -62,19 +61,10 @@ def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, b
     return torch.cat(out) if out else torch.empty((0, *model.image_shape))
 
 
-def save_grid(images: torch.Tensor, path, ncol: int | None = None, labels: list[str] | None = None) -> None:
-    """Save model-space images as one PNG grid."""
-    from PIL import Image
+def save_grid(images: torch.Tensor, path, ncol: int | None = None, labels: list[str] | None = None,
+              title: str | None = None) -> None:
+    """Save model-space images as one PNG grid, tiles upscaled (nearest neighbour) so the grid is at least 256 px
+    wide, with a label under each tile and a title above when given (:mod:`diffunlearn.images`)."""
+    from .images import grid, save_png
 
-    from .data import to_uint8
-
-    arr = to_uint8(images)
-    n, h, w, c = arr.shape
-    ncol = ncol or int(np.ceil(np.sqrt(n)))
-    nrow = int(np.ceil(n / ncol))
-    grid = np.full((nrow * (h + 2) + 2, ncol * (w + 2) + 2, c), 255, np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        grid[2 + r * (h + 2): 2 + r * (h + 2) + h, 2 + q * (w + 2): 2 + q * (w + 2) + w] = arr[i]
-    img = Image.fromarray(grid[..., 0] if c == 1 else grid)
-    img.save(path)
+    save_png(grid(images, ncol, labels, title), path)

@@ -276,7 +276,8 @@ def run_sequential(cfg) -> dict:
     # strips.png: per forgotten image, the original, its reconstruction before its request, right after it, at the end
     tiles = [torch.stack([stack[sel][j], b[j], a[j], measured.denoised[sel][j]])
              for sel, b, a in strips for j in range(len(b))][:STRIP_IMAGES]
-    save_grid(torch.cat(tiles), out / "strips.png", ncol=4)
+    save_grid(torch.cat(tiles), out / "strips.png", ncol=4, labels=["original", "before its request", "after it",
+                                                                    "at the end"] * (len(tiles)))
     summary = {"command": "unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
                "steps": trainer.steps, "requests": len(requests), "forget": len(order), "kept": len(data) - len(order),
                "similarity": evaluator.backend.name, "quality_measure": evaluator.quality_measure,
@@ -285,4 +286,12 @@ def run_sequential(cfg) -> dict:
                "model_out": {"dir": str(run.model_dir), "sha256": hash_before}, "model": model_summary(model)}
     run.finish(summary)
     print(f"saved {run.model_dir} with {LEDGER_NAME}; strips.png: original | before | after its request | at the end")
+    if cfg.verify != "off":  # every request's model and ledger line are saved: a failed verification is recorded
+        from .verification.command import audit_settings, verify_run
+
+        summary["verification"] = verify_run(
+            out, load_model(cfg.model, allow_pickle=cfg.allow_pickle), model, data, order, cfg.verify,
+            held_out=load_data(seq.held_out).images if seq.held_out else None, sscd=seq.sscd or None,
+            seed=trainer.seed, similarity_t=seq.similarity_t,
+            audit=audit_settings(cfg.audit, trainer.lr, trainer.batch_size, trainer.seed))
     return summary

@@ -29,6 +29,10 @@ class UnlearnConfig:
                                                        "(diffusion_pytorch_model.fp16.safetensors)"})
     log_every: int = field(default=1, metadata={"help": "print a progress line every N steps (the JSONL log has "
                                                         "every step)"})
+    verify: str = field(default="fast", metadata={"help": "verify the deletion after saving the model: fast, full "
+                                                          "or off (writes verification.json and report.html)"})
+    audit: str = field(default="", metadata={"help": "with --verify: relearning audit relearn[:K] (fine-tune K "
+                                                     "steps on X \\ A and on A's neighbours, measure A again)"})
     report_to: str = field(default="none", metadata={"help": "also log to none, tensorboard (<out>/tensorboard; pip "
                                                              "install 'diffunlearn[tracking]') or wandb (offline)"})
     sample_every: int = field(default=0, metadata={"help": "with --report-to: log 8 samples every N steps (0: at the "
@@ -44,13 +48,16 @@ class UnlearnConfig:
         self.trainer.validate()
         self.sequential.validate()
         check_report_to(self.report_to)
+        from ..verification.command import check_options
+
+        check_options(self.verify, self.audit)
         if self.sample_every < 0:
             raise UserError(f"--sample-every must be >= 0, got {self.sample_every}")
 
 
 #: settings that may differ when a run is resumed
 RESUME_IGNORES = ("resume", "overwrite", "trainer.threads", "trainer.checkpoint_every", "log_every", "report_to",
-                  "sample_every")
+                  "sample_every", "verify", "audit")
 
 
 def run_unlearn(cfg: UnlearnConfig) -> dict:
@@ -151,6 +158,12 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         print(f"saved {run.model_dir}")
         checkpoint.path.unlink(missing_ok=True)
     acc.wait_for_everyone()
+    if acc.is_main_process:  # the model is saved: a failed verification is recorded, the model stays
+        from ..verification.command import audit_settings, verify_run
+
+        summary["verification"] = verify_run(out, model, new, data, forget_idx, cfg.verify, seed=trainer.seed,
+                                             audit=audit_settings(cfg.audit, trainer.lr, trainer.batch_size,
+                                                                  trainer.seed))
     return summary
 
 

@@ -34,6 +34,15 @@ def binomial_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return lo, hi
 
 
+def pixel_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """L2 distances (len(a), len(b)) between model-space images, measured on pixels mapped to [0, 1] (half the
+    model-space distance): the scale of the paper's target threshold."""
+    a, b = a.detach().float().flatten(1).cpu(), b.detach().float().flatten(1).cpu()
+    if len(b) == 0:
+        return torch.empty((len(a), 0))
+    return torch.stack([((a - y) / 2.0).norm(dim=1) for y in b], dim=1)
+
+
 @dataclass
 class TargetRate:
     """``count`` of ``n`` samples within ``threshold`` of the target; ``rate = count / n`` and its interval."""
@@ -64,8 +73,7 @@ def target_rate(samples: torch.Tensor, target: torch.Tensor, threshold: float = 
                         "expected (N, C, H, W) samples and one (C, H, W) target")
     if len(samples) == 0:
         raise UserError("no samples to count the target in")
-    diff = (samples.detach().float() - target.detach().float().to(samples.device)) / 2.0
-    distances = diff.flatten(1).norm(dim=1).cpu()
+    distances = pixel_distances(samples, target[None])[:, 0]
     count, n = int((distances <= threshold).sum()), len(samples)
     lo, hi = binomial_ci(count, n, level)
     return TargetRate(count, n, count / n, lo, hi, float(threshold), distances)

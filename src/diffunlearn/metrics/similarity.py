@@ -120,18 +120,29 @@ def _generators(images: torch.Tensor, seed: int) -> list[torch.Generator]:
 
 @torch.inference_mode()
 def noise_and_denoise(model: DiffusionModel, images: torch.Tensor, t: int = SIMILARITY_T, seed: int = 0,
-                      batch_size: int = 64) -> torch.Tensor:
-    """Noise each model-space image ``t`` steps forward (seeded), denoise it with ancestral DDPM; (N, C, H, W)."""
+                      batch_size: int = 64, steps: int | None = None) -> torch.Tensor:
+    """Noise each model-space image ``t`` steps forward (seeded), denoise it with ancestral DDPM; (N, C, H, W).
+
+    ``steps``: ancestral steps back to 0 on evenly spaced timesteps (strided DDPM, like sampling with fewer steps);
+    ``None`` (the protocol) takes every one of the ``t`` steps.
+    """
     T = model.num_train_timesteps
     if not 0 <= int(t) <= T:
         raise UserError(f"the noise-and-denoise step t must lie in [0, {T}], got {t}")
     if images.ndim != 4:
         raise UserError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
     model.check_data(tuple(images.shape[1:]), "similarity")
+    if steps is not None and int(steps) < 1:
+        raise UserError(f"the noise-and-denoise needs at least one step, got {steps}")
     if int(t) == 0:
         return images.float().clone()
     sched = copy.deepcopy(model.scheduler)
-    sched.set_timesteps(T)  # every training timestep: the previous step of s is s - 1
+    if steps is None or int(steps) >= int(t):
+        sched.set_timesteps(T)  # every training timestep: the previous step of s is s - 1
+        path = list(range(int(t) - 1, -1, -1))
+    else:  # strided: each step goes to the next timestep of the list, the last to the clean image
+        path = sorted({round(x) for x in torch.linspace(0, int(t) - 1, int(steps)).tolist()}, reverse=True)
+        sched.set_timesteps(timesteps=path)
     unet = model.unet
     device = next(unet.parameters(), torch.empty(0)).device
     was_training = unet.training
@@ -143,7 +154,7 @@ def noise_and_denoise(model: DiffusionModel, images: torch.Tensor, t: int = SIMI
             gens = _generators(x0, seed)
             start = torch.full((len(x0),), int(t) - 1, dtype=torch.long)
             x = sched.add_noise(x0, initial_noise(tuple(x0.shape[1:]), gens), start).to(device)
-            for s in range(int(t) - 1, -1, -1):
+            for s in path:
                 eps = predict_noise(unet, x, torch.full((len(x),), s, dtype=torch.long, device=device))
                 x = sched.step(eps, s, x, generator=gens).prev_sample
             out.append(x.clamp(-1, 1).cpu())
@@ -153,9 +164,10 @@ def noise_and_denoise(model: DiffusionModel, images: torch.Tensor, t: int = SIMI
 
 
 def noise_and_denoise_similarity(model: DiffusionModel, images: torch.Tensor, backend: PixelCosine | SSCD | None = None,
-                                 t: int = SIMILARITY_T, seed: int = 0, batch_size: int = 64) -> SimilarityResult:
+                                 t: int = SIMILARITY_T, seed: int = 0, batch_size: int = 64,
+                                 steps: int | None = None) -> SimilarityResult:
     """Similarity of each image to its noise-and-denoise reconstruction (higher: the model still reproduces it)."""
     backend = backend or PixelCosine()
-    denoised = noise_and_denoise(model, images, t, seed, batch_size)
+    denoised = noise_and_denoise(model, images, t, seed, batch_size, steps)
     scores = backend(images.float(), denoised) if len(images) else torch.empty(0)
     return SimilarityResult(backend.name, int(t), int(seed), scores.cpu(), denoised)

@@ -209,7 +209,7 @@ class StableDiffusion:
         return unet.unet if isinstance(unet, FixedPromptUNet) else unet
 
     def as_unconditional(self, prompt_embeds: torch.Tensor) -> DiffusionModel:
-        """The UNet with ``prompt_embeds`` fixed, and the training schedule: what :func:`diffunlearn.unlearn.unlearn`
+        """The UNet with ``prompt_embeds`` fixed, and the training schedule: what :func:`diffunlearn.trainer.unlearn`
         trains. The UNet is shared, not copied (the trainer copies it)."""
         return DiffusionModel(FixedPromptUNet(self.unet, prompt_embeds), self.scheduler, source=self.source)
 

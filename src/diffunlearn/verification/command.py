@@ -1,0 +1,179 @@
+"""What ``diffunlearn verify`` runs (:func:`run_verify` with :class:`VerifyConfig`), and :func:`verify_run`, the hook
+``unlearn`` calls after saving its model."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+from ..metrics.similarity import SIMILARITY_T
+from ..runs import write_json
+from .core import failure, summary_line, verify
+from .report import REPORT_NAME, VERIFICATION_NAME, write_report
+
+VERIFY_CHOICES = ("fast", "full", "off")
+
+
+@dataclass
+class VerifyConfig:
+    model: str = field(default="", metadata={"help": "the model to verify: diffusers directory, run directory or "
+                                                     "shipped name (unlearned by any tool)"})
+    data: str = field(default="", metadata={"help": "data SPEC of X, the set the model was trained on"})
+    forget: str = field(default="", metadata={"help": "forget SPEC of A within X: indices, names, @file, default"})
+    before: str = field(default="", metadata={"help": "the model before the deletion (adds before -> after and the "
+                                                      "quality check)"})
+    reference: str = field(default="", metadata={"help": "a model retrained on X \\ A (the gold standard), measured "
+                                                         "the same way"})
+    held_out: str = field(default="", metadata={"help": "data SPEC of images never trained on (reference images; "
+                                                        "default: the data set's own, else kept images)"})
+    budget: str = field(default="fast", metadata={"help": "fast (seconds per model) or full (the protocols' "
+                                                          "settings; minutes)"})
+    out: str = field(default="", metadata={"help": "directory to create: verification.json, report.html"})
+    audit: str = field(default="", metadata={"help": "relearn[:K]: fine-tune K steps (default 50) on X \\ A and on "
+                                                     "A's nearest neighbours, then measure A again"})
+    audit_lr: float = field(default=5e-5, metadata={"help": "relearning audit: AdamW learning rate"})
+    audit_batch_size: int = field(default=32, metadata={"help": "relearning audit: batch size"})
+    sscd: str = field(default="", metadata={"help": "local SSCD TorchScript file for the similarity (default: "
+                                                    "weight-free pixel cosine)"})
+    similarity_t: int = field(default=SIMILARITY_T, metadata={"help": "noise-and-denoise: noise to this step"})
+    seed: int = field(default=0, metadata={"help": "seed of every measure's noise, the samples and the reference"})
+    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace a previous verification directory"})
+    allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickle weights: trusted files only"})
+
+
+def audit_settings(spec: str, lr: float, batch_size: int, seed: int):
+    """The :class:`~diffunlearn.verification.audit.AuditSettings` of ``--audit relearn[:K]``, or None."""
+    from .audit import AuditSettings, parse_audit
+
+    steps = parse_audit(spec)
+    return None if steps is None else AuditSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+
+
+def check_options(verify_: str, audit: str) -> None:
+    """Bad ``--verify`` / ``--audit`` values fail before anything runs."""
+    if verify_ not in VERIFY_CHOICES:
+        raise UserError(f"--verify must be one of {', '.join(VERIFY_CHOICES)}, got {verify_!r}")
+    from .audit import parse_audit
+
+    parse_audit(audit)
+    if audit and verify_ == "off":
+        raise UserError("--audit needs verification: drop --verify off")
+    if audit and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--audit fine-tunes in one process: start the run without accelerate launch, or run "
+                        "`diffunlearn verify --audit` on its model afterwards")
+
+
+def _write_results(folder: Path, result: dict) -> None:
+    write_json(folder / VERIFICATION_NAME, result)
+    write_report(folder)
+
+
+def run_verify(cfg: VerifyConfig) -> dict:
+    """The ``diffunlearn verify`` command: every input is checked before anything is measured or written."""
+    import torch
+
+    from ..data import load_data, resolve_forget
+    from ..models import load_model
+    from ..runs import atomic_dir, prepare_out_dir
+    from .core import check_models
+    from .measures import get_budget
+
+    for name in ("model", "data", "forget", "out"):
+        if not getattr(cfg, name):
+            raise UserError(f"pass --{name}" + {"model": ": the model to verify", "data": ": the data set X",
+                                                "forget": ": the items of X that were removed",
+                                                "out": ": the directory to write"}[name])
+    budget = get_budget(cfg.budget)
+    audit = audit_settings(cfg.audit, cfg.audit_lr, cfg.audit_batch_size, cfg.seed)
+    out = prepare_out_dir(cfg.out, cfg.overwrite)
+    data = load_data(cfg.data)
+    forget_idx = resolve_forget(cfg.forget, data)
+    roles = {"after": cfg.model, "before": cfg.before, "retrained": cfg.reference}
+    models = {r: load_model(p, allow_pickle=cfg.allow_pickle) for r, p in roles.items() if p}
+    check_models(models, data.shape)
+    held = load_data(cfg.held_out).images if cfg.held_out else None
+    if held is not None:
+        models["after"].check_data(tuple(held.shape[1:]), "held-out")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.time()
+    try:
+        result = verify(models["after"], data, forget_idx, before=models.get("before"),
+                        retrained=models.get("retrained"), held_out=held, budget=budget, sscd=cfg.sscd or None,
+                        seed=cfg.seed, similarity_t=cfg.similarity_t, audit=audit, log=print)
+        error = None
+    except FloatingPointError as e:  # a model with non-finite outputs: a finding, recorded like a result
+        result, error = failure("failed", str(e), started), str(e)
+
+    def write(folder: Path) -> None:
+        (folder / "config.yaml").write_text(yaml.safe_dump({"command": "verify", **asdict(cfg)}, sort_keys=False))
+        _write_results(folder, result)
+
+    atomic_dir(out, write)
+    if error:
+        print(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME} (verification failed)")
+        raise UserError(error)
+    print(summary_line(result))
+    print(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME}")
+    return result
+
+
+def verify_run(run_dir: str | Path, before, after, data, forget_idx, budget: str = "fast", *, held_out=None,
+               sscd: str | None = None, seed: int = 0, similarity_t: int = SIMILARITY_T, audit=None,
+               log=print) -> dict | None:
+    """Verify a finished run and write ``verification.json`` and ``report.html`` into ``run_dir``.
+
+    The model is already saved when this runs: whatever happens here (an exception, non-finite outputs, Ctrl-C)
+    leaves it in place; ``verification.json`` then records the error (status ``failed`` or ``interrupted``) and the
+    report says what is missing. Ctrl-C is re-raised after recording. Returns the result's headline, or None when
+    ``budget`` is ``off``."""
+    if budget == "off":
+        return None
+    run_dir = Path(run_dir)
+    started = time.time()
+    if after.codec is not None:
+        result = failure("skipped", "latent models (vqvae/ or vae/) are not verified yet: the measures work in pixel "
+                                    "space", started)
+    else:
+        try:
+            result = verify(after, data, forget_idx, before=before, held_out=held_out, budget=budget, sscd=sscd,
+                            seed=seed, similarity_t=similarity_t, audit=audit, log=log)
+        except KeyboardInterrupt:
+            result = failure("interrupted", "verification was interrupted (Ctrl-C) before it finished", started)
+            _record(run_dir, result, log)
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure is recorded; the saved model stays
+            result = failure("failed", f"{type(e).__name__}: {e}", started)
+    _record(run_dir, result, log)
+    head = {"status": result["status"], "file": str(run_dir / VERIFICATION_NAME),
+            "seconds_with_report": round(time.time() - started, 2)}
+    if result["status"] == "ok":
+        head.update(overall=result["overall"]["status"], seconds=result["seconds"])
+    else:
+        head["error"] = result.get("error")
+    return head
+
+
+def _record(run_dir: Path, result: dict, log) -> None:
+    try:
+        write_json(run_dir / VERIFICATION_NAME, result)
+    except OSError as e:
+        log(f"verification.json could not be written: {e}")
+        return
+    try:
+        write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the report is a view of files that are already written
+        log(f"report.html could not be written ({type(e).__name__}: {e}); `diffunlearn report {run_dir}` retries")
+    if result["status"] == "ok":
+        log(summary_line(result))
+        log(f"wrote {run_dir / VERIFICATION_NAME} and {run_dir / REPORT_NAME}")
+    else:
+        log(f"the unlearned model is saved in {run_dir / 'model'}, but its verification {result['status']}: "
+            f"{result.get('error')}. verification.json records this; `diffunlearn verify --model {run_dir} ...` "
+            "measures it again")

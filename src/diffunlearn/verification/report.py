@@ -1,0 +1,327 @@
+"""``report.html``: one self-contained page (images as base64 PNG, no script, no external file or network) that says
+what was removed, how, and whether it is gone, from the files of a run directory: ``verification.json``,
+``config.yaml``, ``summary.json``, ``log.jsonl`` and ``ledger.jsonl`` (each used when present)."""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+from ..runs import read_json
+
+REPORT_NAME = "report.html"
+VERIFICATION_NAME = "verification.json"
+STATUS_COLOURS = {"removed": "#1b7f3b", "removed (below reference)": "#4d8a1f", "changed": "#4d8a1f",
+                  "partly changed": "#b26b00", "kept": "#1b7f3b", "ok": "#1b7f3b",
+                  "partly removed": "#b26b00", "no signal": "#6b6b6b", "not shown": "#6b6b6b", "no baseline": "#6b6b6b",
+                  "inconclusive": "#6b6b6b", "not removed": "#b3261e", "degraded": "#b3261e", "failed": "#b3261e",
+                  "interrupted": "#b3261e", "skipped": "#6b6b6b", "not verified": "#6b6b6b"}
+ROLE_WORDS = {"before": "before", "after": "after", "retrained": "retrained"}
+SPECS = {"similarity": ".3f", "loss": ".4g", "nll": ".2f", "nearest": ".2f"}
+CSS = """
+body{font:15px/1.45 'DejaVu Sans',Arial,sans-serif;color:#1d1d1f;max-width:1120px;margin:24px auto;padding:0 20px}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
+.sub{color:#555;margin:0 0 14px}.banner{padding:12px 16px;border-radius:6px;color:#fff;margin:12px 0}
+.banner b{font-size:18px;text-transform:uppercase;letter-spacing:.04em;margin-right:10px}
+table{border-collapse:collapse;margin:6px 0 10px;font-size:13.5px}th,td{border:1px solid #d6d6d6;padding:4px 8px;
+text-align:left;vertical-align:top}th{background:#f3f3f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.pill{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:12.5px;white-space:nowrap}
+code,.hash{font-family:'DejaVu Sans Mono',monospace;font-size:12px}.hash{word-break:break-all}
+img{image-rendering:pixelated;max-width:100%}.note{color:#444;font-size:13.5px}.fig{margin:8px 0 16px}
+ul{margin:4px 0 8px 20px;padding:0}li{margin:2px 0}
+ul.verdicts{list-style:none;margin:6px 0 10px;padding:0}ul.verdicts li{margin:6px 0;font-size:14px}
+"""
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _pill(status: str) -> str:
+    return f'<span class="pill" style="background:{STATUS_COLOURS.get(status, "#6b6b6b")}">{_e(status)}</span>'
+
+
+def _table(head: list[str], rows: list[list[str]], raw: bool = False) -> str:
+    """An HTML table; cells are escaped unless ``raw`` (then the caller escaped them)."""
+    cell = (lambda c: c) if raw else _e
+    out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"]
+    for r in rows:
+        out.append("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in r) + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def _img(pil, alt: str) -> str:
+    from ..images import data_uri
+
+    return f'<div class="fig"><img alt="{_e(alt)}" src="{data_uri(pil)}"></div>'
+
+
+def _fmt(x, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def _read_optional(path: Path, kind: str):
+    if not path.is_file():
+        return None
+    try:
+        if kind == "json":
+            return read_json(path)
+        if kind == "yaml":
+            return yaml.safe_load(path.read_text())
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip().startswith("{")]
+    except (ValueError, yaml.YAMLError, OSError):
+        return None
+
+
+# ---------------------------------------------------------------- sections
+
+
+def _removed(v: dict) -> str:
+    from ..images import decode_image, tiles
+
+    f = v["forget"]
+    rows = [[str(i["index"]), i["name"], i["sha256"]] for i in f["items"][:50]]
+    more = f"<p class='note'>… and {len(f['items']) - 50} more (verification.json lists all).</p>" \
+        if len(f["items"]) > 50 else ""
+    pics = [decode_image(x) for x in v.get("images", {}).get("forget", [])]
+    thumbs = _img(tiles(pics, v["images"].get("forget_names"), ncol=min(8, len(pics)), tile_side=112),
+                  "the removed images") if pics else ""
+    copies = f" ({f['distinct']} distinct images)" if f["distinct"] != f["count"] else ""
+    return (f"<h2>What was removed</h2><p>{f['count']} image{'s' if f['count'] != 1 else ''}{copies}. Each is "
+            "identified by the SHA-256 of its pixels (float32, model space), which is what the deletion ledger "
+            f"records.</p>{thumbs}" + _table(["index", "name", "SHA-256 of the image"], rows) + more)
+
+
+def _settings(config: dict | None, summary: dict | None, v: dict | None) -> str:
+    rows = []
+    if config:
+        hp = config.get("method_hyperparameters") or {}
+        rows.append(["command", str(config.get("command", "?"))])
+        if config.get("method"):
+            rows.append(["method", f"{config['method']} " + ", ".join(f"{k}={val}" for k, val in hp.items()
+                                                                      if val is not None)])
+        for k in ("model", "data", "forget", "steps", "lr", "batch_size", "grad_accum", "seed", "requests",
+                  "before", "reference", "held_out", "budget", "audit"):
+            if config.get(k) not in (None, ""):
+                rows.append([k, str(config[k])])
+    if summary:
+        for k, label in (("model_in", "model in"), ("model_out", "model out")):
+            if isinstance(summary.get(k), dict):
+                rows.append([label, f"{summary[k].get('dir', '')} (state SHA-256 {summary[k].get('sha256', '')})"])
+        if "wall_seconds" in summary:
+            rows.append(["unlearning wall time", f"{summary['wall_seconds']:.1f} s"])
+    shown = {(summary or {}).get(k, {}).get("sha256") for k in ("model_in", "model_out")
+             if isinstance((summary or {}).get(k), dict)}
+    if v and v.get("models"):
+        for role, m in v["models"].items():
+            if m["sha256"] in shown:
+                continue
+            rows.append([f"verified model: {role}", f"{m['source']} (state SHA-256 {m['sha256']})"])
+    return "<h2>Method and settings</h2>" + (_table(["setting", "value"], rows) if rows else
+                                             "<p class='note'>No config.yaml or summary.json here.</p>")
+
+
+def _verdict_table(v: dict) -> str:
+    roles = [r for r in ("before", "after", "retrained") if r in v["models"]]
+    head = ["measure"] + [f"A: {ROLE_WORDS[r]}" for r in roles] + [f"reference: {ROLE_WORDS[r]}" for r in roles] + \
+        ["verdict"]
+    rows, words = [], []
+    for d in v["verdicts"]:
+        spec = SPECS[d["measure"]]
+        cells = [_e(d["label"])] + [f"<span class='num'>{_fmt(d['forget_mean'].get(r), spec)}</span>" for r in roles]
+        cells += [f"<span class='num'>{_fmt(d['reference_mean'].get(r), spec)}</span>" for r in roles]
+        rows.append(cells + [_pill(d["status"])])
+        words.append(f"<li>{_pill(d['status'])} {_e(d['text'])}</li>")
+    loss = next((d for d in v["verdicts"] if d["measure"] == "loss"), None)
+    if loss:
+        rows.append(["membership AUC of A (by the loss; 0.5: like the reference)"]
+                    + [f"<span class='num'>{loss['auc'][r]:.2f}</span>" for r in roles] + [""] * len(roles) + [""])
+    q_rows = [[_e(q["label"])] + [_fmt(q["mean"].get(r), SPECS[q["measure"]]) for r in roles] + [_pill(q["status"])]
+              for q in v["quality"]]
+    q_words = "".join(f"<li>{_pill(q['status'])} {_e(q['text'])}</li>" for q in v["quality"])
+    ref = v["reference"]
+    return ("<h2>Before and after</h2><p class='note'>Means over the items of A and over the reference images: "
+            f"{ref['count']} {_e(ref['words'])}. Every verdict compares A with these reference images under the same "
+            "model (rules under <i>How this was measured</i>).</p>"
+            + _table(head, rows, raw=True) + "<ul class='verdicts'>" + "".join(words) + "</ul>"
+            + "<h2>Quality kept</h2><p class='note'>The same measures on the reference images: a damaged model cannot "
+              "pass.</p>"
+            + _table(["measure"] + [f"reference: {ROLE_WORDS[r]}" for r in roles] + ["verdict"], q_rows, raw=True)
+            + "<ul class='verdicts'>" + q_words + "</ul>")
+
+
+def _strips(v: dict) -> str:
+    from ..images import decode_image, stack, strip
+
+    ims = v.get("images", {})
+    originals = [decode_image(x) for x in ims.get("forget", [])]
+    if not originals:
+        return ""
+    roles = [r for r in ("before", "after", "retrained") if r in ims.get("denoised", {})]
+    sims = {r: v["measures"][r].get("similarity_a", []) for r in roles}
+    near = {r: v["measures"][r].get("nearest_a", []) for r in roles}
+    t = next((d["label"] for d in v["verdicts"] if d["measure"] == "similarity"), "similarity")
+    rows = []
+    for k, orig in enumerate(originals):
+        pics = [orig] + [decode_image(ims["denoised"][r][k]) for r in roles]
+        labels = ["original"] + [f"{ROLE_WORDS[r]}: {sims[r][k]:.3f}" for r in roles]
+        pics += [decode_image(ims["nearest_sample"][r][k]) for r in roles if r in ims.get("nearest_sample", {})]
+        labels += [f"nearest sample, {ROLE_WORDS[r]}: {near[r][k]:.2f}" for r in roles
+                   if r in ims.get("nearest_sample", {})]
+        name = (ims.get("forget_names") or [""] * len(originals))[k]
+        rows.append(strip(pics, labels, title=f"{name}: original | noise-and-denoise | nearest generated sample"))
+    return ("<h2>What each model does with the removed images</h2><p class='note'>Per image: the original, what "
+            f"each model returns after noising it and denoising again (the number is the {_e(t)}), and the model's "
+            "nearest generated sample (the number is its distance).</p>" + _img(stack(rows, gap=10), "strips"))
+
+
+def _curves(log: list[dict] | None) -> str:
+    if not log:
+        return ""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    keys = [k for k in log[0] if k.startswith("loss_")]
+    norms = [k for k in ("grad_norm", "grad_norm_x", "grad_norm_a") if any(k in r for r in log)]
+    if not keys and not norms:
+        return ""
+    x_of = [r.get("step", i + 1) if "request" not in r else i + 1 for i, r in enumerate(log)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    for ax, group, title in ((axes[0], keys, "loss terms"), (axes[1], norms, "gradient norms")):
+        for k in group:
+            ax.plot(x_of, [r.get(k, float("nan")) for r in log], label=k, lw=1.4)
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("optimiser step" + (" (all requests)" if "request" in log[0] else ""))
+        if group:
+            ax.legend(fontsize=8)
+        ax.grid(alpha=.3)
+    if norms and any(r.get(k, 0) > 0 for r in log for k in norms):
+        axes[1].set_yscale("log")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return "<h2>Training curves</h2><p class='note'>From log.jsonl, one point per optimiser step.</p>" + \
+        _img(Image.open(io.BytesIO(buf.getvalue())), "loss and gradient-norm curves")
+
+
+def _audit(a: dict | None) -> str:
+    if not a:
+        return ""
+    keys = ("similarity", "loss", "membership_auc")
+    spec = {"similarity": ".3f", "loss": ".4g", "membership_auc": ".2f"}
+    rows = []
+    for r in a["rows"]:
+        rec = r.get("recovered") or {}
+        rows.append([r["model"], f"{r['attack']} ({r['images']} images)"]
+                    + [f"{r['start'][k]:{spec[k]}} → {r['attacked'][k]:{spec[k]}}" for k in keys]
+                    + ["—" if rec.get(k) is None else f"{100 * rec[k]:.0f}%" for k in keys])
+    s, b = a["settings"], a.get("before")
+    before = (f" Under the model before, A scored: similarity {b['similarity']:.3f}, loss {b['loss']:.4g}, "
+              f"membership AUC {b['membership_auc']:.2f}." if b else "")
+    return ("<h2>Relearning audit</h2>"
+            f"<p class='note'>{_e(a['definition'])}. {s['steps']} steps, lr {s['lr']:g}, batch {s['batch_size']}, "
+            f"seed {s['seed']}; {a['seconds']:.0f} s.{_e(before)}</p>"
+            + _table(["model", "fine-tuned on", "A similarity", "A loss", "membership AUC", "recovered: similarity",
+                      "recovered: loss", "recovered: AUC"], rows) + f"<p>{_e(a['text'])}</p>")
+
+
+def _ledger(entries: list[dict] | None) -> str:
+    if not entries:
+        return ""
+    rows = []
+    for e in entries:
+        b, a = e.get("metrics_before", {}), e.get("metrics_after", {})
+        pair = (lambda k, b=b, a=a: f"{b[k]:.3f} → {a[k]:.3f}" if isinstance(b.get(k), (int, float))
+                and isinstance(a.get(k), (int, float)) else "—")
+        names = [r.get("name", "?") for r in e.get("removed", [])]
+        rows.append([str(e.get("request")), e.get("time", ""), str(e.get("count", len(names))),
+                     ", ".join(names[:4]) + (f" +{len(names) - 4}" if len(names) > 4 else ""), e.get("method", ""),
+                     pair("similarity_mean"), pair("membership_auc"),
+                     f"{str(e.get('model_before', ''))[:12]} → {str(e.get('model_after', ''))[:12]}"])
+    return ("<h2>Deletion ledger</h2><p class='note'>ledger.jsonl: one hash-chained line per request "
+            "(<code>diffunlearn ledger DIR</code> verifies the chain).</p>"
+            + _table(["#", "time (UTC)", "removed", "names", "method", "similarity", "membership AUC",
+                      "model before → after"], rows))
+
+
+def _method_notes(v: dict) -> str:
+    from .verdicts import QUALITY_SPREAD, TAIL_HIGH, TAIL_LOW
+
+    d = v["definitions"]
+    b = v["budget"]
+    c = v["measured_counts"]
+    items = "".join(f"<li><b>{_e(k)}</b>: {_e(t)}</li>" for k, t in d.items())
+    secs = "; ".join(f"{r} " + ", ".join(f"{k} {s:.1f} s" for k, s in v["measures"][r]["seconds"].items())
+                     for r in v["measures"])
+    return ("<h2>How this was measured</h2><ul>" + items + "</ul>"
+            f"<p class='note'>Budget <b>{_e(b['name'])}</b>: similarity of {c['similarity_items']} distinct item(s) of A "
+            f"and {c['similarity_reference']} reference images, loss of every distinct item ({c['loss_items']}) and "
+            f"{c['loss_reference']} reference images, NLL of {c['nll_items']} item(s) and {c['nll_reference']} reference "
+            f"images, {b['samples']} samples. Verdicts: an item of A <i>stands out</i> when it looks more memorised "
+            f"than {TAIL_HIGH:.0%} of the reference images under the same model (rank above {TAIL_HIGH:g}), "
+            f"<i>falls below</i> under {TAIL_LOW:g}; quality is <i>degraded</i> when the reference images' mean moved "
+            f"the wrong way by more than {QUALITY_SPREAD:g} x their spread under the baseline model. Seconds: "
+            f"{_e(secs)}; total {v.get('seconds', 0):.1f} s.</p>")
+
+
+def render(run_dir: str | Path) -> str:
+    """The report of ``run_dir`` as an HTML string (from whichever of its files exist)."""
+    root = Path(run_dir)
+    v = _read_optional(root / VERIFICATION_NAME, "json")
+    config = _read_optional(root / "config.yaml", "yaml")
+    summary = _read_optional(root / "summary.json", "json")
+    log = _read_optional(root / "log.jsonl", "jsonl")
+    ledger = _read_optional(root / "ledger.jsonl", "jsonl")
+    if v is None and config is None and summary is None:
+        raise UserError(f"{root} holds no verification.json, config.yaml or summary.json: pass a run directory "
+                        "written by `diffunlearn unlearn` or `diffunlearn verify`")
+    status = (v or {}).get("status", "not verified")
+    if status == "ok":
+        status, text = v["overall"]["status"], v["overall"]["text"]
+    elif v is None:
+        text = ("This run has no verification.json: run `diffunlearn verify --model "
+                f"{root} --data ... --forget ... --before ... --out DIR` to verify it.")
+    else:
+        text = (f"Verification did not finish ({v.get('error')}). The unlearned model is saved; run `diffunlearn "
+                "verify` on it to measure what is missing.")
+    method = (config or {}).get("method") or (summary or {}).get("method") or ""
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Deletion report: {_e(root.name)}"
+             f"</title><style>{CSS}</style></head><body>",
+             f"<h1>Deletion report</h1><p class='sub'>{_e(root.resolve())}"
+             f"{' · method ' + _e(method) if method else ''}{' · verified ' + _e(v['time']) if v and 'time' in v else ''}"
+             "</p>",
+             f"<div class='banner' style='background:{STATUS_COLOURS.get(status, '#6b6b6b')}'><b>{_e(status)}</b>"
+             f"{_e(text)}</div>"]
+    if v and v.get("status") == "ok":
+        parts += [_removed(v), _settings(config, summary, v), _verdict_table(v), _strips(v), _audit(v.get("audit"))]
+    else:
+        parts.append(_settings(config, summary, v))
+    parts += [_curves(log), _ledger(ledger)]
+    if v and v.get("status") == "ok":
+        parts.append(_method_notes(v))
+    parts.append("<p class='note'>Written by diffunlearn; this page loads nothing from the network.</p></body></html>")
+    return "\n".join(p for p in parts if p)
+
+
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write ``report.html`` (or ``out``) for ``run_dir``, atomically."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise UserError(f"run directory not found: {root}")
+    text = render(root)
+    path = Path(out) if out else root / REPORT_NAME
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+    return path
