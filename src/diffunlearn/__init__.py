@@ -1,5 +1,6 @@
 """diffunlearn: remove training datapoints from a trained diffusion model without retraining it."""
 
+from .arrays import ImageArray
 from .data import ImageSet, load_data, resolve_forget, split_kept
 from .errors import UserError
 from .methods import METHODS, Method, MethodSpec, make_method
@@ -8,5 +9,5 @@ from .sampling import ddpm_sample
 from .trainer import TrainerConfig, unlearn
 
 __version__ = "0.1.0"
-__all__ = ["DiffusionModel", "ImageSet", "METHODS", "Method", "MethodSpec", "TrainerConfig", "UserError", "ddpm_sample",
+__all__ = ["DiffusionModel", "ImageArray", "ImageSet", "METHODS", "Method", "MethodSpec", "TrainerConfig", "UserError", "ddpm_sample",
            "load_data", "load_model", "make_method", "resolve_forget", "save_model", "split_kept", "unlearn"]

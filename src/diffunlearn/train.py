@@ -13,9 +13,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .arrays import as_tensor_or_lazy
 from .data import load_data, resolve_forget, split_kept
 from .diffusion import ddpm_loss, sample_timesteps
 from .errors import UserError
+from .loader import RowFetcher
 from .models import DiffusionModel, build_scheduler, build_unet, model_summary, save_model
 from .runs import RunDir
 
@@ -35,6 +37,8 @@ class TrainConfig:
     timesteps: int = field(default=1000, metadata={"help": "diffusion steps T (linear betas 1e-4..0.02)"})
     seed: int = field(default=0, metadata={"help": "random seed: same seed, same weights"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    data_workers: int = field(default=2, metadata={"help": "processes that decode a step's images from disk (0: this "
+                                                           "process decodes them; in-memory data never uses them)"})
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (GPU)"})
     log_every: int = field(default=50, metadata={"help": "log a line every N steps"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
@@ -60,6 +64,8 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError("--steps and --batch-size must be positive")
     if not cfg.lr > 0:
         raise UserError("--lr must be positive")
+    if cfg.data_workers < 0:
+        raise UserError(f"--data-workers must be >= 0, got {cfg.data_workers}")
     if not cfg.out:
         raise UserError("pass --out: the run directory to create")
     data = load_data(cfg.data)
@@ -87,16 +93,34 @@ def train(cfg: TrainConfig) -> dict:
     ema.to(acc.device)
     abar = model.alphas_cumprod(acc.device)
     gen = torch.Generator().manual_seed(cfg.seed)
-    images = images.to(acc.device)
+    images = as_tensor_or_lazy(images)
+    images = images.to(acc.device) if torch.is_tensor(images) else images  # on disk: each step decodes its rows
+    fetcher = RowFetcher([images], cfg.data_workers)
+    try:
+        ema, seconds = _loop(cfg, acc, unet, ema, opt, sched, abar, gen, images, fetcher, run, (c, h, w))
+    finally:
+        fetcher.close()
+    out_model = DiffusionModel(ema, model.scheduler)
+    save_model(out_model, run.model_dir)
+    summary = {"command": "train", "trained_on": kept_what, "images": len(images), "steps": cfg.steps,
+               "train_seconds": round(seconds, 1), "model": model_summary(out_model),
+               "model_dir": str(run.model_dir)}
+    run.finish(summary)
+    return summary
+
+
+def _loop(cfg, acc, unet, ema, opt, sched, abar, gen, images, fetcher, run, shape) -> tuple[torch.nn.Module, float]:
+    c, h, w = shape
     t0 = time.time()
     running = 0.0
     for step in range(cfg.steps):
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
         eps = torch.randn((cfg.batch_size, c, h, w), generator=gen).to(acc.device)
         t = sample_timesteps(cfg.batch_size, 0, cfg.timesteps - 1, gen).to(acc.device)
+        x0 = fetcher.fetch([idx])[0].to(acc.device)  # only this step's rows are decoded
         with acc.autocast():
             # mean over pixels (the standard diffusers recipe); unlearning uses sums, as METHODS.md says
-            loss = ddpm_loss(unet, images[idx.to(acc.device)], eps, t, abar).mean() / (c * h * w)
+            loss = ddpm_loss(unet, x0, eps, t, abar).mean() / (c * h * w)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         gnorm = acc.clip_grad_norm_(unet.parameters(), 1.0)
@@ -113,11 +137,4 @@ def train(cfg: TrainConfig) -> dict:
             running = 0.0
             run.log(rec)
             print(rec, flush=True)
-    ema.to("cpu")
-    out_model = DiffusionModel(ema, model.scheduler)
-    save_model(out_model, run.model_dir)
-    summary = {"command": "train", "trained_on": kept_what, "images": len(images), "steps": cfg.steps,
-               "train_seconds": round(time.time() - t0, 1), "model": model_summary(out_model),
-               "model_dir": str(run.model_dir)}
-    run.finish(summary)
-    return summary
+    return ema.to("cpu"), time.time() - t0

@@ -301,7 +301,7 @@ def _retrain(setup: _Setup, target: int, run_dir: Path) -> tuple[object, dict]:
     rc.update(forget=str(target), out=str(run_dir), overwrite=True, threads=1, log_every=max(1, rc.get("steps", 1)))
     from ..data import load_data
 
-    if not torch.equal(load_data(rc.get("data", "")).images, setup.data.images):
+    if not torch.equal(load_data(rc.get("data", "")).images.load(), setup.data.images.load()):
         raise UserError(f"the model's recipe trains on {rc.get('data')!r}, not on the benchmark's data "
                         f"{setup.cfg.data!r}")
     summary = train(TrainConfig(**rc))
@@ -321,6 +321,7 @@ def run_cell(cfg: InstanceBenchConfig, label: str, target: int, root: str) -> di
     setup = _cached_setup(cfg)
     base = setup.model
     kept, forget = split_kept(setup.data, [target])
+    forget = forget.load()  # the one target image, as a tensor (the measures below take tensors)
     method_name, params = ROWS[label]
     res: dict = {"label": label, "method": method_name, "target": target, "target_name": setup.data.names[target]}
     cell = _cell_dir(Path(root), label, target)
