@@ -113,6 +113,17 @@ BENCHMARKS["prompt"] = ("a memorised prompt (the paper's Stable Diffusion protoc
                         _prompt_setup)
 
 
+def _memory_setup(p: argparse.ArgumentParser) -> None:
+    from ..config import config_command
+    from .memory import MemoryBenchConfig, run_memory_bench
+
+    config_command(p, MemoryBenchConfig, run_memory_bench)
+
+
+BENCHMARKS["memory"] = ("peak memory of unlearning runs on folders of 1,000 and 4,000 256x256 PNGs (streamed from "
+                        "disk)", _memory_setup)
+
+
 def _bench_setup(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, (help_, setup) in BENCHMARKS.items():
