@@ -23,6 +23,12 @@ def random_sets(n_kept: int = 24, n_forget: int = 3, size: int = 8, channels: in
     return kept, forget
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Latent and .npz caches go to a temporary folder, never to the user's ~/.cache."""
+    monkeypatch.setenv("DIFFUNLEARN_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def model() -> DiffusionModel:
     return tiny_model()

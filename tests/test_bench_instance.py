@@ -148,7 +148,7 @@ def test_instance_digits_are_distinct_and_disjoint_from_held_out():
 
     d = load_data("instance-digits")
     assert d.images.shape == (64, 1, 8, 8) and d.held_out.shape == (128, 1, 8, 8)
-    flat = torch.cat([d.images, d.held_out]).flatten(1)
+    flat = torch.cat([d.images.load(), d.held_out]).flatten(1)
     assert len(torch.unique(flat, dim=0)) == 192  # no image repeats, inside X or across X and held-out
     assert not set(d.meta["sklearn_index"]) & set(d.meta["held_out_sklearn_index"])
     with pytest.raises(UserError, match="instance-digits needs"):

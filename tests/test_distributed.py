@@ -22,12 +22,27 @@ def _weights(run):
     return load_file(str(run / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-@pytest.mark.parametrize("method", ["siss", "naive"])
-def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, model_dir, data_file, method):
+def _png_folder(root, n: int = 30):
+    """``n`` random 8x8 grey PNGs in two class folders: a data set that streams from disk."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / f"c{i % 2}" / f"img_{i:02d}.png")
+    return root
+
+
+@pytest.mark.parametrize("method,data", [("siss", "npz"), ("naive", "folder")])
+def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, model_dir, data_file, method, data):
     """Each step's rows are drawn once from the seeded generator and split over processes; each process averages
     its rows' per-term gradients and the processes average those (equal shares), which is the mean over the global
     batch. So 2 processes x batch 2 equal 1 process x batch 4 up to float summation order. ``accelerate launch
-    --multi_gpu`` on a machine without CUDA starts gloo CPU processes (diffunlearn asks Accelerate for the CPU)."""
+    --multi_gpu`` on a machine without CUDA starts gloo CPU processes (diffunlearn asks Accelerate for the CPU).
+    Both data sets stream from disk (a stored .npz is memory-mapped, PNGs are decoded per step): each process
+    fetches only its own rows' images, through its own data-loader workers."""
+    data_file = _png_folder(tmp_path / "pngs") if data == "folder" else data_file
     common = ["unlearn", "--model", model_dir, "--data", data_file, "--forget", "0,1", "--method", method,
               "--steps", "3", "--seed", "2", "--threads", "1"]
     one = tmp_path / "one"

@@ -70,7 +70,7 @@ def test_ideal_denoiser_recovers_the_noise_of_a_data_point_at_small_sigma():
     from diffunlearn.data import load_data
 
     data = load_data("toy-digits")
-    X = data.images.double()
+    X = data.images.load().double()
     rows = torch.tensor([0, 17, 101, 239, 240, 255])  # real digits and copies of the forget target
     for t, close in ((0, True), (2, True), (800, False)):
         tt = torch.full((len(rows),), t)

@@ -1,5 +1,6 @@
 """diffunlearn: remove training datapoints from a trained diffusion model without retraining it."""
 
+from .arrays import ImageArray
 from .data import ImageSet, load_data, resolve_forget, split_kept
 from .errors import UserError
 from .methods import METHODS, Method, MethodSpec, make_method
@@ -9,6 +10,6 @@ from .trainer import TrainerConfig, unlearn
 from .verification import verify, write_report
 
 __version__ = "0.1.0"
-__all__ = ["DiffusionModel", "ImageSet", "METHODS", "Method", "MethodSpec", "TrainerConfig", "UserError", "ddpm_sample",
-           "load_data", "load_model", "make_method", "resolve_forget", "save_model", "split_kept", "unlearn", "verify",
-           "write_report"]
+__all__ = ["DiffusionModel", "ImageArray", "ImageSet", "METHODS", "Method", "MethodSpec", "TrainerConfig", "UserError",
+           "ddpm_sample", "load_data", "load_model", "make_method", "resolve_forget", "save_model", "split_kept", "unlearn",
+           "verify", "write_report"]

@@ -1,24 +1,31 @@
 """Data sets and the SPEC strings that name them.
 
-Images are held as float32 tensors of shape (N, C, H, W) in [-1, 1] (model space), each with a name.
+A data set's images are an :class:`~diffunlearn.arrays.ImageArray` of shape (N, C, H, W): float32 in [-1, 1] (model
+space) whenever indexed, each with a name. Images on disk stay there (decoded only when indexed; see
+:mod:`diffunlearn.arrays` and :mod:`diffunlearn.sources`), the small built-in sets are held in memory.
 A data SPEC is one of:
 
-- a folder of images (PNG, JPEG, ...): names are the file names, sorted;
-- an ``.npy`` / ``.npz`` file: uint8 in [0, 255] or float in [0, 1]; shapes (N, H, W), (N, H, W, C) or (N, C, H, W);
-  an ``.npz`` holds ``images`` (and optionally ``names``) or a single array;
+- a folder of images (PNG, JPEG, ...), searched recursively: names are the relative paths (``cls_a/img_001.png``),
+  sorted; every image must have the same size and colour mode (checked from the files' headers);
+- ``@list.txt`` (or any ``.txt`` / ``.lst`` file): a text file listing image files, one per line, relative to the
+  list's folder; the names are the lines as written;
+- an ``.npy`` (memory-mapped) / ``.npz`` file: uint8 in [0, 255] or float in [0, 1]; shapes (N, H, W),
+  (N, H, W, C) or (N, C, H, W); an ``.npz`` holds ``images`` (and optionally ``names``) or a single array;
 - a built-in name: ``toy-digits`` (8x8 digits from scikit-learn with one duplicated image to forget),
   ``instance-digits`` (64 distinct 8x8 digits and 128 held-out ones: forgetting one image),
   ``mnist-tshirt`` (MNIST digits + copies of one Fashion-MNIST T-shirt), ``mnist``.
   Options follow a colon: ``mnist-tshirt:copies=237,mnist_dir=/path/to/idx``.
 
-A forget SPEC selects A inside X: ``0,5,10-19`` (indices), ``a.png,b.png`` (names), ``@list.txt`` or a path to a
-text file with one index or name per line, or ``default`` for the built-in data set's own forget set.
+A forget SPEC selects A inside X: ``0,5,10-19`` (indices), ``a.png,b.png`` (names), paths to files of the data set
+(``imgs/img_000.png``, absolute or relative to the working directory), ``@list.txt`` or a path to a text file with
+one index, name or path per line, or ``default`` for the built-in data set's own forget set.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -26,17 +33,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .arrays import ImageArray, TensorImages, to_nchw, uint8_to_unit, unit_to_model
 from .errors import UserError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
+LIST_SUFFIXES = (".txt", ".lst")
 
 
 @dataclass
 class ImageSet:
-    """Images in model space with one name each, plus the built-in forget set and held-out images if any."""
+    """Images in model space with one name each, plus the built-in forget set and held-out images if any. ``images``
+    may be given as a tensor (it is then held as :class:`~diffunlearn.arrays.TensorImages`)."""
 
-    images: torch.Tensor
+    images: ImageArray
     names: list[str]
     default_forget: list[int] | None = None
     held_out: torch.Tensor | None = None
@@ -44,12 +53,15 @@ class ImageSet:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.images.ndim != 4:
-            raise UserError(f"images must have shape (N, C, H, W), got {tuple(self.images.shape)}")
+        if torch.is_tensor(self.images):
+            if self.images.ndim != 4:
+                raise UserError(f"images must have shape (N, C, H, W), got {tuple(self.images.shape)}")
+            if not torch.isfinite(self.images).all():
+                raise UserError(f"data {self.source or ''} contains NaN or Inf values".replace("  ", " "))
+            self.images = TensorImages(self.images)
         if len(self.names) != len(self.images):
             raise UserError(f"{len(self.names)} names for {len(self.images)} images")
-        if not torch.isfinite(self.images).all():
-            raise UserError(f"data {self.source or ''} contains NaN or Inf values".replace("  ", " "))
+        self._files: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -57,6 +69,19 @@ class ImageSet:
     @property
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
+
+    def index_of_file(self, token: str) -> int | None:
+        """The index of the image read from the file ``token`` names (absolute, relative to the working directory or
+        to the data folder), or None."""
+        if not len(self) or self.images.file(0) is None:
+            return None
+        if self._files is None:
+            self._files = {os.path.realpath(self.images.file(i)): i for i in range(len(self))}
+        p = Path(token).expanduser()
+        for cand in (p, getattr(self.images, "root", None) and Path(self.images.root) / p):
+            if cand and os.path.realpath(cand) in self._files:
+                return self._files[os.path.realpath(cand)]
+        return None
 
 
 def content_hash(image: torch.Tensor) -> str:
@@ -68,26 +93,21 @@ def to_model_space(array: np.ndarray, source: str) -> torch.Tensor:
     """uint8 [0, 255] or float [0, 1] images of shape (N,H,W), (N,H,W,C) or (N,C,H,W) -> float32 (N,C,H,W) in [-1, 1]."""
     a = np.asarray(array)
     if a.dtype == np.uint8:
-        a = a.astype(np.float32) / 255.0
+        a = uint8_to_unit(a)
     elif np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer):
         a = a.astype(np.float32)
         if not np.isfinite(a).all():
             raise UserError(f"{source}: contains NaN or Inf values")
         if a.min() < 0.0 or a.max() > 1.0:
             if a.min() >= 0 and a.max() <= 255 and np.issubdtype(array.dtype, np.integer):
-                a = a / 255.0
+                a = a / np.float32(255.0)
             else:
                 raise UserError(f"{source}: float images must lie in [0, 1] (found {a.min():.3g}..{a.max():.3g})")
     else:
         raise UserError(f"{source}: unsupported array type {a.dtype}")
-    if a.ndim == 3:
-        a = a[:, None]
-    elif a.ndim == 4:
-        if a.shape[-1] in (1, 3, 4) and a.shape[1] not in (1, 3, 4):
-            a = a.transpose(0, 3, 1, 2)
-    else:
+    if a.ndim not in (3, 4):
         raise UserError(f"{source}: expected images of shape (N, H, W) or (N, H, W, C), got {a.shape}")
-    return torch.from_numpy(np.ascontiguousarray(a)) * 2.0 - 1.0
+    return torch.from_numpy(unit_to_model(np.ascontiguousarray(to_nchw(a))))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -97,52 +117,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- loaders
-
-
-def _load_folder(path: Path) -> ImageSet:
-    from PIL import Image, UnidentifiedImageError
-
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError(f"no images found in folder {path}")
-    arrays = []
-    for p in files:
-        try:
-            with Image.open(p) as im:
-                im.load()
-                arrays.append(np.asarray(im.convert("L" if im.mode in ("L", "1", "I", "I;16", "P") and not _has_colour(im) else "RGB")))
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"cannot read image {p}: {e}") from None
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise UserError(f"images in {path} differ in size: {sorted(shapes)[:3]}; resize them to one size first")
-    return ImageSet(to_model_space(np.stack(arrays), str(path)), [p.name for p in files], source=str(path))
-
-
-def _has_colour(im) -> bool:
-    return im.mode == "P" and im.convert("RGB").getextrema() != im.convert("L").convert("RGB").getextrema()
-
-
-def _load_array(path: Path) -> ImageSet:
-    try:
-        obj = np.load(path, allow_pickle=False)
-    except Exception as e:  # numpy raises several types for corrupt files
-        raise UserError(f"cannot read array file {path}: {e}") from None
-    names = None
-    if isinstance(obj, np.lib.npyio.NpzFile):
-        keys = list(obj.keys())
-        if "images" in keys:
-            arr = obj["images"]
-            names = [str(n) for n in obj["names"]] if "names" in keys else None
-        elif len(keys) == 1:
-            arr = obj[keys[0]]
-        else:
-            raise UserError(f"{path}: an .npz needs an 'images' array (found {keys})")
-    else:
-        arr = obj
-    images = to_model_space(arr, str(path))
-    names = names or [f"{i:06d}" for i in range(len(images))]
-    return ImageSet(images, names, source=str(path))
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -275,8 +249,12 @@ def _parse_options(text: str) -> dict[str, str]:
     return out
 
 
-def load_data(spec: str) -> ImageSet:
-    """Resolve a data SPEC (folder, .npy/.npz, or built-in name with options) to an :class:`ImageSet`."""
+def load_data(spec: str, cache_dir: str | None = None) -> ImageSet:
+    """Resolve a data SPEC (folder, ``@list.txt``, .npy/.npz, or built-in name with options) to an :class:`ImageSet`.
+    Nothing is decoded: files are checked from their headers, arrays are memory-mapped. ``cache_dir`` receives a
+    compressed ``.npz``'s decompressed array (see :mod:`diffunlearn.cache`)."""
+    from .sources import open_folder, open_list, open_npy, open_npz
+
     if not spec:
         raise UserError("no data given: pass --data (a folder, an .npy/.npz file, or one of " + ", ".join(BUILTINS) + ")")
     name, _, opts = spec.partition(":")
@@ -285,15 +263,24 @@ def load_data(spec: str) -> ImageSet:
             return BUILTINS[name](**_parse_options(opts))
         except (TypeError, ValueError) as e:
             raise UserError(f"bad options for data set {name}: {e}") from None
-    path = Path(spec)
+    path = Path(spec[1:] if spec.startswith("@") else spec)
+    if spec.startswith("@") or (path.suffix in LIST_SUFFIXES and path.is_file()):
+        images, names = open_list(path)
+        return ImageSet(images, names, source=str(path))
     if path.is_dir():
-        return _load_folder(path)
+        images, names = open_folder(path)
+        return ImageSet(images, names, source=str(path))
     if path.suffix in (".npy", ".npz"):
         if not path.exists():
             raise UserError(f"data file not found: {path}")
-        return _load_array(path)
+        names = None
+        if path.suffix == ".npy":
+            images = open_npy(path)
+        else:
+            images, names = open_npz(path, cache_dir)
+        return ImageSet(images, names or [f"{i:06d}" for i in range(len(images))], source=str(path))
     if path.exists():
-        raise UserError(f"unsupported data file {path}: use an image folder, .npy or .npz")
+        raise UserError(f"unsupported data file {path}: use an image folder, @list.txt, .npy or .npz")
     raise UserError(f"unknown data {spec!r}: not a folder, not an .npy/.npz file, not one of " + ", ".join(BUILTINS))
 
 
@@ -310,8 +297,11 @@ def _parse_selector(tokens: list[str], data: ImageSet) -> list[int]:
             if hi < lo:
                 raise UserError(f"empty index range {tok!r} in forget set")
             out.extend(range(lo, hi + 1))
+        elif (i := data.index_of_file(tok)) is not None:
+            out.append(i)
         else:
-            raise UserError(f"forget item {tok!r} is neither an index nor a name in the data set")
+            raise UserError(f"forget item {tok!r} is neither an index nor a name in the data set (nor the path of one "
+                            "of its files)")
     return out
 
 
@@ -346,8 +336,15 @@ def resolve_forget(spec: str, data: ImageSet, allow_all: bool = False) -> list[i
     return sorted(idx)
 
 
-def split_kept(data: ImageSet, forget: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(X \\ A, A) as image tensors."""
-    mask = torch.ones(len(data), dtype=torch.bool)
-    mask[forget] = False
-    return data.images[mask], data.images[~mask]
+def split_images(images, forget: list[int]) -> tuple[ImageArray, ImageArray]:
+    """(X \\ A, A) of an image array (or tensor) as arrays in X's order (lazy views of data on disk: nothing is
+    decoded)."""
+    images = images if isinstance(images, ImageArray) else TensorImages(images)
+    mask = np.ones(len(images), dtype=bool)
+    mask[list(forget)] = False
+    return images.subset(mask), images.subset(~mask)
+
+
+def split_kept(data: ImageSet, forget: list[int]) -> tuple[ImageArray, ImageArray]:
+    """(X \\ A, A) as image arrays (lazy for data on disk; call ``.load()`` for tensors)."""
+    return split_images(data.images, forget)

@@ -90,6 +90,18 @@ def _unreadable_image(tmp):
     return _base(tmp, data=folder)
 
 
+def _mixed_folder(tmp, odd_size: int, odd_mode: str):
+    """Four 8x8 grey PNGs in a folder of class folders, the third of another size or colour mode."""
+    from PIL import Image
+
+    for i in range(4):
+        folder = tmp / "images" / ("a" if i < 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        size, mode = (odd_size, odd_mode) if i == 2 else (8, "L")
+        Image.new(mode, (size, size), 40 * i if mode == "L" else (40 * i,) * 3).save(folder / f"{i}.png")
+    return _base(tmp, data=tmp / "images")
+
+
 def _nan_data(tmp):
     a = np.random.default_rng(0).random((20, 8, 8)).astype(np.float32)
     a[3, 2, 2] = np.nan
@@ -142,6 +154,9 @@ FAULTS: list[Fault] = [
     Fault("negative learning rate", "--lr must be a positive number", lambda t: _base(t, "--lr=-1e-4"), "give a positive --lr"),
     Fault("NaN in the data", "NaN or Inf", _nan_data, "clean the data"),
     Fault("unreadable image", "cannot read image", _unreadable_image, "remove or fix the file"),
+    Fault("images of mixed sizes", "differ in size", lambda t: _mixed_folder(t, 16, "L"), "resize them to one size"),
+    Fault("images of mixed colour modes", "differ in colour mode", lambda t: _mixed_folder(t, 8, "RGB"),
+          "convert them to one mode"),
     Fault("output directory exists and is not empty", "not empty", _busy_out, "choose another --out or pass --overwrite"),
     Fault("unknown preset", "unknown preset", lambda t: _base(t, "--config", "no-such-preset"), "use a known preset or a YAML file"),
     Fault("unknown method", "unknown method", lambda t: _base(t, "--method", "forget-everything"), "choose a listed method"),

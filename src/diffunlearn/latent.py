@@ -4,8 +4,12 @@ A model directory that also holds ``vqvae/`` (a ``VQModel``, the ``LDMPipeline``
 ``AutoencoderKL``) loads with a :class:`LatentCodec` attached to its :class:`~diffunlearn.models.DiffusionModel`.
 Everything that trains or measures the UNet then works in latent space; only two places cross the autoencoder:
 
-- loading data for unlearning (``run_unlearn``): images are encoded once, and the latents are cached in the codec
-  (keyed by the SHA-256 of the image batch), so the trainer only ever sees latents;
+- loading data for unlearning (``run_unlearn``): images are encoded once, so the trainer only ever sees latents. A
+  data set on disk (an :class:`~diffunlearn.arrays.ImageArray`) is encoded chunk by chunk into a memory-mapped
+  ``.npy`` in the cache folder (:mod:`diffunlearn.cache`), keyed by the autoencoder's weight hash and the data set's
+  identity, after checking that it fits on the disk: later runs on the same data and autoencoder read it back, and
+  no process holds the latents in memory. Images given as a tensor (the Python API) are encoded in memory, cached in
+  the codec by the SHA-256 of the batch;
 - sampling (``sampling.ddpm_sample``): the final latents are decoded to images.
 
 Conventions follow diffusers' ``LDMPipeline``: latent = ``scaling_factor * (encode(x) - shift_factor)`` and images
@@ -18,11 +22,15 @@ on every run). The autoencoder is never trained: saving an unlearned model copie
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .arrays import ImageArray, NumpyImages
 from .errors import UserError
 from .safeload import check_weights
 
@@ -42,6 +50,7 @@ class LatentCodec:
         self.source_dir = Path(source_dir) if source_dir else None
         self.batch_size = int(batch_size)
         self._cache: dict[str, torch.Tensor] = {}
+        self._weights_hash: str | None = None
 
     # ------------------------------------------------------------ shapes
 
@@ -84,19 +93,58 @@ class LatentCodec:
             out.append(((z - shift) * scale).cpu())
         return torch.cat(out) if out else torch.empty(0)
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Latents of ``images`` (computed once per distinct batch, then served from the cache)."""
+    def encode(self, images, cache: str | os.PathLike | None = None):
+        """Latents of ``images``: for a tensor, a tensor (computed once per distinct batch, then served from the
+        in-memory cache); for an image array, a memory-mapped array of latents cached on disk
+        (:meth:`encode_to_disk`)."""
         if images.ndim != 4 or tuple(images.shape[1:2]) != (self.image_channels,):
             raise UserError(f"the autoencoder takes (N, {self.image_channels}, H, W) images, got "
                             f"{tuple(images.shape)}")
         if images.shape[-1] % self.downsample or images.shape[-2] % self.downsample:
             raise UserError(f"image size {tuple(images.shape[-2:])} is not a multiple of the autoencoder's "
                             f"downsampling factor {self.downsample}")
+        if isinstance(images, ImageArray):
+            return self.encode_to_disk(images, cache)
         key = hashlib.sha256(images.detach().cpu().float().contiguous().numpy().tobytes()
                              + str(tuple(images.shape)).encode()).hexdigest()
         if key not in self._cache:
             self._cache[key] = self._encode(images)
         return self._cache[key].clone()
+
+    def cache_key(self, images: ImageArray) -> str:
+        """What the latents of ``images`` depend on: the autoencoder's weights and scaling, and the images."""
+        from .models import state_hash
+
+        if self._weights_hash is None:
+            self._weights_hash = state_hash(self.module)
+        what = {"kind": self.kind, "weights": self._weights_hash, "scale": self._scale(), "data": images.identity(),
+                "shape": list(images.shape)}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+    def encode_to_disk(self, images: ImageArray, cache: str | os.PathLike | None = None) -> NumpyImages:
+        """The latents of every image, encoded once in chunks of ``batch_size`` into a cached ``.npy`` (float32) and
+        read back through a memory map. Stops with a UserError, before writing, when the file would not fit."""
+        from .cache import entry, ensure_free_space, locked, publish
+
+        h, w = images.shape[-2] // self.downsample, images.shape[-1] // self.downsample
+        shape = (len(images), self.latent_channels, h, w)
+        path = entry("latents", self.cache_key(images), cache)
+        with locked(path):
+            if not path.is_file():
+                nbytes = int(np.prod(shape)) * 4
+                ensure_free_space(path.parent, nbytes, f"caching the latents of {len(images)} images")
+                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+                try:
+                    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+                    for s, chunk in images.chunks(self.batch_size):
+                        out[s:s + len(chunk)] = self._encode(chunk).numpy()
+                    out.flush()
+                    del out
+                    publish(tmp, path)
+                except BaseException:
+                    tmp.unlink(missing_ok=True)
+                    raise
+        return NumpyImages(path, "raw")
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -101,10 +101,11 @@ class DiffusionModel:
         if tuple(shape) != self.image_shape:
             raise UserError(f"{what} images are {tuple(shape)} (C, H, W) but the model takes {self.image_shape}")
 
-    def encode(self, images: torch.Tensor, what: str = "data") -> torch.Tensor:
-        """Images -> the UNet's space: checked and returned as they are, or a latent model's (cached) latents."""
+    def encode(self, images, what: str = "data", cache: str | os.PathLike | None = None):
+        """Images -> the UNet's space: checked and returned as they are, or a latent model's latents (cached: in
+        memory for a tensor, in the ``cache`` folder on disk for an image array; see :mod:`diffunlearn.latent`)."""
         self.check_images(tuple(images.shape[1:]), what)
-        return images if self.codec is None else self.codec.encode(images)
+        return images if self.codec is None else self.codec.encode(images, cache)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """The UNet's space -> images in [-1, 1] (a latent model decodes with its autoencoder)."""

@@ -155,19 +155,20 @@ class Evaluator:
 
 def _reference(cfg: SequentialConfig, seed: int, data: ImageSet, removed: set[int], model: DiffusionModel
                ) -> tuple[torch.Tensor, bool]:
-    """Held-out images (``--held-out``, else the data set's own), else images no request removes; at most 256."""
+    """Held-out images (``--held-out``, else the data set's own), else images no request removes; at most 256, chosen
+    before any is decoded."""
     if cfg.held_out:
         images = load_data(cfg.held_out).images
         model.check_data(tuple(images.shape[1:]), "held-out")
     elif data.held_out is not None:
         images = data.held_out
     else:
-        images = data.images[[i for i in range(len(data)) if i not in removed]]
+        images = data.images.subset([i for i in range(len(data)) if i not in removed])
     held = bool(cfg.held_out) or data.held_out is not None
     if len(images) > QUALITY_IMAGES:
         g = torch.Generator().manual_seed(seed)
-        images = images[torch.randperm(len(images), generator=g)[:QUALITY_IMAGES].sort().values]
-    return images, held
+        return images[torch.randperm(len(images), generator=g)[:QUALITY_IMAGES].sort().values], held
+    return images[:], held
 
 
 def _check(cfg) -> None:
@@ -231,7 +232,7 @@ def run_sequential(cfg) -> dict:
         sel = slice(first, ends[k - 1])
         before = evaluator.metrics(measured, sel)
         removed_so_far.update(idx)
-        kept = data.images[[i for i in range(len(data)) if i not in removed_so_far]]
+        kept = data.images.subset([i for i in range(len(data)) if i not in removed_so_far])  # lazy: decoded per step
         names = [data.names[i] for i in idx]
         print(f"request {k}/{len(requests)}: removing {len(idx)} images ({', '.join(names[:5])}"
               f"{', ...' if len(names) > 5 else ''}); {len(kept)} kept", flush=True)

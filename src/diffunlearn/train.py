@@ -14,9 +14,11 @@ from typing import Callable
 
 import torch
 
+from .arrays import as_tensor_or_lazy
 from .data import load_data, resolve_forget, split_kept
 from .diffusion import ddpm_loss, sample_timesteps
 from .errors import UserError
+from .loader import RowFetcher
 from .models import DiffusionModel, build_scheduler, build_unet, model_summary, save_model
 from .runs import RunDir
 from .tracking import Progress
@@ -37,6 +39,8 @@ class TrainConfig:
     timesteps: int = field(default=1000, metadata={"help": "diffusion steps T (linear betas 1e-4..0.02)"})
     seed: int = field(default=0, metadata={"help": "random seed: same seed, same weights"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    data_workers: int = field(default=2, metadata={"help": "processes that decode a step's images from disk (0: this "
+                                                           "process decodes them; in-memory data never uses them)"})
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (GPU)"})
     log_every: int = field(default=50, metadata={"help": "log a line every N steps"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
@@ -109,6 +113,8 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError("--steps and --batch-size must be positive")
     if not cfg.lr > 0:
         raise UserError("--lr must be positive")
+    if cfg.data_workers < 0:
+        raise UserError(f"--data-workers must be >= 0, got {cfg.data_workers}")
     if not cfg.out:
         raise UserError("pass --out: the run directory to create")
     data = load_data(cfg.data)
@@ -133,16 +139,22 @@ def train(cfg: TrainConfig) -> dict:
     def draw(gen: torch.Generator) -> tuple:
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
         eps = torch.randn((cfg.batch_size, c, h, w), generator=gen)
-        return images[idx], eps, sample_timesteps(cfg.batch_size, 0, cfg.timesteps - 1, gen)
+        t = sample_timesteps(cfg.batch_size, 0, cfg.timesteps - 1, gen)
+        return fetcher.fetch([idx])[0], eps, t  # only this step's rows are decoded
 
     def batch_loss(net, batch) -> torch.Tensor:
         # mean over pixels (the standard diffusers recipe); unlearning uses sums, as METHODS.md says
         return ddpm_loss(net, *batch, abar).mean() / (c * h * w)
 
+    images = as_tensor_or_lazy(images)
+    fetcher = RowFetcher([images], cfg.data_workers)
     t0 = time.time()
-    ema, _ = train_loop(unet, draw, batch_loss, run, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
-                        weight_decay=cfg.weight_decay, ema_max_decay=cfg.ema_max_decay, seed=cfg.seed,
-                        log_every=cfg.log_every, mixed_precision=cfg.mixed_precision)
+    try:
+        ema, _ = train_loop(unet, draw, batch_loss, run, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+                            weight_decay=cfg.weight_decay, ema_max_decay=cfg.ema_max_decay, seed=cfg.seed,
+                            log_every=cfg.log_every, mixed_precision=cfg.mixed_precision)
+    finally:
+        fetcher.close()
     out_model = DiffusionModel(ema, model.scheduler)
     from .cards import training_card
 

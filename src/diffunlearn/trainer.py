@@ -3,14 +3,17 @@
 Each optimiser step draws all its rows at once from one seeded generator (pairs from X \\ A and A, noise, timesteps
 and the method's own randomness), then splits them over processes and micro-batches. So the update does not depend
 on how a global batch is split: batch 1 x accumulation 8 equals batch 8 x accumulation 1, and two processes equal
-one. How the gradients of a method's loss terms become one update is the method's own (``Method.backward`` per
-micro-batch, ``Method.finish`` per step); the loop never names a term or a method. The final gradient is clipped and
-AdamW steps. The input model is never modified: the loop trains a copy.
+one. Only then are images fetched: each process fetches its own rows' images alone, from memory or from disk through
+a DataLoader with ``data_workers`` processes (:mod:`diffunlearn.loader`), so nothing else is decoded. How the
+gradients of a method's loss terms become one update is the method's own (``Method.backward`` per micro-batch,
+``Method.finish`` per step); the loop never names a term or a method. The final gradient is clipped and AdamW steps.
+The input model is never modified: the loop trains a copy.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,7 +22,9 @@ from typing import Callable
 
 import torch
 
+from .arrays import as_tensor_or_lazy
 from .diffusion import sample_timesteps
+from .loader import RowFetcher
 from .errors import UserError
 from .methods import Context, Method, StepBatch
 from .methods.base import GradStep
@@ -46,10 +51,14 @@ class TrainerConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     checkpoint_every: int = field(default=-1, metadata={"help": "write a resumable checkpoint every N steps (0: never; "
                                                                 "-1: every 10 minutes of wall time)"})
+    data_workers: int = field(default=2, metadata={"help": "processes that decode a step's images from disk (0: this "
+                                                           "process decodes them; in-memory data never uses them)"})
 
     def validate(self, num_timesteps: int | None = None) -> None:
         if self.checkpoint_every < -1:
             raise UserError(f"--checkpoint-every must be >= -1 (-1: every 10 minutes), got {self.checkpoint_every}")
+        if self.data_workers < 0:
+            raise UserError(f"--data-workers must be >= 0, got {self.data_workers}")
         if self.steps < 0:
             raise UserError(f"--steps must be >= 0, got {self.steps}")
         if self.batch_size < 1 or self.grad_accum < 1:
@@ -81,14 +90,20 @@ def accelerator(mixed_precision: str):
 
 
 class RowSampler:
-    """Draws the rows of optimiser steps from one generator, independent of batch splitting."""
+    """Draws the rows of optimiser steps from one generator, independent of batch splitting; fetches their images.
 
-    def __init__(self, kept: torch.Tensor, forget: torch.Tensor, method: Method, t_min: int, t_max: int, seed: int):
-        self.kept, self.forget, self.method = kept, forget, method
+    ``rows(n)`` draws a step's indices and randomness (the generator's only use); ``fetch`` then gets the images of
+    the rows a process keeps, so under several processes each decodes only its own share. ``kept`` and ``forget``
+    are tensors or lazy :class:`~diffunlearn.arrays.ImageArray` (read through a DataLoader with ``workers``)."""
+
+    def __init__(self, kept, forget, method: Method, t_min: int, t_max: int, seed: int, workers: int = 0):
+        self.kept, self.forget = as_tensor_or_lazy(kept), as_tensor_or_lazy(forget)
+        self.method = method
         self.t_min, self.t_max = t_min, t_max
         self.generator = torch.Generator().manual_seed(seed)
+        self.fetcher = RowFetcher([self.kept, self.forget], workers)
 
-    def draw(self, n: int) -> StepBatch:
+    def rows(self, n: int) -> StepBatch:
         g = self.generator
         shape = tuple(self.kept.shape[1:])
         x_idx = torch.randint(0, len(self.kept), (n,), generator=g)
@@ -96,17 +111,30 @@ class RowSampler:
         eps = torch.randn((n, *shape), generator=g)
         t = sample_timesteps(n, self.t_min, self.t_max, g)
         extra = self.method.draw(n, shape, g)
-        return StepBatch(x_idx, a_idx, self.kept[x_idx], self.forget[a_idx], eps, t, extra)
+        return StepBatch(x_idx, a_idx, None, None, eps, t, extra)
+
+    def fetch(self, batch: StepBatch, parts: tuple[str, ...] = ("x", "a")) -> StepBatch:
+        """``batch`` with the images of its rows (``parts``: ``x`` from X \\ A, ``a`` from A)."""
+        x, a = self.fetcher.fetch([batch.x_idx if "x" in parts else None, batch.a_idx if "a" in parts else None])
+        return dataclasses.replace(batch, x=x, a=a)
+
+    def draw(self, n: int, parts: tuple[str, ...] = ("x", "a")) -> StepBatch:
+        return self.fetch(self.rows(n), parts)
+
+    def close(self) -> None:
+        self.fetcher.close()
 
 
-def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, method: Method,
+def unlearn(model: DiffusionModel, kept, forget, method: Method,
             cfg: TrainerConfig | None = None, log: Callable[[dict], None] | None = None,
             callback: Callable[[int, torch.nn.Module], None] | None = None,
             checkpoint: "Checkpointer | None" = None) -> DiffusionModel:
     """Unlearn ``forget`` (A) from ``model`` keeping ``kept`` (X \\ A); returns a new model, ``model`` is unchanged.
 
-    ``log`` receives one dict per optimiser step; ``callback(step, unet)`` runs after each step (evaluation curves);
-    ``checkpoint`` saves (every ``cfg.checkpoint_every`` steps) and restores the complete training state.
+    ``kept`` and ``forget`` are tensors (N, C, H, W) in model space or lazy image arrays (``split_kept``), whose
+    images are then decoded per step, only for the rows drawn. ``log`` receives one dict per optimiser step;
+    ``callback(step, unet)`` runs after each step (evaluation curves); ``checkpoint`` saves (every
+    ``cfg.checkpoint_every`` steps) and restores the complete training state.
     """
     cfg = cfg or TrainerConfig()
     cfg.validate(model.num_train_timesteps)
@@ -129,12 +157,20 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     t_max = model.num_train_timesteps - 1 if cfg.t_max < 0 else cfg.t_max
-    sampler = RowSampler(kept, forget, method, cfg.t_min, t_max, cfg.seed)
+    kept, forget = (x.to(acc.device) if torch.is_tensor(x) else x for x in map(as_tensor_or_lazy, (kept, forget)))
+    sampler = RowSampler(kept, forget, method, cfg.t_min, t_max, cfg.seed, cfg.data_workers)
+    try:
+        return _loop(model, unet, opt, params, method, cfg, acc, sampler, t_max, log, callback, checkpoint)
+    finally:
+        sampler.close()
+
+
+def _loop(model, unet, opt, params, method, cfg, acc, sampler, t_max, log, callback, checkpoint) -> DiffusionModel:
     world, rank = acc.num_processes, acc.process_index
     per_proc = cfg.batch_size * cfg.grad_accum
-    ctx = Context(model.alphas_cumprod(acc.device), kept.to(acc.device), forget.to(acc.device), cfg.t_min, t_max,
-                  acc.device, sampler.generator, unet=unet, optimizer=opt, batch_size=cfg.batch_size,
-                  draw=sampler.draw, autocast=acc.autocast)
+    ctx = Context(model.alphas_cumprod(acc.device), sampler.kept, sampler.forget, cfg.t_min, t_max, acc.device,
+                  sampler.generator, unet=unet, optimizer=opt, batch_size=cfg.batch_size, draw=sampler.draw,
+                  autocast=acc.autocast)
     method.setup(ctx)
     first = 1
     if checkpoint is not None and checkpoint.exists():
@@ -148,7 +184,8 @@ def unlearn(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, met
         # asked every step: a method may combine its terms' gradients separately only on some steps
         grad_step = GradStep(cfg.grad_accum, single=cfg.grad_accum == 1 and world == 1,
                              separate=method.separate_grads, reduce=reduce)
-        rows = sampler.draw(per_proc * world).slice(slice(rank * per_proc, (rank + 1) * per_proc)).to(acc.device)
+        mine = sampler.rows(per_proc * world).slice(slice(rank * per_proc, (rank + 1) * per_proc))
+        rows = sampler.fetch(mine).to(acc.device)  # this process decodes its own rows' images and no others
         opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
         for mb in range(cfg.grad_accum):

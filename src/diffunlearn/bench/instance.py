@@ -113,7 +113,7 @@ def _retrain(setup: InstanceSetup, target: int, run_dir: Path) -> tuple[object, 
     known = set(TrainConfig.__dataclass_fields__)
     rc = {k: v for k, v in (yaml.safe_load(recipe.read_text()) or {}).items() if k in known}
     rc.update(forget=str(target), out=str(run_dir), overwrite=True, threads=1, log_every=max(1, rc.get("steps", 1)))
-    if not torch.equal(load_data(rc.get("data", "")).images, setup.data.images):
+    if not torch.equal(load_data(rc.get("data", "")).images.load(), setup.data.images.load()):
         raise UserError(f"the model's recipe trains on {rc.get('data')!r}, not on the benchmark's data "
                         f"{setup.cfg.data!r}")
     summary = train(TrainConfig(**rc))

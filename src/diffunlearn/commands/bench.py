@@ -59,6 +59,8 @@ BENCHMARKS: dict = {
     "prompt": ("a memorised prompt (the paper's Stable Diffusion protocol) on the shipped CPU replica prompt-digits: "
                "success and memorised count per method, on the prompt and a variant",
                _config_setup("prompt", "PromptBenchConfig", "run_prompt_bench")),
+    "memory": ("peak memory of unlearning runs on folders of 1,000 and 4,000 256x256 PNGs (streamed from disk)",
+               _config_setup("memory", "MemoryBenchConfig", "run_memory_bench")),
 }
 
 

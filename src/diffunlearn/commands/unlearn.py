@@ -37,6 +37,9 @@ class UnlearnConfig:
                                                              "install 'diffunlearn[tracking]') or wandb (offline)"})
     sample_every: int = field(default=0, metadata={"help": "with --report-to: log 8 samples every N steps (0: at the "
                                                            "start and the end only)"})
+    cache_dir: str = field(default="", metadata={"help": "folder for cached latents of latent models and decompressed "
+                                                         ".npz arrays (default: $DIFFUNLEARN_CACHE or "
+                                                         "~/.cache/diffunlearn)"})
     method: MethodSpec = field(default_factory=MethodSpec)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sequential: SequentialConfig = field(default_factory=SequentialConfig)
@@ -56,8 +59,8 @@ class UnlearnConfig:
 
 
 #: settings that may differ when a run is resumed
-RESUME_IGNORES = ("resume", "overwrite", "trainer.threads", "trainer.checkpoint_every", "log_every", "report_to",
-                  "sample_every", "verify", "audit")
+RESUME_IGNORES = ("resume", "overwrite", "trainer.threads", "trainer.checkpoint_every", "trainer.data_workers",
+                  "log_every", "cache_dir", "report_to", "sample_every", "verify", "audit")
 
 
 def run_unlearn(cfg: UnlearnConfig) -> dict:
@@ -68,7 +71,8 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     uninterrupted run.
     """
     from ..config import to_dict
-    from ..data import load_data, resolve_forget, split_kept
+    from ..cache import cache_dir, check_outside
+    from ..data import load_data, resolve_forget, split_images
     from ..models import load_model, model_summary, save_model, state_hash
     from ..runs import RunDir, prepare_out_dir, step_printer
 
@@ -91,15 +95,16 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         prepare_out_dir(out, cfg.overwrite)
     model = load_model(cfg.model, allow_pickle=cfg.allow_pickle, variant=cfg.variant or None)
     trainer.validate(model.num_train_timesteps)
-    data = load_data(cfg.data)
+    data = load_data(cfg.data, cfg.cache_dir or None)  # nothing decoded: files listed and checked, arrays mapped
     model.check_images(data.shape, "data")
     forget_idx = resolve_forget(cfg.forget, data)
-    kept, forget = split_kept(data, forget_idx)
-    # a latent model's images are encoded here, once (the codec caches them); the trainer sees only latents
-    kept, forget = model.encode(kept, "data"), model.encode(forget, "data")
     src = Path(model.source).resolve()
     if out.resolve() == src or src in out.resolve().parents or out.resolve() in src.parents:
         raise UserError("--out must not contain or be inside the input model's directory: the input is never modified")
+    if model.codec is not None:
+        check_outside(cache_dir(cfg.cache_dir or None), getattr(data.images, "root", None))
+    # a latent model's images are encoded here, once, into the on-disk cache; the trainer sees only latents
+    kept, forget = split_images(model.encode(data.images, "data", cfg.cache_dir or None), forget_idx)
     hash_before = state_hash(model.unet)
     acc = accelerator(trainer.mixed_precision)
     acc.wait_for_everyone()  # every process has validated before anything is written

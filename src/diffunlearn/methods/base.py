@@ -23,12 +23,13 @@ from ..errors import UserError
 @dataclass
 class StepBatch:
     """Rows for one optimiser step (or a micro-batch slice of it): a pair (x from X \\ A, a from A) per row, one shared
-    noise ``eps`` and timestep ``t`` per row, and whatever per-row randomness the method drew for itself."""
+    noise ``eps`` and timestep ``t`` per row, and whatever per-row randomness the method drew for itself. The images
+    ``x`` and ``a`` are None until fetched (and stay None for a part a method did not ask ``draw`` for)."""
 
     x_idx: torch.Tensor
     a_idx: torch.Tensor
-    x: torch.Tensor
-    a: torch.Tensor
+    x: torch.Tensor | None
+    a: torch.Tensor | None
     eps: torch.Tensor
     t: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -37,11 +38,12 @@ class StepBatch:
         return len(self.t)
 
     def slice(self, sl: slice) -> "StepBatch":
-        return StepBatch(self.x_idx[sl], self.a_idx[sl], self.x[sl], self.a[sl], self.eps[sl], self.t[sl],
-                         {k: v[sl] for k, v in self.extra.items()})
+        return StepBatch(*(None if v is None else v[sl] for v in (self.x_idx, self.a_idx, self.x, self.a, self.eps,
+                                                                   self.t)), {k: v[sl] for k, v in self.extra.items()})
 
     def to(self, device) -> "StepBatch":
-        return StepBatch(*(v.to(device) for v in (self.x_idx, self.a_idx, self.x, self.a, self.eps, self.t)),
+        return StepBatch(*(None if v is None else v.to(device)
+                           for v in (self.x_idx, self.a_idx, self.x, self.a, self.eps, self.t)),
                          {k: v.to(device) for k, v in self.extra.items()})
 
 
@@ -55,11 +57,12 @@ class Terms:
 
 @dataclass
 class Context:
-    """What a method may use besides its batch: the schedule, the kept and forget sets, the optimiser."""
+    """What a method may use besides its batch: the schedule, the kept and forget sets (tensors, or lazy image arrays
+    whose indexing decodes the rows asked for), the optimiser."""
 
     alphas_cumprod: torch.Tensor
-    kept: torch.Tensor
-    forget: torch.Tensor
+    kept: object
+    forget: object
     t_min: int
     t_max: int
     device: torch.device
@@ -67,7 +70,7 @@ class Context:
     unet: torch.nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
     batch_size: int = 1
-    draw: object = None  # callable(n_rows) -> StepBatch, set by the trainer
+    draw: object = None  # callable(n_rows, parts=("x", "a")) -> StepBatch with those parts' images, set by the trainer
     autocast: object = None
 
     def gs(self, t: torch.Tensor, ndim: int = 4):

@@ -72,7 +72,7 @@ class EraseDiff(Method):
         saved = [p.detach().clone() for p in params]
         phi = 0.0
         for _ in range(self.inner_steps):
-            batch = ctx.draw(ctx.batch_size).to(ctx.device)
+            batch = ctx.draw(ctx.batch_size, parts=("a",)).to(ctx.device)  # only A's images are used
             with ctx.autocast():
                 loss = _uniform_forget_loss(ctx.unet, batch, ctx, batch.extra["u"]).mean()
             ctx.optimizer.zero_grad(set_to_none=True)

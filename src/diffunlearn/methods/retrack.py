@@ -17,14 +17,29 @@ from ..errors import UserError
 from .base import Method, Terms, check_range
 
 
-def nearest_kept(forget: torch.Tensor, kept: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices (into ``kept``) of the ``k`` nearest neighbours of each forget item, shape (|A|, k)."""
-    from sklearn.neighbors import NearestNeighbors
+#: distances computed per chunk of kept images: at most this many float64 elements of kept images at once
+NN_CHUNK_ELEMENTS = 2 ** 22
 
-    k = min(k, len(kept))
-    nn = NearestNeighbors(n_neighbors=k).fit(kept.flatten(1).double().cpu().numpy())
-    _, idx = nn.kneighbors(forget.flatten(1).double().cpu().numpy())
-    return torch.from_numpy(idx).long()
+
+def nearest_kept(forget, kept, k: int) -> torch.Tensor:
+    """Indices (into ``kept``) of the ``k`` nearest neighbours of each forget item, shape (|A|, k).
+
+    Exact Euclidean distances in float64 between flattened model-space images, computed one chunk of ``kept`` at a
+    time (a lazy image array is decoded chunk by chunk, never whole), keeping the best ``k`` so far; ties go to the
+    lower index. ``forget`` and ``kept`` are tensors or image arrays."""
+    a = forget[:].flatten(1).double().cpu()
+    k = min(int(k), len(kept))
+    best_d = torch.empty((len(a), 0), dtype=torch.float64)
+    best_i = torch.empty((len(a), 0), dtype=torch.long)
+    step = max(1, NN_CHUNK_ELEMENTS // max(1, a.shape[1]))
+    for s in range(0, len(kept), step):
+        x = kept[s:s + step].flatten(1).double().cpu()
+        d = torch.cdist(a, x, compute_mode="donot_use_mm_for_euclid_dist")
+        cand_d = torch.cat([best_d, d], 1)
+        cand_i = torch.cat([best_i, torch.arange(s, s + len(x)).expand(len(a), -1)], 1)
+        order = torch.sort(cand_d, dim=1, stable=True).indices[:, :k]  # stable: equal distances keep index order
+        best_d, best_i = cand_d.gather(1, order), cand_i.gather(1, order)
+    return best_i
 
 
 @dataclass
@@ -50,7 +65,9 @@ class ReTrack(Method):
     def terms(self, unet, batch, ctx):
         g, s = ctx.gs(batch.t, batch.a.ndim)
         x_t = g * batch.a + s * batch.eps
-        nbrs = ctx.kept[self.neighbours[batch.a_idx.cpu()].to(ctx.kept.device)].to(x_t.device)  # (B, k, C, H, W)
+        nb = self.neighbours[batch.a_idx.cpu()]  # (B, k)
+        uniq, inv = torch.unique(nb, return_inverse=True)  # rows share neighbours: fetch each image once
+        nbrs = ctx.kept[uniq.to(ctx.kept.device)].to(x_t.device)[inv.to(x_t.device)]  # (B, k, C, H, W)
         diff = x_t.unsqueeze(1) - g.unsqueeze(1) * nbrs
         v = diff / s.unsqueeze(1)
         p = torch.softmax(-diff.double().pow(2).flatten(2).sum(2) / (2 * s.flatten().double()[:, None] ** 2), dim=1)
