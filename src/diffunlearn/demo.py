@@ -38,7 +38,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     from .data import load_data, resolve_forget, split_kept
     from .evaluate import EvalConfig, evaluate
     from .protocols.mnist_tshirt import MnistTshirtProtocol, masked
-    from .methods import make_method
     from .models import load_model, save_model
     from .pretrained import pretrained_dir
     from .runs import RunDir, prepare_out_dir, write_json

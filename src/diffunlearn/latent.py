@@ -113,7 +113,7 @@ class LatentCodec:
 
     def cache_key(self, images: ImageArray) -> str:
         """What the latents of ``images`` depend on: the autoencoder's weights and scaling, and the images."""
-        from .models import state_hash
+        from .safeload import state_hash
 
         if self._weights_hash is None:
             self._weights_hash = state_hash(self.module)

@@ -9,7 +9,6 @@ Weights are read from safetensors only unless ``allow_pickle`` is set; nothing i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .safeload import PICKLE_SUFFIXES, check_weights
+from .safeload import check_weights, state_hash  # noqa: F401 (state_hash: part of this module's API)
 
 
 # name -> UNet2DModel keyword arguments (sample_size and channels are filled in from the data)
@@ -179,15 +178,6 @@ def _diffusers_reason(e: Exception) -> str:
         return ("its weights do not match its config.json (tensor shapes differ): the config and the weights belong "
                 "to different models; use the config.json saved with these weights")
     return text.strip().splitlines()[0] if text.strip() else type(e).__name__
-
-
-def state_hash(unet: torch.nn.Module) -> str:
-    """SHA-256 over the model's parameters and buffers, in name order: the model's identity in the ledger."""
-    h = hashlib.sha256()
-    for name, t in sorted(unet.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
-    return h.hexdigest()
 
 
 def save_model(model: DiffusionModel, out: str | os.PathLike, extra_files: dict[str, str] | None = None,

@@ -3,7 +3,10 @@ says they trust the file; every safetensors file is read through once so a trunc
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
+
+import torch
 
 from .errors import UserError
 
@@ -33,3 +36,12 @@ def check_weights(folder: Path, allow_pickle: bool) -> None:
                     f.get_slice(key)
         except Exception as e:
             raise UserError(f"corrupt or truncated weights {p}: {e}") from None
+
+
+def state_hash(unet: torch.nn.Module) -> str:
+    """SHA-256 over the model's parameters and buffers, in name order: the model's identity in the ledger."""
+    h = hashlib.sha256()
+    for name, t in sorted(unet.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
