@@ -27,7 +27,9 @@ class EvalConfig:
     nll_probes: int = field(default=4, metadata={"help": "Hutchinson probes for the NLL (standard error reported)"})
     nll_tol: float = field(default=1e-5, metadata={"help": "RK45 rtol = atol of the NLL solve (METHODS.md: 1e-5)"})
     seed: int = field(default=0, metadata={"help": "sample i uses generator (seed, i): grids line up across models"})
-    batch_size: int = field(default=256, metadata={"help": "images per sampling forward pass"})
+    batch_size: int = field(default=64, metadata={"help": "images per sampling forward pass (64: least CPU time)"})
+    bf16: bool = field(default=False, metadata={"help": "sample under bfloat16 autocast: ~1.8x faster on CPUs with "
+                                                        "bf16 units, slightly different metrics"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     show_forgotten: bool = field(default=False, metadata={"help": "show samples that reproduce the forgotten image"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
@@ -85,12 +87,12 @@ def evaluate(model, protocol: MnistTshirtProtocol, cfg: EvalConfig) -> tuple[dic
     from .sampling import ddpm_sample
 
     t0 = time.time()
-    samples = ddpm_sample(model, cfg.n_samples, cfg.sample_steps, cfg.seed, cfg.batch_size)
+    samples = ddpm_sample(model, cfg.n_samples, cfg.sample_steps, cfg.seed, cfg.batch_size, bf16=cfg.bf16)
     t_sample = time.time() - t0
     metrics = protocol.sample_metrics(samples)
     metrics["tshirt_nll"] = protocol.nll(model, cfg.nll_probes, cfg.nll_tol)
     metrics["seconds"] = {"sampling": round(t_sample, 1), "total": round(time.time() - t0, 1)}
-    metrics["sampling"] = {"n": cfg.n_samples, "steps": cfg.sample_steps, "seed": cfg.seed}
+    metrics["sampling"] = {"n": cfg.n_samples, "steps": cfg.sample_steps, "seed": cfg.seed, "bf16": cfg.bf16}
     return metrics, samples
 
 

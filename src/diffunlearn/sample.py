@@ -17,7 +17,9 @@ class SampleConfig:
     n: int = field(default=64, metadata={"help": "number of images"})
     steps: int = field(default=50, metadata={"help": "DDPM sampling steps"})
     seed: int = field(default=0, metadata={"help": "image i uses the generator (seed, i)"})
-    batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
+    batch_size: int = field(default=64, metadata={"help": "images per forward pass (64: least CPU time; larger on a GPU)"})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast: ~1.8x faster on CPUs with bf16 units, "
+                                                        "slightly different images"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
     allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickle weights (.bin/.ckpt)"})
@@ -41,7 +43,7 @@ def run_sample(cfg: SampleConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = RunDir(cfg.out, {"command": "sample", **asdict(cfg)}, cfg.overwrite)
-    x = ddpm_sample(model, cfg.n, cfg.steps, cfg.seed, cfg.batch_size, progress=True)
+    x = ddpm_sample(model, cfg.n, cfg.steps, cfg.seed, cfg.batch_size, progress=True, bf16=cfg.bf16)
     np.save(Path(cfg.out) / "samples.npy", to_uint8(x))
     save_grid(x[:256], Path(cfg.out) / "samples.png")
     summary = {"command": "sample", "n": cfg.n, "steps": cfg.steps, "seed": cfg.seed, "model": model.source,
