@@ -1,6 +1,6 @@
 """Exact SISS steps on the shipped model with and without zeroing negligible importance weights, side by side.
 
-    PYTHONPATH=src python docs/results/bench-speed-subnormal.py [steps] [rounds] [batch] [threads]
+    PYTHONPATH=src python docs/results/bench-speed-scripts/subnormal.py [steps] [rounds] [batch] [threads]
 
 Variants (interleaved over rounds, every run the same seeded steps from the same model; step 1 of each run dropped
 as warm-up): "unflushed" puts every weight into the backward pass as it was before (drop_negligible replaced by the
