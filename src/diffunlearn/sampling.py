@@ -11,8 +11,8 @@ import torch
 from .diffusion import predict_noise
 from .models import DiffusionModel
 
-#: images per forward pass. On CPU 64 took about 20% less CPU time than 256 with bitwise the same images (smaller
-#: activations stay in cache; docs/results/bench-speed.md); on a GPU pass a larger batch.
+#: images per forward pass: on CPU 64 took about 20% less CPU time than 256 (and than 1024) for bitwise the same images
+#: (docs/results/bench-speed.md); on a GPU pass a larger batch.
 SAMPLE_BATCH = 64
 
 
