@@ -46,6 +46,25 @@ def test_samples_are_seeded_per_image_whatever_the_batch_size():
     assert not torch.allclose(a[0], a[1])
 
 
+def test_bf16_sampling_runs_the_network_in_bfloat16_and_returns_float32():
+    """``bf16=True`` runs every convolution in bfloat16 (autocast) while the scheduler's update stays float32; the
+    default runs none. One step of each gives the same images to bfloat16 precision, not bitwise."""
+    model = tiny_model()
+    seen: list[torch.dtype] = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype))
+             for m in model.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    x32 = ddpm_sample(model, 3, steps=1, seed=0)
+    assert seen and set(seen) == {torch.float32}
+    seen.clear()
+    x16 = ddpm_sample(model, 3, steps=1, seed=0, bf16=True)
+    assert seen and set(seen) == {torch.bfloat16}
+    for h in hooks:
+        h.remove()
+    assert x16.dtype == torch.float32 and x16.shape == x32.shape
+    assert not torch.equal(x16, x32)
+    torch.testing.assert_close(x16, x32, rtol=0, atol=1e-2)
+
+
 def test_model_space_conversion_round_trips():
     """uint8 v maps to 2 v / 255 - 1, so 0 -> -1 and 255 -> 1; floats in [0, 1] map to 2 v - 1."""
     u8 = np.array([[[0, 255], [51, 204]]], dtype=np.uint8)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from diffunlearn.methods.weights import LOG_WEIGHT_MAX, importance_weights, log_density_gap, log_weights
+from diffunlearn.methods.weights import (LOG_WEIGHT_MAX, NEGLIGIBLE, WEIGHT_FLOOR, drop_negligible, importance_weights,
+                                         log_density_gap, log_weights)
 
 LAMBDAS = [0.0, 1e-6, 0.1, 0.5, 0.9, 1 - 1e-6, 1.0]
 
@@ -70,3 +71,30 @@ def test_log_density_gap_is_the_gaussian_log_ratio():
     lx = dist(gamma * x, sigma).log_prob(m).flatten(1).sum(1)
     la = dist(gamma * a, sigma).log_prob(m).flatten(1).sum(1)
     torch.testing.assert_close(log_density_gap(m, x, a, gamma, sigma), lx - la)
+
+
+def test_drop_negligible_zeroes_exactly_what_cannot_move_the_gradient():
+    """An entry's output gradient has norm ``2 w sqrt(loss)``: entries below ``2^-48`` of the largest, and weights below
+    ``2^-102``, become exact zeros; every other weight is returned bit for bit. The same weight is kept beside a large
+    loss and dropped beside a small one (the rule weighs contributions, not weights)."""
+    assert NEGLIGIBLE == 2.0 ** -48 and WEIGHT_FLOOR == 2.0 ** -102
+    w = torch.tensor([2.0, 1e-3, 1e-13, 1e-13, 1e-17, 1e-17, 1e-31, 1e-40, 0.0])
+    loss = torch.tensor([1.0, 1.0, 1e6, 1.0, 1.0, 1e6, 1e40, 1e40, 1.0], dtype=torch.float64)  # beyond fp32 on purpose
+    # w sqrt(loss): 2, 1e-3, 1e-10, 1e-13 (kept: above 2^-48 * 2 ~ 7.1e-15), 1e-17 (dropped), 1e-14 (kept);
+    # 1e-31 has a large contribution (1e-11) but lies below the floor 2^-102 ~ 2.0e-31; 1e-40 is subnormal
+    want = torch.tensor([2.0, 1e-3, 1e-13, 1e-13, 0.0, 1e-17, 0.0, 0.0, 0.0])
+    assert torch.equal(drop_negligible(w, loss), want)
+
+
+def test_drop_negligible_leaves_no_subnormal_weight_and_keeps_non_finite_losses():
+    """Weights from 1e-45 to 1: none subnormal afterwards, those within 2^-48 of the largest unchanged. A row whose
+    loss is NaN keeps its weight (so the loss the trainer checks is still NaN); a tensor whose weights all lie below
+    the floor becomes all zeros."""
+    tiny = torch.finfo(torch.float32).tiny
+    w = torch.logspace(-45, 0, 200).float()
+    got = drop_negligible(w, torch.ones_like(w))
+    assert not ((got > 0) & (got < tiny)).any()
+    assert torch.equal(got[w >= 2.0 ** -48], w[w >= 2.0 ** -48])
+    assert (got[w < 2.0 ** -48] == 0).all()
+    assert drop_negligible(torch.tensor([1.0, 1e-20]), torch.tensor([float("nan"), 1.0]))[0] == 1.0
+    assert torch.equal(drop_negligible(torch.tensor([1e-32, 1e-35]), torch.ones(2)), torch.zeros(2))

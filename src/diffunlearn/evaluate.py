@@ -10,6 +10,7 @@ import torch
 
 from .errors import UserError
 from .protocols.mnist_tshirt import MnistTshirtProtocol, masked
+from .sampling import SAMPLE_BATCH
 
 
 @dataclass
@@ -22,7 +23,9 @@ class EvalConfig:
     nll_probes: int = field(default=4, metadata={"help": "Hutchinson probes for the NLL (standard error reported)"})
     nll_tol: float = field(default=1e-5, metadata={"help": "RK45 rtol = atol of the NLL solve (METHODS.md: 1e-5)"})
     seed: int = field(default=0, metadata={"help": "sample i uses generator (seed, i): grids line up across models"})
-    batch_size: int = field(default=256, metadata={"help": "images per sampling forward pass"})
+    batch_size: int = field(default=SAMPLE_BATCH, metadata={"help": "images per sampling forward pass (larger on a GPU)"})
+    bf16: bool = field(default=False, metadata={"help": "sample under bfloat16 autocast: ~1.8x faster on CPUs with "
+                                                        "bf16 units, slightly different metrics"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     show_forgotten: bool = field(default=False, metadata={"help": "show samples that reproduce the forgotten image"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
@@ -31,7 +34,7 @@ class EvalConfig:
 def evaluate(model, protocol: MnistTshirtProtocol, cfg: EvalConfig) -> tuple[dict, torch.Tensor]:
     """The protocol's metrics of ``model`` with ``cfg``'s sampling and NLL settings."""
     return protocol.evaluate(model, cfg.n_samples, cfg.sample_steps, cfg.nll_probes, cfg.nll_tol, cfg.seed,
-                             cfg.batch_size)
+                             cfg.batch_size, bf16=cfg.bf16)
 
 
 def run_eval(cfg: EvalConfig) -> dict:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError
+from .sampling import SAMPLE_BATCH
 
 
 @dataclass
@@ -17,7 +18,9 @@ class SampleConfig:
     n: int = field(default=64, metadata={"help": "number of images"})
     steps: int = field(default=50, metadata={"help": "DDPM sampling steps"})
     seed: int = field(default=0, metadata={"help": "image i uses the generator (seed, i)"})
-    batch_size: int = field(default=256, metadata={"help": "images per forward pass"})
+    batch_size: int = field(default=SAMPLE_BATCH, metadata={"help": "images per forward pass (larger on a GPU)"})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast: ~1.8x faster on CPUs with bf16 units, "
+                                                        "slightly different images"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
     allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickle weights (.bin/.ckpt)"})
@@ -43,7 +46,7 @@ def run_sample(cfg: SampleConfig) -> dict:
     import time
 
     t0 = time.time()
-    x = ddpm_sample(model, cfg.n, cfg.steps, cfg.seed, cfg.batch_size, progress=True)
+    x = ddpm_sample(model, cfg.n, cfg.steps, cfg.seed, cfg.batch_size, progress=True, bf16=cfg.bf16)
     run.log({"images": cfg.n, "steps": cfg.steps, "seconds": round(time.time() - t0, 3)})
     np.save(Path(cfg.out) / "samples.npy", to_uint8(x))
     save_grid(x[:256], Path(cfg.out) / "samples.png", title=f"{min(cfg.n, 256)} samples of {cfg.model}"

@@ -15,6 +15,7 @@ import torch
 from ..diffusion import predict_noise, sum_sq
 from ..errors import UserError
 from .base import Method, Terms, check_range
+from .weights import drop_negligible
 
 
 #: distances computed per chunk of kept images: at most this many float64 elements of kept images at once
@@ -74,5 +75,5 @@ class ReTrack(Method):
         e_hat = predict_noise(unet, torch.cat([x_t, g * batch.x + s * batch.eps]), torch.cat([batch.t, batch.t]))
         e_a, e_x = e_hat.chunk(2)
         err = (e_a.unsqueeze(1) - v).float().pow(2).flatten(2).sum(2)
-        unlearn = (p.float() * err).sum(1)
+        unlearn = (drop_negligible(p.float(), err) * err).sum(1)  # far neighbours' subnormal p_n become 0
         return Terms({"unlearn": unlearn, "remain": sum_sq(e_x - batch.eps)})

@@ -14,7 +14,7 @@ import torch
 from ..diffusion import predict_noise, sum_sq
 from ..errors import UserError
 from .base import Method, Terms, check_range, ddpm_terms
-from .weights import importance_weights, log_density_gap
+from .weights import drop_negligible, importance_weights, log_density_gap
 
 
 @dataclass
@@ -155,13 +155,15 @@ class SISS(SubtractedGradients, Method):
         e_x = (m - g * batch.x) / s
         e_a = (m - g * batch.a) / s
         w_x, w_a, clamped = importance_weights(log_density_gap(m, batch.x, batch.a, g, s), self.lam)
-        w_x, w_a = w_x.to(e_hat.device), w_a.to(e_hat.device)
+        l_x, l_a = sum_sq(e_hat - e_x), sum_sq(e_hat - e_a)
+        # weights too small to move the gradient become exact zeros (subnormal ones would slow the backward pass)
+        w_x, w_a = drop_negligible(w_x.to(e_hat.device), l_x), drop_negligible(w_a.to(e_hat.device), l_a)
         stats = {"w_x_mean": float(w_x.mean()), "w_a_mean": float(w_a.mean()),
                  # rows that G_a's backward sweep cannot skip (bench speed reports what this implies)
                  "rows_w_a_positive": float((w_a > 0).float().mean())}
         if clamped:
             stats["weights_clamped"] = clamped
-        return Terms({"x": w_x * sum_sq(e_hat - e_x), "a": w_a * sum_sq(e_hat - e_a)}, stats)
+        return Terms({"x": w_x * l_x, "a": w_a * l_a}, stats)
 
 
 @dataclass
