@@ -41,7 +41,7 @@ def test_resume_refuses_other_settings_and_finished_runs(tmp_path, model_dir, da
     from diffunlearn.cli import main
 
     base = ["unlearn", "--model", str(model_dir), "--data", str(data_file), "--forget", "0", "--steps", "2",
-            "--batch-size", "2", "--out", str(tmp_path / "r")]
+            "--batch-size", "2", "--out", str(tmp_path / "r"), "--verify", "off"]
     assert main(base) == 0
     assert main(base + ["--resume"]) == 2
     assert "already finished" in capsys.readouterr().err

@@ -23,7 +23,7 @@ def _run(capsys, *argv):
 
 def _unlearn(model_dir, data_file, out, *extra):
     return ["unlearn", "--model", model_dir, "--data", data_file, "--forget", "0,1", "--steps", "2",
-            "--batch-size", "4", "--out", out, *extra]
+            "--batch-size", "4", "--out", out, "--verify", "off", *extra]  # verification has tests of its own
 
 
 def test_version_help_with_defaults_and_examples_and_did_you_mean(capsys):

@@ -131,6 +131,7 @@ def run_cell(cfg: InstanceBenchConfig, cell: Cell) -> dict:
     setup = _setup(cfg)
     base, row, target = setup.model, cell.row, cell.key
     kept, forget = split_kept(setup.data, [target])
+    forget = forget.load()  # the one target image, as a tensor (the measures below take tensors)
     res: dict = {"label": row.label, "method": row.method.name if row.method else None, "target": target,
                  "target_name": setup.data.names[target]}
     strip = None

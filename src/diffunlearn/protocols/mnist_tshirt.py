@@ -34,7 +34,7 @@ class MnistTshirtProtocol:
 
         data = load_data("mnist-tshirt")
         kept, forget = split_kept(data, resolve_forget("default", data))
-        return cls(forget[0], kept, load_classifier(pretrained_dir("mnist-classifier")))
+        return cls(forget[0], kept.load(), load_classifier(pretrained_dir("mnist-classifier")))
 
     def sample_metrics(self, samples: torch.Tensor) -> dict:
         from ..metrics.classifier import classifier_fid, classifier_inception_score

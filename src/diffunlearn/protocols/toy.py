@@ -54,7 +54,7 @@ def load_sets():
 
     data = load_data("toy-digits")
     kept, forget = split_kept(data, data.default_forget)
-    return data, kept, forget
+    return data, kept.load(), forget.load()
 
 
 @dataclass
@@ -144,8 +144,8 @@ class ToyEvaluator:
         self.abar = alphas_cumprod
         g = torch.Generator().manual_seed(10_000 + cfg.seed)
         grid = cfg.probe_timesteps
-        self.near = make_probes(forget, data.images, kept, alphas_cumprod, grid, cfg.probes_per_t, g)
-        self.elsewhere = make_probes(kept[torch.randperm(len(kept), generator=g)], data.images, kept,
+        self.near = make_probes(forget, data.images.load(), kept, alphas_cumprod, grid, cfg.probes_per_t, g)
+        self.elsewhere = make_probes(kept[torch.randperm(len(kept), generator=g)], data.images.load(), kept,
                                      alphas_cumprod, grid, cfg.probes_per_t, g)
         # A's DDPM loss at uniform timesteps (a cheap likelihood proxy: the unweighted variational bound's terms)
         self.loss_t = torch.randint(0, len(alphas_cumprod), (cfg.loss_draws,), generator=g)
