@@ -172,12 +172,12 @@ def to_dict(cfg) -> dict:
     return out
 
 
-def flatten(d: dict, prefix: str = "") -> dict:
+def flatten(d: dict, prefix: str = "", sep: str = ".") -> dict:
     """``{"trainer": {"steps": 3}}`` -> ``{"trainer.steps": 3}``."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}{sep}", sep))
         else:
             out[prefix + k] = v
     return out

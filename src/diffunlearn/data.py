@@ -305,6 +305,18 @@ def _parse_selector(tokens: list[str], data: ImageSet) -> list[int]:
     return out
 
 
+def check_forget_indices(idx: list[int], data: ImageSet) -> None:
+    """A forget set is non-empty, inside X, and names each item once."""
+    if not idx:
+        raise UserError("the forget set is empty")
+    bad = [i for i in idx if not 0 <= i < len(data)]
+    if bad:
+        raise UserError(f"forget index {bad[0]} is outside the data set (0..{len(data) - 1}): A must be a subset of X")
+    if len(set(idx)) != len(idx):
+        dup = next(i for i in idx if idx.count(i) > 1)
+        raise UserError(f"forget set names item {dup} ({data.names[dup]}) more than once")
+
+
 def resolve_forget(spec: str, data: ImageSet, allow_all: bool = False) -> list[int]:
     """Turn a forget SPEC into sorted indices of A in X, checking that A is a non-empty proper subset of X."""
     spec = (spec or "").strip()
@@ -323,14 +335,7 @@ def resolve_forget(spec: str, data: ImageSet, allow_all: bool = False) -> list[i
         else:
             tokens = [t.strip() for t in spec.split(",")]
         idx = _parse_selector([t for t in tokens if t and not t.startswith("#")], data)
-    if not idx:
-        raise UserError("the forget set is empty")
-    bad = [i for i in idx if not 0 <= i < len(data)]
-    if bad:
-        raise UserError(f"forget index {bad[0]} is outside the data set (0..{len(data) - 1}): A must be a subset of X")
-    if len(set(idx)) != len(idx):
-        dup = next(i for i in idx if idx.count(i) > 1)
-        raise UserError(f"forget set names item {dup} ({data.names[dup]}) more than once")
+    check_forget_indices(idx, data)
     if len(idx) >= len(data) and not allow_all:
         raise UserError("the forget set is the whole data set: nothing would be left to keep (A must be smaller than X)")
     return sorted(idx)

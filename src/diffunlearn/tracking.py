@@ -44,7 +44,9 @@ class Tracker:
             self.impl = WandBTracker("diffunlearn", dir=str(run_dir))
         if hasattr(self.impl, "start"):
             self.impl.start()
-        self.impl.store_init_configuration({k: v for k, v in _flat(config).items()
+        from .config import flatten
+
+        self.impl.store_init_configuration({k: v for k, v in flatten(config, sep="/").items()
                                             if isinstance(v, (int, float, str, bool))})
 
     def log(self, record: dict) -> None:
@@ -62,16 +64,6 @@ class Tracker:
 
     def finish(self) -> None:
         self.impl.finish()
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 class Progress:

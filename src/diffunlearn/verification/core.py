@@ -63,14 +63,10 @@ def choose_reference(data: ImageSet, forget_idx: list[int], n: int, seed: int, h
 
 
 def _check_forget(data: ImageSet, forget_idx) -> list[int]:
+    from ..data import check_forget_indices
+
     idx = [int(i) for i in forget_idx]
-    if not idx:
-        raise UserError("the forget set is empty")
-    bad = [i for i in idx if not 0 <= i < len(data)]
-    if bad:
-        raise UserError(f"forget index {bad[0]} is outside the data set (0..{len(data) - 1}): A must be a subset of X")
-    if len(set(idx)) != len(idx):
-        raise UserError("the forget set names an item more than once")
+    check_forget_indices(idx, data)
     return idx
 
 
