@@ -113,6 +113,17 @@ BENCHMARKS["prompt"] = ("a memorised prompt (the paper's Stable Diffusion protoc
                         _prompt_setup)
 
 
+def _scale_setup(p: argparse.ArgumentParser) -> None:
+    from ..config import config_command
+    from .scale import ScaleConfig, run_scale_bench
+
+    config_command(p, ScaleConfig, run_scale_bench)
+
+
+BENCHMARKS["scale"] = ("real-size models (DDPM CelebA-HQ 256, Stable Diffusion v1.4 shapes, random weights) through "
+                       "the real commands: time, peak memory, FLOPs per step and accelerator projections", _scale_setup)
+
+
 def _bench_setup(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, (help_, setup) in BENCHMARKS.items():
