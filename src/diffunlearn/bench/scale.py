@@ -12,7 +12,7 @@ the process's peak resident memory (``wait4``'s ``ru_maxrss``), the FLOPs of one
 unit of the real command) and what that unit would take on one A100 or H100 at a stated utilisation of their bf16
 dense peak: arithmetic on the measured FLOPs, a projection, not a measurement. Before each row the memory it needs is
 estimated; a row runs only when ``MemAvailable`` leaves ``--headroom-gb`` after it (waiting up to ``--wait-minutes``),
-else it is reported as not run, with both numbers.
+else it is reported as not run, with both numbers. Linux only (``/proc/meminfo``, ``wait4``).
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ from ..errors import UserError
 GB = 2**30
 #: bf16 dense peak of one accelerator, FLOP/s (vendor data sheets)
 PEAKS = {"A100": 312e12, "H100": 989e12}
+#: the rows, in the order they run (the heaviest-evaluated one last)
+ROWS = ("ddpm unlearn", "ddpm sample", "sd prompt build", "sd detect", "sd prompt unlearn",
+        "sd prompt unlearn 8-bit superfactor", "sd prompt unlearn 8-bit", "ddpm unlearn --requests")
 #: activation allowance of the estimates (gradient checkpointing, batch 1), bytes: a guess the measured peak checks
 ACTIVATIONS = {"ddpm": 2 * GB, "sd": 2 * GB}
 
@@ -40,8 +43,9 @@ class ScaleConfig:
     out: str = field(default="runs/bench-scale", metadata={"help": "output directory (scale.md, scale.json, runs/)"})
     cache: str = field(default="", metadata={"help": "where the built models and images are kept and reused "
                                                      "(default: <out>/cache)"})
-    n: int = field(default=30000, metadata={"help": "synthetic 256x256 training images (CelebA-HQ has 30000)"})
-    rows: str = field(default="all", metadata={"help": "comma-separated rows to run (see scale.json), or all"})
+    n: int = field(default=30000, metadata={"help": "synthetic 256x256 training images (CelebA-HQ has 30000; the "
+                                                    "unlearn rows hold them in memory as float32: 0.75 MiB each)"})
+    rows: str = field(default="all", metadata={"help": "comma-separated rows to run, or all: " + ", ".join(ROWS)})
     steps: int = field(default=3, metadata={"help": "unlearn: optimiser steps (the first is warm-up)"})
     grad_accum: int = field(default=4, metadata={"help": "unlearn: micro-batches of 1 image per step"})
     request_steps: int = field(default=2, metadata={"help": "unlearn --requests: steps per request (batch 1)"})
@@ -64,6 +68,12 @@ class ScaleConfig:
             raise UserError("--grad-accum and --threads must be at least 1, --sample-steps at least 2")
         if not 0 < self.utilisation <= 1 or self.headroom_gb < 0 or self.wait_minutes < 0:
             raise UserError("--utilisation must lie in (0, 1], --headroom-gb and --wait-minutes must be >= 0")
+        unknown = [w for w in self.wanted() if w not in ROWS]
+        if unknown:
+            raise UserError(f"unknown row(s) {', '.join(unknown)} in --rows: choose from {', '.join(ROWS)}")
+
+    def wanted(self) -> list[str]:
+        return list(ROWS) if self.rows == "all" else [s.strip() for s in self.rows.split(",") if s.strip()]
 
 
 @dataclass
@@ -182,7 +192,7 @@ def _wait_for_memory(need: int, cfg: ScaleConfig, log) -> tuple[bool, int]:
             return True, avail
         if time.time() >= deadline:
             return False, avail
-        log(f"  waiting for memory: {_gb(avail)} GB available, {_gb(need)} GB estimated + {cfg.headroom_gb:g} GB "
+        log(f"  waiting for memory: {_gb(avail)} GiB available, {_gb(need)} GiB estimated + {cfg.headroom_gb:g} GiB "
             "headroom needed")
         time.sleep(min(30.0, max(1.0, deadline - time.time())))
 
@@ -268,16 +278,20 @@ def run_scale_bench(cfg: ScaleConfig) -> dict:
                       sample_steps=3, sd_steps=2)
     paths, setup, counts = prepare(cfg, log)
     rows = build_rows(cfg, paths, counts)
-    wanted = [r.name for r in rows] if cfg.rows == "all" else [s.strip() for s in cfg.rows.split(",") if s.strip()]
-    unknown = [w for w in wanted if w not in {r.name for r in rows}]
-    if unknown:
-        raise UserError(f"unknown row(s) {', '.join(unknown)}: choose from {', '.join(r.name for r in rows)}")
-    results: dict[str, dict] = {}
+    assert [r.name for r in rows] == list(ROWS)
+    wanted = cfg.wanted()
+    previous = out / "scale.json"  # rows of an earlier run with the same settings are kept unless run again
+    before = json.loads(previous.read_text()) if previous.is_file() else {"rows": {}, "setup": {}}
+    results: dict[str, dict] = before["rows"]
+    for k, v in setup.items():  # what a reused model or folder cost when it was built
+        if v.get("reused") and "seconds" in before["setup"].get(k, {}):
+            setup[k] = {**before["setup"][k], "reused": True}
     summary = {"config": asdict(cfg), "machine": machine(), "parameters": counts, "setup": setup, "rows": results,
                "peaks_flops": PEAKS, "seconds": 0.0}
 
     def save() -> str:  # after every row, so that an interrupted run keeps what it measured
         summary["seconds"] = round(time.time() - t0, 1)
+        summary["rows"] = {k: results[k] for k in ROWS if k in results}
         write_json(out / "scale.json", summary)
         return write_report(out / "scale.md", summary, lines)
 
@@ -287,7 +301,7 @@ def run_scale_bench(cfg: ScaleConfig) -> dict:
             continue
         base = {"family": row.family, "command": "diffunlearn " + " ".join(row.command), "note": row.note,
                 "estimate_bytes": row.estimate}
-        if row.needs and results.get(row.needs, {}).get("status") != "ok":
+        if row.needs and not (Path(paths["sd_data"]) / "labels.csv").is_file():
             results[row.name] = {**base, "status": f"not run: needs the row {row.needs!r}"}
             continue
         if "adamw8bit" in row.command and not _has_bitsandbytes():
@@ -298,8 +312,8 @@ def run_scale_bench(cfg: ScaleConfig) -> dict:
         ok, avail = (True, mem_available()) if cfg.quick else _wait_for_memory(row.estimate, cfg, log)
         base["mem_available_bytes"] = avail
         if not ok:
-            results[row.name] = {**base, "status": f"not run: needs ~{_gb(row.estimate)} GB + {cfg.headroom_gb:g} GB "
-                                                   f"headroom, {_gb(avail)} GB available"}
+            results[row.name] = {**base, "status": f"not run: needs ~{_gb(row.estimate)} GiB + {cfg.headroom_gb:g} GiB "
+                                                   f"headroom, {_gb(avail)} GiB available"}
             log(f"{row.name}: {results[row.name]['status']}")
             continue
         log(f"{row.name}: diffunlearn {' '.join(row.command)}")
@@ -307,12 +321,14 @@ def run_scale_bench(cfg: ScaleConfig) -> dict:
         if target.is_dir():
             shutil.rmtree(target)
         target.unlink(missing_ok=True) if target.is_file() else None
+        results[row.name] = {**base, "status": "running"}
+        save()
         results[row.name] = {**base, **run_row(row, cfg, out / "logs")}
         if row.name == "sd prompt build" and results[row.name]["status"] == "ok":
             _label_first_forget(Path(paths["sd_data"]))
         r = results[row.name]
         log(f"  {r['status']}: first {row.unit} after {r['first_unit_seconds']} s, {r['seconds_per_unit']} s per "
-            f"{row.unit}, peak {_gb(r['peak_rss_bytes'])} GB, {(r['flops_per_unit'] or 0) / 1e12:.3f} TFLOP per unit")
+            f"{row.unit}, peak {_gb(r['peak_rss_bytes'])} GiB, {(r['flops_per_unit'] or 0) / 1e12:.3f} TFLOP per unit")
     print(save())
     return summary
 

@@ -66,7 +66,8 @@ def sd_unet(quick: bool = False):
 def sd_vae(quick: bool = False):
     from diffusers import AutoencoderKL
 
-    return AutoencoderKL(**_args(published()["stable-diffusion-v1-4"]["vae"]["config"], QUICK["vae"] if quick else None))
+    return AutoencoderKL(**_args(published()["stable-diffusion-v1-4"]["vae"]["config"],
+                                 QUICK["vae"] if quick else None))
 
 
 def sd_text_encoder(quick: bool = False):

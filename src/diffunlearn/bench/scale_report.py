@@ -20,7 +20,7 @@ def _duration(s: float | None) -> str:
 
 def table(summary: dict) -> str:
     util = summary["config"]["utilisation"]
-    lines = ["| row | status | first unit after (s) | s / unit | unit | peak RSS (GB) | estimate (GB) | TFLOP / unit "
+    lines = ["| row | status | first unit after (s) | s / unit | unit | peak RSS (GiB) | estimate (GiB) | TFLOP / unit "
              f"| CPU GFLOP/s | A100 @{util:.0%} (projection) | H100 @{util:.0%} (projection) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in summary["rows"].items():
@@ -44,17 +44,19 @@ def write_report(path: Path, summary: dict, log_lines: list[str]) -> str:
         params.append(f"| {name} | {c['parameters']:,} | {pub} |")
     setup = []
     for what, s in summary["setup"].items():
-        if s.get("reused"):
+        if s.get("reused") and "seconds" not in s:
             setup.append(f"- {what}: {s['dir']} (reused from the cache)")
         else:
-            extra = f", peak RSS {s['peak_rss_bytes'] / GB:.2f} GB" if s.get("peak_rss_bytes") else ""
-            setup.append(f"- {what}: {s['dir']}: {s.get('seconds')} s, {s.get('bytes_on_disk', 0) / GB:.2f} GB on disk"
-                         f"{extra}")
+            extra = f", peak RSS {s['peak_rss_bytes'] / GB:.2f} GiB" if s.get("peak_rss_bytes") else ""
+            again = " (reused since)" if s.get("reused") else ""
+            setup.append(f"- {what}: {s['dir']}: {s.get('seconds')} s, {s.get('bytes_on_disk', 0) / GB:.2f} GiB on disk"
+                         f"{extra}{again}")
     util = cfg["utilisation"]
     commands = [f"- **{name}** ({r.get('note', '')}): `{r['command']}`" for name, r in summary["rows"].items()]
     text = "\n".join([
-        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, torch {m['torch']}; {cfg['threads']} thread(s) "
-        f"per command{' (--quick: tiny models, in-process)' if cfg['quick'] else ''}. Total {summary['seconds']:.0f} s.",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GiB, torch {m['torch']}; "
+        f"{cfg['threads']} thread(s) per command{' (--quick: tiny models, in-process)' if cfg['quick'] else ''}. "
+        f"Total {summary['seconds']:.0f} s.",
         "", "Parameter counts (built on the meta device from the configs in `bench/published.json`):", "",
         *params, "", "Setup:", "", *setup, "",
         "Rows (each a real `diffunlearn` command in a fresh process; unit = optimiser step or UNet forward):", "",
@@ -64,7 +66,7 @@ def write_report(path: Path, summary: dict, log_lines: list[str]) -> str:
         "- *s / unit*: median over the units after the first, leaving out the second (FLOP-counted) one when others "
         "remain; `*` marks a figure that only the counted unit gave (FlopCounterMode adds a little time).",
         "- *peak RSS*: the command's process, `ru_maxrss` from `wait4`. *estimate*: the formula the benchmark checks "
-        "against `MemAvailable` before a row (weights, gradient buffers, optimiser state, frozen parts, a 2 GB "
+        "against `MemAvailable` before a row (weights, gradient buffers, optimiser state, frozen parts, a 2 GiB "
         "activation allowance).",
         f"- *TFLOP / unit*: `torch.utils.flop_counter.FlopCounterMode` over the second unit of the real command. "
         f"*A100 / H100*: that count divided by {util:.0%} of the bf16 dense peak (312 and 989 TFLOP/s): a "
