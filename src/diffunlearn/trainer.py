@@ -29,6 +29,7 @@ from .errors import UserError
 from .methods import Context, Method, StepBatch
 from .methods.base import GradStep
 from .models import DiffusionModel
+from .optim import check_optimizer, make_optimizer
 
 
 @dataclass
@@ -42,6 +43,8 @@ class TrainerConfig:
     beta1: float = field(default=0.95, metadata={"help": "AdamW beta1"})
     beta2: float = field(default=0.999, metadata={"help": "AdamW beta2"})
     weight_decay: float = field(default=1e-6, metadata={"help": "AdamW weight decay"})
+    optimizer: str = field(default="adamw", metadata={"help": "adamw, or adamw8bit: 8-bit AdamW states (bitsandbytes), "
+                                                             "2 instead of 8 bytes per parameter"})
     clip_norm: float = field(default=1.0, metadata={"help": "clip the final gradient to this L2 norm"})
     t_min: int = field(default=0, metadata={"help": "smallest training timestep"})
     t_max: int = field(default=-1, metadata={"help": "largest training timestep (-1: T-1)"})
@@ -69,6 +72,7 @@ class TrainerConfig:
             raise UserError(f"--clip-norm must be positive, got {self.clip_norm}")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1) or self.weight_decay < 0:
             raise UserError("AdamW needs 0 <= beta1, beta2 < 1 and weight decay >= 0")
+        check_optimizer(self.optimizer)
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise UserError(f"--mixed-precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if num_timesteps is not None:
@@ -155,7 +159,7 @@ def unlearn(model: DiffusionModel, kept, forget, method: Method,
     if cfg.gradient_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
         unet.enable_gradient_checkpointing()
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg.optimizer, params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     t_max = model.num_train_timesteps - 1 if cfg.t_max < 0 else cfg.t_max
     kept, forget = (x.to(acc.device) if torch.is_tensor(x) else x for x in map(as_tensor_or_lazy, (kept, forget)))
     sampler = RowSampler(kept, forget, method, cfg.t_min, t_max, cfg.seed, cfg.data_workers)

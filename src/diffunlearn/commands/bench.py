@@ -61,6 +61,9 @@ BENCHMARKS: dict = {
                _config_setup("prompt", "PromptBenchConfig", "run_prompt_bench")),
     "memory": ("peak memory of unlearning runs on folders of 1,000 and 4,000 256x256 PNGs (streamed from disk)",
                _config_setup("memory", "MemoryBenchConfig", "run_memory_bench")),
+    "scale": ("real-size models (DDPM CelebA-HQ 256, Stable Diffusion v1.4 shapes, random weights) through the real "
+              "commands: time, peak memory, FLOPs per step and accelerator projections",
+              _config_setup("scale", "ScaleConfig", "run_scale_bench")),
 }
 
 
