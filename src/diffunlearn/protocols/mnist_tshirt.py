@@ -44,7 +44,12 @@ class MnistTshirtProtocol:
         keep = rate.distances > rate.threshold
         is_mean, is_std = classifier_inception_score(self.classifier, samples[keep], splits=10)
         fid = classifier_fid(self.classifier, samples[keep], self.reference)
-        return {"tshirt_rate": rate.summary(), "classifier_is": {"mean": is_mean, "std": is_std, "splits": 10},
+        # which samples (sample i is seeded by i) were T-shirts, with their distances: paired comparisons between
+        # models on the same sample seeds and a look at each counted sample need them
+        hits = torch.nonzero(~keep).flatten().tolist()
+        summary = {**rate.summary(), "indices": hits, "distances": [round(float(rate.distances[i]), 4) for i in hits],
+                   "nearest": sorted(round(float(d), 4) for d in rate.distances)[:16]}
+        return {"tshirt_rate": summary, "classifier_is": {"mean": is_mean, "std": is_std, "splits": 10},
                 "classifier_fid": {"value": fid, "reference": f"{len(self.reference)} kept training digits"},
                 "_is_target": (~keep).tolist()}
 
