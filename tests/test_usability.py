@@ -93,6 +93,10 @@ def test_load_model_takes_shipped_names_run_directories_and_variants(tmp_path, c
         load_model(tmp_path / "v")
     assert state_hash(load_model(tmp_path / "v", variant="fp16").unet) == state_hash(m.unet)
     assert "M parameters" in repr(m) and len(repr(m)) < 200  # no tensors printed
+    from diffunlearn import load_data
+
+    data = load_data("instance-digits")
+    assert repr(data).startswith("ImageSet(64 images of (1, 8, 8)") and len(repr(data)) < 200
 
 
 def test_a_config_that_does_not_match_its_weights_gets_no_advice_to_load_random_weights(tmp_path):

@@ -52,6 +52,13 @@ class ImageSet:
     source: str = ""
     meta: dict = field(default_factory=dict)
 
+    def __repr__(self) -> str:
+        extra = [f"default forget set of {len(self.default_forget)}"] if self.default_forget else []
+        extra += [f"{len(self.held_out)} held out"] if self.held_out is not None else []
+        names = ", ".join(self.names[:3]) + (", ..." if len(self.names) > 3 else "")
+        return (f"ImageSet({len(self.names)} images of {self.shape} from {self.source or 'memory'!r}: {names}"
+                + "".join(f"; {e}" for e in extra) + ")")
+
     def __post_init__(self):
         if torch.is_tensor(self.images):
             if self.images.ndim != 4:

@@ -31,10 +31,11 @@ class EvalConfig:
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
 
 
-def evaluate(model, protocol: MnistTshirtProtocol, cfg: EvalConfig) -> tuple[dict, torch.Tensor]:
+def evaluate(model, protocol: MnistTshirtProtocol, cfg: EvalConfig, progress: bool = False
+             ) -> tuple[dict, torch.Tensor]:
     """The protocol's metrics of ``model`` with ``cfg``'s sampling and NLL settings."""
     return protocol.evaluate(model, cfg.n_samples, cfg.sample_steps, cfg.nll_probes, cfg.nll_tol, cfg.seed,
-                             cfg.batch_size, bf16=cfg.bf16)
+                             cfg.batch_size, bf16=cfg.bf16, progress=progress)
 
 
 def run_eval(cfg: EvalConfig) -> dict:
@@ -55,7 +56,7 @@ def run_eval(cfg: EvalConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = RunDir(cfg.out, {"command": "eval", **asdict(cfg)}, cfg.overwrite)
-    metrics, samples = evaluate(model, protocol, cfg)
+    metrics, samples = evaluate(model, protocol, cfg, progress=True)
     is_target = metrics.pop("_is_target")
     save_grid(masked(samples[:256], is_target[:256], cfg.show_forgotten), Path(cfg.out) / "samples.png",
               title=f"{min(len(samples), 256)} samples" + ("" if cfg.show_forgotten else "; grey: a T-shirt, hidden"))

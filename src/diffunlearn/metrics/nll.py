@@ -170,7 +170,7 @@ def _solve(unet, sched: VPSchedule, x0: np.ndarray, probes: torch.Tensor, t_eps:
 
 def nll_bits_per_dim(model: DiffusionModel, images: torch.Tensor, n_probes: int = 1, rtol: float = 1e-5,
                      atol: float = 1e-5, seed: int = 0, t_eps: float = 1e-5, batch_size: int = 32,
-                     jit: bool = True) -> NLLResult:
+                     jit: bool = True, progress: bool = False) -> NLLResult:
     """Exact NLL (bits/dim) of each image by the probability-flow ODE of the VP-SDE (Song et al. 2021, eq. 13, app. D.2).
 
     ``images``: (N, C, H, W) in [-1, 1]. An image's trajectory does not depend on the probe, so the ODE state holds
@@ -179,7 +179,8 @@ def nll_bits_per_dim(model: DiffusionModel, images: torch.Tensor, n_probes: int 
     ``batch_size // n_probes`` images are solved together by one RK45 run (scipy ``solve_ivp``, ``rtol``/``atol`` on
     the whole state, so an image's result can move by about the tolerance with the batch it is solved in; the same
     inputs, seed and batch size give the same numbers). ``jit``: trace a diffusers UNet for the solve (see
-    ``_network``; the numbers are the same, checked at the start of every solve).
+    ``_network``; the numbers are the same, checked at the start of every solve). ``progress``: a bar over the
+    images, with the network evaluations so far.
     """
     if images.ndim != 4:
         raise UserError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
@@ -206,6 +207,11 @@ def nll_bits_per_dim(model: DiffusionModel, images: torch.Tensor, n_probes: int 
     was_training = unet.training
     unet.eval()
     per_solve = max(1, int(batch_size) // n_probes)  # images per solve, so that about batch_size integrals share it
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"NLL of {n} image(s), {n_probes} probe(s)", unit="image")
     try:
         for i0 in range(0, n, per_solve):
             idx = list(range(i0, min(n, i0 + per_solve)))
@@ -215,8 +221,13 @@ def nll_bits_per_dim(model: DiffusionModel, images: torch.Tensor, n_probes: int 
             nfe += evals
             prior_logp = -0.5 * D * math.log(2 * math.pi) - 0.5 * (z ** 2).sum(1)
             per_probe[idx] = (-(prior_logp[None] + delta_logp) / (D * math.log(2)) + BITS_OFFSET).T
+            if bar is not None:
+                bar.update(len(idx))
+                bar.set_postfix(evaluations=nfe)
     finally:
         unet.train(was_training)
+        if bar is not None:
+            bar.close()
     mean = per_probe.mean(1)
     stderr = per_probe.std(1, ddof=1) / math.sqrt(n_probes) if n_probes > 1 else np.full(n, np.nan)
     return NLLResult(torch.from_numpy(mean), torch.from_numpy(stderr), torch.from_numpy(per_probe), nfe,

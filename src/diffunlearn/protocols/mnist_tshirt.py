@@ -53,24 +53,26 @@ class MnistTshirtProtocol:
                 "classifier_fid": {"value": fid, "reference": f"{len(self.reference)} kept training digits"},
                 "_is_target": (~keep).tolist()}
 
-    def nll(self, model, probes: int, tol: float, seed: int = 0) -> dict:
+    def nll(self, model, probes: int, tol: float, seed: int = 0, progress: bool = False) -> dict:
         from ..metrics.nll import NLL_SOLVER, nll_bits_per_dim
 
-        r = nll_bits_per_dim(model, self.target[None], n_probes=probes, rtol=tol, atol=tol, seed=seed)
+        r = nll_bits_per_dim(model, self.target[None], n_probes=probes, rtol=tol, atol=tol, seed=seed,
+                             progress=progress)
         return {"bpd": float(r.bpd[0]), "stderr": float(r.stderr[0]), "probes": probes, "rtol": tol,
                 "nfe": r.nfe, "seconds": round(r.seconds, 1), "solver": NLL_SOLVER}
 
     def evaluate(self, model, n_samples: int, sample_steps: int, nll_probes: int, nll_tol: float, seed: int = 0,
-                 batch_size: int = SAMPLE_BATCH, bf16: bool = False) -> tuple[dict, torch.Tensor]:
+                 batch_size: int = SAMPLE_BATCH, bf16: bool = False, progress: bool = False
+                 ) -> tuple[dict, torch.Tensor]:
         """Every metric of one model (sample ``i`` seeded by ``(seed, i)``), and the samples; ``_is_target`` marks
         the samples that reproduce the T-shirt."""
         from ..sampling import ddpm_sample
 
         t0 = time.time()
-        samples = ddpm_sample(model, n_samples, sample_steps, seed, batch_size, bf16=bf16)
+        samples = ddpm_sample(model, n_samples, sample_steps, seed, batch_size, bf16=bf16, progress=progress)
         t_sample = time.time() - t0
         metrics = self.sample_metrics(samples)
-        metrics["tshirt_nll"] = self.nll(model, nll_probes, nll_tol)
+        metrics["tshirt_nll"] = self.nll(model, nll_probes, nll_tol, progress=progress)
         metrics["seconds"] = {"sampling": round(t_sample, 1), "total": round(time.time() - t0, 1)}
         metrics["sampling"] = {"n": n_samples, "steps": sample_steps, "seed": seed, "bf16": bf16}
         return metrics, samples
