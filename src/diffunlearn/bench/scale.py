@@ -257,7 +257,7 @@ def figures(row: Row, rec: dict, launch: float, peak: int | None, utilisation: f
 
 def run_scale_bench(cfg: ScaleConfig) -> dict:
     from ..runs import write_json
-    from . import check_bench_dir
+    from .harness import check_bench_dir
     from .scale_report import write_report
     from .scale_setup import prepare
 
