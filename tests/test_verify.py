@@ -235,6 +235,8 @@ def test_unlearn_writes_verification_and_report(capsys, model_dir, data_file, tm
     v = json.loads((out / "verification.json").read_text())
     assert v["status"] == "ok" and v["forget"]["count"] == 2 and "verification:" in stdout
     assert (out / "report.html").is_file()
+    card = (out / "model" / "README.md").read_text()  # the model card carries the verdicts it was verified with
+    assert "## Verification" in card and v["overall"]["text"] in card and v["verdicts"][0]["text"] in card
     rc, _, _ = _run(capsys, "unlearn", "--model", model_dir, "--data", data_file, "--forget", "0", "--steps", "1",
                     "--batch-size", "2", "--verify", "off", "--out", tmp_path / "quiet")
     assert rc == 0 and not (tmp_path / "quiet" / "verification.json").exists()

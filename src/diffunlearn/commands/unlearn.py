@@ -46,13 +46,12 @@ class UnlearnConfig:
 
     def validate(self) -> None:
         from ..tracking import check_report_to
+        from ..verification.command import check_options
 
         self.method.build()
         self.trainer.validate()
         self.sequential.validate()
         check_report_to(self.report_to)
-        from ..verification.command import check_options
-
         check_options(self.verify, self.audit)
         if self.sample_every < 0:
             raise UserError(f"--sample-every must be >= 0, got {self.sample_every}")
@@ -154,11 +153,14 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         from ..cards import unlearning_card
         from ..data import content_hash
 
-        card = unlearning_card(summary["model_in"], method.name, method.hyperparameters(), to_dict(trainer),
-                               [{"name": data.names[i], "sha256": content_hash(data.images[i])} for i in forget_idx],
-                               len(kept))
+        removed = [{"name": data.names[i], "sha256": content_hash(data.images[i])} for i in forget_idx]
+
+        def card(verification=None):
+            return unlearning_card(summary["model_in"], method.name, method.hyperparameters(), to_dict(trainer),
+                                   removed, len(kept), verification)
+
         # atomic: the model directory appears only when complete, its model card inside
-        save_model(new, run.model_dir, extra_files={"README.md": card}, overwrite=True)  # the run's own folder
+        save_model(new, run.model_dir, extra_files={"README.md": card()}, overwrite=True)  # the run's own folder
         run.finish(summary)
         print(f"saved {run.model_dir}")
         checkpoint.path.unlink(missing_ok=True)
@@ -169,7 +171,24 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         summary["verification"] = verify_run(out, model, new, data, forget_idx, cfg.verify, seed=trainer.seed,
                                              audit=audit_settings(cfg.audit, trainer.lr, trainer.batch_size,
                                                                   trainer.seed))
+        if summary["verification"] and summary["verification"]["status"] == "ok":
+            _card_with_verification(out, card)
     return summary
+
+
+def _card_with_verification(out: Path, card) -> None:
+    """The model card again, now with the verification's verdicts (the figures are in verification.json)."""
+    from ..runs import read_json
+    from ..verification.report import VERIFICATION_NAME
+
+    result = read_json(out / VERIFICATION_NAME)
+    lines = [f"**{result['overall']['status']}**: {result['overall']['text']}", ""]
+    lines += [f"- {v['label']}: {v['status']}. {v['text']}" for v in result.get("verdicts", [])]
+    text = "\n".join(lines) + f"\n\nMeasured by `diffunlearn verify` ({result.get('budget', {}).get('name', '')} budget); " \
+        "the figures and the reference images are in the run's verification.json and report.html."
+    tmp = out / "model" / ".README.md.tmp"
+    tmp.write_text(card({"summary_markdown": text}))
+    tmp.replace(out / "model" / "README.md")
 
 
 def _check_resumable(out: Path, cfg: UnlearnConfig) -> None:
