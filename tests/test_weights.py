@@ -1,4 +1,4 @@
-"""SISS importance weights (SISS paper eq. 6-7; METHODS.md "SISS" step 4)."""
+"""SISS importance weights (SISS paper eq. 6-7; docs/methods.md)."""
 
 import math
 

@@ -25,7 +25,7 @@ class DemoConfig:
     n_samples: int = field(default=256, metadata={"help": "samples per model for the T-shirt rate, IS and FID"})
     sample_steps: int = field(default=50, metadata={"help": "DDPM sampling steps"})
     nll_probes: int = field(default=2, metadata={"help": "Hutchinson probes for the T-shirt NLL"})
-    nll_tol: float = field(default=1e-5, metadata={"help": "RK45 rtol = atol of the NLL solve (METHODS.md: 1e-5)"})
+    nll_tol: float = field(default=1e-5, metadata={"help": "RK45 rtol = atol of the NLL solve (the specification: 1e-5)"})
     seed: int = field(default=0, metadata={"help": "unlearning seed"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     show_forgotten: bool = field(default=False, metadata={"help": "show the T-shirt samples in the picture"})

@@ -1,4 +1,4 @@
-"""``diffunlearn eval``: the MNIST T-Shirt metrics of METHODS.md for one model, written to ``metrics.json`` (the
+"""``diffunlearn eval``: the MNIST T-Shirt metrics of docs/methods.md for one model, written to ``metrics.json`` (the
 protocol itself: :mod:`diffunlearn.protocols.mnist_tshirt`)."""
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ class EvalConfig:
     n_samples: int = field(default=512, metadata={"help": "samples for the T-shirt rate, IS and FID"})
     sample_steps: int = field(default=50, metadata={"help": "DDPM sampling steps (the paper: 50)"})
     nll_probes: int = field(default=4, metadata={"help": "Hutchinson probes for the NLL (standard error reported)"})
-    nll_tol: float = field(default=1e-5, metadata={"help": "RK45 rtol = atol of the NLL solve (METHODS.md: 1e-5)"})
+    nll_tol: float = field(default=1e-5, metadata={"help": "RK45 rtol = atol of the NLL solve (the specification: 1e-5)"})
     seed: int = field(default=0, metadata={"help": "sample i uses generator (seed, i): grids line up across models"})
     batch_size: int = field(default=SAMPLE_BATCH, metadata={"help": "images per sampling forward pass (larger on a GPU)"})
     bf16: bool = field(default=False, metadata={"help": "sample under bfloat16 autocast: ~1.8x faster on CPUs with "

@@ -143,7 +143,7 @@ def train(cfg: TrainConfig) -> dict:
         return fetcher.fetch([idx])[0], eps, t  # only this step's rows are decoded
 
     def batch_loss(net, batch) -> torch.Tensor:
-        # mean over pixels (the standard diffusers recipe); unlearning uses sums, as METHODS.md says
+        # mean over pixels (the standard diffusers recipe); unlearning uses sums, as docs/methods.md says
         return ddpm_loss(net, *batch, abar).mean() / (c * h * w)
 
     images = as_tensor_or_lazy(images)

@@ -1,4 +1,4 @@
-"""SISS importance weights in log space (SISS paper, eq. 6-7; METHODS.md, "SISS" step 4).
+"""SISS importance weights in log space (SISS paper, eq. 6-7; docs/methods.md).
 
 With ``D = log q(m|x) - log q(m|a) = ||m - gamma a||^2 / (2 sigma^2) - ||m - gamma x||^2 / (2 sigma^2)`` and the
 mixture ``q_lambda(m) = (1 - lambda) q(m|x) + lambda q(m|a)``:

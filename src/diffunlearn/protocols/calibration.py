@@ -1,4 +1,4 @@
-"""SISS's ``scaling_norm`` by the paper's rule: about 10% of the logged ||G_x|| (METHODS.md), measured for the variant
+"""SISS's ``scaling_norm`` by the paper's rule: about 10% of the logged ||G_x|| (docs/methods.md), measured for the variant
 at the model it starts from.
 
 Per variant and per model, because the importance-weighted ``x`` term of SISS (lambda = 0.5) has a far larger

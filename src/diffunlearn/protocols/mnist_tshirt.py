@@ -1,4 +1,4 @@
-"""The MNIST T-Shirt protocol (METHODS.md; the SISS paper's Table 2): how much of the T-shirt a model still makes,
+"""The MNIST T-Shirt protocol (docs/methods.md; the SISS paper's Table 2): how much of the T-shirt a model still makes,
 and at what quality.
 
 - T-shirt rate: fraction of N seeded DDPM samples within L2 10 of the T-shirt, with its 95% interval;

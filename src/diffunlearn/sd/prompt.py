@@ -29,7 +29,7 @@ from ..trainer import TrainerConfig
 from .memorisation import DEFAULT_THRESHOLD, LABELS_FILE, REFERENCE_FILE, RULE_FILE
 from .pipeline import check_outside, pick_device
 
-#: the paper's Stable Diffusion hyperparameters where they differ from a method's own defaults (METHODS.md)
+#: the paper's Stable Diffusion hyperparameters where they differ from a method's own defaults
 SD_METHOD_DEFAULTS = {"siss": {"scaling_norm": 750.0}, "siss-nois": {"scaling_norm": 750.0},
                       "erasediff-light": {"eta": 1e-2}, "retrack": {"lambda_r": 0.5}}
 
