@@ -14,6 +14,7 @@ call it explicitly, where a whole set must be in memory. The kinds:
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import os
 from pathlib import Path
@@ -45,8 +46,9 @@ def to_nchw(a: np.ndarray) -> np.ndarray:
     return a
 
 
-class ImageArray:
-    """A data set's images, decoded on demand (see the module docstring). Subclasses define ``_rows``."""
+class ImageArray(abc.ABC):
+    """A data set's images, decoded on demand (see the module docstring). Subclasses define ``_rows`` and
+    ``identity``."""
 
     ndim = 4
     dtype = torch.float32
@@ -64,9 +66,9 @@ class ImageArray:
     def __len__(self) -> int:
         return self._n
 
+    @abc.abstractmethod
     def _rows(self, idx: np.ndarray) -> np.ndarray:
         """float32 (len(idx), C, H, W) in model space for valid, non-negative indices."""
-        raise NotImplementedError
 
     def __getitem__(self, key):
         scalar = torch.is_tensor(key) and key.ndim == 0 and not key.is_floating_point()
@@ -118,9 +120,9 @@ class ImageArray:
 
     # ------------------------------------------------------------ where the images come from
 
+    @abc.abstractmethod
     def identity(self) -> str:
         """A digest that changes whenever the images may have changed (keys caches such as latents)."""
-        raise NotImplementedError
 
     def file(self, i: int) -> Path | None:
         """The file image ``i`` is read from, for file-backed arrays."""
