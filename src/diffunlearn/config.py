@@ -24,7 +24,18 @@ def unwrap_optional(kind):
 
 
 def flag_of(f: dataclasses.Field) -> str:
+    """A field's command-line flag: its metadata's ``flag``, else ``--field-name``."""
     return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+def add_flag(parser, flag: str, dest: str, kind, help_: str) -> None:
+    """One optional flag whose absence is None (so a config file or a default can fill it): ``--x/--no-x`` for
+    booleans, a typed value otherwise."""
+    if kind is bool:
+        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_)
+    else:
+        parser.add_argument(flag, dest=dest, type=kind, default=None, metavar=flag[2:].upper().replace("-", "_"),
+                            help=help_)
 
 
 def _is_block(kind) -> bool:
@@ -49,11 +60,7 @@ def add_dataclass_args(parser, cls, defaults=None) -> None:
             help_ = f.metadata.get("help", "")
             if default not in ("", None) and kind is not bool:
                 help_ += f" (default: {default})"
-            if kind is bool:
-                parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-            else:
-                parser.add_argument(flag, dest=f.name, type=kind, default=None,
-                                    metavar=flag[2:].upper().replace("-", "_"), help=help_)
+            add_flag(parser, flag, f.name, kind, help_)
 
 
 class Parser(argparse.ArgumentParser):

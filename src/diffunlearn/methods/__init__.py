@@ -9,7 +9,8 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 
-from ..config import coerce, unwrap_optional
+from ..config import add_flag, coerce, unwrap_optional
+from ..config import flag_of as field_flag
 from ..errors import UserError
 from .base import Context, GradStep, Method, StepBatch, Terms
 from .erasediff import EraseDiff, EraseDiffLight
@@ -27,17 +28,23 @@ def method_params(name: str) -> list[str]:
     return [f.name for f in dataclasses.fields(METHODS[name])]
 
 
-def param_flag(f: dataclasses.Field) -> str:
-    """The command-line flag of a method's field: its metadata's ``flag``, else ``--field-name``."""
-    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-
-
 def flag_of(param: str) -> str:
+    """The command-line flag of a hyperparameter of any registered method (``lam`` -> ``--lambda``)."""
     for cls in METHODS.values():
         for f in dataclasses.fields(cls):
             if f.name == param:
-                return param_flag(f)
+                return field_flag(f)
     return "--" + param.replace("_", "-")
+
+
+def _param_of(key: str) -> str:
+    """A block key as the field it names: the field itself, or its flag without dashes (``lambda`` -> ``lam``)."""
+    key = key.replace("-", "_")
+    for cls in METHODS.values():
+        for f in dataclasses.fields(cls):
+            if key == field_flag(f)[2:].replace("-", "_"):
+                return f.name
+    return key
 
 
 def make_method(name: str, **params) -> Method:
@@ -77,19 +84,13 @@ class MethodSpec:
         for cls in METHODS.values():
             hints = typing.get_type_hints(cls)
             for f in dataclasses.fields(cls):
-                flag = param_flag(f)
+                flag = field_flag(f)
                 if flag in seen:
                     continue
                 seen[flag] = cls.name
-                kind = unwrap_optional(hints[f.name])
                 users = [n for n, c in METHODS.items() if f.name in {g.name for g in dataclasses.fields(c)}]
-                help_ = f"{'/'.join(users)}: {f.metadata.get('help', f.name)}"
-                if kind is bool:
-                    parser.add_argument(flag, dest="method." + f.name, action=argparse.BooleanOptionalAction,
-                                        default=None, help=help_)
-                else:
-                    parser.add_argument(flag, dest="method." + f.name, type=kind, default=None,
-                                        metavar=flag[2:].upper().replace("-", "_"), help=help_)
+                add_flag(parser, flag, "method." + f.name, unwrap_optional(hints[f.name]),
+                         f"{'/'.join(users)}: {f.metadata.get('help', f.name)}")
 
     @classmethod
     def resolve(cls, raw, args, base: "MethodSpec", where: str) -> "MethodSpec":
@@ -110,8 +111,7 @@ class MethodSpec:
             name, params = cli_name, {}  # another method: the file's settings were for the one it named
         hints = typing.get_type_hints(METHODS[name]) if name in METHODS else {}
         for key in list(params):
-            norm = key.replace("-", "_")
-            norm = "lam" if norm == "lambda" else norm
+            norm = _param_of(key)
             value = params.pop(key)
             kind = unwrap_optional(hints[norm]) if norm in hints and value is not None else None
             params[norm] = coerce(value, kind, flag_of(norm))  # YAML reads 1e-3 (no dot) as a string
