@@ -31,8 +31,9 @@ def model_card(title: str, what: str, meta: dict, sections: dict[str, str] | Non
 
 
 def unlearning_card(base: dict, method: str, hyperparameters: dict, trainer: dict, removed: list[dict],
-                    kept: int, verification: dict | None = None) -> str:
-    """The card of an unlearned model. ``base``: ``{"dir", "sha256"}``; ``removed``: ``{"name", "sha256"}`` per item."""
+                    kept: int, verification: str | None = None) -> str:
+    """The card of an unlearned model. ``base``: ``{"dir", "sha256"}``; ``removed``: ``{"name", "sha256"}`` per item;
+    ``verification``: Markdown with the verdicts, once the model has been verified."""
     meta = {"base_model": base["dir"], "base_model_sha256": base["sha256"],
             "unlearning": {"method": method, "hyperparameters": hyperparameters, "trainer": trainer,
                            "removed_count": len(removed), "kept_count": kept, "removed": removed[:LISTED]}}
@@ -45,7 +46,7 @@ def unlearning_card(base: dict, method: str, hyperparameters: dict, trainer: dic
                 "Settings": "```yaml\n" + yaml.safe_dump({"method": {"name": method, **hyperparameters},
                                                           "trainer": trainer}, sort_keys=False) + "```"}
     if verification:
-        sections["Verification"] = verification.get("summary_markdown") or "```json\n" + str(verification) + "\n```"
+        sections["Verification"] = verification
     return model_card("Unlearned diffusion model", what, meta, sections)
 
 

@@ -262,7 +262,9 @@ class Checkpointer:
         return self.path.is_file()
 
     def last_step(self) -> int | None:
-        return int(torch.load(self.path, weights_only=True)["step"]) if self.exists() else None
+        """The step the checkpoint holds, read through a memory map: the weights and optimiser state it also holds
+        (gigabytes for a large UNet) are not read."""
+        return int(torch.load(self.path, weights_only=True, mmap=True)["step"]) if self.exists() else None
 
     def save(self, step: int, unet, opt, generator: torch.Generator, method: Method) -> None:
         state = {"step": step, "model": {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()},

@@ -187,7 +187,7 @@ def _card_with_verification(out: Path, card) -> None:
     text = "\n".join(lines) + f"\n\nMeasured by `diffunlearn verify` ({result.get('budget', {}).get('name', '')} budget); " \
         "the figures and the reference images are in the run's verification.json and report.html."
     tmp = out / "model" / ".README.md.tmp"
-    tmp.write_text(card({"summary_markdown": text}))
+    tmp.write_text(card(text))
     tmp.replace(out / "model" / "README.md")
 
 
