@@ -113,3 +113,22 @@ def test_a_new_method_is_one_class_and_one_registry_line(capsys, model_dir, data
 def test_unknown_preset_is_named(capsys):
     rc, _, err = _run(capsys, "unlearn", "--config", "no-such-preset", "--dry-run")
     assert rc == 2 and "unknown preset" in err
+
+
+def test_an_out_directory_inside_or_around_the_input_model_is_refused(capsys, model_dir, data_file, tmp_path):
+    """One check (runs.check_outside_model) for unlearn, --requests and the Stable Diffusion commands: the input model
+    is never written to, so --out may not be it, lie inside it, or contain it."""
+    before = snapshot(model_dir)
+    argv = ["unlearn", "--model", model_dir, "--data", data_file, "--forget", "0", "--steps", "1", "--batch-size", "2",
+            "--verify", "off"]
+    rc, _, err = _run(capsys, *argv, "--out", model_dir / "run")
+    assert rc == 2 and "must not contain or be inside the model directory" in err
+    for out in (model_dir, model_dir.parent):  # non-empty folders that are no run: refused before this check
+        rc, _, err = _run(capsys, *argv, "--out", out, "--overwrite")
+        assert rc == 2 and err.startswith("error: "), out
+    requests = tmp_path / "r.txt"
+    requests.write_text("0\n")
+    rc, _, err = _run(capsys, "unlearn", "--model", model_dir, "--data", data_file, "--requests", requests,
+                      "--steps", "1", "--batch-size", "2", "--out", model_dir / "run", "--verify", "off")
+    assert rc == 2 and "must not contain or be inside the model directory" in err
+    assert snapshot(model_dir) == before

@@ -51,6 +51,13 @@ def atomic_dir(out: str | Path, write) -> Path:
     return out
 
 
+def check_outside_model(out: str | Path, model_dir: str | Path, flag: str = "--out") -> None:
+    """``out`` must neither be nor contain nor lie inside the input model's directory: the input is never modified."""
+    o, m = Path(out).resolve(), Path(model_dir).resolve()
+    if o == m or m in o.parents or o in m.parents:
+        raise UserError(f"{flag} must not contain or be inside the model directory {m}: the input is never modified")
+
+
 def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     """Check (without writing anything) that ``out`` may receive a run's results."""
     out = Path(out)

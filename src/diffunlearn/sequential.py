@@ -190,7 +190,7 @@ def run_sequential(cfg) -> dict:
     ``cfg`` holds the run's I/O (model, data, out, ...), its ``method`` block, ``trainer`` and ``sequential``."""
     from .config import to_dict
     from .models import load_model, model_summary, save_model, state_hash
-    from .runs import RunDir, prepare_out_dir
+    from .runs import RunDir, check_outside_model, prepare_out_dir
     from .sampling import save_grid
 
     _check(cfg)
@@ -206,9 +206,7 @@ def run_sequential(cfg) -> dict:
     trainer.validate(model.num_train_timesteps)
     if not 0 <= seq.similarity_t <= model.num_train_timesteps:
         raise UserError(f"--similarity-t must lie in [0, {model.num_train_timesteps}], got {seq.similarity_t}")
-    src = Path(model.source).resolve()
-    if out.resolve() == src or src in out.resolve().parents or out.resolve() in src.parents:
-        raise UserError("--out must not contain or be inside the input model's directory: the input is never modified")
+    check_outside_model(out, model.source)
     data = load_data(cfg.data)
     model.check_data(data.shape, "data")
     requests = resolve_requests(specs, data)

@@ -149,7 +149,8 @@ def run_prompt_bench(cfg: PromptBenchConfig) -> dict:
     from ..protocols.calibration import with_scaling_norm
     from ..protocols.prompt import data_quality, reference_distance, resolve_replica
     from ..sd.memorisation import RULE_FILE, load_image
-    from ..sd.pipeline import check_outside, load_sd, require_transformers
+    from ..runs import check_outside_model
+    from ..sd.pipeline import load_sd, require_transformers
     from ..sd.prompt import build_data, prompt_method
 
     _validate(cfg)
@@ -159,7 +160,7 @@ def run_prompt_bench(cfg: PromptBenchConfig) -> dict:
     check_bench_dir(root, cfg, FREE_SETTINGS)
     rep = resolve_replica(cfg.model, cfg.prompt, cfg.variant, cfg.label, cfg.sample_steps, cfg.guidance)
     sd = load_sd(rep["model_dir"])
-    check_outside(root, Path(sd.source))
+    check_outside_model(root, sd.source)
     for row in rows:  # every input is checked before anything is written
         prompt_method(with_scaling_norm(row.method, 1.0))
         row.trainer_config(_trainer(cfg, 0)).validate(int(sd.scheduler.config.num_train_timesteps))

@@ -73,7 +73,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     from ..cache import cache_dir, check_outside
     from ..data import load_data, resolve_forget, split_images
     from ..models import load_model, model_summary, save_model, state_hash
-    from ..runs import RunDir, prepare_out_dir, step_printer
+    from ..runs import RunDir, check_outside_model, prepare_out_dir, step_printer
 
     if cfg.sequential.requests:
         from ..sequential import run_sequential
@@ -97,9 +97,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     data = load_data(cfg.data, cfg.cache_dir or None)  # nothing decoded: files listed and checked, arrays mapped
     model.check_images(data.shape, "data")
     forget_idx = resolve_forget(cfg.forget, data)
-    src = Path(model.source).resolve()
-    if out.resolve() == src or src in out.resolve().parents or out.resolve() in src.parents:
-        raise UserError("--out must not contain or be inside the input model's directory: the input is never modified")
+    check_outside_model(out, model.source)
     if model.codec is not None:
         check_outside(cache_dir(cfg.cache_dir or None), getattr(data.images, "root", None))
     # a latent model's images are encoded here, once, into the on-disk cache; the trainer sees only latents

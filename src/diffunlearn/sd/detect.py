@@ -72,7 +72,8 @@ def read_prompts(path: str) -> list[str]:
 def run_detect(cfg: DetectConfig) -> dict:
     """Score every prompt by Wen et al.'s text-conditional noise magnitude; print them sorted, write JSON."""
     from ..runs import write_json
-    from .pipeline import check_outside, load_sd, pick_device
+    from ..runs import check_outside_model
+    from .pipeline import load_sd, pick_device
 
     if not cfg.model or not cfg.prompts:
         raise UserError("pass --model (a Stable Diffusion directory) and --prompts (a file, one prompt per line)")
@@ -85,7 +86,7 @@ def run_detect(cfg: DetectConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     sd = load_sd(cfg.model, cfg.allow_pickle, pick_device(cfg.device))
-    check_outside(out, Path(sd.source))
+    check_outside_model(out, sd.source)
     scores, t = noise_gap_scores(sd, prompts, cfg.seeds, cfg.sample_steps, cfg.seed, cfg.batch_size)
     ranked = sorted(zip(prompts, scores), key=lambda ps: -ps[1])
     result = {"model": sd.source, "measure": "mean over seeds of ||eps(x_T, t, prompt) - eps(x_T, t, '')||_2 at the "

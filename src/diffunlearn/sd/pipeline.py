@@ -50,13 +50,6 @@ def pick_device(name: str) -> torch.device:
         raise UserError(f"unknown device {name!r}: use auto, cpu or cuda[:N]") from None
 
 
-def check_outside(out: Path, model_dir: Path, flag: str = "--out") -> None:
-    """``out`` must neither be nor contain nor lie inside the input model's directory: the input is never modified."""
-    o, m = Path(out).resolve(), Path(model_dir).resolve()
-    if o == m or m in o.parents or o in m.parents:
-        raise UserError(f"{flag} must not contain or be inside the model directory {m}: the input is never modified")
-
-
 class FixedPromptUNet(torch.nn.Module):
     """``eps_theta(x, t) = unet(x, t, c)`` with the prompt embedding ``c`` held fixed: a conditional model treated as an
     unconditional one (SISS paper, section 5.3), so every image, kept or forgotten, is conditioned on the same prompt.

@@ -24,10 +24,10 @@ import yaml
 from ..errors import UserError
 from ..methods import MethodSpec, make_method
 from ..protocols.prompt import MemorisedCounter, evaluate_prompt
-from ..runs import atomic_dir
+from ..runs import atomic_dir, check_outside_model
 from ..trainer import TrainerConfig
 from .memorisation import DEFAULT_THRESHOLD, LABELS_FILE, REFERENCE_FILE, RULE_FILE
-from .pipeline import check_outside, pick_device
+from .pipeline import pick_device
 
 #: the paper's Stable Diffusion hyperparameters where they differ from a method's own defaults
 SD_METHOD_DEFAULTS = {"siss": {"scaling_norm": 750.0}, "siss-nois": {"scaling_norm": 750.0},
@@ -103,7 +103,7 @@ def run_build(cfg: PromptBuildConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     sd = load_sd(cfg.model, cfg.allow_pickle, pick_device(cfg.device))
-    check_outside(out, Path(sd.source))
+    check_outside_model(out, sd.source)
     reference = _load_reference(cfg.reference, sd) if cfg.reference else None
     meta = build_data(sd, cfg.prompt, out, cfg.n, cfg.seed, cfg.sample_steps, cfg.guidance, reference,
                       cfg.threshold, cfg.batch_size, {"command": "prompt build", **asdict(cfg)})
@@ -304,7 +304,7 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
         torch.set_num_threads(ucfg.threads)
     device = pick_device(cfg.device)
     sd = load_sd(cfg.model, cfg.allow_pickle, "cpu")
-    check_outside(out, Path(sd.source))
+    check_outside_model(out, sd.source)
     sd.check_images(tuple(data.images.shape[1:]), f"images in {cfg.data}")
     ucfg.validate(int(sd.scheduler.config.num_train_timesteps))
     rule = (MemorisationRule(_load_reference(cfg.reference, sd), cfg.threshold or DEFAULT_THRESHOLD, "reference")
