@@ -153,18 +153,16 @@ class Evaluator:
         return out
 
 
-def _reference(cfg: SequentialConfig, seed: int, data: ImageSet, removed: set[int], model: DiffusionModel
-               ) -> tuple[torch.Tensor, bool]:
-    """Held-out images (``--held-out``, else the data set's own), else images no request removes; at most 256, chosen
-    before any is decoded."""
-    if cfg.held_out:
-        images = load_data(cfg.held_out).images
-        model.check_data(tuple(images.shape[1:]), "held-out")
+def _reference(held_out, seed: int, data: ImageSet, removed: set[int]) -> tuple[torch.Tensor, bool]:
+    """Held-out images (``--held-out``'s, given as ``held_out``, else the data set's own), else images no request
+    removes; at most 256, chosen before any is decoded."""
+    if held_out is not None:
+        images = held_out
     elif data.held_out is not None:
         images = data.held_out
     else:
         images = data.images.subset([i for i in range(len(data)) if i not in removed])
-    held = bool(cfg.held_out) or data.held_out is not None
+    held = held_out is not None or data.held_out is not None
     if len(images) > QUALITY_IMAGES:
         g = torch.Generator().manual_seed(seed)
         return images[torch.randperm(len(images), generator=g)[:QUALITY_IMAGES].sort().values], held
@@ -200,18 +198,21 @@ def run_sequential(cfg) -> dict:
     specs = read_requests(seq.requests)
     out = Path(cfg.out)
     prepare_out_dir(out, cfg.overwrite)
-    model = load_model(cfg.model, allow_pickle=cfg.allow_pickle)
+    model = base = load_model(cfg.model, allow_pickle=cfg.allow_pickle, variant=cfg.variant or None)
     if model.codec is not None:
         raise UserError("--requests does not support latent models (vqvae/ or vae/) yet: run one request at a time")
     trainer.validate(model.num_train_timesteps)
     if not 0 <= seq.similarity_t <= model.num_train_timesteps:
         raise UserError(f"--similarity-t must lie in [0, {model.num_train_timesteps}], got {seq.similarity_t}")
     check_outside_model(out, model.source)
-    data = load_data(cfg.data)
+    data = load_data(cfg.data, cfg.cache_dir or None)
     model.check_data(data.shape, "data")
+    held_out = load_data(seq.held_out, cfg.cache_dir or None).images if seq.held_out else None
+    if held_out is not None:
+        model.check_data(tuple(held_out.shape[1:]), "held-out")
     requests = resolve_requests(specs, data)
     order = [i for idx in requests for i in idx]
-    reference, held = _reference(seq, trainer.seed, data, set(order), model)
+    reference, held = _reference(held_out, trainer.seed, data, set(order))
     evaluator = Evaluator(seq, trainer, reference, held)  # loads SSCD: a bad file fails before anything is written
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
@@ -289,8 +290,7 @@ def run_sequential(cfg) -> dict:
         from .verification.command import audit_settings, verify_run
 
         summary["verification"] = verify_run(
-            out, load_model(cfg.model, allow_pickle=cfg.allow_pickle), model, data, order, cfg.verify,
-            held_out=load_data(seq.held_out).images if seq.held_out else None, sscd=seq.sscd or None,
+            out, base, model, data, order, cfg.verify, held_out=held_out, sscd=seq.sscd or None,
             seed=trainer.seed, similarity_t=seq.similarity_t,
             audit=audit_settings(cfg.audit, trainer.lr, trainer.batch_size, trainer.seed))
     return summary

@@ -75,11 +75,11 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     from ..models import load_model, model_summary, save_model, state_hash
     from ..runs import RunDir, check_outside_model, prepare_out_dir, step_printer
 
+    cfg.validate()
     if cfg.sequential.requests:
         from ..sequential import run_sequential
 
         return run_sequential(cfg)
-    cfg.validate()
     method, trainer = cfg.method.build(), cfg.trainer
     if not cfg.out:
         raise UserError("pass --out: the run directory to create")
