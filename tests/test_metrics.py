@@ -452,3 +452,33 @@ def test_membership_auc_is_one_half_for_identical_sets():
     torch.testing.assert_close(denoising_losses(model, images, batch_size=2), denoising_losses(model, images))
     with pytest.raises(UserError):
         denoising_losses(model, images, t_min=10, t_max=5)
+
+
+def test_exact_mcnemar_is_the_binomial_tail_of_the_discordant_pairs():
+    from scipy.stats import binomtest
+
+    from diffunlearn.metrics.rates import mcnemar_exact, paired_hits
+
+    for a, b in ((0, 0), (0, 5), (3, 10), (7, 7), (1, 20)):
+        expected = 1.0 if a + b == 0 else binomtest(min(a, b), a + b, 0.5).pvalue
+        assert mcnemar_exact(a, b) == pytest.approx(expected)
+        assert mcnemar_exact(a, b) == mcnemar_exact(b, a)
+    assert mcnemar_exact(0, 6) == pytest.approx(2 * 0.5 ** 6)
+    r = paired_hits([72, 346, 1026, 5], [72, 346, 9, 10, 11])
+    assert (r["only_a"], r["only_b"], r["both"]) == (2, 3, 2) and r["p_value"] == pytest.approx(1.0)
+
+
+def test_paired_comparison_pools_discordant_samples_over_matching_seeds():
+    from diffunlearn.bench.mnist_tshirt import paired_with
+    from diffunlearn.metrics.rates import mcnemar_exact
+
+    def cell(label, seed, hits):
+        return {"label": label, "seed": seed, "metrics": {"tshirt_rate": {"indices": hits}}}
+
+    results = [cell("naive", 0, [1, 2, 3]), cell("naive", 1, [1, 4]), cell("siss", 0, [1]), cell("siss", 1, [1, 4, 9]),
+               cell("siss", 2, [5]),  # no naive cell of seed 2: not paired
+               {"label": "old", "seed": 0, "metrics": {"tshirt_rate": {}}}]  # no indices recorded: left out
+    d = paired_with(results)
+    assert list(d) == ["siss"]
+    assert (d["siss"]["seeds"], d["siss"]["only_row"], d["siss"]["only_other"], d["siss"]["both"]) == ([0, 1], 1, 2, 3)
+    assert d["siss"]["p_value"] == mcnemar_exact(1, 2)

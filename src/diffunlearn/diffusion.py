@@ -21,9 +21,11 @@ def sum_sq(x: torch.Tensor) -> torch.Tensor:
     return x.float().pow(2).flatten(1).sum(1)
 
 
-def predict_noise(unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """``eps_theta(x_t, t)`` for a diffusers UNet (unconditional)."""
-    out = unet(x_t, t)
+def predict_noise(unet: torch.nn.Module, x_t: torch.Tensor, t: torch.Tensor,
+                  y: torch.Tensor | None = None) -> torch.Tensor:
+    """``eps_theta(x_t, t)`` for a diffusers UNet, or ``eps_theta(x_t, t, y)`` with class labels ``y`` (shape (B,),
+    int64) for a class-conditional one (``UNet2DModel`` with ``num_class_embeds``)."""
+    out = unet(x_t, t) if y is None else unet(x_t, t, class_labels=y)
     return out.sample if hasattr(out, "sample") else out
 
 
@@ -32,7 +34,8 @@ def sample_timesteps(n: int, t_min: int, t_max: int, generator: torch.Generator)
     return torch.randint(t_min, t_max + 1, (n,), generator=generator)
 
 
-def ddpm_loss(unet, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Per-sample ``||eps - eps_theta(gamma_t x0 + sigma_t eps, t)||^2``."""
+def ddpm_loss(unet, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+              y: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample ``||eps - eps_theta(gamma_t x0 + sigma_t eps, t[, y])||^2``."""
     g, s = gamma_sigma(alphas_cumprod, t, x0.ndim)
-    return sum_sq(predict_noise(unet, g * x0 + s * eps, t) - eps)
+    return sum_sq(predict_noise(unet, g * x0 + s * eps, t, y) - eps)

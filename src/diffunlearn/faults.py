@@ -52,6 +52,28 @@ def _base(tmp: Path, *extra: str, data: Path | None = None, forget: str = "0,1")
             "--steps", "2", "--batch-size", "2", "--out", str(tmp / "out"), "--verify", "off", *extra]
 
 
+def _class_model(tmp: Path) -> Path:
+    """A tiny class-conditional model (classes a, b, c and the null class) and labelled data beside it."""
+    import torch
+
+    from .models import DiffusionModel, build_scheduler, build_unet, save_model
+
+    if not (tmp / "cmodel" / "model_index.json").exists():
+        torch.manual_seed(0)
+        save_model(DiffusionModel(build_unet("tiny", 8, 1, num_classes=3), build_scheduler(), classes=["a", "b", "c"]),
+                   tmp / "cmodel")
+        rng = np.random.default_rng(0)
+        np.savez(tmp / "labelled.npz", images=rng.integers(0, 256, (12, 8, 8), dtype=np.uint8),
+                 labels=np.arange(12) % 3, classes=np.array(["a", "b", "c"]))
+    return tmp / "cmodel"
+
+
+def _class_base(tmp: Path, *extra: str, data: Path | None = None, forget: str = "class=b") -> list[str]:
+    model = _class_model(tmp)
+    return ["unlearn", "--model", str(model), "--data", str(data or tmp / "labelled.npz"), "--forget", forget,
+            "--steps", "2", "--batch-size", "2", "--out", str(tmp / "out"), "--verify", "off", *extra]
+
+
 def _weights_file(tmp: Path) -> Path:
     return _model(tmp) / "unet" / "diffusion_pytorch_model.safetensors"
 
@@ -162,6 +184,18 @@ FAULTS: list[Fault] = [
     Fault("unknown method", "unknown method", lambda t: _base(t, "--method", "forget-everything"), "choose a listed method"),
     Fault("a flag the method does not take", "does not apply to method naive", lambda t: _base(t, "--method", "naive", "--lambda", "0.5"), "drop the flag"),
     Fault("unknown data", "unknown data", lambda t: _base(t, data=t / "nowhere"), "give a folder, .npy/.npz or a built-in name"),
+    Fault("class-conditional model, unlabelled data", "no class labels", lambda t: _class_base(t, data=_data(t), forget="0,1"),
+          "give labelled data: class subfolders or an .npz 'labels' array"),
+    Fault("forget a class that is not in the data", "is not a class of the data", lambda t: _class_base(t, forget="class=z"),
+          "name a class of the data"),
+    Fault("forget by class on unlabelled data", "needs labelled data", lambda t: _base(t, forget="class=1"),
+          "use labelled data or name the items"),
+    Fault("guidance below 0", "--guidance must be >= 0",
+          lambda t: ["sample", "--model", str(_class_model(t)), "--out", str(t / "out"), "--guidance=-1"],
+          "give a guidance scale >= 0"),
+    Fault("train --class-conditional on unlabelled data", "needs labelled data",
+          lambda t: ["train", "--data", str(_data(t)), "--class-conditional", "--arch", "tiny", "--out", str(t / "out")],
+          "use labelled data"),
     Fault("full disk while saving", "disk full", _full_disk, "free space; --resume continues from the last checkpoint",
           _no_space_left),
     Fault("loss turns NaN mid-run", "became NaN or Inf at step", _nan_loss, "lower --lr; the last checkpoint is kept for --resume"),

@@ -42,12 +42,20 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
-def build_unet(arch: str, sample_size: int, channels: int):
+def build_unet(arch: str, sample_size: int, channels: int, num_classes: int | None = None):
+    """A ``UNet2DModel`` of a named size; with ``num_classes`` K it is class-conditional with K + 1 class embeddings:
+    the classes 0..K-1 and the null class K that classifier-free guidance needs."""
     from diffusers import UNet2DModel
 
     if arch not in ARCHITECTURES:
         raise UserError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
-    return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels, **ARCHITECTURES[arch])
+    extra = {} if num_classes is None else {"num_class_embeds": int(num_classes) + 1}
+    return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels, **ARCHITECTURES[arch],
+                       **extra)
+
+
+#: a class-conditional model directory's class names (one per class index) and its null class, beside model_index.json
+CLASSES_FILE = "classes.json"
 
 
 def build_scheduler(num_train_timesteps: int = 1000):
@@ -66,6 +74,36 @@ class DiffusionModel:
     source: str = ""
     #: a latent model's autoencoder (:class:`diffunlearn.latent.LatentCodec`); None for a pixel-space model
     codec: object = None
+    #: a class-conditional model's class names, one per class index (None: unconditional)
+    classes: list[str] | None = None
+
+    def __post_init__(self):
+        if self.conditional and self.classes is None:
+            n = int(self.unet.config.num_class_embeds or 0)
+            self.classes = [str(i) for i in range(n)]
+
+    @property
+    def conditional(self) -> bool:
+        """True for a class-conditional UNet (``num_class_embeds`` set): every forward pass needs class labels."""
+        cfg = getattr(self.unet, "config", None)
+        return cfg is not None and cfg.get("num_class_embeds") is not None
+
+    @property
+    def null_class(self) -> int | None:
+        """The class index classifier-free guidance uses for "no class" (the one past the named classes), or None
+        when the model has no such embedding (then guidance is not available)."""
+        if not self.conditional:
+            return None
+        n = int(self.unet.config.num_class_embeds)
+        return len(self.classes) if n == len(self.classes) + 1 else None
+
+    def class_index(self, name: str) -> int:
+        """The index of a class given by name (or by its index written as a number)."""
+        if name in self.classes:
+            return self.classes.index(name)
+        if name.isdigit() and int(name) < len(self.classes):
+            return int(name)
+        raise UserError(f"class {name!r} is not one of the model's classes ({', '.join(self.classes)})")
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -84,6 +122,7 @@ class DiffusionModel:
     def __repr__(self) -> str:
         n = sum(p.numel() for p in self.unet.parameters())
         latent = f", latent ({self.codec.kind})" if self.codec is not None else ""
+        latent += f", {len(self.classes)} classes" if self.conditional else ""
         return (f"DiffusionModel({type(self.unet).__name__}, {n / 1e6:.2f} M parameters, sample {self.sample_shape}, "
                 f"T={self.num_train_timesteps}{latent}, source={self.source!r})")
 
@@ -155,7 +194,27 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False, variant: str
     unet.eval()
     from .latent import load_codec
 
-    return DiffusionModel(unet, scheduler, source=str(root), codec=load_codec(root, allow_pickle))
+    return DiffusionModel(unet, scheduler, source=str(root), codec=load_codec(root, allow_pickle),
+                          classes=_read_classes(root, unet))
+
+
+def _read_classes(root: Path, unet) -> list[str] | None:
+    """A class-conditional model's class names from ``classes.json`` (written by :func:`save_model`); without the
+    file, classes are named by their index and the model has no null class."""
+    if unet.config.get("num_class_embeds") is None:
+        return None
+    path = root / CLASSES_FILE
+    if not path.is_file():
+        return None
+    try:
+        names = [str(c) for c in json.loads(path.read_text())["classes"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a class list ({e}): it must hold {{\"classes\": [names...]}}") from None
+    n = int(unet.config.num_class_embeds)
+    if len(names) not in (n, n - 1):
+        raise UserError(f"{path} names {len(names)} classes but the UNet has {n} class embeddings (expected {n} "
+                        f"classes, or {n - 1} and a null class)")
+    return names
 
 
 def _check_variant(folder: Path, variant: str | None) -> None:
@@ -201,6 +260,8 @@ def _write_pipeline(model: DiffusionModel, folder: Path) -> None:
     from diffusers import DDPMPipeline
 
     DDPMPipeline(unet=model.unet, scheduler=model.scheduler).save_pretrained(str(folder), safe_serialization=True)
+    if model.conditional:
+        (folder / CLASSES_FILE).write_text(json.dumps({"classes": model.classes, "null_class": model.null_class}) + "\n")
     if model.codec is not None:
         from .latent import write_latent_pipeline
 
@@ -209,5 +270,6 @@ def _write_pipeline(model: DiffusionModel, folder: Path) -> None:
 
 def model_summary(model: DiffusionModel) -> dict:
     n = sum(p.numel() for p in model.unet.parameters())
-    return {"parameters": n, "sample_shape": list(model.sample_shape), "timesteps": model.num_train_timesteps,
+    classes = {"classes": model.classes} if model.conditional else {}
+    return {"parameters": n, "sample_shape": list(model.sample_shape), "timesteps": model.num_train_timesteps, **classes,
             "scheduler": json.loads(json.dumps(dict(model.scheduler.config), default=str))}

@@ -21,6 +21,11 @@ class SampleConfig:
     batch_size: int = field(default=SAMPLE_BATCH, metadata={"help": "images per forward pass (larger on a GPU)"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast: ~1.8x faster on CPUs with bf16 units, "
                                                         "slightly different images"})
+    classes: str = field(default="", metadata={"flag": "--class", "help": "class-conditional model: the class to "
+                                                 "sample (name or index), or a comma list taken in turn (default: "
+                                                 "every class in turn)"})
+    guidance: float = field(default=1.0, metadata={"help": "class-conditional model: classifier-free guidance scale "
+                                                   "(1: the conditional model alone, 0: unconditional)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
     allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickle weights (.bin/.ckpt)"})
@@ -32,27 +37,54 @@ def run_sample(cfg: SampleConfig) -> dict:
     from .data import to_uint8
     from .models import load_model
     from .runs import RunDir, prepare_out_dir
-    from .sampling import ddpm_sample, save_grid
+    from .sampling import check_guidance, ddpm_sample, save_grid
 
     if cfg.n < 1 or cfg.steps < 1 or cfg.batch_size < 1:
         raise UserError("--n, --steps and --batch-size must be at least 1")
     if not cfg.out:
         raise UserError("pass --out: the directory to write samples to")
-    prepare_out_dir(cfg.out, cfg.overwrite)
     model = load_model(cfg.model, allow_pickle=cfg.allow_pickle)
+    labels = class_labels(model, cfg.classes, cfg.n)
+    check_guidance(model, cfg.guidance)
+    prepare_out_dir(cfg.out, cfg.overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = RunDir(cfg.out, {"command": "sample", **asdict(cfg)}, cfg.overwrite)
     import time
 
     t0 = time.time()
-    x = ddpm_sample(model, cfg.n, cfg.steps, cfg.seed, cfg.batch_size, progress=True, bf16=cfg.bf16)
+    x = ddpm_sample(model, cfg.n, cfg.steps, cfg.seed, cfg.batch_size, progress=True, bf16=cfg.bf16, labels=labels,
+                    guidance=cfg.guidance)
     run.log({"images": cfg.n, "steps": cfg.steps, "seconds": round(time.time() - t0, 3)})
     np.save(Path(cfg.out) / "samples.npy", to_uint8(x))
-    save_grid(x[:256], Path(cfg.out) / "samples.png", title=f"{min(cfg.n, 256)} samples of {cfg.model}"
-              f" ({cfg.steps} DDPM steps, image i seeded by ({cfg.seed}, i))")
+    files = ["samples.png", "samples.npy"]
+    tiles, cond = None, ""
+    if labels is not None:
+        np.save(Path(cfg.out) / "labels.npy", labels.numpy())
+        files.append("labels.npy")
+        tiles = [model.classes[int(c)] for c in labels[:256]]
+        cond = f", class under each image, guidance {cfg.guidance:g}"
+    save_grid(x[:256], Path(cfg.out) / "samples.png", labels=tiles, title=f"{min(cfg.n, 256)} samples of {cfg.model}"
+              f" ({cfg.steps} DDPM steps, image i seeded by ({cfg.seed}, i){cond})")
     summary = {"command": "sample", "n": cfg.n, "steps": cfg.steps, "seed": cfg.seed, "model": model.source,
-               "files": ["samples.png", "samples.npy"]}
+               "files": files}
+    if labels is not None:
+        summary.update(guidance=cfg.guidance, classes=sorted({model.classes[int(c)] for c in labels}))
     run.finish(summary)
     print(f"wrote {Path(cfg.out) / 'samples.png'} and samples.npy ({cfg.n} images, uint8 N,H,W,C)")
     return summary
+
+
+def class_labels(model, spec: str, n: int):
+    """``--class``: None for an unconditional model (which refuses a class), else one label per sample: the named
+    classes taken in turn, or every class in turn when none is named."""
+    import torch
+
+    if not model.conditional:
+        if spec:
+            raise UserError(f"--class {spec} needs a class-conditional model, and {model.source} is unconditional")
+        return None
+    if not spec:
+        return torch.arange(n) % len(model.classes)
+    wanted = [model.class_index(c.strip()) for c in spec.split(",") if c.strip()]
+    return torch.tensor(wanted)[torch.arange(n) % len(wanted)]

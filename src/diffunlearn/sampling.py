@@ -35,17 +35,65 @@ def seeded_batches(n: int, batch_size: int, seed: int, start: int = 0, progress:
         yield image_generators(seed, range(start + b0, start + min(n, b0 + batch_size)))
 
 
+def sample_labels(model: DiffusionModel, n: int, labels=None, start: int = 0) -> torch.Tensor | None:
+    """The class label of each of ``n`` samples of a class-conditional model: ``labels`` (one class index for all, or
+    one per sample), or by default the classes in turn (sample ``i`` gets class ``(start + i) mod K``). None for an
+    unconditional model, which takes no labels."""
+    from .errors import UserError
+
+    if not model.conditional:
+        if labels is not None:
+            raise UserError("class labels were given but the model is not class-conditional")
+        return None
+    k = len(model.classes)
+    if labels is None:
+        return (torch.arange(start, start + n) % k).long()
+    y = torch.as_tensor(labels, dtype=torch.long).flatten()
+    y = y.expand(n).clone() if len(y) == 1 else y
+    if len(y) != n:
+        raise UserError(f"{len(y)} class labels for {n} samples")
+    if len(y) and not (0 <= int(y.min()) and int(y.max()) < k):
+        raise UserError(f"class labels must lie in 0..{k - 1} (the model's classes: {', '.join(model.classes)})")
+    return y
+
+
+def guided_noise(unet, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, guidance: float,
+                 null_class: int | None) -> torch.Tensor:
+    """The noise prediction at guidance scale ``w``: ``eps(x, t, y)`` for w = 1 (or an unconditional model), else
+    classifier-free guidance ``eps(x, t, null) + w (eps(x, t, y) - eps(x, t, null))`` in one batched forward pass
+    (w = 0: the model's unconditional prediction)."""
+    if y is None or guidance == 1.0:
+        return predict_noise(unet, x, t, y)
+    null = torch.full_like(y, null_class)
+    e_u, e_c = predict_noise(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, y])).chunk(2)
+    return e_u + guidance * (e_c - e_u)
+
+
+def check_guidance(model: DiffusionModel, guidance: float) -> None:
+    from .errors import UserError
+
+    if not guidance >= 0:
+        raise UserError(f"--guidance must be >= 0 (1: plain conditional sampling), got {guidance}")
+    if guidance != 1.0 and (not model.conditional or model.null_class is None):
+        raise UserError("--guidance other than 1 needs a class-conditional model trained with a null class "
+                        "(train --class-conditional)")
+
+
 @torch.inference_mode()
 def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, batch_size: int = SAMPLE_BATCH,
                 start: int = 0, progress: bool = False, device: str | torch.device = "cpu",
-                bf16: bool = False) -> torch.Tensor:
+                bf16: bool = False, labels=None, guidance: float = 1.0) -> torch.Tensor:
     """Ancestral DDPM sampling (Ho et al. 2020) on ``steps`` evenly spaced timesteps; returns (n, C, H, W) in [-1, 1]
     (a latent model's samples decoded to images).
 
     Image ``i`` uses generator ``(seed, start + i)`` for its initial noise and every step's noise. ``bf16`` runs the
     network under bfloat16 autocast (the scheduler's arithmetic stays float32): faster on hardware with bfloat16
     matrix units, and other numbers (a few percent of the images take visibly different trajectories).
+    A class-conditional model samples image ``i`` of class ``labels[i]`` (see :func:`sample_labels`; default: the
+    classes in turn) at classifier-free guidance scale ``guidance`` (1: the conditional model alone).
     """
+    check_guidance(model, guidance)
+    y_all = sample_labels(model, n, labels, start)
     sched = copy.deepcopy(model.scheduler)
     sched.set_timesteps(steps)
     unet = model.unet.to(device).eval()
@@ -55,11 +103,14 @@ def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, b
         from tqdm import tqdm
 
         bar = tqdm(total=-(-n // batch_size) * len(sched.timesteps), desc=f"sampling {n} images", unit="step")
+    done = 0
     for gens in seeded_batches(n, batch_size, seed, start):
         x = initial_noise(model.sample_shape, gens).to(device)
+        y = None if y_all is None else y_all[done:done + len(gens)].to(device)
+        done += len(gens)
         for t in sched.timesteps:
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-                eps = predict_noise(unet, x, t.expand(len(x)).to(device))
+                eps = guided_noise(unet, x, t.expand(len(x)).to(device), y, guidance, model.null_class)
             x = sched.step(eps.float(), t, x, generator=gens).prev_sample
             if bar is not None:
                 bar.update()

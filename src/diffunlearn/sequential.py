@@ -201,6 +201,8 @@ def run_sequential(cfg) -> dict:
     model = base = load_model(cfg.model, allow_pickle=cfg.allow_pickle, variant=cfg.variant or None)
     if model.codec is not None:
         raise UserError("--requests does not support latent models (vqvae/ or vae/) yet: run one request at a time")
+    if model.conditional:
+        raise UserError("--requests does not support class-conditional models yet: run one request at a time")
     trainer.validate(model.num_train_timesteps)
     if not 0 <= seq.similarity_t <= model.num_train_timesteps:
         raise UserError(f"--similarity-t must lie in [0, {model.num_train_timesteps}], got {seq.similarity_t}")

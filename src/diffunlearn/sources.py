@@ -182,13 +182,8 @@ def open_npz(path: Path, cache: str | None = None) -> tuple[NumpyImages, list[st
         else:
             raise UserError(f"{path}: an .npz needs an 'images' array (found {sorted(members)})")
         info = members[key]
-        names = None
-        if "names" in members:
-            try:
-                with zf.open(members["names"]) as f:
-                    names = [str(n) for n in np.lib.format.read_array(f, allow_pickle=False)]
-            except ValueError as e:
-                raise UserError(f"{path}: cannot read its names array: {e}") from None
+        names = _small_member(path, zf, members, "names")
+        names = None if names is None else [str(n) for n in names]
         if info.compress_type != zipfile.ZIP_STORED:
             return open_npy(_extract(path, zf, info, cache)), names
     try:
@@ -203,6 +198,32 @@ def open_npz(path: Path, cache: str | None = None) -> tuple[NumpyImages, list[st
         raise UserError(f"cannot read array file {path}: {e}") from None
     scale = _scale(path, offset, dtype, shape, fortran)
     return NumpyImages(path, scale, offset=offset, dtype=dtype, shape=shape, fortran=fortran), names
+
+
+def _small_member(path: Path, zf: zipfile.ZipFile, members: dict, key: str) -> np.ndarray | None:
+    """A small array of an ``.npz`` (names, labels, class names) read whole, or None if absent."""
+    if key not in members:
+        return None
+    try:
+        with zf.open(members[key]) as f:
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except ValueError as e:
+        raise UserError(f"{path}: cannot read its {key} array: {e}") from None
+
+
+def npz_labels(path: Path) -> tuple[np.ndarray | None, list[str] | None]:
+    """An ``.npz``'s ``labels`` (one integer class per image) and optional ``classes`` (one name per class index)."""
+    try:
+        zf = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise UserError(f"cannot read array file {path}: {e}") from None
+    with zf:
+        members = {i.filename[:-4] if i.filename.endswith(".npy") else i.filename: i for i in zf.infolist()}
+        labels = _small_member(path, zf, members, "labels")
+        classes = _small_member(path, zf, members, "classes")
+    if labels is not None and not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{path}: its labels array must hold integers (class indices), found {labels.dtype}")
+    return labels, None if classes is None else [str(c) for c in classes]
 
 
 def _extract(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, cache: str | None) -> Path:

@@ -67,11 +67,13 @@ class Tracker:
 
 
 class Progress:
-    """``step 12/300 loss_x=... eta 3m05s``: the ETA from the mean time of the steps run so far in this process."""
+    """``step 12/300 loss_x=... eta 3m05s``: the ETA from the mean time of the steps run so far in this process.
+    ``start``: the step this process starts after (0 for a new run); by default, the one before the first step
+    ``line`` is called with (right when ``line`` sees every step, as a resumed run's logger does)."""
 
-    def __init__(self, total: int, every: int = 1):
+    def __init__(self, total: int, every: int = 1, start: int | None = None):
         self.total, self.every = total, max(1, every)
-        self.started, self.first = time.time(), None
+        self.started, self.first = time.time(), start
 
     def line(self, step: int, record: dict, keys: list[str]) -> str | None:
         if self.first is None:

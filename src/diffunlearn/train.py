@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .arrays import as_tensor_or_lazy
-from .data import load_data, resolve_forget, split_kept
+from .data import load_data, resolve_forget, split_kept, split_labels
 from .diffusion import ddpm_loss, sample_timesteps
 from .errors import UserError
 from .loader import RowFetcher
@@ -30,6 +30,10 @@ class TrainConfig:
     forget: str = field(default="", metadata={"help": "forget SPEC: when given, train on X \\ A (the retrain gold standard)"})
     out: str = field(default="", metadata={"help": "run directory to create"})
     arch: str = field(default="mnist-small", metadata={"help": "UNet size: mnist-small, mnist-paper, toy, tiny"})
+    class_conditional: bool = field(default=False, metadata={"help": "train a class-conditional UNet on the data's "
+                                                                     "labels (class subfolders, an .npz 'labels' array)"})
+    label_dropout: float = field(default=0.1, metadata={"help": "class-conditional: fraction of rows trained with the "
+                                                                "null class (classifier-free guidance)"})
     steps: int = field(default=4000, metadata={"help": "optimiser steps"})
     batch_size: int = field(default=64, metadata={"help": "images per step"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
@@ -81,7 +85,7 @@ def train_loop(unet: torch.nn.Module, draw: Callable, batch_loss: Callable, run:
     ema.to(acc.device)
     gen = torch.Generator().manual_seed(seed)
     t0, running, rec = time.time(), 0.0, {}
-    progress = Progress(steps, log_every)
+    progress = Progress(steps, log_every, start=0)  # lines only at logged steps: the first step is 1
     for step in range(steps):
         batch = tuple(v.to(acc.device) for v in draw(gen))
         with acc.autocast():
@@ -117,12 +121,18 @@ def train(cfg: TrainConfig) -> dict:
         raise UserError(f"--data-workers must be >= 0, got {cfg.data_workers}")
     if not cfg.out:
         raise UserError("pass --out: the run directory to create")
+    if not 0 <= cfg.label_dropout < 1:
+        raise UserError(f"--label-dropout must lie in [0, 1), got {cfg.label_dropout}")
     data = load_data(cfg.data)
-    images = data.images
+    if cfg.class_conditional and data.labels is None:
+        raise UserError(f"--class-conditional needs labelled data and {cfg.data} has none: use class subfolders "
+                        "(root/<class>/<image>) or an .npz with a 'labels' array")
+    images, labels = data.images, data.labels
     kept_what = "X"
     if cfg.forget:
         forget = resolve_forget(cfg.forget, data)
         images, _ = split_kept(data, forget)
+        labels = None if labels is None else split_labels(labels, forget)[0]
         kept_what = "X \\ A"
     c, h, w = data.shape
     if h != w:
@@ -130,8 +140,9 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    unet = build_unet(cfg.arch, h, c)
-    model = DiffusionModel(unet, build_scheduler(cfg.timesteps))
+    classes = data.classes if cfg.class_conditional else None
+    unet = build_unet(cfg.arch, h, c, num_classes=None if classes is None else len(classes))
+    model = DiffusionModel(unet, build_scheduler(cfg.timesteps), classes=classes)
     run = RunDir(cfg.out, {"command": "train", **asdict(cfg)}, cfg.overwrite)
 
     abar = model.alphas_cumprod()
@@ -140,11 +151,16 @@ def train(cfg: TrainConfig) -> dict:
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=gen)
         eps = torch.randn((cfg.batch_size, c, h, w), generator=gen)
         t = sample_timesteps(cfg.batch_size, 0, cfg.timesteps - 1, gen)
-        return fetcher.fetch([idx])[0], eps, t  # only this step's rows are decoded
+        batch = (fetcher.fetch([idx])[0], eps, t)  # only this step's rows are decoded
+        if classes is None:
+            return batch
+        # classifier-free guidance: a fraction of rows learn the null class (index len(classes)) instead of their own
+        drop = torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout
+        return batch + (torch.where(drop, len(classes), labels[idx]),)
 
     def batch_loss(net, batch) -> torch.Tensor:
         # mean over pixels (the standard diffusers recipe); unlearning uses sums, as docs/methods.md says
-        return ddpm_loss(net, *batch, abar).mean() / (c * h * w)
+        return ddpm_loss(net, *batch[:3], abar, *batch[3:]).mean() / (c * h * w)
 
     images = as_tensor_or_lazy(images)
     fetcher = RowFetcher([images], cfg.data_workers)
@@ -155,7 +171,7 @@ def train(cfg: TrainConfig) -> dict:
                             log_every=cfg.log_every, mixed_precision=cfg.mixed_precision)
     finally:
         fetcher.close()
-    out_model = DiffusionModel(ema, model.scheduler)
+    out_model = DiffusionModel(ema, model.scheduler, classes=classes)
     from .cards import training_card
 
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "threads", "log_every")}

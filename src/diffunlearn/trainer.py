@@ -100,8 +100,10 @@ class RowSampler:
     the rows a process keeps, so under several processes each decodes only its own share. ``kept`` and ``forget``
     are tensors or lazy :class:`~diffunlearn.arrays.ImageArray` (read through a DataLoader with ``workers``)."""
 
-    def __init__(self, kept, forget, method: Method, t_min: int, t_max: int, seed: int, workers: int = 0):
+    def __init__(self, kept, forget, method: Method, t_min: int, t_max: int, seed: int, workers: int = 0,
+                 labels: tuple[torch.Tensor, torch.Tensor] | None = None):
         self.kept, self.forget = as_tensor_or_lazy(kept), as_tensor_or_lazy(forget)
+        self.labels = labels  # (labels of X \ A, labels of A) for a class-conditional model
         self.method = method
         self.t_min, self.t_max = t_min, t_max
         self.generator = torch.Generator().manual_seed(seed)
@@ -115,7 +117,8 @@ class RowSampler:
         eps = torch.randn((n, *shape), generator=g)
         t = sample_timesteps(n, self.t_min, self.t_max, g)
         extra = self.method.draw(n, shape, g)
-        return StepBatch(x_idx, a_idx, None, None, eps, t, extra)
+        x_y, a_y = (None, None) if self.labels is None else (self.labels[0][x_idx], self.labels[1][a_idx])
+        return StepBatch(x_idx, a_idx, None, None, eps, t, extra, x_y, a_y)
 
     def fetch(self, batch: StepBatch, parts: tuple[str, ...] = ("x", "a")) -> StepBatch:
         """``batch`` with the images of its rows (``parts``: ``x`` from X \\ A, ``a`` from A)."""
@@ -132,11 +135,13 @@ class RowSampler:
 def unlearn(model: DiffusionModel, kept, forget, method: Method,
             cfg: TrainerConfig | None = None, log: Callable[[dict], None] | None = None,
             callback: Callable[[int, torch.nn.Module], None] | None = None,
-            checkpoint: "Checkpointer | None" = None) -> DiffusionModel:
+            checkpoint: "Checkpointer | None" = None,
+            labels: tuple[torch.Tensor, torch.Tensor] | None = None) -> DiffusionModel:
     """Unlearn ``forget`` (A) from ``model`` keeping ``kept`` (X \\ A); returns a new model, ``model`` is unchanged.
 
     ``kept`` and ``forget`` are tensors (N, C, H, W) in model space or lazy image arrays (``split_kept``), whose
-    images are then decoded per step, only for the rows drawn. ``log`` receives one dict per optimiser step;
+    images are then decoded per step, only for the rows drawn. A class-conditional model needs ``labels``: the class
+    indices of ``kept`` and of ``forget`` (every method then conditions each row on its own label). ``log`` receives one dict per optimiser step;
     ``callback(step, unet)`` runs after each step (evaluation curves); ``checkpoint`` saves (every
     ``cfg.checkpoint_every`` steps) and restores the complete training state.
     """
@@ -147,6 +152,7 @@ def unlearn(model: DiffusionModel, kept, forget, method: Method,
     if len(kept) == 0:
         raise UserError("nothing is left to keep: A equals X")
     model.check_data(tuple(kept.shape[1:]), "kept")
+    labels = check_labels(model, labels, len(kept), len(forget))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     acc = accelerator(cfg.mixed_precision)
@@ -162,11 +168,31 @@ def unlearn(model: DiffusionModel, kept, forget, method: Method,
     opt = make_optimizer(cfg.optimizer, params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.weight_decay)
     t_max = model.num_train_timesteps - 1 if cfg.t_max < 0 else cfg.t_max
     kept, forget = (x.to(acc.device) if torch.is_tensor(x) else x for x in map(as_tensor_or_lazy, (kept, forget)))
-    sampler = RowSampler(kept, forget, method, cfg.t_min, t_max, cfg.seed, cfg.data_workers)
+    sampler = RowSampler(kept, forget, method, cfg.t_min, t_max, cfg.seed, cfg.data_workers, labels)
     try:
         return _loop(model, unet, opt, params, method, cfg, acc, sampler, t_max, log, callback, checkpoint)
     finally:
         sampler.close()
+
+
+def check_labels(model: DiffusionModel, labels, n_kept: int, n_forget: int):
+    """Class labels go with a class-conditional model and only with one: one int64 label per kept and forget item,
+    each a class the model knows."""
+    if not model.conditional:
+        if labels is not None:
+            raise UserError("class labels were given but the model is not class-conditional: drop the labels")
+        return None
+    if labels is None:
+        raise UserError("the model is class-conditional but the data has no class labels: give labelled data (class "
+                        "subfolders, or a 'labels' array in the .npz)")
+    out = tuple(torch.as_tensor(y, dtype=torch.long).flatten() for y in labels)
+    for y, n, what in zip(out, (n_kept, n_forget), ("kept", "forget")):
+        if len(y) != n:
+            raise UserError(f"{len(y)} labels for {n} {what} images")
+        if len(y) and not (0 <= int(y.min()) and int(y.max()) < len(model.classes)):
+            raise UserError(f"{what} labels must lie in 0..{len(model.classes) - 1} (the model's classes), "
+                            f"found {int(y.min())}..{int(y.max())}")
+    return out
 
 
 def _loop(model, unet, opt, params, method, cfg, acc, sampler, t_max, log, callback, checkpoint) -> DiffusionModel:
@@ -228,7 +254,7 @@ def _loop(model, unet, opt, params, method, cfg, acc, sampler, t_max, log, callb
     if hasattr(unet, "disable_gradient_checkpointing") and cfg.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     return DiffusionModel(unet, copy.deepcopy(model.scheduler), source=f"{model.source} unlearned by {method.name}",
-                          codec=model.codec)
+                          codec=model.codec, classes=model.classes)
 
 
 #: with ``checkpoint_every = -1``, a checkpoint is written when this many seconds have passed since the last one

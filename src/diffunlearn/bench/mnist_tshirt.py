@@ -73,6 +73,14 @@ def _run_cell(cell: Cell, cfg: MnistBenchConfig, protocol, base, retrain, kept, 
     is_target = metrics.pop("_is_target")
     cell.dir.mkdir(parents=True, exist_ok=True)
     save_grid(masked(samples[:64], is_target[:64], cfg.show_forgotten), cell.dir / "samples.png", ncol=8)
+    hits = metrics["tshirt_rate"]["indices"]
+    if hits:  # every sample counted as the T-shirt, to look at (the T-shirt is a public Fashion-MNIST image)
+        from ..data import to_uint8
+
+        np.save(cell.dir / "counted.npy", to_uint8(samples[hits]))
+        save_grid(samples[hits], cell.dir / "counted.png", ncol=8,
+                  labels=[f"#{i} d={d:.2f}" for i, d in zip(hits, metrics["tshirt_rate"]["distances"])],
+                  title=f"{row.label} seed {seed}: samples counted as the T-shirt (index, L2 distance)")
     step_seconds = [r["seconds"] for r in log]
     first_zero = next((p["step"] for p in curve if p["tshirt_count"] == 0), None)
     return {"label": row.label, "method": row.method.name if row.method else None,
@@ -122,7 +130,31 @@ def _summariser(results: list[dict]):
     return summarise
 
 
-def _markdown(rows: dict[str, dict], cfg: MnistBenchConfig) -> str:
+def paired_with(results: list[dict], other: str = "naive") -> dict:
+    """Each row against ``other`` on the same sample seeds: for every unlearning seed both rows ran (cells that record
+    which samples were T-shirts), the samples counted under the row only, under ``other`` only and under both, pooled
+    over seeds, with the exact McNemar p-value (each (unlearning seed, sample seed) is one paired observation)."""
+    from ..metrics.rates import mcnemar_exact, paired_hits
+
+    ref = {r["seed"]: r["metrics"]["tshirt_rate"]["indices"] for r in results
+           if r["label"] == other and "indices" in r["metrics"]["tshirt_rate"]}
+    out: dict = {}
+    for r in results:
+        hits = r["metrics"]["tshirt_rate"].get("indices")
+        if r["label"] == other or hits is None or r["seed"] not in ref:
+            continue
+        d = out.setdefault(r["label"], {"seeds": [], "only_row": 0, "only_other": 0, "both": 0, "other": other})
+        p = paired_hits(hits, ref[r["seed"]])
+        d["seeds"].append(r["seed"])
+        d["only_row"] += p["only_a"]
+        d["only_other"] += p["only_b"]
+        d["both"] += p["both"]
+    for d in out.values():
+        d["p_value"] = mcnemar_exact(d["only_row"], d["only_other"])
+    return out
+
+
+def _markdown(rows: dict[str, dict], cfg: MnistBenchConfig, paired: dict | None = None) -> str:
     head = ("| method | steps | classifier IS ↑ | classifier FID ↓ | T-shirt NLL (bits/dim) ↑ | T-shirt rate (95% CI) ↓ "
             "| unlearning s | s/step vs plain step | first step with 0 T-shirts |\n|" + "---|" * 9)
     lines = [head]
@@ -145,6 +177,13 @@ def _markdown(rows: dict[str, dict], cfg: MnistBenchConfig) -> str:
                  "Inception. Seconds are each cell's own wall time: cells that shared the machine with other jobs ran "
                  "slower, so `diffunlearn bench speed` (methods side by side in one process) is the measure of "
                  "relative cost.")
+    if paired:
+        lines.append("\nPaired against naive deletion on the same sample seeds (cells that record their T-shirt "
+                     "samples; exact McNemar test on the discordant samples):\n\n| method | unlearning seeds | T-shirt "
+                     "under the method only | under naive only | under both | p |\n|---|---|---|---|---|---|")
+        for label, d in paired.items():
+            lines.append(f"| {label} | {', '.join(map(str, d['seeds']))} | {d['only_row']} | {d['only_other']} | "
+                         f"{d['both']} | {d['p_value']:.3g} |")
     return "\n".join(lines) + "\n"
 
 
@@ -216,6 +255,8 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict:
                               progress=_progress)
     labels = [label for label in preset if label in {r.label for r in rows}]
     table = aggregate(results, labels, _summariser(results))
-    write_results(root, {"config": asdict(cfg), "rows": table, "cells": results}, _markdown(table, cfg))
+    paired = paired_with(results)
+    write_results(root, {"config": asdict(cfg), "rows": table, "paired_with_naive": paired, "cells": results},
+                  _markdown(table, cfg, paired))
     _plots(table, results, root)
     return table

@@ -54,6 +54,9 @@ BENCHMARKS: dict = {
     "instance": ("forget one non-duplicated training image (the paper's CelebA-HQ Table 1 and Figure 3) on the "
                  "shipped instance-base model, every method x targets; re-runs resume",
                  _config_setup("instance", "InstanceBenchConfig", "run_instance_bench")),
+    "class": ("forget a whole class (EraseDiff's protocol): every method forgets the 7s of the shipped "
+              "class-conditional MNIST model (or, --variant unconditional, of the unconditional one); re-runs resume",
+              _config_setup("classes", "ClassBenchConfig", "run_class_bench")),
     "speed": ("seconds per step and peak memory of every method relative to a plain fine-tuning step",
               _config_setup("speed", "SpeedConfig", "run_speed_bench")),
     "prompt": ("a memorised prompt (the paper's Stable Diffusion protocol) on the shipped CPU replica prompt-digits: "

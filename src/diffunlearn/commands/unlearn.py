@@ -71,7 +71,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     """
     from ..config import to_dict
     from ..cache import cache_dir, check_outside
-    from ..data import load_data, resolve_forget, split_images
+    from ..data import class_counts, load_data, resolve_forget, split_images, unlearning_labels
     from ..models import load_model, model_summary, save_model, state_hash
     from ..runs import RunDir, check_outside_model, prepare_out_dir, step_printer
 
@@ -100,6 +100,8 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     check_outside_model(out, model.source)
     if model.codec is not None:
         check_outside(cache_dir(cfg.cache_dir or None), getattr(data.images, "root", None))
+    # class-conditional: each row is trained with its own label (matched to the model's classes by name)
+    labels = unlearning_labels(model, data, forget_idx)
     # a latent model's images are encoded here, once, into the on-disk cache; the trainer sees only latents
     kept, forget = split_images(model.encode(data.images, "data", cfg.cache_dir or None), forget_idx)
     hash_before = state_hash(model.unet)
@@ -125,13 +127,13 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
 
     def samples(step, unet):
         if tracker is not None and (step == trainer.steps or (cfg.sample_every and step % cfg.sample_every == 0)):
-            _log_samples(tracker, type(model)(unet, model.scheduler, codec=model.codec), step)
+            _log_samples(tracker, type(model)(unet, model.scheduler, codec=model.codec, classes=model.classes), step)
 
     if tracker is not None:
         _log_samples(tracker, model, 0)
     try:
         new = unlearn(model, kept, forget, method, trainer, log=step_printer(record, trainer.steps, cfg.log_every),
-                      checkpoint=checkpoint, callback=samples if tracker is not None else None)
+                      checkpoint=checkpoint, callback=samples if tracker is not None else None, labels=labels)
     except KeyboardInterrupt:
         step = checkpoint.last_step()
         print(f"interrupted after step {last.get('step', 0)}: " + (
@@ -143,7 +145,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
             tracker.finish()
     summary = {"command": "unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
                "steps": trainer.steps, "kept": len(kept), "forget": len(forget_idx),
-               "forget_names": [data.names[i] for i in forget_idx][:50],
+               "forget_names": [data.names[i] for i in forget_idx][:50], "forget_classes": class_counts(data, forget_idx),
                "model_in": {"dir": model.source, "sha256": hash_before},
                "model_out": {"dir": str(out / "model"), "sha256": state_hash(new.unet)},
                "processes": acc.num_processes, "last_step": last, "model": model_summary(new)}
@@ -155,7 +157,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
 
         def card(verification=None):
             return unlearning_card(summary["model_in"], method.name, method.hyperparameters(), to_dict(trainer),
-                                   removed, len(kept), verification)
+                                   removed, len(kept), verification, summary["forget_classes"])
 
         # atomic: the model directory appears only when complete, its model card inside
         save_model(new, run.model_dir, extra_files={"README.md": card()}, overwrite=True)  # the run's own folder

@@ -24,7 +24,8 @@ from ..errors import UserError
 class StepBatch:
     """Rows for one optimiser step (or a micro-batch slice of it): a pair (x from X \\ A, a from A) per row, one shared
     noise ``eps`` and timestep ``t`` per row, and whatever per-row randomness the method drew for itself. The images
-    ``x`` and ``a`` are None until fetched (and stay None for a part a method did not ask ``draw`` for)."""
+    ``x`` and ``a`` are None until fetched (and stay None for a part a method did not ask ``draw`` for). For a
+    class-conditional model ``x_y`` and ``a_y`` are the rows' class labels (int64, shape (B,)); None otherwise."""
 
     x_idx: torch.Tensor
     a_idx: torch.Tensor
@@ -33,18 +34,22 @@ class StepBatch:
     eps: torch.Tensor
     t: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    x_y: torch.Tensor | None = None
+    a_y: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.t)
 
     def slice(self, sl: slice) -> "StepBatch":
-        return StepBatch(*(None if v is None else v[sl] for v in (self.x_idx, self.a_idx, self.x, self.a, self.eps,
-                                                                   self.t)), {k: v[sl] for k, v in self.extra.items()})
+        return self._map(lambda v: v[sl])
 
     def to(self, device) -> "StepBatch":
-        return StepBatch(*(None if v is None else v.to(device)
-                           for v in (self.x_idx, self.a_idx, self.x, self.a, self.eps, self.t)),
-                         {k: v.to(device) for k, v in self.extra.items()})
+        return self._map(lambda v: v.to(device))
+
+    def _map(self, fn) -> "StepBatch":
+        tensors = [None if v is None else fn(v) for v in (self.x_idx, self.a_idx, self.x, self.a, self.eps, self.t)]
+        labels = [None if v is None else fn(v) for v in (self.x_y, self.a_y)]
+        return StepBatch(*tensors, {k: fn(v) for k, v in self.extra.items()}, *labels)
 
 
 @dataclass
@@ -167,10 +172,12 @@ class GradStep:
     stats: dict = field(default_factory=dict)
 
 
-def ddpm_terms(unet, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, ctx: Context) -> torch.Tensor:
-    """Per-sample ``||eps - eps_theta(gamma_t x0 + sigma_t eps, t)||^2`` (sum over dims)."""
+def ddpm_terms(unet, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, ctx: Context,
+               y: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample ``||eps - eps_theta(gamma_t x0 + sigma_t eps, t[, y])||^2`` (sum over dims; ``y``: class labels of a
+    class-conditional model)."""
     g, s = ctx.gs(t, x0.ndim)
-    return sum_sq(predict_noise(unet, g * x0 + s * eps, t) - eps)
+    return sum_sq(predict_noise(unet, g * x0 + s * eps, t, y) - eps)
 
 
 def global_norm(tensors: list[torch.Tensor]) -> torch.Tensor:

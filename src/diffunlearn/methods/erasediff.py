@@ -24,7 +24,7 @@ from .base import Method, Terms, ddpm_terms, global_norm
 
 def _uniform_forget_loss(unet, batch, ctx, u: torch.Tensor) -> torch.Tensor:
     g, s = ctx.gs(batch.t, batch.a.ndim)
-    return sum_sq(predict_noise(unet, g * batch.a + s * u, batch.t) - u)
+    return sum_sq(predict_noise(unet, g * batch.a + s * u, batch.t, batch.a_y) - u)
 
 
 @dataclass
@@ -54,7 +54,7 @@ class EraseDiff(Method):
         return {"u": torch.rand((n, *shape), generator=generator)}
 
     def terms(self, unet, batch, ctx):
-        return Terms({"r": ddpm_terms(unet, batch.x, batch.eps, batch.t, ctx),
+        return Terms({"r": ddpm_terms(unet, batch.x, batch.eps, batch.t, ctx, batch.x_y),
                       "f": _uniform_forget_loss(unet, batch, ctx, batch.extra["u"])})
 
     def combine(self, grads):
@@ -100,8 +100,8 @@ class EraseDiffLight(Method):
 
     def terms(self, unet, batch, ctx):
         g, s = ctx.gs(batch.t, batch.a.ndim)
-        e_hat = predict_noise(unet, g * batch.a + s * batch.eps, batch.t)
-        return Terms({"x": ddpm_terms(unet, batch.x, batch.eps, batch.t, ctx),
+        e_hat = predict_noise(unet, g * batch.a + s * batch.eps, batch.t, batch.a_y)
+        return Terms({"x": ddpm_terms(unet, batch.x, batch.eps, batch.t, ctx, batch.x_y),
                       "a": sum_sq(e_hat - batch.extra["u"])})
 
     def combine(self, grads):

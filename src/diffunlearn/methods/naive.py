@@ -12,4 +12,4 @@ class NaiveDeletion(Method):
     coefficients = {"x": 1.0}
 
     def terms(self, unet, batch, ctx):
-        return Terms({"x": ddpm_terms(unet, batch.x, batch.eps, batch.t, ctx)})
+        return Terms({"x": ddpm_terms(unet, batch.x, batch.eps, batch.t, ctx, batch.x_y)})

@@ -12,4 +12,4 @@ class NegGrad(Method):
     coefficients = {"a": -1.0}
 
     def terms(self, unet, batch, ctx):
-        return Terms({"a": ddpm_terms(unet, batch.a, batch.eps, batch.t, ctx)})
+        return Terms({"a": ddpm_terms(unet, batch.a, batch.eps, batch.t, ctx, batch.a_y)})

@@ -72,7 +72,8 @@ class ReTrack(Method):
         diff = x_t.unsqueeze(1) - g.unsqueeze(1) * nbrs
         v = diff / s.unsqueeze(1)
         p = torch.softmax(-diff.double().pow(2).flatten(2).sum(2) / (2 * s.flatten().double()[:, None] ** 2), dim=1)
-        e_hat = predict_noise(unet, torch.cat([x_t, g * batch.x + s * batch.eps]), torch.cat([batch.t, batch.t]))
+        y = None if batch.a_y is None else torch.cat([batch.a_y, batch.x_y])  # a keeps its own label
+        e_hat = predict_noise(unet, torch.cat([x_t, g * batch.x + s * batch.eps]), torch.cat([batch.t, batch.t]), y)
         e_a, e_x = e_hat.chunk(2)
         err = (e_a.unsqueeze(1) - v).float().pow(2).flatten(2).sum(2)
         unlearn = (drop_negligible(p.float(), err) * err).sum(1)  # far neighbours' subnormal p_n become 0

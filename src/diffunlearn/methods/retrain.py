@@ -17,4 +17,4 @@ class Retrain(Method):
     from_scratch = True
 
     def terms(self, unet, batch, ctx):
-        return Terms({"x": ddpm_terms(unet, batch.x, batch.eps, batch.t, ctx)})
+        return Terms({"x": ddpm_terms(unet, batch.x, batch.eps, batch.t, ctx, batch.x_y)})

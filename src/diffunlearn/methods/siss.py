@@ -151,10 +151,13 @@ class SISS(SubtractedGradients, Method):
         g, s = ctx.gs(batch.t, batch.x.ndim)
         from_a = batch.extra["from_a"].view(-1, *([1] * (batch.x.ndim - 1)))
         m = g * torch.where(from_a, batch.a, batch.x) + s * batch.eps
-        e_hat = predict_noise(unet, m, batch.t)  # the one forward pass
+        y = None if batch.x_y is None else torch.where(from_a.flatten(), batch.a_y, batch.x_y)
+        e_hat = predict_noise(unet, m, batch.t, y)  # the one forward pass
         e_x = (m - g * batch.x) / s
         e_a = (m - g * batch.a) / s
         w_x, w_a, clamped = importance_weights(log_density_gap(m, batch.x, batch.a, g, s), self.lam)
+        if y is not None:
+            w_x, w_a = labelled_weights(w_x, w_a, from_a.flatten(), batch.x_y != batch.a_y, self.lam)
         l_x, l_a = sum_sq(e_hat - e_x), sum_sq(e_hat - e_a)
         # weights too small to move the gradient become exact zeros (subnormal ones would slow the backward pass)
         w_x, w_a = drop_negligible(w_x.to(e_hat.device), l_x), drop_negligible(w_a.to(e_hat.device), l_a)
@@ -166,6 +169,20 @@ class SISS(SubtractedGradients, Method):
         return Terms({"x": w_x * l_x, "a": w_a * l_a}, stats)
 
 
+def labelled_weights(w_x: torch.Tensor, w_a: torch.Tensor, from_a: torch.Tensor, differ: torch.Tensor,
+                     lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The importance weights of a class-conditional model, where a row's sample is the pair (m, y) and the label is
+    not noised: ``q((m, y) | x) = q(m | x) [y = y_x]``. Where ``y_x = y_a`` the label factors cancel and the weights are
+    the unconditional ones; where they differ, a row drawn from ``a`` has density 0 under ``x`` and the reverse, so
+    ``w_x = [from x] / (1 - lambda)`` and ``w_a = [from a] / lambda`` (each row then feeds exactly one term, and both
+    estimates stay unbiased)."""
+    cx = 1.0 / (1.0 - lam) if lam < 1 else 0.0
+    ca = 1.0 / lam if lam > 0 else 0.0
+    only_x = torch.where(from_a, 0.0, cx).to(w_x)
+    only_a = torch.where(from_a, ca, 0.0).to(w_a)
+    return torch.where(differ, only_x, w_x), torch.where(differ, only_a, w_a)
+
+
 @dataclass
 class SISSNoIS(SubtractedGradients, Method):
     """SISS (No IS): the same norm-fixed combination on plain DDPM losses of x and a, two forward passes."""
@@ -174,5 +191,5 @@ class SISSNoIS(SubtractedGradients, Method):
     summary = "naive deletion minus norm-fixed NegGrad without importance sampling, two forward passes"
 
     def terms(self, unet, batch, ctx):
-        return Terms({"x": ddpm_terms(unet, batch.x, batch.eps, batch.t, ctx),
-                      "a": ddpm_terms(unet, batch.a, batch.eps, batch.t, ctx)})
+        return Terms({"x": ddpm_terms(unet, batch.x, batch.eps, batch.t, ctx, batch.x_y),
+                      "a": ddpm_terms(unet, batch.a, batch.eps, batch.t, ctx, batch.a_y)})

@@ -41,8 +41,9 @@ def membership_draws(n_draws: int, seed: int, shape: tuple[int, ...], t_min: int
 
 
 def denoising_losses(model: DiffusionModel, images: torch.Tensor, n_draws: int = 8, seed: int = 0, t_min: int = 0,
-                     t_max: int | None = None, batch_size: int = 256) -> torch.Tensor:
-    """Per-image DDPM loss averaged over the shared draws of :func:`membership_draws`; (N,) float32."""
+                     t_max: int | None = None, batch_size: int = 256, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-image DDPM loss averaged over the shared draws of :func:`membership_draws`; (N,) float32. ``labels``:
+    each image's class, for a class-conditional model."""
     if images.ndim != 4 or len(images) == 0:
         raise UserError(f"membership images must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}")
     model.check_data(tuple(images.shape[1:]), "membership")
@@ -67,17 +68,21 @@ def denoising_losses(model: DiffusionModel, images: torch.Tensor, n_draws: int =
                     tt = torch.full((len(x0),), t, device=device, dtype=torch.long)
                     g, s = gamma_sigma(abar, tt, x0.ndim)
                     e = eps.expand_as(x0)
-                    total[b0:b0 + len(x0)] += sum_sq(predict_noise(unet, g * x0 + s * e, tt) - e).cpu()
+                    y = None if labels is None else labels[b0:b0 + len(x0)].to(device)
+                    total[b0:b0 + len(x0)] += sum_sq(predict_noise(unet, g * x0 + s * e, tt, y) - e).cpu()
     finally:
         unet.train(was_training)
     return total / int(n_draws)
 
 
 def membership_auc(model: DiffusionModel, members: torch.Tensor, nonmembers: torch.Tensor, n_draws: int = 8,
-                   seed: int = 0, t_min: int = 0, t_max: int | None = None, batch_size: int = 256) -> MembershipResult:
-    """ROC AUC of ``-loss`` (lower loss = more likely a training member) for members vs held-out non-members."""
-    lm = denoising_losses(model, members, n_draws, seed, t_min, t_max, batch_size)
-    ln = denoising_losses(model, nonmembers, n_draws, seed, t_min, t_max, batch_size)
+                   seed: int = 0, t_min: int = 0, t_max: int | None = None, batch_size: int = 256,
+                   member_labels: torch.Tensor | None = None, nonmember_labels: torch.Tensor | None = None
+                   ) -> MembershipResult:
+    """ROC AUC of ``-loss`` (lower loss = more likely a training member) for members vs held-out non-members (with
+    their class labels for a class-conditional model)."""
+    lm = denoising_losses(model, members, n_draws, seed, t_min, t_max, batch_size, member_labels)
+    ln = denoising_losses(model, nonmembers, n_draws, seed, t_min, t_max, batch_size, nonmember_labels)
     return MembershipResult(loss_auc(lm, ln), lm, ln)
 
 

@@ -91,23 +91,24 @@ def rademacher_probe(seed: int, image_index: int, probe_index: int, shape: tuple
 
 
 class _Traced(torch.nn.Module):
-    """``eps_theta(x, t)`` as a plain tensor function, the form ``torch.jit.trace`` records."""
+    """``eps_theta(x, t)`` as a plain tensor function, the form ``torch.jit.trace`` records (labels ``y`` fixed for
+    a class-conditional model)."""
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, y: torch.Tensor | None = None):
         super().__init__()
-        self.unet = unet
+        self.unet, self.y = unet, y
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return predict_noise(self.unet, x, t)
+        return predict_noise(self.unet, x, t, self.y)
 
 
-def _network(unet, x: torch.Tensor, t: torch.Tensor, jit: bool, num_timesteps: int):
+def _network(unet, x: torch.Tensor, t: torch.Tensor, jit: bool, num_timesteps: int, y: torch.Tensor | None = None):
     """The function the solve evaluates: for a diffusers ``UNet2DModel`` and ``jit``, the network traced by
     ``torch.jit.trace`` at this batch shape (diffusers' Python bookkeeping around each layer then runs once instead
     of at every evaluation: about 15% of a small UNet's forward and vector-Jacobian product on CPU), kept only if it
     reproduces the eager output exactly at two inputs and two timesteps; otherwise the eager network. Parameters are
     shared with ``unet``; nothing is copied or changed."""
-    eager = lambda x_, t_: predict_noise(unet, x_, t_)  # noqa: E731
+    eager = lambda x_, t_: predict_noise(unet, x_, t_, y)  # noqa: E731
     from diffusers import UNet2DModel
     if not jit or not isinstance(unet, UNet2DModel):
         return eager
@@ -116,7 +117,7 @@ def _network(unet, x: torch.Tensor, t: torch.Tensor, jit: bool, num_timesteps: i
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            traced = torch.jit.trace(_Traced(unet), (x, t), check_trace=False)
+            traced = torch.jit.trace(_Traced(unet, y), (x, t), check_trace=False)
             same = all(torch.equal(traced(a, b), eager(a, b)) for a, b in ((x, t), (-0.5 * x, other_t)))
     except Exception:  # a network the tracer cannot record: evaluate it eagerly
         return eager
@@ -124,7 +125,7 @@ def _network(unet, x: torch.Tensor, t: torch.Tensor, jit: bool, num_timesteps: i
 
 
 def _solve(unet, sched: VPSchedule, x0: np.ndarray, probes: torch.Tensor, t_eps: float, rtol: float, atol: float,
-           jit: bool = True):
+           jit: bool = True, y: torch.Tensor | None = None):
     """Integrate the ODE from ``t_eps`` to 1 for U images and their divergences for K probes each.
 
     ``x0``: (U, D); ``probes``: (K, U, *shape), probe j of image u at ``[j, u]``. The state holds each image once
@@ -143,7 +144,8 @@ def _solve(unet, sched: VPSchedule, x0: np.ndarray, probes: torch.Tensor, t_eps:
         return x, torch.full((U,), sched.timestep(t), device=device, dtype=torch.long)
 
     with torch.inference_mode(False):
-        net = _network(unet, *state_at(t_eps, x0.ravel()), jit, sched.num_timesteps)
+        net = _network(unet, *state_at(t_eps, x0.ravel()), jit, sched.num_timesteps,
+                       None if y is None else y.to(device))
 
     def rhs(t: float, y: np.ndarray) -> np.ndarray:
         k = sched.timestep(t)
@@ -170,7 +172,7 @@ def _solve(unet, sched: VPSchedule, x0: np.ndarray, probes: torch.Tensor, t_eps:
 
 def nll_bits_per_dim(model: DiffusionModel, images: torch.Tensor, n_probes: int = 1, rtol: float = 1e-5,
                      atol: float = 1e-5, seed: int = 0, t_eps: float = 1e-5, batch_size: int = 32,
-                     jit: bool = True, progress: bool = False) -> NLLResult:
+                     jit: bool = True, progress: bool = False, labels: torch.Tensor | None = None) -> NLLResult:
     """Exact NLL (bits/dim) of each image by the probability-flow ODE of the VP-SDE (Song et al. 2021, eq. 13, app. D.2).
 
     ``images``: (N, C, H, W) in [-1, 1]. An image's trajectory does not depend on the probe, so the ODE state holds
@@ -180,7 +182,7 @@ def nll_bits_per_dim(model: DiffusionModel, images: torch.Tensor, n_probes: int 
     the whole state, so an image's result can move by about the tolerance with the batch it is solved in; the same
     inputs, seed and batch size give the same numbers). ``jit``: trace a diffusers UNet for the solve (see
     ``_network``; the numbers are the same, checked at the start of every solve). ``progress``: a bar over the
-    images, with the network evaluations so far.
+    images, with the network evaluations so far. ``labels``: each image's class, for a class-conditional model.
     """
     if images.ndim != 4:
         raise UserError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
@@ -217,7 +219,8 @@ def nll_bits_per_dim(model: DiffusionModel, images: torch.Tensor, n_probes: int 
             idx = list(range(i0, min(n, i0 + per_solve)))
             probes = torch.stack([torch.stack([rademacher_probe(seed, i, j, shape) for i in idx])
                                   for j in range(n_probes)])
-            z, delta_logp, evals = _solve(unet, sched, x[idx].reshape(len(idx), D), probes, t_eps, rtol, atol, jit)
+            y = None if labels is None else labels[idx]
+            z, delta_logp, evals = _solve(unet, sched, x[idx].reshape(len(idx), D), probes, t_eps, rtol, atol, jit, y)
             nfe += evals
             prior_logp = -0.5 * D * math.log(2 * math.pi) - 0.5 * (z ** 2).sum(1)
             per_probe[idx] = (-(prior_logp[None] + delta_logp) / (D * math.log(2)) + BITS_OFFSET).T

@@ -34,6 +34,28 @@ def binomial_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return lo, hi
 
 
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value on paired binary outcomes (the same sample seeds judged under two models):
+    under the null hypothesis that both models produce the target equally often, each discordant pair (the target
+    under one model only) is a fair coin, so with ``only_a`` and ``only_b`` discordant pairs the p-value is
+    ``min(1, 2 P(Binomial(only_a + only_b, 1/2) <= min(only_a, only_b)))``; 1.0 with no discordant pair."""
+    from scipy.stats import binom
+
+    a, b = int(only_a), int(only_b)
+    if a < 0 or b < 0:
+        raise UserError(f"discordant counts must be >= 0, got {a} and {b}")
+    n = a + b
+    return 1.0 if n == 0 else float(min(1.0, 2.0 * binom.cdf(min(a, b), n, 0.5)))
+
+
+def paired_hits(hits_a, hits_b) -> dict:
+    """The paired comparison of two models' target samples on the same seeds: sample indices counted under ``a``
+    only, under ``b`` only, under both, and the exact McNemar p-value."""
+    a, b = set(int(i) for i in hits_a), set(int(i) for i in hits_b)
+    return {"only_a": len(a - b), "only_b": len(b - a), "both": len(a & b),
+            "p_value": mcnemar_exact(len(a - b), len(b - a))}
+
+
 def pixel_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """L2 distances (len(a), len(b)) between model-space images, measured on pixels mapped to [0, 1] (half the
     model-space distance): the scale of the paper's target threshold."""

@@ -120,11 +120,12 @@ def _generators(images: torch.Tensor, seed: int) -> list[torch.Generator]:
 
 @torch.inference_mode()
 def noise_and_denoise(model: DiffusionModel, images: torch.Tensor, t: int = SIMILARITY_T, seed: int = 0,
-                      batch_size: int = 64, steps: int | None = None) -> torch.Tensor:
+                      batch_size: int = 64, steps: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Noise each model-space image ``t`` steps forward (seeded), denoise it with ancestral DDPM; (N, C, H, W).
 
     ``steps``: ancestral steps back to 0 on evenly spaced timesteps (strided DDPM, like sampling with fewer steps);
-    ``None`` (the protocol) takes every one of the ``t`` steps.
+    ``None`` (the protocol) takes every one of the ``t`` steps. ``labels``: each image's class, for a
+    class-conditional model (denoised conditioned on it).
     """
     T = model.num_train_timesteps
     if not 0 <= int(t) <= T:
@@ -151,11 +152,12 @@ def noise_and_denoise(model: DiffusionModel, images: torch.Tensor, t: int = SIMI
     try:
         for b0 in range(0, len(images), batch_size):
             x0 = images[b0:b0 + batch_size].float()
+            y = None if labels is None else labels[b0:b0 + batch_size].to(device)
             gens = _generators(x0, seed)
             start = torch.full((len(x0),), int(t) - 1, dtype=torch.long)
             x = sched.add_noise(x0, initial_noise(tuple(x0.shape[1:]), gens), start).to(device)
             for s in path:
-                eps = predict_noise(unet, x, torch.full((len(x),), s, dtype=torch.long, device=device))
+                eps = predict_noise(unet, x, torch.full((len(x),), s, dtype=torch.long, device=device), y)
                 x = sched.step(eps, s, x, generator=gens).prev_sample
             out.append(x.clamp(-1, 1).cpu())
     finally:
@@ -165,9 +167,9 @@ def noise_and_denoise(model: DiffusionModel, images: torch.Tensor, t: int = SIMI
 
 def noise_and_denoise_similarity(model: DiffusionModel, images: torch.Tensor, backend: PixelCosine | SSCD | None = None,
                                  t: int = SIMILARITY_T, seed: int = 0, batch_size: int = 64,
-                                 steps: int | None = None) -> SimilarityResult:
+                                 steps: int | None = None, labels: torch.Tensor | None = None) -> SimilarityResult:
     """Similarity of each image to its noise-and-denoise reconstruction (higher: the model still reproduces it)."""
     backend = backend or PixelCosine()
-    denoised = noise_and_denoise(model, images, t, seed, batch_size, steps)
+    denoised = noise_and_denoise(model, images, t, seed, batch_size, steps, labels)
     scores = backend(images.float(), denoised) if len(images) else torch.empty(0)
     return SimilarityResult(backend.name, int(t), int(seed), scores.cpu(), denoised)

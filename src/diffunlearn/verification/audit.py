@@ -88,6 +88,12 @@ def relearn_audit(models: dict, measured: dict[str, Measured], subjects: Subject
     kept = data.images[mask]
     near = torch.unique(nearest_kept(subjects.forget, kept, settings.knn).flatten())
     attacks = {"kept": kept, "neighbours": kept[near]}
+    kept_y = None
+    if models["after"].conditional:  # the attacks fine-tune on images with their own labels
+        from ..data import labels_for_model
+
+        kept_y = labels_for_model(data, models["after"].classes)[mask]
+    attack_labels = {"kept": kept_y, "neighbours": None if kept_y is None else kept_y[near]}
     cfg = TrainerConfig(steps=int(settings.steps), lr=float(settings.lr), batch_size=int(settings.batch_size),
                         seed=int(settings.seed))
     before = forget_summary(measured["before"]) if "before" in measured else None
@@ -96,7 +102,8 @@ def relearn_audit(models: dict, measured: dict[str, Measured], subjects: Subject
         start = forget_summary(measured[role])
         for name, images in attacks.items():
             say(f"audit: fine-tuning the {role} model {settings.steps} steps on {name} ({len(images)} images) ...")
-            attacked_model = unlearn(models[role], images, subjects.forget, make_method("naive"), cfg)
+            labels = None if kept_y is None else (attack_labels[name], subjects.forget_labels)
+            attacked_model = unlearn(models[role], images, subjects.forget, make_method("naive"), cfg, labels=labels)
             m = measure_model(attacked_model, subjects, backend, similarity_t, seed, parts=("similarity", "loss"))
             m.check_finite(f"fine-tuned {role}")
             got = forget_summary(m)

@@ -31,6 +31,9 @@ def check_models(models: dict[str, DiffusionModel], shape: tuple[int, ...]) -> N
                             f"are {tuple(shape)}: every model must take the data's images")
     after = models["after"]
     for role, m in models.items():
+        if m.conditional != after.conditional or (m.conditional and m.classes != after.classes):
+            raise UserError(f"{words[role]} and {words['after']} do not have the same classes: one is class-"
+                            "conditional and the other not, or their class names differ")
         if m.num_train_timesteps != after.num_train_timesteps or not torch.allclose(
                 m.alphas_cumprod(), after.alphas_cumprod()):
             raise UserError(f"{words[role]} uses another noise schedule than {words['after']}: the measures would "
@@ -60,6 +63,45 @@ def choose_reference(data: ImageSet, forget_idx: list[int], n: int, seed: int, h
     return data.images[pick], {"kind": "kept", "count": len(pick), "available": len(pool), "indices": pick,
                                "names": [data.names[i] for i in pick],
                                "words": "kept training images (no held-out images given)"}
+
+
+def labelled_reference(data: ImageSet, forget_idx: list[int], classes: list[str], n: int, seed: int,
+                       reference_idx: list[int] | None = None) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+    """The reference images of a class-conditional model (whose class names are ``classes``): images of A's own
+    classes, so that membership compares A with images of its class that the model was not trained on. The data
+    set's held-out images of those classes, else kept images of those classes (``reference_idx``, else a seeded
+    sample). Returns the images, their description, their labels and the labels of A (as the model's indices)."""
+    from ..data import labels_for_model
+
+    labels = labels_for_model(data, classes)
+    wanted = set(labels[forget_idx].tolist())
+    words = ", ".join(classes[c] for c in sorted(wanted))
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    if data.held_out is not None and data.held_out_labels is not None and reference_idx is None:
+        held_y = labels_for_model(data, classes, held_out=True)
+        pool = [i for i in range(len(held_y)) if int(held_y[i]) in wanted]
+        if pool:
+            pick = sorted(pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:n])
+            return data.held_out[pick], {"kind": "held-out", "count": len(pick), "available": len(pool),
+                                         "indices": pick, "classes": words,
+                                         "words": f"held-out images of class {words} (never trained on)"}, \
+                held_y[pick], labels[forget_idx]
+    forget = set(forget_idx)
+    rest = [i for i in range(len(data)) if i not in forget]
+    pool = list(reference_idx) if reference_idx is not None else [i for i in rest if int(labels[i]) in wanted]
+    what = f"kept training images of class {words} (no held-out images of it)"
+    if not pool and reference_idx is None:  # a whole class forgotten, nothing held out: the other classes' images
+        pool, what = rest, f"kept training images of the other classes (every image of class {words} is forgotten " \
+                           "and none is held out)"
+    bad = [i for i in pool if i in forget or not 0 <= i < len(data)]
+    if bad:
+        raise UserError(f"reference index {bad[0]} is in the forget set or outside the data set")
+    if not pool:
+        raise UserError("no reference images: give held-out images or keep at least one image of the data set")
+    pick = sorted(pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:n])
+    return data.images[pick], {"kind": "kept", "count": len(pick), "available": len(pool), "indices": pick,
+                               "names": [data.names[i] for i in pick], "classes": words, "words": what}, \
+        labels[pick], labels[forget_idx]
 
 
 def _check_forget(data: ImageSet, forget_idx) -> list[int]:
@@ -131,9 +173,17 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
     if len(idx) >= len(data) and held_out is None and data.held_out is None:
         raise UserError("the forget set is the whole data set and no held-out images are given: nothing to compare "
                         "A with")
-    reference, ref_info = choose_reference(data, idx, b.reference_images, seed, held_out, reference_idx)
+    a_labels = ref_labels = None
+    if after.conditional:
+        if held_out is not None:
+            raise UserError("held-out images given as a tensor carry no class labels, and a class-conditional model "
+                            "is measured on labelled images: give them as the data set's held-out images")
+        reference, ref_info, ref_labels, a_labels = labelled_reference(data, idx, after.classes, b.reference_images,
+                                                                       seed, reference_idx)
+    else:
+        reference, ref_info = choose_reference(data, idx, b.reference_images, seed, held_out, reference_idx)
     backend = load_similarity(sscd)  # a bad SSCD file fails before anything is measured
-    subjects = Subjects.build(data.images[idx], reference, b)
+    subjects = Subjects.build(data.images[idx], reference, b, a_labels, ref_labels)
     counts = subjects.counts()
     measured: dict[str, Measured] = {}
     for role, m in models.items():

@@ -10,6 +10,9 @@ Every measure takes the same inputs for every model, so the models differ only t
   tolerance, with the Monte Carlo standard error over its Hutchinson probes;
 - generation: ``samples`` images by ancestral DDPM on ``sample_steps`` steps, image ``i`` seeded by ``(seed, i)``
   (:func:`diffunlearn.sampling.ddpm_sample`), and each image's L2 distance to its nearest sample (pixels in [0, 1]).
+
+A class-conditional model is measured with each image conditioned on its own class, and samples conditioned on the
+classes of A in turn (the reference images are then of A's classes too: see ``verify``).
 """
 
 from __future__ import annotations
@@ -85,18 +88,36 @@ class Subjects:
     item_of: list[int]  # for each item of A (in order), its row in ``forget``
     reference: torch.Tensor  # (R, C, H, W)
     budget: Budget
+    #: class labels of ``forget`` and ``reference`` for a class-conditional model (every measure conditions on them)
+    forget_labels: torch.Tensor | None = None
+    reference_labels: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, forget_images: torch.Tensor, reference: torch.Tensor, budget: Budget) -> "Subjects":
+    def build(cls, forget_images: torch.Tensor, reference: torch.Tensor, budget: Budget,
+              forget_labels: torch.Tensor | None = None, reference_labels: torch.Tensor | None = None) -> "Subjects":
         rows: dict[str, int] = {}
         item_of, keep = [], []
         for i, x in enumerate(forget_images):
-            h = content_hash(x)
+            h = content_hash(x) + ("" if forget_labels is None else f"/{int(forget_labels[i])}")
             if h not in rows:
                 rows[h] = len(keep)
                 keep.append(i)
             item_of.append(rows[h])
-        return cls(forget_images[keep], item_of, reference, budget)
+        return cls(forget_images[keep], item_of, reference, budget,
+                   None if forget_labels is None else forget_labels[keep], reference_labels)
+
+    def labels(self, n_forget: int, n_reference: int) -> torch.Tensor | None:
+        """The labels of ``cat([forget[:n_forget], reference[:n_reference]])`` (None: unconditional)."""
+        if self.forget_labels is None:
+            return None
+        return torch.cat([self.forget_labels[:n_forget], self.reference_labels[:n_reference]])
+
+    def sample_labels(self, n: int) -> torch.Tensor | None:
+        """Labels of the generated samples: the classes of A in turn (None: unconditional)."""
+        if self.forget_labels is None:
+            return None
+        classes = torch.unique(self.forget_labels)
+        return classes[torch.arange(n) % len(classes)]
 
     def counts(self) -> dict:
         b = self.budget
@@ -141,28 +162,30 @@ def measure_model(model: DiffusionModel, s: Subjects, backend, similarity_t: int
     if "similarity" in parts:
         t0 = time.time()
         images = torch.cat([s.forget[:n["similarity_items"]], s.reference[:n["similarity_reference"]]])
-        sim = noise_and_denoise_similarity(model, images, backend, similarity_t, seed, steps=b.similarity_steps)
+        sim = noise_and_denoise_similarity(model, images, backend, similarity_t, seed, steps=b.similarity_steps,
+                                           labels=s.labels(n["similarity_items"], n["similarity_reference"]))
         out.values["similarity_a"] = sim.scores[:n["similarity_items"]]
         out.values["similarity_ref"] = sim.scores[n["similarity_items"]:]
         out.denoised = sim.denoised[:n["strip_items"]]
         out.seconds["similarity"] = time.time() - t0
     if "loss" in parts:
         t0 = time.time()
-        losses = denoising_losses(model, torch.cat([s.forget, s.reference]), b.loss_draws, seed=seed)
+        losses = denoising_losses(model, torch.cat([s.forget, s.reference]), b.loss_draws, seed=seed,
+                                  labels=s.labels(len(s.forget), len(s.reference)))
         out.values["loss_a"], out.values["loss_ref"] = losses[:len(s.forget)], losses[len(s.forget):]
         out.seconds["loss"] = time.time() - t0
     if "nll" in parts:
         t0 = time.time()
         images = torch.cat([s.forget[:n["nll_items"]], s.reference[:n["nll_reference"]]])
         r = nll_bits_per_dim(model, images, b.nll_probes, b.nll_tol, b.nll_tol, seed=seed,
-                             batch_size=len(images) * b.nll_probes)
+                             batch_size=len(images) * b.nll_probes, labels=s.labels(n["nll_items"], n["nll_reference"]))
         k = n["nll_items"]
         out.values.update(nll_a=r.bpd[:k].float(), nll_ref=r.bpd[k:].float())
         out.values.update(nll_a_stderr=r.stderr[:k].float(), nll_ref_stderr=r.stderr[k:].float())
         out.seconds["nll"] = time.time() - t0
     if "generation" in parts:
         t0 = time.time()
-        samples = ddpm_sample(model, b.samples, b.sample_steps, seed)
+        samples = ddpm_sample(model, b.samples, b.sample_steps, seed, labels=s.sample_labels(b.samples))
         to_a = pixel_distances(samples, s.forget)  # (N, U)
         out.values["nearest_a"] = to_a.min(0).values
         out.values["nearest_ref"] = pixel_distances(samples, s.reference).min(0).values
