@@ -262,3 +262,4 @@ def test_bench_class_unconditional_smoke_and_resume(tmp_path, capsys):
     assert "0 cell(s) to run, 1 cached" in capsys.readouterr().out
     with pytest.raises(UserError, match="variant"):
         run_class_bench(ClassBenchConfig(out=str(tmp_path / "c"), variant="both"))
+

@@ -19,7 +19,9 @@ class EvalConfig:
     preset: str = field(default="mnist-tshirt", metadata={"help": "evaluation protocol (mnist-tshirt)"})
     out: str = field(default="", metadata={"help": "directory for metrics.json and samples.png"})
     n_samples: int = field(default=512, metadata={"help": "samples for the T-shirt rate, IS and FID"})
-    sample_steps: int = field(default=50, metadata={"help": "DDPM sampling steps (the paper: 50)"})
+    sample_steps: int = field(default=50, metadata={"help": "sampling steps (the paper: 50 DDPM steps)"})
+    sampler: str = field(default="ddpm", metadata={"help": "ddpm (the protocol), dpm++ or dpm++sde (DPM-Solver++: "
+                                                           "fewer steps; see docs/results/bench-sampler.md)"})
     nll_probes: int = field(default=4, metadata={"help": "Hutchinson probes for the NLL (standard error reported)"})
     nll_tol: float = field(default=1e-5, metadata={"help": "RK45 rtol = atol of the NLL solve (the specification: 1e-5)"})
     seed: int = field(default=0, metadata={"help": "sample i uses generator (seed, i): grids line up across models"})
@@ -35,13 +37,13 @@ def evaluate(model, protocol: MnistTshirtProtocol, cfg: EvalConfig, progress: bo
              ) -> tuple[dict, torch.Tensor]:
     """The protocol's metrics of ``model`` with ``cfg``'s sampling and NLL settings."""
     return protocol.evaluate(model, cfg.n_samples, cfg.sample_steps, cfg.nll_probes, cfg.nll_tol, cfg.seed,
-                             cfg.batch_size, bf16=cfg.bf16, progress=progress)
+                             cfg.batch_size, bf16=cfg.bf16, progress=progress, sampler=cfg.sampler)
 
 
 def run_eval(cfg: EvalConfig) -> dict:
     from .models import load_model
     from .runs import RunDir, prepare_out_dir, write_json
-    from .sampling import save_grid
+    from .sampling import check_sampler, save_grid
 
     if cfg.preset != "mnist-tshirt":
         raise UserError(f"unknown evaluation preset {cfg.preset!r}: known is mnist-tshirt")
@@ -49,6 +51,7 @@ def run_eval(cfg: EvalConfig) -> dict:
         raise UserError("--n-samples must be at least 10 (IS uses 10 splits); --sample-steps, --nll-probes >= 1")
     if not cfg.out:
         raise UserError("pass --out: the directory for metrics.json")
+    check_sampler(cfg.sampler)
     prepare_out_dir(cfg.out, cfg.overwrite)
     model = load_model(cfg.model)
     model.check_data((1, 28, 28), "mnist-tshirt")

@@ -62,19 +62,20 @@ class MnistTshirtProtocol:
                 "nfe": r.nfe, "seconds": round(r.seconds, 1), "solver": NLL_SOLVER}
 
     def evaluate(self, model, n_samples: int, sample_steps: int, nll_probes: int, nll_tol: float, seed: int = 0,
-                 batch_size: int = SAMPLE_BATCH, bf16: bool = False, progress: bool = False
+                 batch_size: int = SAMPLE_BATCH, bf16: bool = False, progress: bool = False, sampler: str = "ddpm"
                  ) -> tuple[dict, torch.Tensor]:
         """Every metric of one model (sample ``i`` seeded by ``(seed, i)``), and the samples; ``_is_target`` marks
         the samples that reproduce the T-shirt."""
         from ..sampling import ddpm_sample
 
         t0 = time.time()
-        samples = ddpm_sample(model, n_samples, sample_steps, seed, batch_size, bf16=bf16, progress=progress)
+        samples = ddpm_sample(model, n_samples, sample_steps, seed, batch_size, bf16=bf16, progress=progress,
+                              sampler=sampler)
         t_sample = time.time() - t0
         metrics = self.sample_metrics(samples)
         metrics["tshirt_nll"] = self.nll(model, nll_probes, nll_tol, progress=progress)
         metrics["seconds"] = {"sampling": round(t_sample, 1), "total": round(time.time() - t0, 1)}
-        metrics["sampling"] = {"n": n_samples, "steps": sample_steps, "seed": seed, "bf16": bf16}
+        metrics["sampling"] = {"n": n_samples, "steps": sample_steps, "seed": seed, "bf16": bf16, "sampler": sampler}
         return metrics, samples
 
     def curve_point(self, model, step: int, n_samples: int, sample_steps: int, nll_tol: float) -> dict:
