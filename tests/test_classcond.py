@@ -77,12 +77,14 @@ def test_siss_weights_with_labels_are_unbiased():
         from_a = torch.rand(n) < lam
         m = g * torch.where(from_a[:, None], a, x) + s * eps
         y = torch.where(from_a, y_a, y_x)
-        w_x, w_a, _ = importance_weights(log_density_gap(m, x.expand(n, 4), a.expand(n, 4), g, s), lam)
-        w_x, w_a = labelled_weights(w_x, w_a, from_a, torch.full((n,), y_x != y_a), lam)
+        u_x, u_a, _ = importance_weights(log_density_gap(m, x.expand(n, 4), a.expand(n, 4), g, s), lam)
+        w_x, w_a = labelled_weights(u_x, u_a, from_a, torch.full((n,), y_x != y_a), lam)
         direct_x = f(g * x + s * eps, torch.full((n,), y_x)).mean()
         direct_a = f(g * a + s * eps, torch.full((n,), y_a)).mean()
         assert float((w_x * f(m, y)).mean()) == pytest.approx(float(direct_x), rel=0.05)
         assert float((w_a * f(m, y)).mean()) == pytest.approx(float(direct_a), rel=0.05)
+        if y_x != y_a:  # the unconditional weights would be biased here: the check can tell the two apart
+            assert abs(float((u_x * f(m, y)).mean()) / float(direct_x) - 1) > 0.2
     # where labels differ, a row drawn from a has no weight on x and the reverse, exactly
     w_x, w_a = labelled_weights(torch.ones(4), torch.ones(4), torch.tensor([True, False, True, False]),
                                 torch.tensor([True, True, False, False]), 0.25)
@@ -155,6 +157,17 @@ def test_labels_from_class_folders_and_npz(tmp_path):
     assert resolve_forget("class=y,2", d) == [1, 2, 3, 5] and d.classes == ["x", "y", "z"]
     with pytest.raises(UserError, match="is not a class of the data"):
         resolve_forget("class=w", d)
+    np.savez(tmp_path / "names.npz", images=rng.integers(0, 256, (3, 8, 8), dtype=np.uint8),
+             labels=np.array(["dog", "cat", "dog"]))
+    d = load_data(str(tmp_path / "names.npz"))
+    assert d.classes == ["cat", "dog"] and d.labels.tolist() == [1, 0, 1]
+    # labels that cannot be used (floats, -1 for "unlabelled") do not stop unconditional use; using them fails clearly
+    np.savez(tmp_path / "bad.npz", images=rng.integers(0, 256, (3, 8, 8), dtype=np.uint8),
+             labels=np.array([0, -1, 1]))
+    d = load_data(str(tmp_path / "bad.npz"))
+    assert d.labels is None and resolve_forget("0", d) == [0]
+    with pytest.raises(UserError, match="labels must be >= 0"):
+        resolve_forget("class=1", d)
     np.savez(tmp_path / "nolabels.npz", images=rng.integers(0, 256, (6, 8, 8), dtype=np.uint8))
     with pytest.raises(UserError, match="needs labelled data"):
         resolve_forget("class=1", load_data(str(tmp_path / "nolabels.npz")))
@@ -228,6 +241,13 @@ def test_class_conditional_round_trip_through_the_commands(tmp_path):
     assert summary["forget"] == 8 and summary["forget_classes"] == {"b": 8}
     v = json.loads((tmp_path / "un" / "verification.json").read_text())
     assert v["status"] == "ok" and "class b" in v["reference"]["words"]
+    held = tmp_path / "held.npz"  # labelled held-out images: the reference is those of the forgotten class
+    np.savez(held, images=rng.integers(0, 256, (6, 8, 8), dtype=np.uint8), labels=np.array([0, 1, 1, 2, 1, 0]),
+             classes=np.array(["a", "b", "c"]))
+    assert main(["verify", "--model", str(tmp_path / "un"), "--before", str(tmp_path / "tr"), "--data", str(data),
+                 "--forget", "class=b", "--held-out", str(held), "--out", str(tmp_path / "v")]) == 0
+    ref = json.loads((tmp_path / "v" / "verification.json").read_text())["reference"]
+    assert ref["kind"] == "held-out" and ref["indices"] == [1, 2, 4]
 
 
 def test_class_protocol_measures_each_class_on_its_own_samples():
@@ -263,3 +283,26 @@ def test_bench_class_unconditional_smoke_and_resume(tmp_path, capsys):
     with pytest.raises(UserError, match="variant"):
         run_class_bench(ClassBenchConfig(out=str(tmp_path / "c"), variant="both"))
 
+
+
+def test_retrack_neighbours_share_the_forget_items_class_when_it_has_enough_kept_images():
+    from diffunlearn.methods.retrack import nearest_kept, nearest_kept_by_class
+
+    kept, forget, _ = labelled_sets()
+    kept_y = torch.arange(12) % 2  # classes 0 and 1, six kept images each
+    nb = nearest_kept_by_class(forget, kept, kept_y, torch.tensor([0, 1, 2]), 3)
+    assert (kept_y[nb[0]] == 0).all() and (kept_y[nb[1]] == 1).all()
+    for i, c in ((0, 0), (1, 1)):  # the same as the plain search among that class's images
+        pool = torch.nonzero(kept_y == c).flatten()
+        assert nb[i].tolist() == pool[nearest_kept(forget[i:i + 1], kept[pool], 3)[0]].tolist()
+    assert nb[2].tolist() == nearest_kept(forget[2:3], kept, 3)[0].tolist()  # class 2 has no kept image: any class
+
+
+def test_siss_at_lambda_0_or_1_refuses_differing_labels():
+    m = cond_model()
+    kept, forget, labels = labelled_sets()
+    for lam in (0.0, 1.0):
+        with pytest.raises(UserError, match="choose 0 < lambda < 1"):
+            unlearn(m, kept, forget, make_method("siss", lam=lam), TrainerConfig(steps=1, batch_size=2), labels=labels)
+    same = (torch.full((12,), 2), torch.full((3,), 2))  # one class everywhere: the unconditional weights, any lambda
+    unlearn(m, kept, forget, make_method("siss", lam=0.0), TrainerConfig(steps=1, batch_size=2), labels=same)

@@ -79,12 +79,12 @@ class ImageSet:
             self.images = TensorImages(self.images)
         if len(self.names) != len(self.images):
             raise UserError(f"{len(self.names)} names for {len(self.images)} images")
-        if self.labels is not None:
-            self.labels = _check_labels(self.labels, len(self.images), self.source)
-            n = int(self.labels.max()) + 1 if len(self.labels) else 0
-            self.classes = list(self.classes) if self.classes is not None else [str(i) for i in range(n)]
-            if n > len(self.classes):
-                raise UserError(f"data {self.source}: label {n - 1} has no class name ({len(self.classes)} classes)")
+        self.label_error = ""
+        if self.labels is not None:  # unusable labels are an error only where labels are used (see require_labels)
+            try:
+                self.labels, self.classes = _check_labels(self.labels, self.classes, len(self.images), self.source)
+            except UserError as e:
+                self.labels, self.classes, self.label_error = None, None, str(e)
         if self.held_out_labels is not None:
             self.held_out_labels = torch.as_tensor(self.held_out_labels, dtype=torch.long)
         self._files: dict[str, int] | None = None
@@ -110,16 +110,35 @@ class ImageSet:
         return None
 
 
-def _check_labels(labels, n: int, source: str) -> torch.Tensor:
-    y = torch.as_tensor(np.asarray(labels))
-    if y.is_floating_point() or y.dtype == torch.bool:
-        raise UserError(f"data {source}: labels must be integer class indices, found {y.dtype}")
-    y = y.long().flatten()
-    if len(y) != n:
-        raise UserError(f"data {source}: {len(y)} labels for {n} images")
+def _check_labels(labels, classes, n: int, source: str) -> tuple[torch.Tensor, list[str]]:
+    """Labels as int64 class indices and the class names: integer labels index ``classes`` (default: named by their
+    index); string labels name their classes (sorted)."""
+    a = np.asarray(labels).reshape(-1)
+    if len(a) != n:
+        raise UserError(f"data {source}: {len(a)} labels for {n} images")
+    if a.dtype.kind in "US":
+        names = sorted(set(a.tolist()))
+        index = {c: i for i, c in enumerate(names)}
+        return torch.tensor([index[c] for c in a.tolist()], dtype=torch.long), [str(c) for c in names]
+    if a.dtype.kind not in "iu":
+        raise UserError(f"data {source}: labels must be integer class indices or class names, found {a.dtype}")
+    y = torch.from_numpy(a.astype(np.int64))
     if len(y) and int(y.min()) < 0:
         raise UserError(f"data {source}: labels must be >= 0 (class indices), found {int(y.min())}")
-    return y
+    top = int(y.max()) + 1 if len(y) else 0
+    classes = [str(c) for c in classes] if classes is not None else [str(i) for i in range(top)]
+    if top > len(classes):
+        raise UserError(f"data {source}: label {top - 1} has no class name ({len(classes)} classes)")
+    return y, classes
+
+
+def require_labels(data: ImageSet, why: str) -> torch.Tensor:
+    """The data's labels, or one line saying why there are none (no labels, or labels that cannot be used)."""
+    if data.labels is None:
+        problem = data.label_error or f"{data.source or 'the data'} has no class labels"
+        raise UserError(f"{why}, but {problem}: give class subfolders (root/<class>/<image>) or an .npz with a "
+                        "'labels' array")
+    return data.labels
 
 
 def folder_labels(names: list[str]) -> tuple[torch.Tensor | None, list[str] | None]:
@@ -407,9 +426,7 @@ def resolve_forget(spec: str, data: ImageSet, allow_all: bool = False) -> list[i
 def forget_classes(spec: str, data: ImageSet) -> list[int]:
     """The class indices a ``class=7`` / ``class=cat,dog`` forget SPEC names (by class name, or by index when the
     name is a number that is not itself a class name)."""
-    if data.labels is None:
-        raise UserError(f"--forget {spec} needs labelled data, and {data.source or 'this data'} has no labels: use "
-                        "class subfolders (root/<class>/<image>) or an .npz with a 'labels' array")
+    require_labels(data, f"--forget {spec} needs labelled data")
     wanted = [t.strip() for t in spec[len("class="):].split(",") if t.strip()]
     if not wanted:
         raise UserError("--forget class= names no class: write e.g. class=7 or class=cat,dog")
@@ -433,11 +450,13 @@ def forget_classes(spec: str, data: ImageSet) -> list[int]:
 def labels_for_model(data: ImageSet, classes: list[str], held_out: bool = False) -> torch.Tensor:
     """The data's labels (or its held-out images' labels) as the class indices of a model whose classes are
     ``classes``, matched by class name: a model trained on other class names, or unlabelled data, is refused."""
-    labels = data.held_out_labels if held_out else data.labels
-    if labels is None:
-        raise UserError(f"the model is class-conditional but {'the held-out images of ' if held_out else ''}"
-                        f"{data.source or 'the data'} have no class labels: give labelled data (class subfolders "
-                        "root/<class>/<image>, or an .npz with a 'labels' array)")
+    if held_out:
+        labels = data.held_out_labels
+        if labels is None:
+            raise UserError(f"the model is class-conditional but the held-out images of {data.source or 'the data'} "
+                            "have no class labels")
+    else:
+        labels = require_labels(data, "the model is class-conditional")
     index = {c: i for i, c in enumerate(classes)}
     used = sorted(set(labels.tolist()))
     missing = [data.classes[c] for c in used if data.classes[c] not in index]

@@ -52,9 +52,12 @@ def run_eval(cfg: EvalConfig) -> dict:
     if not cfg.out:
         raise UserError("pass --out: the directory for metrics.json")
     check_sampler(cfg.sampler)
-    prepare_out_dir(cfg.out, cfg.overwrite)
     model = load_model(cfg.model)
     model.check_data((1, 28, 28), "mnist-tshirt")
+    if model.conditional:
+        raise UserError("eval measures unconditional MNIST T-Shirt models; a class-conditional model is measured by "
+                        "`diffunlearn verify` or `diffunlearn bench class`")
+    prepare_out_dir(cfg.out, cfg.overwrite)
     protocol = MnistTshirtProtocol.load()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

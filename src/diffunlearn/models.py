@@ -42,14 +42,15 @@ ARCHITECTURES: dict[str, dict] = {
 }
 
 
-def build_unet(arch: str, sample_size: int, channels: int, num_classes: int | None = None):
+def build_unet(arch: str, sample_size: int, channels: int, num_classes: int | None = None, null_class: bool = True):
     """A ``UNet2DModel`` of a named size; with ``num_classes`` K it is class-conditional with K + 1 class embeddings:
-    the classes 0..K-1 and the null class K that classifier-free guidance needs."""
+    the classes 0..K-1 and the null class K that classifier-free guidance needs (K embeddings without
+    ``null_class``)."""
     from diffusers import UNet2DModel
 
     if arch not in ARCHITECTURES:
         raise UserError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
-    extra = {} if num_classes is None else {"num_class_embeds": int(num_classes) + 1}
+    extra = {} if num_classes is None else {"num_class_embeds": int(num_classes) + int(bool(null_class))}
     return UNet2DModel(sample_size=sample_size, in_channels=channels, out_channels=channels, **ARCHITECTURES[arch],
                        **extra)
 
@@ -79,14 +80,17 @@ class DiffusionModel:
 
     def __post_init__(self):
         if self.conditional and self.classes is None:
-            n = int(self.unet.config.num_class_embeds or 0)
-            self.classes = [str(i) for i in range(n)]
+            self.classes = [str(i) for i in range(self._class_embeds)]
+
+    @property
+    def _class_embeds(self) -> int | None:
+        n = getattr(getattr(self.unet, "config", None), "num_class_embeds", None)
+        return None if n is None else int(n)
 
     @property
     def conditional(self) -> bool:
         """True for a class-conditional UNet (``num_class_embeds`` set): every forward pass needs class labels."""
-        cfg = getattr(self.unet, "config", None)
-        return cfg is not None and cfg.get("num_class_embeds") is not None
+        return self._class_embeds is not None
 
     @property
     def null_class(self) -> int | None:
@@ -94,8 +98,7 @@ class DiffusionModel:
         when the model has no such embedding (then guidance is not available)."""
         if not self.conditional:
             return None
-        n = int(self.unet.config.num_class_embeds)
-        return len(self.classes) if n == len(self.classes) + 1 else None
+        return len(self.classes) if self._class_embeds == len(self.classes) + 1 else None
 
     def class_index(self, name: str) -> int:
         """The index of a class given by name (or by its index written as a number)."""

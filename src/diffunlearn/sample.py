@@ -91,4 +91,6 @@ def class_labels(model, spec: str, n: int):
     if not spec:
         return torch.arange(n) % len(model.classes)
     wanted = [model.class_index(c.strip()) for c in spec.split(",") if c.strip()]
+    if not wanted:
+        raise UserError(f"--class {spec!r} names no class: give a class name or index, or a comma list of them")
     return torch.tensor(wanted)[torch.arange(n) % len(wanted)]

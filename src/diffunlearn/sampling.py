@@ -121,7 +121,7 @@ def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, b
     check_guidance(model, guidance)
     y_all = sample_labels(model, n, labels, start)
     sched = make_sampler(model, sampler)
-    sched.set_timesteps(steps)
+    sched.set_timesteps(steps)  # multistep solvers keep state across steps: reset per batch below
     unet = model.unet.to(device).eval()
     out = []
     bar = None
@@ -131,6 +131,8 @@ def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, b
         bar = tqdm(total=-(-n // batch_size) * len(sched.timesteps), desc=f"sampling {n} images", unit="step")
     done = 0
     for gens in seeded_batches(n, batch_size, seed, start):
+        sched = make_sampler(model, sampler)
+        sched.set_timesteps(steps)
         x = initial_noise(model.sample_shape, gens).to(device)
         y = None if y_all is None else y_all[done:done + len(gens)].to(device)
         done += len(gens)

@@ -212,7 +212,8 @@ def _small_member(path: Path, zf: zipfile.ZipFile, members: dict, key: str) -> n
 
 
 def npz_labels(path: Path) -> tuple[np.ndarray | None, list[str] | None]:
-    """An ``.npz``'s ``labels`` (one integer class per image) and optional ``classes`` (one name per class index)."""
+    """An ``.npz``'s ``labels`` (one class index or class name per image) and optional ``classes`` (one name per class
+    index), unchecked: :class:`diffunlearn.data.ImageSet` checks them, and refuses them only where labels are used."""
     try:
         zf = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as e:
@@ -221,8 +222,6 @@ def npz_labels(path: Path) -> tuple[np.ndarray | None, list[str] | None]:
         members = {i.filename[:-4] if i.filename.endswith(".npy") else i.filename: i for i in zf.infolist()}
         labels = _small_member(path, zf, members, "labels")
         classes = _small_member(path, zf, members, "classes")
-    if labels is not None and not np.issubdtype(labels.dtype, np.integer):
-        raise UserError(f"{path}: its labels array must hold integers (class indices), found {labels.dtype}")
     return labels, None if classes is None else [str(c) for c in classes]
 
 

@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .arrays import as_tensor_or_lazy
-from .data import load_data, resolve_forget, split_kept, split_labels
+from .data import load_data, require_labels, resolve_forget, split_kept, split_labels
 from .diffusion import ddpm_loss, sample_timesteps
 from .errors import UserError
 from .loader import RowFetcher
@@ -124,9 +124,8 @@ def train(cfg: TrainConfig) -> dict:
     if not 0 <= cfg.label_dropout < 1:
         raise UserError(f"--label-dropout must lie in [0, 1), got {cfg.label_dropout}")
     data = load_data(cfg.data)
-    if cfg.class_conditional and data.labels is None:
-        raise UserError(f"--class-conditional needs labelled data and {cfg.data} has none: use class subfolders "
-                        "(root/<class>/<image>) or an .npz with a 'labels' array")
+    if cfg.class_conditional:
+        require_labels(data, "--class-conditional needs labelled data")
     images, labels = data.images, data.labels
     kept_what = "X"
     if cfg.forget:
@@ -141,7 +140,9 @@ def train(cfg: TrainConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     classes = data.classes if cfg.class_conditional else None
-    unet = build_unet(cfg.arch, h, c, num_classes=None if classes is None else len(classes))
+    # a null class only when some rows learn it (label dropout): otherwise guidance would use an untrained embedding
+    unet = build_unet(cfg.arch, h, c, num_classes=None if classes is None else len(classes),
+                      null_class=cfg.label_dropout > 0)
     model = DiffusionModel(unet, build_scheduler(cfg.timesteps), classes=classes)
     run = RunDir(cfg.out, {"command": "train", **asdict(cfg)}, cfg.overwrite)
 
@@ -154,6 +155,8 @@ def train(cfg: TrainConfig) -> dict:
         batch = (fetcher.fetch([idx])[0], eps, t)  # only this step's rows are decoded
         if classes is None:
             return batch
+        if cfg.label_dropout == 0:
+            return batch + (labels[idx],)
         # classifier-free guidance: a fraction of rows learn the null class (index len(classes)) instead of their own
         drop = torch.rand(cfg.batch_size, generator=gen) < cfg.label_dropout
         return batch + (torch.where(drop, len(classes), labels[idx]),)

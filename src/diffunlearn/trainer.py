@@ -153,6 +153,8 @@ def unlearn(model: DiffusionModel, kept, forget, method: Method,
         raise UserError("nothing is left to keep: A equals X")
     model.check_data(tuple(kept.shape[1:]), "kept")
     labels = check_labels(model, labels, len(kept), len(forget))
+    if labels is not None:
+        method.check_labels(*labels)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     acc = accelerator(cfg.mixed_precision)
@@ -200,7 +202,7 @@ def _loop(model, unet, opt, params, method, cfg, acc, sampler, t_max, log, callb
     per_proc = cfg.batch_size * cfg.grad_accum
     ctx = Context(model.alphas_cumprod(acc.device), sampler.kept, sampler.forget, cfg.t_min, t_max, acc.device,
                   sampler.generator, unet=unet, optimizer=opt, batch_size=cfg.batch_size, draw=sampler.draw,
-                  autocast=acc.autocast)
+                  autocast=acc.autocast, labels=sampler.labels)
     method.setup(ctx)
     first = 1
     if checkpoint is not None and checkpoint.exists():

@@ -102,6 +102,8 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         check_outside(cache_dir(cfg.cache_dir or None), getattr(data.images, "root", None))
     # class-conditional: each row is trained with its own label (matched to the model's classes by name)
     labels = unlearning_labels(model, data, forget_idx)
+    if labels is not None:
+        method.check_labels(*labels)
     # a latent model's images are encoded here, once, into the on-disk cache; the trainer sees only latents
     kept, forget = split_images(model.encode(data.images, "data", cfg.cache_dir or None), forget_idx)
     hash_before = state_hash(model.unet)

@@ -77,6 +77,8 @@ class Context:
     batch_size: int = 1
     draw: object = None  # callable(n_rows, parts=("x", "a")) -> StepBatch with those parts' images, set by the trainer
     autocast: object = None
+    #: (labels of X \ A, labels of A) for a class-conditional model, else None
+    labels: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def gs(self, t: torch.Tensor, ndim: int = 4):
         return gamma_sigma(self.alphas_cumprod, t, ndim)
@@ -96,6 +98,9 @@ class Method:
 
     def setup(self, ctx: Context) -> None:
         """Precompute what the method needs once (e.g. ReTrack's neighbours)."""
+
+    def check_labels(self, kept_labels: torch.Tensor, forget_labels: torch.Tensor) -> None:
+        """Refuse (``UserError``) class labels the method cannot unlearn with; called before anything is written."""
 
     def draw(self, n: int, shape: tuple[int, ...], generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Per-row randomness of the method's own, drawn for all rows of a step at once (so micro-batching and the

@@ -43,6 +43,25 @@ def nearest_kept(forget, kept, k: int) -> torch.Tensor:
     return best_i
 
 
+def nearest_kept_by_class(forget, kept, kept_labels: torch.Tensor, forget_labels: torch.Tensor, k: int) -> torch.Tensor:
+    """For a class-conditional model: the ``k`` nearest kept neighbours of each forget item among kept images of its
+    own class (denoising ``a`` under its label is redirected to images that label may produce), or among all kept
+    images when its class has fewer than ``k`` kept images (forgetting a whole class). Indices into ``kept``."""
+    k = min(int(k), len(kept))
+    out = torch.empty((len(forget), k), dtype=torch.long)
+    kept_labels, forget_labels = kept_labels.cpu(), forget_labels.cpu()
+    for c in torch.unique(forget_labels):
+        rows = torch.nonzero(forget_labels == c).flatten()
+        pool = torch.nonzero(kept_labels == c).flatten()
+        items = forget[rows] if torch.is_tensor(forget) else forget.subset(rows.numpy())
+        if len(pool) < k:
+            out[rows] = nearest_kept(items, kept, k)
+        else:
+            cands = kept[pool.to(kept.device)] if torch.is_tensor(kept) else kept.subset(pool.numpy())
+            out[rows] = pool[nearest_kept(items, cands, k)]
+    return out
+
+
 @dataclass
 class ReTrack(Method):
     lambda_r: float = field(default=0.005, metadata={"help": "weight of the redirect loss"})
@@ -61,7 +80,10 @@ class ReTrack(Method):
         return {"unlearn": self.lambda_r, "remain": 1.0 - self.lambda_r}
 
     def setup(self, ctx):
-        self.neighbours = nearest_kept(ctx.forget, ctx.kept, self.knn)
+        if ctx.labels is None:
+            self.neighbours = nearest_kept(ctx.forget, ctx.kept, self.knn)
+        else:
+            self.neighbours = nearest_kept_by_class(ctx.forget, ctx.kept, *ctx.labels, self.knn)
 
     def terms(self, unet, batch, ctx):
         g, s = ctx.gs(batch.t, batch.a.ndim)

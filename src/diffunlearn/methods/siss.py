@@ -147,6 +147,15 @@ class SISS(SubtractedGradients, Method):
     def draw(self, n, shape, generator):
         return {"from_a": torch.rand(n, generator=generator) < self.lam}
 
+    def check_labels(self, kept_labels, forget_labels):
+        """At lambda = 0 (1) every row is drawn from x (a), and where the labels of x and a differ such a row says
+        nothing about the other term (its density there is 0): that term would silently vanish."""
+        same = len(torch.unique(torch.cat([kept_labels, forget_labels]))) == 1
+        if self.lam in (0.0, 1.0) and not same:
+            raise UserError(f"SISS with lambda {self.lam:g} cannot estimate its "
+                            f"{'NegGrad' if self.lam == 0 else 'naive-deletion'} term when kept and forgotten images "
+                            "have different class labels (no row is drawn from that side): choose 0 < lambda < 1")
+
     def terms(self, unet, batch, ctx):
         g, s = ctx.gs(batch.t, batch.x.ndim)
         from_a = batch.extra["from_a"].view(-1, *([1] * (batch.x.ndim - 1)))
@@ -175,7 +184,7 @@ def labelled_weights(w_x: torch.Tensor, w_a: torch.Tensor, from_a: torch.Tensor,
     not noised: ``q((m, y) | x) = q(m | x) [y = y_x]``. Where ``y_x = y_a`` the label factors cancel and the weights are
     the unconditional ones; where they differ, a row drawn from ``a`` has density 0 under ``x`` and the reverse, so
     ``w_x = [from x] / (1 - lambda)`` and ``w_a = [from a] / lambda`` (each row then feeds exactly one term, and both
-    estimates stay unbiased)."""
+    estimates stay unbiased for 0 < lambda < 1; at lambda = 0 or 1 one term has no rows: ``SISS.check_labels``)."""
     cx = 1.0 / (1.0 - lam) if lam < 1 else 0.0
     ca = 1.0 / lam if lam > 0 else 0.0
     only_x = torch.where(from_a, 0.0, cx).to(w_x)

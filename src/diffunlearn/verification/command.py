@@ -97,15 +97,22 @@ def run_verify(cfg: VerifyConfig) -> dict:
     roles = {"after": cfg.model, "before": cfg.before, "retrained": cfg.reference}
     models = {r: load_model(p, allow_pickle=cfg.allow_pickle) for r, p in roles.items() if p}
     check_models(models, data.shape)
-    held = load_data(cfg.held_out).images if cfg.held_out else None
+    held_set = load_data(cfg.held_out) if cfg.held_out else None
+    held = held_set.images if held_set is not None else None
+    held_y = None
     if held is not None:
         models["after"].check_data(tuple(held.shape[1:]), "held-out")
+        if models["after"].conditional:  # a class-conditional model measures each image under its own class
+            from ..data import labels_for_model
+
+            held_y = labels_for_model(held_set, models["after"].classes)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     started = time.time()
     try:
         result = verify(models["after"], data, forget_idx, before=models.get("before"),
-                        retrained=models.get("retrained"), held_out=held, budget=budget, sscd=cfg.sscd or None,
+                        retrained=models.get("retrained"), held_out=held, held_out_labels=held_y, budget=budget,
+                        sscd=cfg.sscd or None,
                         seed=cfg.seed, similarity_t=cfg.similarity_t, audit=audit, log=print)
         error = None
     except FloatingPointError as e:  # a model with non-finite outputs: a finding, recorded like a result

@@ -66,26 +66,30 @@ def choose_reference(data: ImageSet, forget_idx: list[int], n: int, seed: int, h
 
 
 def labelled_reference(data: ImageSet, forget_idx: list[int], classes: list[str], n: int, seed: int,
-                       reference_idx: list[int] | None = None) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
+                       reference_idx: list[int] | None = None, held_out: torch.Tensor | None = None,
+                       held_out_labels: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor]:
     """The reference images of a class-conditional model (whose class names are ``classes``): images of A's own
-    classes, so that membership compares A with images of its class that the model was not trained on. The data
-    set's held-out images of those classes, else kept images of those classes (``reference_idx``, else a seeded
-    sample). Returns the images, their description, their labels and the labels of A (as the model's indices)."""
+    classes, so that membership compares A with images of its class that the model was not trained on. Held-out
+    images of those classes (``held_out`` with ``held_out_labels`` as the model's class indices, else the data set's
+    own), else kept images of those classes (``reference_idx``, else a seeded sample). Returns the images, their
+    description, their labels and the labels of A (as the model's indices)."""
     from ..data import labels_for_model
 
     labels = labels_for_model(data, classes)
     wanted = set(labels[forget_idx].tolist())
     words = ", ".join(classes[c] for c in sorted(wanted))
     g = torch.Generator().manual_seed(int(seed) + 7919)
-    if data.held_out is not None and data.held_out_labels is not None and reference_idx is None:
-        held_y = labels_for_model(data, classes, held_out=True)
-        pool = [i for i in range(len(held_y)) if int(held_y[i]) in wanted]
+    if held_out is None and data.held_out is not None and data.held_out_labels is not None and reference_idx is None:
+        held_out, held_out_labels = data.held_out, labels_for_model(data, classes, held_out=True)
+    if held_out is not None:
+        pool = [i for i in range(len(held_out_labels)) if int(held_out_labels[i]) in wanted]
         if pool:
             pick = sorted(pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:n])
-            return data.held_out[pick], {"kind": "held-out", "count": len(pick), "available": len(pool),
-                                         "indices": pick, "classes": words,
-                                         "words": f"held-out images of class {words} (never trained on)"}, \
-                held_y[pick], labels[forget_idx]
+            return held_out[pick], {"kind": "held-out", "count": len(pick), "available": len(pool),
+                                    "indices": pick, "classes": words,
+                                    "words": f"held-out images of class {words} (never trained on)"}, \
+                held_out_labels[pick], labels[forget_idx]
     forget = set(forget_idx)
     rest = [i for i in range(len(data)) if i not in forget]
     pool = list(reference_idx) if reference_idx is not None else [i for i in rest if int(labels[i]) in wanted]
@@ -133,7 +137,8 @@ def _as_imageset(data) -> ImageSet:
 def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, before: DiffusionModel | None = None,
            retrained: DiffusionModel | None = None, reference_idx: list[int] | None = None,
            held_out: torch.Tensor | None = None, budget: str | Budget = "fast", sscd: str | None = None,
-           seed: int = 0, similarity_t: int = SIMILARITY_T, audit=None, log=None) -> dict:
+           seed: int = 0, similarity_t: int = SIMILARITY_T, audit=None, log=None,
+           held_out_labels: torch.Tensor | None = None) -> dict:
     """Measure whether the items ``forget_idx`` of ``data`` (the forget set A) are gone from ``after``.
 
     For every item of A and for reference images (``held_out``, else the data set's own held-out images, else the
@@ -153,6 +158,9 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
     - ``full``: similarity on all t steps (the protocol), up to 64 items and 32 reference images; loss over 32
       pairs and 128 reference images; the ODE NLL at rtol = atol = 1e-5 with 4 probes (the protocol) of up to 8 items
       and 8 reference images; 256 samples of 100 steps. Minutes per model for 28x28 images.
+
+    A class-conditional model is measured with each image under its own class, against reference images of A's
+    classes (``held_out_labels``: the labels of ``held_out`` as the model's class indices).
 
     ``audit``: ``None``, or :class:`diffunlearn.verification.audit.AuditSettings` (or a step count) to also run the
     relearning audit. Returns a JSON-ready dict (what ``verification.json`` holds). No model is modified.
@@ -175,11 +183,11 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
                         "A with")
     a_labels = ref_labels = None
     if after.conditional:
-        if held_out is not None:
-            raise UserError("held-out images given as a tensor carry no class labels, and a class-conditional model "
-                            "is measured on labelled images: give them as the data set's held-out images")
+        if held_out is not None and held_out_labels is None:
+            raise UserError("the model is class-conditional: give the held-out images' labels (held_out_labels, "
+                            "the model's class indices) with them")
         reference, ref_info, ref_labels, a_labels = labelled_reference(data, idx, after.classes, b.reference_images,
-                                                                       seed, reference_idx)
+                                                                       seed, reference_idx, held_out, held_out_labels)
     else:
         reference, ref_info = choose_reference(data, idx, b.reference_images, seed, held_out, reference_idx)
     backend = load_similarity(sscd)  # a bad SSCD file fails before anything is measured
