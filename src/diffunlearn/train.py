@@ -15,7 +15,8 @@ from typing import Callable
 import torch
 
 from .arrays import as_tensor_or_lazy
-from .data import load_data, require_labels, resolve_forget, split_kept, split_labels
+from .data import load_data, resolve_forget, split_kept
+from .labels import require_labels, split_labels
 from .diffusion import ddpm_loss, sample_timesteps
 from .errors import UserError
 from .loader import RowFetcher

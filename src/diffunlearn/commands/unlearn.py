@@ -71,7 +71,8 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     """
     from ..config import to_dict
     from ..cache import cache_dir, check_outside
-    from ..data import class_counts, load_data, resolve_forget, split_images, unlearning_labels
+    from ..data import load_data, resolve_forget, split_images
+    from ..labels import class_counts, unlearning_labels
     from ..models import load_model, model_summary, save_model, state_hash
     from ..runs import RunDir, check_outside_model, prepare_out_dir, step_printer
 
