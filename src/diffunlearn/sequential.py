@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from .data import ImageSet, content_hash, load_data, resolve_forget
+from .labels import class_counts
 from .errors import UserError
 from .ledger import LEDGER_NAME, Ledger, line_hash
 from .metrics.similarity import SIMILARITY_T
@@ -257,7 +258,8 @@ def run_sequential(cfg) -> dict:
         hash_after = state_hash(new.unet)
         entry = {"time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                  "removed": [{"index": i, "name": data.names[i], "sha256": content_hash(data.images[i])} for i in idx],
-                 "count": len(idx), "kept": len(kept), "method": method.name,
+                 "count": len(idx), **({"classes": by_class} if (by_class := class_counts(data, idx)) else {}),
+                 "kept": len(kept), "method": method.name,
                  "settings": {**method.hyperparameters(), **{s: getattr(trainer, s) for s in SETTINGS}},
                  "metrics_before": before, "metrics_after": after, "seconds": round(seconds, 3),
                  "metrics_seconds": round(time.time() - t1, 3), "model_before": hash_before, "model_after": hash_after}
