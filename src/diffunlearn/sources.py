@@ -167,14 +167,19 @@ def open_npy(path: Path) -> NumpyImages:
     return NumpyImages(path, _scale(path, offset, dtype, shape, fortran))
 
 
-def open_npz(path: Path, cache: str | None = None) -> tuple[NumpyImages, list[str] | None]:
-    """The ``images`` array of an ``.npz`` (or its only array) and its ``names``, if any."""
+def _zip(path: Path) -> tuple[zipfile.ZipFile, dict[str, zipfile.ZipInfo]]:
+    """An ``.npz`` opened, and its members by array name."""
     try:
         zf = zipfile.ZipFile(path)
     except (OSError, zipfile.BadZipFile) as e:
         raise UserError(f"cannot read array file {path}: {e}") from None
+    return zf, {i.filename[:-4] if i.filename.endswith(".npy") else i.filename: i for i in zf.infolist()}
+
+
+def open_npz(path: Path, cache: str | None = None) -> tuple[NumpyImages, list[str] | None]:
+    """The ``images`` array of an ``.npz`` (or its only array) and its ``names``, if any."""
+    zf, members = _zip(path)
     with zf:
-        members = {i.filename[:-4] if i.filename.endswith(".npy") else i.filename: i for i in zf.infolist()}
         if "images" in members:
             key = "images"
         elif len(members) == 1:
@@ -214,12 +219,8 @@ def _small_member(path: Path, zf: zipfile.ZipFile, members: dict, key: str) -> n
 def npz_labels(path: Path) -> tuple[np.ndarray | None, list[str] | None]:
     """An ``.npz``'s ``labels`` (one class index or class name per image) and optional ``classes`` (one name per class
     index), unchecked: :class:`diffunlearn.data.ImageSet` checks them, and refuses them only where labels are used."""
-    try:
-        zf = zipfile.ZipFile(path)
-    except (OSError, zipfile.BadZipFile) as e:
-        raise UserError(f"cannot read array file {path}: {e}") from None
+    zf, members = _zip(path)
     with zf:
-        members = {i.filename[:-4] if i.filename.endswith(".npy") else i.filename: i for i in zf.infolist()}
         labels = _small_member(path, zf, members, "labels")
         classes = _small_member(path, zf, members, "classes")
     return labels, None if classes is None else [str(c) for c in classes]

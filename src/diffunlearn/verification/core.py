@@ -54,12 +54,7 @@ def choose_reference(data: ImageSet, forget_idx: list[int], n: int, seed: int, h
                                 "words": "held-out images (never trained on)"}
     forget = set(forget_idx)
     pool = list(reference_idx) if reference_idx is not None else [i for i in range(len(data)) if i not in forget]
-    bad = [i for i in pool if i in forget or not 0 <= i < len(data)]
-    if bad:
-        raise UserError(f"reference index {bad[0]} is in the forget set or outside the data set")
-    if not pool:
-        raise UserError("no reference images: give held-out images or keep at least one image of the data set")
-    pick = sorted(pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:n])
+    pick = _pick_kept(data, forget, pool, n, g)
     return data.images[pick], {"kind": "kept", "count": len(pick), "available": len(pool), "indices": pick,
                                "names": [data.names[i] for i in pick],
                                "words": "kept training images (no held-out images given)"}
@@ -97,15 +92,20 @@ def labelled_reference(data: ImageSet, forget_idx: list[int], classes: list[str]
     if not pool and reference_idx is None:  # a whole class forgotten, nothing held out: the other classes' images
         pool, what = rest, f"kept training images of the other classes (every image of class {words} is forgotten " \
                            "and none is held out)"
+    pick = _pick_kept(data, forget, pool, n, g)
+    return data.images[pick], {"kind": "kept", "count": len(pick), "available": len(pool), "indices": pick,
+                               "names": [data.names[i] for i in pick], "classes": words, "words": what}, \
+        labels[pick], labels[forget_idx]
+
+
+def _pick_kept(data: ImageSet, forget: set[int], pool: list[int], n: int, g: torch.Generator) -> list[int]:
+    """At most ``n`` indices of ``pool`` (kept images: none of A), a seeded sample, sorted."""
     bad = [i for i in pool if i in forget or not 0 <= i < len(data)]
     if bad:
         raise UserError(f"reference index {bad[0]} is in the forget set or outside the data set")
     if not pool:
         raise UserError("no reference images: give held-out images or keep at least one image of the data set")
-    pick = sorted(pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:n])
-    return data.images[pick], {"kind": "kept", "count": len(pick), "available": len(pool), "indices": pick,
-                               "names": [data.names[i] for i in pick], "classes": words, "words": what}, \
-        labels[pick], labels[forget_idx]
+    return sorted(pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:n])
 
 
 def _check_forget(data: ImageSet, forget_idx) -> list[int]:
