@@ -99,8 +99,11 @@ def make_sampler(model: DiffusionModel, sampler: str = "ddpm"):
     from diffusers import DPMSolverMultistepScheduler
 
     algorithm = "dpmsolver++" if sampler == "dpm++" else "sde-dpmsolver++"
+    # thresholding at sample_max_value 1 clips each step's x0 prediction to [-1, 1], as the DDPM scheduler's
+    # clip_sample does: without it the x0 predicted at the first steps (alpha_T ~ 0.006) throws samples off range
     return DPMSolverMultistepScheduler.from_config(model.scheduler.config, algorithm_type=algorithm, solver_order=2,
-                                                   final_sigmas_type="zero", lower_order_final=True)
+                                                   final_sigmas_type="zero", lower_order_final=True,
+                                                   thresholding=True, sample_max_value=1.0)
 
 
 @torch.inference_mode()
