@@ -91,6 +91,12 @@ def write_vocabulary(folder: Path, words) -> tuple[Path, Path]:
             if m not in merges:
                 merges.append(m)
                 tokens.append(prefix)
+    for w in dict.fromkeys(words):  # a word another word's merges split differently: join its pieces too
+        pieces = _bpe(w, {tuple(m.split()): i for i, m in enumerate(merges)})
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            tokens.append(pieces[0] + pieces[1])
+            pieces = [pieces[0] + pieces[1]] + pieces[2:]
     tokens = list(dict.fromkeys(tokens)) + ["<|startoftext|>", "<|endoftext|>"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
@@ -98,17 +104,40 @@ def write_vocabulary(folder: Path, words) -> tuple[Path, Path]:
     return folder / "vocab.json", folder / "merges.txt"
 
 
+def _bpe(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """The pieces CLIP's BPE splits ``word`` into with merges of these ranks (lowest rank merged first)."""
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pairs = [(ranks.get((a, b), len(ranks) + 1), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+        rank, i = min(pairs)
+        if rank > len(ranks):
+            break
+        pair = (parts[i], parts[i + 1])
+        out, j = [], 0
+        while j < len(parts):  # merge every occurrence of the pair, left to right
+            if j + 1 < len(parts) and (parts[j], parts[j + 1]) == pair:
+                out.append(parts[j] + parts[j + 1])
+                j += 2
+            else:
+                out.append(parts[j])
+                j += 1
+        parts = out
+    return parts
+
+
 def caption_words() -> list[str]:
     return sorted({w for c in [TEMPLATE.format(x) for x in WORDS] + [VARIANT] for w in c.split()})
 
 
-def build_text(folder: Path, seed: int):
-    """The tokenizer (written to ``folder``) and a random, frozen CLIP text encoder seeded by ``seed``."""
+def build_text(folder: Path, seed: int, words: list[str] | None = None):
+    """The tokenizer (written to ``folder``, one token per word of ``words``, default the replica's captions' words)
+    and a random, frozen CLIP text encoder seeded by ``seed``."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    vocab, merges = write_vocabulary(folder, caption_words())
+    words = caption_words() if words is None else words
+    vocab, merges = write_vocabulary(folder, words)
     tok = CLIPTokenizer(str(vocab), str(merges), model_max_length=MAX_LENGTH)
-    for w in caption_words():
+    for w in words:
         if len(tok.tokenize(w)) != 1:
             raise RuntimeError(f"the vocabulary does not make {w!r} one token: {tok.tokenize(w)}")
     torch.manual_seed(seed)
@@ -189,6 +218,12 @@ def replica_data(per_class: int = 30, copies: int = 150, variant_copies: int = 1
 @dataclass
 class ReplicaTrainConfig:
     out: str = field(default="", metadata={"help": "run directory to create; the model goes to <out>/model"})
+    layout: str = field(default="prompt", metadata={"help": "prompt: one memorised prompt and a variant (bench "
+                                                            "prompt's replica); laion: distinct captions, a few pairs "
+                                                            "duplicated (for detect; see diffunlearn.sd.laion)"})
+    n_captions: int = field(default=600, metadata={"help": "laion: distinct caption-image pairs"})
+    memorised: int = field(default=4, metadata={"help": "laion: pairs duplicated"})
+    duplicates: int = field(default=40, metadata={"help": "laion: extra copies of each duplicated pair"})
     steps: int = field(default=3000, metadata={"help": "optimiser steps"})
     batch_size: int = field(default=64, metadata={"help": "pairs per step"})
     lr: float = field(default=2e-3, metadata={"help": "peak AdamW learning rate"})
@@ -212,6 +247,8 @@ class ReplicaTrainConfig:
 
 
 def _validate(cfg: ReplicaTrainConfig) -> None:
+    if cfg.layout not in ("prompt", "laion"):
+        raise UserError(f"--layout must be prompt or laion, got {cfg.layout!r}")
     if not cfg.out:
         raise UserError("pass --out: the run directory to create")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.samples < 1 or cfg.sample_steps < 1 or cfg.log_every < 1:
@@ -268,13 +305,19 @@ def train_replica(cfg: ReplicaTrainConfig) -> dict:
 
     _validate(cfg)
     require_transformers()
+    laion = cfg.layout == "laion"
+    if laion:
+        from .laion import evaluate_laion, laion_data, laion_words
+
+        data = laion_data(cfg.n_captions, cfg.memorised, cfg.duplicates, seed=cfg.seed)
+    else:
+        data = replica_data(cfg.per_class, cfg.copies, cfg.variant_copies)
     prepare_out_dir(cfg.out, cfg.overwrite)
-    data = replica_data(cfg.per_class, cfg.copies, cfg.variant_copies)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run = RunDir(cfg.out, {"command": "prompt train-replica", **asdict(cfg)}, cfg.overwrite)
     tok_dir = run.path / ".vocabulary"
-    tok, text = build_text(tok_dir, cfg.seed)
+    tok, text = build_text(tok_dir, cfg.seed, laion_words() if laion else None)
     torch.manual_seed(cfg.seed)
     unet = build_unet(data.images.shape[-1], data.images.shape[1])
     sched = build_scheduler()
@@ -307,6 +350,19 @@ def train_replica(cfg: ReplicaTrainConfig) -> dict:
     import shutil
 
     shutil.rmtree(tok_dir, ignore_errors=True)
+    if laion:
+        sd = load_sd(run.model_dir)
+        t1 = time.time()
+        evaluation = evaluate_laion(sd, data, cfg.guidance, cfg.samples, cfg.sample_steps, cfg.threshold)
+        summary = {"command": "prompt train-replica", "layout": "laion", "train_seconds": round(train_seconds, 1),
+                   "final_loss": rec["loss"], "unet_sha256": state_hash(sd.unet), "data": data.counts,
+                   "evaluation": evaluation, "evaluation_seconds": round(time.time() - t1, 1)}
+        run.finish(summary)
+        d = evaluation["detect"]
+        print(f"detect: ROC AUC of the {len(data.memorised_prompts)} memorised captions against captions trained "
+              f"once {d['auc_vs_trained_once']:.3f}, against unseen captions {d['auc_vs_unseen']:.3f}")
+        print(f"saved {run.model_dir} ({train_seconds:.0f} s of training)")
+        return summary
     save_image(data.memorised, run.path / MEMORISED_FILE)
     replica = {"prompt": PROMPT, "variant": VARIANT, "memorised_image": MEMORISED_FILE,
                "memorised_sklearn_index": data.memorised_index, "threshold": cfg.threshold,
