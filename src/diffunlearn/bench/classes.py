@@ -91,7 +91,13 @@ def _run_cell(cell: Cell, cfg: ClassBenchConfig, protocol, base, retrain) -> dic
               else f"{row.label}: unconditional samples")
     return {"label": row.label, "method": row.method.name if row.method else None,
             "hyperparameters": dict(row.method.params) if row.method else {}, "seed": seed, "steps": steps,
-            "metrics": metrics, "unlearn_seconds": round(seconds, 1), "log": log}
+            "metrics": metrics, "unlearn_seconds": round(seconds, 1), "models": _hashes(base, retrain), "log": log}
+
+
+def _hashes(base, retrain) -> dict:
+    from ..models import state_hash
+
+    return {"base": state_hash(base.unet), "retrain": state_hash(retrain.unet) if retrain is not None else None}
 
 
 def _progress(r: dict) -> None:
@@ -215,6 +221,12 @@ def run_class_bench(cfg: ClassBenchConfig) -> dict:
     protocol = ClassProtocol.load(cfg.forget_class, data)
     open_bench_dir(root, cfg)
     cells = [Cell.of(root, row, seed) for row in rows for seed in range(cfg.seeds if row.method else 1)]
+    now = _hashes(base, retrain)
+    for c in cells:  # a cell of other shipped models (a newer release of them) is not reused
+        done = c.load()
+        if done is not None and done.get("models", now) != now:
+            raise UserError(f"{c.dir} was computed with other {base_name} / {retrain_name} weights: choose another "
+                            "--out")
     results, _, _ = run_cells(cells, lambda c: _run_cell(c, cfg, protocol, base, retrain), progress=_progress)
     labels = [label for label in preset if label in {r.label for r in rows}]
     table = aggregate(results, labels, _summarise)
