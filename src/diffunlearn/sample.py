@@ -17,8 +17,9 @@ class SampleConfig:
     out: str = field(default="", metadata={"help": "output directory (samples.png, samples.npy, summary.json)"})
     n: int = field(default=64, metadata={"help": "number of images"})
     steps: int = field(default=50, metadata={"help": "sampling steps"})
-    sampler: str = field(default="ddpm", metadata={"help": "ddpm (ancestral), dpm++ or dpm++sde (DPM-Solver++: good "
-                                                           "with 12-20 steps)"})
+    sampler: str = field(default="ddpm", metadata={"help": "ddpm (ancestral), dpm++sde (DPM-Solver++ SDE: with 20 "
+                                                           "steps the rate of memorised copies of 50-step DDPM, 4.4x "
+                                                           "faster) or dpm++ (its ODE form: more memorised copies)"})
     seed: int = field(default=0, metadata={"help": "image i uses the generator (seed, i)"})
     batch_size: int = field(default=SAMPLE_BATCH, metadata={"help": "images per forward pass (larger on a GPU)"})
     bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast: ~1.8x faster on CPUs with bf16 units, "

@@ -80,7 +80,9 @@ def check_guidance(model: DiffusionModel, guidance: float) -> None:
 
 
 #: the samplers ``ddpm_sample`` offers: ancestral DDPM (the protocols' own), and DPM-Solver++ (Lu et al. 2022) from
-#: diffusers, 2nd-order multistep, as an ODE solver (deterministic given the initial noise) or its SDE variant
+#: diffusers, 2nd-order multistep, as an ODE solver (deterministic given the initial noise) or its SDE variant. On the
+#: shipped MNIST T-Shirt model the SDE form at 20 steps gave 50-step DDPM's T-shirt rate 4.4x faster; the ODE form
+#: drew the memorised T-shirt almost twice as often (docs/results/bench-sampler.md)
 SAMPLERS = ("ddpm", "dpm++", "dpm++sde")
 
 
