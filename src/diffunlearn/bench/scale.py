@@ -245,8 +245,9 @@ def figures(row: Row, rec: dict, launch: float, peak: int | None, utilisation: f
     flops = rec.get("flops_per_unit")
     out = {"status": "ok" if rec.get("returncode") == 0 else f"failed (exit {rec.get('returncode')})",
            "unit": row.unit, "units": len(ends), "seconds_total": round(rec.get("finished", time.time()) - launch, 1),
-           "first_unit_seconds": round(ends[0] - launch, 1) if ends else None,
-           "seconds_per_unit": round(float(np.median(secs)), 2) if secs else None, "timed_units": len(secs),
+           # three significant digits: a tiny model's unit can take under 5 ms, which rounding to 0.01 s would zero
+           "first_unit_seconds": float(f"{ends[0] - launch:.3g}") if ends else None,
+           "seconds_per_unit": float(f"{float(np.median(secs)):.3g}") if secs else None, "timed_units": len(secs),
            "timing_includes_flop_counter": with_counter, "peak_rss_bytes": peak, "flops_per_unit": flops}
     if flops:
         out["projection_seconds"] = {k: flops / (peak_flops * utilisation) for k, peak_flops in PEAKS.items()}

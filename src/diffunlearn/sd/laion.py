@@ -105,7 +105,7 @@ def evaluate_laion(sd, data: LaionData, guidance: float, samples: int, sample_st
     """Wen et al.'s detector on memorised, trained-once and unseen captions (AUC of memorised against each), and how
     often each memorised caption reproduces its image at guidance 1 and ``guidance``."""
     from .detect import noise_gap_scores
-    from .replica import memorisation_rates
+    from .memorisation import memorisation_rates
 
     prompts = data.memorised_prompts + data.once_prompts + data.unseen_prompts
     scores, t = noise_gap_scores(sd, prompts, seeds=detect_seeds, steps=sample_steps)

@@ -265,3 +265,17 @@ def read_prompt_data(folder: str | Path) -> PromptData:
     else:
         rule = rule_from_labels(images, memorised)
     return PromptData(images, files, memorised, meta.get("prompt"), rule, folder)
+
+
+@torch.no_grad()
+def memorisation_rates(sd, reference: torch.Tensor, prompts: dict[str, str], n: int, steps: int, guidance: float,
+                       threshold: float, seed: int = 0) -> dict:
+    """Per prompt: the share of ``n`` samples within ``threshold`` (RMS pixel distance) of ``reference``."""
+    rule = MemorisationRule(reference, threshold, "reference")
+    out = {}
+    for key, p in prompts.items():
+        images = sd.sample(sd.encode_prompt(p), n, seed, steps, guidance, batch_size=64)
+        d = rule.distances(images)
+        out[key] = {"prompt": p, "memorised": int((d <= threshold).sum()), "of": n,
+                    "rate": float((d <= threshold).mean()), "median_distance": float(np.median(d))}
+    return out

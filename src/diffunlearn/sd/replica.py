@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .memorisation import memorisation_rates  # noqa: F401 (part of this module's API)
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATE = "a handwritten digit {}"
@@ -276,22 +277,6 @@ def write_sd_dir(folder: Path, unet, text, tok) -> Path:
         "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"],
         "safety_checker": [None, None], "feature_extractor": [None, None]}, indent=2) + "\n")
     return folder
-
-
-@torch.no_grad()
-def memorisation_rates(sd, reference: torch.Tensor, prompts: dict[str, str], n: int, steps: int, guidance: float,
-                       threshold: float, seed: int = 0) -> dict:
-    """Per prompt: the share of ``n`` samples within ``threshold`` (RMS pixel distance) of ``reference``."""
-    from .memorisation import MemorisationRule
-
-    rule = MemorisationRule(reference, threshold, "reference")
-    out = {}
-    for key, p in prompts.items():
-        images = sd.sample(sd.encode_prompt(p), n, seed, steps, guidance, batch_size=64)
-        d = rule.distances(images)
-        out[key] = {"prompt": p, "memorised": int((d <= threshold).sum()), "of": n,
-                    "rate": float((d <= threshold).mean()), "median_distance": float(np.median(d))}
-    return out
 
 
 def train_replica(cfg: ReplicaTrainConfig) -> dict:
