@@ -53,6 +53,27 @@ def folder_labels(names: list[str]) -> tuple[torch.Tensor | None, list[str] | No
     return torch.tensor([index[c] for c in top], dtype=torch.long), classes
 
 
+def class_index(classes: list[str], name: str) -> int | None:
+    """The index of a class given by name, or by its index written as a number that is not itself a class name;
+    None when ``name`` is neither."""
+    if name in classes:
+        return classes.index(name)
+    if name.isdigit() and int(name) < len(classes):
+        return int(name)
+    return None
+
+
+def check_model_labels(labels, classes: list[str], n: int, what: str) -> torch.Tensor:
+    """``labels`` as an int64 tensor of length ``n``, each the index of one of a model's ``classes``."""
+    y = torch.as_tensor(labels, dtype=torch.long).flatten()
+    if len(y) != n:
+        raise UserError(f"{len(y)} {what} labels for {n} images")
+    if len(y) and not (0 <= int(y.min()) and int(y.max()) < len(classes)):
+        raise UserError(f"{what} labels must lie in 0..{len(classes) - 1} (the model's classes: "
+                        f"{', '.join(classes)}), found {int(y.min())}..{int(y.max())}")
+    return y
+
+
 def forget_classes(spec: str, data) -> list[int]:
     """The class indices a ``class=7`` / ``class=cat,dog`` forget SPEC names (by class name, or by index when the
     name is a number that is not itself a class name)."""
@@ -63,11 +84,8 @@ def forget_classes(spec: str, data) -> list[int]:
     present = sorted(set(data.labels.tolist()))
     out = []
     for name in wanted:
-        if name in data.classes:
-            c = data.classes.index(name)
-        elif name.isdigit() and int(name) < len(data.classes):
-            c = int(name)
-        else:
+        c = class_index(data.classes, name)
+        if c is None:
             raise UserError(f"class {name!r} is not a class of the data (its classes: {', '.join(data.classes)})")
         if c not in present:
             raise UserError(f"class {name!r} has no images in the data: nothing to forget")

@@ -102,11 +102,12 @@ class DiffusionModel:
 
     def class_index(self, name: str) -> int:
         """The index of a class given by name (or by its index written as a number)."""
-        if name in self.classes:
-            return self.classes.index(name)
-        if name.isdigit() and int(name) < len(self.classes):
-            return int(name)
-        raise UserError(f"class {name!r} is not one of the model's classes ({', '.join(self.classes)})")
+        from .labels import class_index
+
+        i = class_index(self.classes, name)
+        if i is None:
+            raise UserError(f"class {name!r} is not one of the model's classes ({', '.join(self.classes)})")
+        return i
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:

@@ -45,16 +45,12 @@ def sample_labels(model: DiffusionModel, n: int, labels=None, start: int = 0) ->
         if labels is not None:
             raise UserError("class labels were given but the model is not class-conditional")
         return None
-    k = len(model.classes)
     if labels is None:
-        return (torch.arange(start, start + n) % k).long()
+        return (torch.arange(start, start + n) % len(model.classes)).long()
+    from .labels import check_model_labels
+
     y = torch.as_tensor(labels, dtype=torch.long).flatten()
-    y = y.expand(n).clone() if len(y) == 1 else y
-    if len(y) != n:
-        raise UserError(f"{len(y)} class labels for {n} samples")
-    if len(y) and not (0 <= int(y.min()) and int(y.max()) < k):
-        raise UserError(f"class labels must lie in 0..{k - 1} (the model's classes: {', '.join(model.classes)})")
-    return y
+    return check_model_labels(y.expand(n) if len(y) == 1 else y, model.classes, n, "sample")
 
 
 def guided_noise(unet, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, guidance: float,

@@ -187,14 +187,10 @@ def check_labels(model: DiffusionModel, labels, n_kept: int, n_forget: int):
     if labels is None:
         raise UserError("the model is class-conditional but the data has no class labels: give labelled data (class "
                         "subfolders, or a 'labels' array in the .npz)")
-    out = tuple(torch.as_tensor(y, dtype=torch.long).flatten() for y in labels)
-    for y, n, what in zip(out, (n_kept, n_forget), ("kept", "forget")):
-        if len(y) != n:
-            raise UserError(f"{len(y)} labels for {n} {what} images")
-        if len(y) and not (0 <= int(y.min()) and int(y.max()) < len(model.classes)):
-            raise UserError(f"{what} labels must lie in 0..{len(model.classes) - 1} (the model's classes), "
-                            f"found {int(y.min())}..{int(y.max())}")
-    return out
+    from .labels import check_model_labels
+
+    return tuple(check_model_labels(y, model.classes, n, what)
+                 for y, n, what in zip(labels, (n_kept, n_forget), ("kept", "forget")))
 
 
 def _loop(model, unet, opt, params, method, cfg, acc, sampler, t_max, log, callback, checkpoint) -> DiffusionModel:
