@@ -20,9 +20,8 @@ import math
 
 import torch
 
-from ..diffusion import gamma_sigma, predict_noise
 from ..models import DiffusionModel
-from .membership import membership_draws
+from .membership import mean_over_draws
 from .rates import binomial_ci
 
 
@@ -50,31 +49,19 @@ def class_rate(predicted: torch.Tensor, c: int) -> dict:
     return {"count": k, "n": n, "rate": k / n if n else float("nan"), "ci95": list(binomial_ci(k, n))}
 
 
-@torch.no_grad()
 def noise_kl(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | None = None, n_draws: int = 8,
              seed: int = 0, batch_size: int = 128) -> torch.Tensor:
     """Per image: ``KL(N(mu, s^2) || N(0, 1))`` of the elements of the model's noise prediction at ``x_t`` (conditioned
     on ``labels`` for a class-conditional model), averaged over the ``n_draws`` shared (t, eps) pairs of
     :func:`diffunlearn.metrics.membership.membership_draws` (t uniform on all timesteps). (N,) float64."""
-    unet = model.unet
-    device = next(unet.parameters()).device
-    abar = model.alphas_cumprod(device)
-    was_training = unet.training
-    unet.eval()
-    total = torch.zeros(len(images), dtype=torch.float64)
-    try:
-        for t, eps in membership_draws(n_draws, seed, tuple(images.shape[1:]), 0, model.num_train_timesteps - 1):
-            for b0 in range(0, len(images), batch_size):
-                x0 = images[b0:b0 + batch_size].float().to(device)
-                tt = torch.full((len(x0),), t, dtype=torch.long, device=device)
-                g, s = gamma_sigma(abar, tt, x0.ndim)
-                y = None if labels is None else labels[b0:b0 + batch_size].to(device)
-                e = predict_noise(unet, g * x0 + s * eps.to(device), tt, y).double().flatten(1)
-                mu, var = e.mean(1), e.var(1, unbiased=False).clamp_min(1e-12)
-                total[b0:b0 + len(x0)] += (0.5 * (var + mu ** 2 - 1.0 - var.log())).cpu()
-    finally:
-        unet.train(was_training)
-    return total / n_draws
+
+    def kl(e_hat: torch.Tensor, _eps: torch.Tensor) -> torch.Tensor:
+        e = e_hat.double().flatten(1)
+        mu, var = e.mean(1), e.var(1, unbiased=False).clamp_min(1e-12)
+        return 0.5 * (var + mu ** 2 - 1.0 - var.log())
+
+    return mean_over_draws(model, images, kl, n_draws, seed, batch_size=batch_size, labels=labels,
+                           dtype=torch.float64)
 
 
 def weight_distance(a: torch.nn.Module, b: torch.nn.Module) -> dict:

@@ -53,12 +53,23 @@ def denoising_losses(model: DiffusionModel, images: torch.Tensor, n_draws: int =
         raise UserError(f"timesteps must satisfy 0 <= t_min <= t_max <= {T - 1} (got {t_min}, {t_max})")
     if int(n_draws) < 1:
         raise UserError("n_draws must be at least 1")
+    return mean_over_draws(model, images, lambda e_hat, e: sum_sq(e_hat - e), n_draws, seed, t_min, t_max,
+                           batch_size, labels)
+
+
+def mean_over_draws(model: DiffusionModel, images: torch.Tensor, stat, n_draws: int = 8, seed: int = 0,
+                    t_min: int = 0, t_max: int | None = None, batch_size: int = 256,
+                    labels: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Per image, ``stat(eps_theta(x_t, t[, y]), eps)`` (one value per row) averaged over the shared ``(t, eps)``
+    draws of :func:`membership_draws`, ``x_t = gamma_t x0 + sigma_t eps``; (N,) of ``dtype``. The loop behind the
+    denoising loss and :func:`diffunlearn.metrics.classes.noise_kl` (inputs unchecked: callers check them)."""
+    t_max = model.num_train_timesteps - 1 if t_max is None else int(t_max)
     unet = model.unet
     device = next(unet.parameters(), torch.empty(0)).device
     abar = model.alphas_cumprod(device)
     was_training = unet.training
     unet.eval()
-    total = torch.zeros(len(images))
+    total = torch.zeros(len(images), dtype=dtype)
     try:
         with torch.inference_mode():
             for t, eps in membership_draws(n_draws, seed, tuple(images.shape[1:]), t_min, t_max):
@@ -69,7 +80,7 @@ def denoising_losses(model: DiffusionModel, images: torch.Tensor, n_draws: int =
                     g, s = gamma_sigma(abar, tt, x0.ndim)
                     e = eps.expand_as(x0)
                     y = None if labels is None else labels[b0:b0 + len(x0)].to(device)
-                    total[b0:b0 + len(x0)] += sum_sq(predict_noise(unet, g * x0 + s * e, tt, y) - e).cpu()
+                    total[b0:b0 + len(x0)] += stat(predict_noise(unet, g * x0 + s * e, tt, y), e).cpu()
     finally:
         unet.train(was_training)
     return total / int(n_draws)
