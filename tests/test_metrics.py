@@ -482,3 +482,10 @@ def test_paired_comparison_pools_discordant_samples_over_matching_seeds():
     assert list(d) == ["siss"]
     assert (d["siss"]["seeds"], d["siss"]["only_row"], d["siss"]["only_other"], d["siss"]["both"]) == ([0, 1], 1, 2, 3)
     assert d["siss"]["p_value"] == mcnemar_exact(1, 2)
+
+
+def test_roc_auc_is_the_mann_whitney_statistic():
+    from diffunlearn.metrics.membership import roc_auc
+
+    assert roc_auc([3, 4], [1, 2]) == 1.0 and roc_auc([1], [2, 3]) == 0.0
+    assert roc_auc([2], [2]) == 0.5 and roc_auc([1, 3], [2]) == 0.5

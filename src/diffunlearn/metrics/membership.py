@@ -99,7 +99,12 @@ def membership_auc(model: DiffusionModel, members: torch.Tensor, nonmembers: tor
 
 def loss_auc(member_losses: torch.Tensor, nonmember_losses: torch.Tensor) -> float:
     """ROC AUC of ``-loss`` with members as positives, from per-image losses of :func:`denoising_losses`."""
+    return roc_auc(-member_losses, -nonmember_losses)
+
+
+def roc_auc(positive, negative) -> float:
+    """ROC AUC of scores, higher meaning positive: P(a positive scores above a negative), ties counting one half."""
     from sklearn.metrics import roc_auc_score
 
-    y = [1] * len(member_losses) + [0] * len(nonmember_losses)
-    return float(roc_auc_score(y, (-torch.cat([member_losses, nonmember_losses])).double().numpy()))
+    scores = torch.cat([torch.as_tensor(positive).flatten(), torch.as_tensor(negative).flatten()]).double()
+    return float(roc_auc_score([1] * (len(scores) - len(negative)) + [0] * len(negative), scores.numpy()))

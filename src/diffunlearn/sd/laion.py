@@ -44,7 +44,7 @@ class LaionData:
     captions: list[str]  # every training pair's caption
     memorised_prompts: list[str]  # the duplicated pairs' captions
     memorised_images: torch.Tensor  # (M, 3, 8, 8): their images
-    once_prompts: list[str]  # captions of pairs trained once (as many as memorised x ``evaluate_ratio``)
+    once_prompts: list[str]  # captions of pairs trained once (``evaluate_per`` x memorised of them)
     unseen_prompts: list[str]  # captions never trained
     counts: dict
 
@@ -94,16 +94,11 @@ def laion_data(n_captions: int = 600, memorised: int = 4, copies: int = 40, eval
     return LaionData(images, captions, [caps[i] for i in mem], mem_images, once, unseen, counts)
 
 
-def roc_auc(positive: list[float], negative: list[float]) -> float:
-    """P(score of a positive > score of a negative), ties counting one half (the Mann-Whitney statistic)."""
-    p, n = np.asarray(positive, float)[:, None], np.asarray(negative, float)[None, :]
-    return float(((p > n).sum() + 0.5 * (p == n).sum()) / (p.size * n.size))
-
-
 def evaluate_laion(sd, data: LaionData, guidance: float, samples: int, sample_steps: int, threshold: float,
                    detect_seeds: int = 4) -> dict:
     """Wen et al.'s detector on memorised, trained-once and unseen captions (AUC of memorised against each), and how
     often each memorised caption reproduces its image at guidance 1 and ``guidance``."""
+    from ..metrics.membership import roc_auc
     from .detect import noise_gap_scores
     from .memorisation import memorisation_rates
 
@@ -125,4 +120,4 @@ def evaluate_laion(sd, data: LaionData, guidance: float, samples: int, sample_st
             "memorisation": rates}
 
 
-__all__ = ["LaionData", "evaluate_laion", "laion_data", "laion_words", "roc_auc"]
+__all__ = ["LaionData", "evaluate_laion", "laion_data", "laion_words"]
