@@ -85,12 +85,12 @@ def class_labels(model, spec: str, n: int):
     classes taken in turn, or every class in turn when none is named."""
     import torch
 
-    if not model.conditional:
-        if spec:
-            raise UserError(f"--class {spec} needs a class-conditional model, and {model.source} is unconditional")
-        return None
+    from .sampling import sample_labels
+
     if not spec:
-        return torch.arange(n) % len(model.classes)
+        return sample_labels(model, n)  # None for an unconditional model; else every class in turn
+    if not model.conditional:
+        raise UserError(f"--class {spec} needs a class-conditional model, and {model.source} is unconditional")
     wanted = [model.class_index(c.strip()) for c in spec.split(",") if c.strip()]
     if not wanted:
         raise UserError(f"--class {spec!r} names no class: give a class name or index, or a comma list of them")

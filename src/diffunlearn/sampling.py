@@ -89,19 +89,24 @@ def check_sampler(sampler: str) -> None:
         raise UserError(f"unknown sampler {sampler!r}: choose {', '.join(SAMPLERS)}")
 
 
-def make_sampler(model: DiffusionModel, sampler: str = "ddpm"):
-    """A fresh diffusers scheduler for ``sampler`` on the model's noise schedule (never the model's own object)."""
+def make_sampler(model: DiffusionModel, sampler: str, steps: int):
+    """A fresh diffusers scheduler for ``sampler`` on the model's noise schedule (never the model's own object), set to
+    ``steps`` timesteps. Multistep solvers keep state from step to step: each batch of samples needs a fresh one."""
     check_sampler(sampler)
     if sampler == "ddpm":
-        return copy.deepcopy(model.scheduler)
-    from diffusers import DPMSolverMultistepScheduler
+        sched = copy.deepcopy(model.scheduler)
+    else:
+        from diffusers import DPMSolverMultistepScheduler
 
-    algorithm = "dpmsolver++" if sampler == "dpm++" else "sde-dpmsolver++"
-    # thresholding at sample_max_value 1 clips each step's x0 prediction to [-1, 1], as the DDPM scheduler's
-    # clip_sample does: without it the x0 predicted at the first steps (alpha_T ~ 0.006) throws samples off range
-    return DPMSolverMultistepScheduler.from_config(model.scheduler.config, algorithm_type=algorithm, solver_order=2,
-                                                   final_sigmas_type="zero", lower_order_final=True,
-                                                   thresholding=True, sample_max_value=1.0)
+        algorithm = "dpmsolver++" if sampler == "dpm++" else "sde-dpmsolver++"
+        # thresholding at sample_max_value 1 clips each step's x0 prediction to [-1, 1], as the DDPM scheduler's
+        # clip_sample does: without it the x0 predicted at the first steps (alpha_T ~ 0.006) throws samples off range
+        sched = DPMSolverMultistepScheduler.from_config(model.scheduler.config, algorithm_type=algorithm,
+                                                        solver_order=2, final_sigmas_type="zero",
+                                                        lower_order_final=True, thresholding=True,
+                                                        sample_max_value=1.0)
+    sched.set_timesteps(steps)
+    return sched
 
 
 @torch.inference_mode()
@@ -117,12 +122,12 @@ def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, b
     A class-conditional model samples image ``i`` of class ``labels[i]`` (see :func:`sample_labels`; default: the
     classes in turn) at classifier-free guidance scale ``guidance`` (1: the conditional model alone).
     ``sampler``: ``ddpm`` (ancestral), or DPM-Solver++ (``dpm++``: the ODE, the initial noise its only randomness;
-    ``dpm++sde``: stochastic, each image's noise from its own generator), good with far fewer ``steps``.
+    ``dpm++sde``: stochastic, each image's noise from its own generator) with far fewer ``steps`` (see
+    :data:`SAMPLERS` for which kept the rate of memorised copies).
     """
     check_guidance(model, guidance)
     y_all = sample_labels(model, n, labels, start)
-    sched = make_sampler(model, sampler)
-    sched.set_timesteps(steps)  # multistep solvers keep state across steps: reset per batch below
+    sched = make_sampler(model, sampler, steps)
     unet = model.unet.to(device).eval()
     out = []
     bar = None
@@ -132,8 +137,8 @@ def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, b
         bar = tqdm(total=-(-n // batch_size) * len(sched.timesteps), desc=f"sampling {n} images", unit="step")
     done = 0
     for gens in seeded_batches(n, batch_size, seed, start):
-        sched = make_sampler(model, sampler)
-        sched.set_timesteps(steps)
+        if done:  # every batch after the first starts from a fresh solver
+            sched = make_sampler(model, sampler, steps)
         x = initial_noise(model.sample_shape, gens).to(device)
         y = None if y_all is None else y_all[done:done + len(gens)].to(device)
         done += len(gens)

@@ -80,7 +80,7 @@ def labelled_reference(data: ImageSet, forget_idx: list[int], classes: list[str]
     if held_out is not None:
         pool = [i for i in range(len(held_out_labels)) if int(held_out_labels[i]) in wanted]
         if pool:
-            pick = sorted(pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:n])
+            pick = _sample(pool, n, g)
             return held_out[pick], {"kind": "held-out", "count": len(pick), "available": len(pool),
                                     "indices": pick, "classes": words,
                                     "words": f"held-out images of class {words} (never trained on)"}, \
@@ -105,6 +105,11 @@ def _pick_kept(data: ImageSet, forget: set[int], pool: list[int], n: int, g: tor
         raise UserError(f"reference index {bad[0]} is in the forget set or outside the data set")
     if not pool:
         raise UserError("no reference images: give held-out images or keep at least one image of the data set")
+    return _sample(pool, n, g)
+
+
+def _sample(pool: list[int], n: int, g: torch.Generator) -> list[int]:
+    """At most ``n`` of ``pool``, a sample seeded by ``g``, sorted."""
     return sorted(pool[int(i)] for i in torch.randperm(len(pool), generator=g)[:n])
 
 
