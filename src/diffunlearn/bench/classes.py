@@ -110,6 +110,8 @@ def _progress(r: dict) -> None:
 
 
 def _summarise(rs: list[dict]) -> dict:
+    from ..metrics.rates import binomial_ci, rate_summary
+
     m0 = rs[0]["metrics"]
     out = {"steps": rs[0]["steps"], "seeds": len(rs), "unlearn_seconds": stat(r["unlearn_seconds"] for r in rs),
            "membership_auc": stat(r["metrics"]["membership_auc"]["value"] for r in rs),
@@ -118,18 +120,13 @@ def _summarise(rs: list[dict]) -> dict:
     if "accuracy_forgotten" in m0:
         k = sum(r["metrics"]["accuracy_forgotten"]["correct"] for r in rs)
         n = sum(r["metrics"]["accuracy_forgotten"]["n"] for r in rs)
-        from ..metrics.rates import binomial_ci
-
         out.update(accuracy_forgotten={"correct": k, "n": n, "accuracy": k / n, "ci95": list(binomial_ci(k, n))},
                    accuracy_remaining=stat(r["metrics"]["accuracy_remaining"]["mean"] for r in rs),
                    fid_forgotten=stat(r["metrics"]["fid_forgotten"] for r in rs),
                    fid_remaining=stat(r["metrics"]["fid_remaining"] for r in rs))
     else:
-        from ..metrics.rates import binomial_ci
-
-        k = sum(r["metrics"]["class_rate"]["count"] for r in rs)
-        n = sum(r["metrics"]["class_rate"]["n"] for r in rs)
-        out.update(class_rate={"count": k, "n": n, "rate": k / n, "ci95": list(binomial_ci(k, n))},
+        out.update(class_rate=rate_summary(sum(r["metrics"]["class_rate"]["count"] for r in rs),
+                                           sum(r["metrics"]["class_rate"]["n"] for r in rs)),
                    fid_kept=stat(r["metrics"]["fid_kept"] for r in rs),
                    # samples the classifier puts outside the ten digits (mnist-tshirt: the T-shirt class)
                    not_digits=sum(sum(r["metrics"]["predicted_histogram"][10:]) for r in rs))

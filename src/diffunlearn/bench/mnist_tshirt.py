@@ -103,7 +103,7 @@ def _progress(r: dict) -> None:
 
 
 def _summariser(results: list[dict]):
-    from ..metrics.rates import binomial_ci
+    from ..metrics.rates import rate_summary
 
     plain = [r["seconds_per_step"] for r in results if r["method"] == "naive" and r["seconds_per_step"]]
     plain_step = float(np.median(plain)) if plain else None
@@ -122,7 +122,7 @@ def _summariser(results: list[dict]):
             "nll": stat(r["metrics"]["tshirt_nll"]["bpd"] for r in rs),
             # Monte Carlo standard error of the mean NLL over the cells' Hutchinson probes (NaN with 1 probe)
             "nll_mc_stderr": float(np.sqrt(np.mean([r["metrics"]["tshirt_nll"]["stderr"] ** 2 for r in rs]) / len(rs))),
-            "tshirt": {"count": k, "n": n, "rate": k / n, "ci95": list(binomial_ci(k, n))},
+            "tshirt": rate_summary(k, n),
             "unlearn_seconds": stat(r["unlearn_seconds"] for r in rs),
             "seconds_per_step": float(np.median(sps)) if sps else None,
             "relative_step_time": float(np.median(sps)) / plain_step if sps and plain_step else None,

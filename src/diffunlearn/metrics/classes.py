@@ -22,7 +22,7 @@ import torch
 
 from ..models import DiffusionModel
 from .membership import mean_over_draws
-from .rates import binomial_ci
+from .rates import binomial_ci, rate_summary
 
 
 @torch.no_grad()
@@ -45,8 +45,7 @@ def class_accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> dict[int, d
 
 def class_rate(predicted: torch.Tensor, c: int) -> dict:
     """The fraction of samples the classifier assigns to class ``c``, with its exact 95% interval."""
-    k, n = int((predicted == c).sum()), len(predicted)
-    return {"count": k, "n": n, "rate": k / n if n else float("nan"), "ci95": list(binomial_ci(k, n))}
+    return rate_summary(int((predicted == c).sum()), len(predicted))
 
 
 def noise_kl(model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | None = None, n_draws: int = 8,

@@ -34,6 +34,11 @@ def binomial_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     return lo, hi
 
 
+def rate_summary(k: int, n: int) -> dict:
+    """``k`` of ``n`` as ``{count, n, rate, ci95}``, the interval exact (:func:`binomial_ci`)."""
+    return {"count": int(k), "n": int(n), "rate": k / n, "ci95": list(binomial_ci(k, n))}
+
+
 def mcnemar_exact(only_a: int, only_b: int) -> float:
     """Exact two-sided McNemar p-value on paired binary outcomes (the same sample seeds judged under two models):
     under the null hypothesis that both models produce the target equally often, each discordant pair (the target
