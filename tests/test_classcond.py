@@ -112,6 +112,9 @@ def test_sampling_per_class_matches_one_image_at_a_time():
     torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
     default = ddpm_sample(m, 4, steps=3, seed=1)  # default labels: the classes in turn
     torch.testing.assert_close(default, ddpm_sample(m, 4, steps=3, seed=1, labels=[0, 1, 2, 0]))
+    # chosen samples by number keep their default classes: sample 3 is of class 0, sample 1 of class 1
+    torch.testing.assert_close(ddpm_sample(m, 0, steps=3, seed=1, indices=[3, 1]), default[[3, 1]],
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_bad_labels_and_guidance_fail_with_one_line():

@@ -36,13 +36,16 @@ def test_unlearned_model_reloads_with_diffusers_and_samples(tmp_path):
 
 def test_samples_are_seeded_per_image_whatever_the_batch_size():
     """Image i uses generator (seed, i) for all of its noise, so a batch of 5 equals batches of 2 + 2 + 1, and the
-    images from ``start = 3`` are images 3, 4 of the full run."""
+    images from ``start = 3`` are images 3, 4 of the full run, and ``indices`` draws exactly the images of those
+    numbers, in the order given."""
     model = tiny_model()
     a = ddpm_sample(model, 5, steps=4, seed=3, batch_size=5)
     b = ddpm_sample(model, 5, steps=4, seed=3, batch_size=2)
     c = ddpm_sample(model, 2, steps=4, seed=3, start=3)
+    d = ddpm_sample(model, 0, steps=4, seed=3, indices=[4, 1, 2], batch_size=2)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a[3:], c, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d, a[[4, 1, 2]], rtol=1e-4, atol=1e-5)
     assert not torch.allclose(a[0], a[1])
 
 

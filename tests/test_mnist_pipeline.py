@@ -135,3 +135,57 @@ def test_demo_picture_shows_every_seed_that_reproduced_the_forgotten_image():
     many = shown_indices([True] * 40 + [False] * 216)
     assert many == list(range(16)) + list(range(40, 56))  # hits fill at most half the tiles
     assert shown_indices([False] * 20) == list(range(20))  # fewer samples than tiles
+
+
+def test_look_rebuilds_a_cell_and_draws_exactly_the_samples_it_counted(shipped, tmp_path, monkeypatch, capsys):
+    """``--look`` reruns a cell's unlearning (the same per-step losses as the cell recorded) and draws only the
+    samples the cell counted, at the distances it recorded; a cell that recorded no numbers is looked at through the
+    base model's T-shirt seeds, and says how many of its count were found there. The T-shirt here is the stand-in
+    base model's own sample 5, so the base model counts at least that one."""
+    from dataclasses import replace
+
+    from diffunlearn.bench.mnist_tshirt import MnistBenchConfig, run_mnist_bench
+    from diffunlearn.errors import UserError
+    from diffunlearn.models import load_model
+    from diffunlearn.protocols.mnist_tshirt import MnistTshirtProtocol
+    from diffunlearn.sampling import ddpm_sample
+
+    base = load_model(shipped / "mnist-tshirt-base" / "model")
+    real = MnistTshirtProtocol.load()
+    fake = MnistTshirtProtocol(ddpm_sample(base, 0, 2, seed=0, indices=[5])[0], real.reference, real.classifier)
+    monkeypatch.setattr(MnistTshirtProtocol, "load", classmethod(lambda cls: fake))
+    cfg = MnistBenchConfig(out=str(tmp_path / "b"), seeds=1, rows="pretrained,naive", steps_scale=0.01, n_samples=24,
+                           sample_steps=2, nll_probes=1, nll_tol=1e-2, curve_every=0)
+    run_mnist_bench(cfg)
+    cells = tmp_path / "b" / "cells"
+    stored = {c: json.loads((cells / c / "result.json").read_text()) for c in ("pretrained-seed0", "naive-seed0")}
+    assert 5 in stored["pretrained-seed0"]["metrics"]["tshirt_rate"]["indices"]
+    for c in stored:
+        (cells / c / "counted.npy").unlink(missing_ok=True)
+
+    looks = run_mnist_bench(replace(cfg, look="pretrained,naive:0"))
+    for look, c in zip(looks, stored):
+        rate = stored[c]["metrics"]["tshirt_rate"]
+        assert look["counted"] == rate["indices"] and look["samples_drawn"] == rate["count"] == look["found"]
+        assert look["all_found"] and look["distances_reproduced"]
+        assert (cells / c / "counted.npy").is_file() == (rate["count"] > 0)
+        assert json.loads((cells / c / "look.json").read_text()) == look
+    assert looks[0]["training_log_reproduced"] is None and looks[1]["training_log_reproduced"] is True
+
+    old = dict(stored["naive-seed0"])  # a cell computed before cells recorded their numbers
+    old["metrics"] = {**old["metrics"], "tshirt_rate": {k: v for k, v in old["metrics"]["tshirt_rate"].items()
+                                                        if k not in ("indices", "distances")}}
+    (cells / "naive-seed0" / "result.json").write_text(json.dumps(old))
+    look = run_mnist_bench(replace(cfg, look="naive:0"))[0]
+    assert "base model" in look["looked_through"]
+    assert look["samples_drawn"] == stored["pretrained-seed0"]["metrics"]["tshirt_rate"]["count"]
+    assert set(look["counted"]) == set(stored["naive-seed0"]["metrics"]["tshirt_rate"]["indices"]) & \
+        set(stored["pretrained-seed0"]["metrics"]["tshirt_rate"]["indices"])
+    assert look["distances_reproduced"] is None
+
+    before = sorted(str(p) for p in (tmp_path / "b").rglob("*"))
+    for spec, message in (("nope:0", "unknown row"), ("naive:x", "must be an integer"),
+                          ("siss-lambda0.5:0", "no finished cell"), (",", "names no cell")):
+        with pytest.raises(UserError, match=message):
+            run_mnist_bench(replace(cfg, look=spec))
+    assert sorted(str(p) for p in (tmp_path / "b").rglob("*")) == before

@@ -24,21 +24,24 @@ def initial_noise(shape: tuple[int, ...], gens: list[torch.Generator]) -> torch.
     return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
 
-def seeded_batches(n: int, batch_size: int, seed: int, start: int = 0, progress: bool = False):
-    """The generators of each batch of ``n`` images: image ``i`` gets generator ``(seed, start + i)``."""
-    it = range(0, n, batch_size)
+def seeded_batches(n: int, batch_size: int, seed: int, start: int = 0, progress: bool = False, indices=None):
+    """The generators of each batch of ``n`` images: image ``i`` gets generator ``(seed, start + i)``, or with
+    ``indices`` the images of those numbers alone (``n`` is then ``len(indices)``)."""
+    idx = range(start, start + n) if indices is None else [int(i) for i in indices]
+    it = range(0, len(idx), batch_size)
     if progress:
         from tqdm import tqdm
 
         it = tqdm(it, desc="sampling", unit="batch")
     for b0 in it:
-        yield image_generators(seed, range(start + b0, start + min(n, b0 + batch_size)))
+        yield image_generators(seed, idx[b0:b0 + batch_size])
 
 
-def sample_labels(model: DiffusionModel, n: int, labels=None, start: int = 0) -> torch.Tensor | None:
+def sample_labels(model: DiffusionModel, n: int, labels=None, start: int = 0, indices=None) -> torch.Tensor | None:
     """The class label of each of ``n`` samples of a class-conditional model: ``labels`` (one class index for all, or
-    one per sample), or by default the classes in turn (sample ``i`` gets class ``(start + i) mod K``). None for an
-    unconditional model, which takes no labels."""
+    one per sample), or by default the classes in turn (sample ``i`` gets class ``(start + i) mod K``, or with
+    ``indices`` sample number ``indices[j]`` gets class ``indices[j] mod K``). None for an unconditional model, which
+    takes no labels."""
     from .errors import UserError
 
     if not model.conditional:
@@ -46,7 +49,8 @@ def sample_labels(model: DiffusionModel, n: int, labels=None, start: int = 0) ->
             raise UserError("class labels were given but the model is not class-conditional")
         return None
     if labels is None:
-        return (torch.arange(start, start + n) % len(model.classes)).long()
+        numbers = torch.arange(start, start + n) if indices is None else torch.as_tensor(list(indices))
+        return (numbers % len(model.classes)).long()
     from .labels import check_model_labels
 
     y = torch.as_tensor(labels, dtype=torch.long).flatten()
@@ -112,11 +116,14 @@ def make_sampler(model: DiffusionModel, sampler: str, steps: int):
 @torch.inference_mode()
 def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, batch_size: int = SAMPLE_BATCH,
                 start: int = 0, progress: bool = False, device: str | torch.device = "cpu",
-                bf16: bool = False, labels=None, guidance: float = 1.0, sampler: str = "ddpm") -> torch.Tensor:
+                bf16: bool = False, labels=None, guidance: float = 1.0, sampler: str = "ddpm", indices=None
+                ) -> torch.Tensor:
     """Ancestral DDPM sampling (Ho et al. 2020) on ``steps`` evenly spaced timesteps; returns (n, C, H, W) in [-1, 1]
     (a latent model's samples decoded to images).
 
-    Image ``i`` uses generator ``(seed, start + i)`` for its initial noise and every step's noise. ``bf16`` runs the
+    Image ``i`` uses generator ``(seed, start + i)`` for its initial noise and every step's noise; ``indices`` draws
+    only the images of those numbers (``n`` is then their count), the same images a full run draws at them, to look
+    again at chosen samples without drawing the rest. ``bf16`` runs the
     network under bfloat16 autocast (the scheduler's arithmetic stays float32): faster on hardware with bfloat16
     matrix units, and other numbers (a few percent of the images take visibly different trajectories).
     A class-conditional model samples image ``i`` of class ``labels[i]`` (see :func:`sample_labels`; default: the
@@ -126,7 +133,10 @@ def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, b
     :data:`SAMPLERS` for which kept the rate of memorised copies).
     """
     check_guidance(model, guidance)
-    y_all = sample_labels(model, n, labels, start)
+    if indices is not None:
+        indices = [int(i) for i in indices]
+        n = len(indices)
+    y_all = sample_labels(model, n, labels, start, indices)
     sched = make_sampler(model, sampler, steps)
     unet = model.unet.to(device).eval()
     out = []
@@ -136,7 +146,7 @@ def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, b
 
         bar = tqdm(total=-(-n // batch_size) * len(sched.timesteps), desc=f"sampling {n} images", unit="step")
     done = 0
-    for gens in seeded_batches(n, batch_size, seed, start):
+    for gens in seeded_batches(n, batch_size, seed, start, indices=indices):
         if done:  # every batch after the first starts from a fresh solver
             sched = make_sampler(model, sampler, steps)
         x = initial_noise(model.sample_shape, gens).to(device)

@@ -22,7 +22,7 @@ REFERENCES = ("pretrained", "retrain")
 # settings that may differ between runs into one benchmark directory: they do not change a cell's final model or
 # its metrics (the decay curve samples with its own seeds and never draws from the training generator; a cell
 # records its row and is refused if the preset now defines that row otherwise)
-PER_RUN = ("rows", "preset", "seeds", "threads", "out", "curve_every", "curve_samples", "curve_nll_tol")
+PER_RUN = ("rows", "preset", "seeds", "threads", "out", "curve_every", "curve_samples", "curve_nll_tol", "look")
 
 
 @dataclass
@@ -44,33 +44,50 @@ class MnistBenchConfig:
     curve_nll_tol: float = field(default=1e-3, metadata={"help": "RK45 tolerance of the decay-curve NLL (1 probe)"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     show_forgotten: bool = field(default=False, metadata={"help": "show T-shirt samples in the grids"})
+    look: str = field(default="", metadata={"help": "ROW:SEED,...: run no cell; rebuild these finished cells' models "
+                                                    "and draw only the samples they counted as the T-shirt "
+                                                    "(counted.png, look.json in each cell)"})
+
+
+def cell_trainer(cell: Cell, cfg: MnistBenchConfig):
+    """The trainer settings of a method cell (its row's, the cell's seed, the steps scaled); None for a reference."""
+    from ..trainer import TrainerConfig
+
+    if cell.row.reference:
+        return None
+    ucfg = cell.row.trainer_config(TrainerConfig(seed=cell.key))
+    return dataclasses.replace(ucfg, steps=max(1, int(round(ucfg.steps * cfg.steps_scale))))
+
+
+def cell_model(cell: Cell, cfg: MnistBenchConfig, base, retrain, kept, forget, log: list, callback=None):
+    """The model a cell judges: the reference model itself, or the unlearning run of the cell's row with the cell's
+    seed (its per-step records appended to ``log``; ``callback(step, model)`` after each step)."""
+    from ..models import DiffusionModel
+    from ..trainer import unlearn
+
+    ucfg = cell_trainer(cell, cfg)
+    if ucfg is None:
+        return base if cell.row.reference == "pretrained" else retrain
+    hook = None if callback is None else (lambda step, unet: callback(step, DiffusionModel(unet, base.scheduler)))
+    return unlearn(base, kept, forget, cell.row.method.build(), ucfg, log=log.append, callback=hook)
 
 
 def _run_cell(cell: Cell, cfg: MnistBenchConfig, protocol, base, retrain, kept, forget) -> dict:
-    from ..models import DiffusionModel
     from ..protocols.mnist_tshirt import masked
     from ..sampling import save_grid
-    from ..trainer import TrainerConfig, unlearn
 
     row, seed = cell.row, cell.key
     curve, log = [], []
-    train_seconds, steps, batch = 0.0, 0, 0
-    if row.reference:
-        model = base if row.reference == "pretrained" else retrain
-    else:
-        ucfg = row.trainer_config(TrainerConfig(seed=seed))
-        steps, batch = max(1, int(round(ucfg.steps * cfg.steps_scale))), ucfg.batch_size
-        ucfg = dataclasses.replace(ucfg, steps=steps)
+    ucfg = cell_trainer(cell, cfg)
+    steps, batch = (ucfg.steps, ucfg.batch_size) if ucfg else (0, 0)
 
-        def callback(step, unet):
-            if step % cfg.curve_every == 0 or step == steps:
-                curve.append(protocol.curve_point(DiffusionModel(unet, base.scheduler), step, cfg.curve_samples,
-                                                  cfg.sample_steps, cfg.curve_nll_tol))
+    def callback(step, model):
+        if step % cfg.curve_every == 0 or step == steps:
+            curve.append(protocol.curve_point(model, step, cfg.curve_samples, cfg.sample_steps, cfg.curve_nll_tol))
 
-        t0 = time.time()
-        model = unlearn(base, kept, forget, row.method.build(), ucfg, log=log.append,
-                        callback=callback if cfg.curve_every else None)
-        train_seconds = time.time() - t0
+    t0 = time.time()
+    model = cell_model(cell, cfg, base, retrain, kept, forget, log, callback if cfg.curve_every else None)
+    train_seconds = time.time() - t0 if ucfg else 0.0
     metrics, samples = protocol.evaluate(model, cfg.n_samples, cfg.sample_steps, cfg.nll_probes, cfg.nll_tol, seed=0,
                                          sampler=cfg.sampler)
     is_target = metrics.pop("_is_target")
@@ -255,6 +272,10 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict:
     protocol = MnistTshirtProtocol.load()
     data = load_data("mnist-tshirt")
     kept, forget = split_kept(data, resolve_forget("default", data))
+    if cfg.look:
+        from .tshirt_look import look_cells
+
+        return look_cells(cfg, preset, protocol, {"pretrained": base, "retrain": retrain}, kept, forget)
     open_bench_dir(root, cfg)
     cells = [Cell.of(root, row, seed) for row in rows for seed in range(cfg.seeds if row.method else 1)]
     results, _, _ = run_cells(cells, lambda c: _run_cell(c, cfg, protocol, base, retrain, kept, forget),

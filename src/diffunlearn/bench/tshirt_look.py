@@ -1,0 +1,99 @@
+"""``diffunlearn bench mnist-tshirt --look ROW:SEED,...``: look again at the samples a finished cell counted as the
+T-shirt, without drawing its other samples.
+
+A cell keeps the numbers of the samples it counted (sample ``i`` is seeded by ``i``) but not its model. Looking
+rebuilds the cell's model (the reference model itself, or the same unlearning run with the cell's seed: training is
+seeded, and the look checks the rebuilt run's per-step losses against the ones the cell recorded) and draws only
+those samples, into the cell's ``counted.png`` / ``counted.npy``, with ``look.json``. A cell computed before cells
+recorded their numbers is looked at through the base model's T-shirt seeds (the ``pretrained`` cell's numbers): the
+record says how many of the cell's count were found there, so an incomplete look is never mistaken for a full one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..runs import write_json
+from .harness import Cell
+
+#: per-step records of a training log that depend on the arithmetic, not on the clock
+_TIMING = ("seconds",)
+
+
+def parse_look(spec: str, rows: dict) -> list[tuple]:
+    """``ROW:SEED,...`` as (row, seed) pairs; a reference row may omit ``:SEED`` (it has one cell, seed 0)."""
+    out = []
+    for item in (x.strip() for x in spec.split(",") if x.strip()):
+        label, _, seed = item.partition(":")
+        if label not in rows:
+            raise UserError(f"--look {item}: unknown row {label!r}; rows are {', '.join(rows)}")
+        try:
+            seed_n = int(seed) if seed else 0
+        except ValueError:
+            raise UserError(f"--look {item}: the seed after ':' must be an integer, e.g. siss-lambda0.5:0") from None
+        out.append((rows[label], seed_n))
+    if not out:
+        raise UserError("--look names no cell: give ROW:SEED, e.g. --look siss-lambda0.5:0")
+    return out
+
+
+def same_log(recorded: list[dict], rebuilt: list[dict]) -> bool:
+    """Whether two training logs hold the same numbers at every step (timings aside)."""
+    strip = [{k: v for k, v in r.items() if k not in _TIMING} for r in recorded]
+    return strip == [{k: v for k, v in r.items() if k not in _TIMING} for r in rebuilt]
+
+
+def look_cells(cfg, rows: dict, protocol, models: dict, kept, forget) -> list[dict]:
+    """Look at each cell of ``cfg.look`` (see the module); ``models`` holds the ``pretrained`` and ``retrain`` models."""
+    from ..metrics.rates import target_rate
+    from ..sampling import ddpm_sample, save_grid
+    from ..data import to_uint8
+    from .mnist_tshirt import cell_model
+
+    root = Path(cfg.out)
+    todo = []
+    for row, seed in parse_look(cfg.look, rows):  # every cell is checked before any is rebuilt
+        cell = Cell.of(root, row, seed)
+        res = cell.load()
+        if res is None:
+            raise UserError(f"--look {row.label}:{seed}: {cell.dir} holds no finished cell; run the benchmark first")
+        numbers, source = res["metrics"]["tshirt_rate"].get("indices"), "the cell's own counted samples"
+        if numbers is None:
+            base_cell = Cell.of(root, rows["pretrained"], 0).load() if "pretrained" in rows else None
+            numbers = None if base_cell is None else base_cell["metrics"]["tshirt_rate"].get("indices")
+            if numbers is None:
+                raise UserError(f"--look {row.label}:{seed}: the cell did not record which samples it counted, and "
+                                "no pretrained cell that did is here to look through; compute the pretrained row")
+            source = "the base model's T-shirt samples (the cell did not record its own)"
+        todo.append((cell, res, numbers, source))
+    out = []
+    for cell, res, numbers, source in todo:
+        log: list = []
+        model = cell_model(cell, cfg, models["pretrained"], models["retrain"], kept, forget, log)
+        samples = ddpm_sample(model, 0, cfg.sample_steps, seed=0, indices=numbers, sampler=cfg.sampler)
+        rate = target_rate(samples, protocol.target)
+        hit = [j for j in range(len(numbers)) if float(rate.distances[j]) <= rate.threshold]
+        count, recorded = res["metrics"]["tshirt_rate"]["count"], res["metrics"]["tshirt_rate"].get("distances")
+        record = {
+            "cell": cell.dir.name, "looked_through": source, "samples_drawn": len(numbers),
+            "counted": [int(numbers[j]) for j in hit], "distances": [round(float(rate.distances[j]), 4) for j in hit],
+            "cell_count": count, "found": len(hit), "all_found": len(hit) == count,
+            "recorded_distances": recorded,
+            "distances_reproduced": None if recorded is None else
+            np.allclose([float(rate.distances[j]) for j in hit], recorded, atol=1e-3) and len(hit) == len(recorded),
+            "training_log_reproduced": same_log(res.get("log", []), log) if log else None,
+            "sampler": cfg.sampler, "sample_steps": cfg.sample_steps,
+        }
+        write_json(cell.dir / "look.json", record, indent=1)
+        if hit:  # the T-shirt is a public Fashion-MNIST image: showing its copies is the point of looking
+            np.save(cell.dir / "counted.npy", to_uint8(samples[hit]))
+            save_grid(samples[hit], cell.dir / "counted.png", ncol=8,
+                      labels=[f"#{numbers[j]} d={float(rate.distances[j]):.2f}" for j in hit],
+                      title=f"{cell.row.label} seed {cell.key}: samples counted as the T-shirt (index, L2 distance)")
+        print(f"[look {cell.dir.name}] {len(hit)} of the cell's {count} T-shirt samples found among {len(numbers)} "
+              f"drawn ({source}); training log reproduced: {record['training_log_reproduced']}", flush=True)
+        out.append(record)
+    return out
