@@ -189,3 +189,5 @@ def test_look_rebuilds_a_cell_and_draws_exactly_the_samples_it_counted(shipped, 
         with pytest.raises(UserError, match=message):
             run_mnist_bench(replace(cfg, look=spec))
     assert sorted(str(p) for p in (tmp_path / "b").rglob("*")) == before
+    run_mnist_bench(cfg)  # the table, and one picture of every counted sample of the method cells
+    assert look["counted"] and (tmp_path / "b" / "counted.png").is_file()

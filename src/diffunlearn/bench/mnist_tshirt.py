@@ -286,4 +286,7 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict:
     write_results(root, {"config": asdict(cfg), "rows": table, "paired_with_naive": paired, "cells": results},
                   _markdown(table, cfg, paired))
     _plots(table, results, root)
+    from .tshirt_look import counted_overview
+
+    counted_overview(root, results, root / "counted.png")
     return table

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..runs import write_json
+from ..runs import read_json, write_json
 from .harness import Cell
 
 #: per-step records of a training log that depend on the arithmetic, not on the clock
@@ -97,3 +97,31 @@ def look_cells(cfg, rows: dict, protocol, models: dict, kept, forget) -> list[di
               f"drawn ({source}); training log reproduced: {record['training_log_reproduced']}", flush=True)
         out.append(record)
     return out
+
+
+def counted_overview(root: Path, results: list[dict], path: Path) -> Path | None:
+    """One picture of every sample the method cells counted as the T-shirt (a labelled grid per cell, one under the
+    other), from the cells' ``counted.npy``; the numbers come from the cell's ``look.json`` when it was looked at,
+    else from the cell's own record. None when no method cell kept any."""
+    import torch
+
+    from ..images import grid, save_png, stack
+
+    parts = []
+    for r in results:
+        d = Path(root) / "cells" / f"{r['label']}-seed{r['seed']}"
+        if r["method"] is None or not (d / "counted.npy").is_file():
+            continue
+        look = d / "look.json"
+        src = read_json(look) if look.is_file() else r["metrics"]["tshirt_rate"]
+        pixels = torch.from_numpy(np.load(d / "counted.npy")).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        numbers = src["counted"] if "counted" in src else src["indices"]
+        labels = [f"#{i} d={x:.2f}" for i, x in zip(numbers, src["distances"])]
+        if len(labels) != len(pixels):
+            raise UserError(f"{d}: counted.npy holds {len(pixels)} samples but their record names {len(labels)}; "
+                            "look at the cell again (--look)")
+        parts.append(grid(pixels, 10, labels, title=f"{r['label']} seed {r['seed']}: {len(pixels)} counted "
+                                                    f"(of {r['metrics']['tshirt_rate']['count']})"))
+    if not parts:
+        return None
+    return save_png(stack(parts), path)
