@@ -191,3 +191,20 @@ def test_look_rebuilds_a_cell_and_draws_exactly_the_samples_it_counted(shipped, 
     assert sorted(str(p) for p in (tmp_path / "b").rglob("*")) == before
     run_mnist_bench(cfg)  # the table, and one picture of every counted sample of the method cells
     assert look["counted"] and (tmp_path / "b" / "counted.png").is_file()
+
+
+def test_decay_curve_draws_with_the_benchmark_sampler(shipped):
+    """A decay-curve point counts the samples the evaluation's sampler draws (seeds 10,000 + i): with the T-shirt set
+    to DPM-Solver++ SDE sample 0, that sampler's curve point finds it at distance 0, as the full count does."""
+    from diffunlearn.metrics.rates import target_rate
+    from diffunlearn.models import load_model
+    from diffunlearn.protocols.mnist_tshirt import MnistTshirtProtocol
+    from diffunlearn.sampling import ddpm_sample
+
+    base = load_model(shipped / "mnist-tshirt-base" / "model")
+    real = MnistTshirtProtocol.load()
+    sde = ddpm_sample(base, 6, 3, seed=10_000, sampler="dpm++sde")
+    protocol = MnistTshirtProtocol(sde[0], real.reference, real.classifier)
+    point = protocol.curve_point(base, 7, 6, 3, 1e-2, sampler="dpm++sde")
+    assert point["tshirt_count"] == target_rate(sde, sde[0]).count >= 1 and point["step"] == 7
+    assert point["ci95"][0] <= point["rate"] <= point["ci95"][1]

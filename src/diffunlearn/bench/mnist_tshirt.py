@@ -83,7 +83,8 @@ def _run_cell(cell: Cell, cfg: MnistBenchConfig, protocol, base, retrain, kept, 
 
     def callback(step, model):
         if step % cfg.curve_every == 0 or step == steps:
-            curve.append(protocol.curve_point(model, step, cfg.curve_samples, cfg.sample_steps, cfg.curve_nll_tol))
+            curve.append(protocol.curve_point(model, step, cfg.curve_samples, cfg.sample_steps, cfg.curve_nll_tol,
+                                              cfg.sampler))
 
     t0 = time.time()
     model = cell_model(cell, cfg, base, retrain, kept, forget, log, callback if cfg.curve_every else None)

@@ -78,16 +78,19 @@ class MnistTshirtProtocol:
         metrics["sampling"] = {"n": n_samples, "steps": sample_steps, "seed": seed, "bf16": bf16, "sampler": sampler}
         return metrics, samples
 
-    def curve_point(self, model, step: int, n_samples: int, sample_steps: int, nll_tol: float) -> dict:
+    def curve_point(self, model, step: int, n_samples: int, sample_steps: int, nll_tol: float,
+                    sampler: str = "ddpm") -> dict:
         """One point of the decay curve: the T-shirt count among ``n_samples`` samples (their own seeds, never the
-        training generator's) and the T-shirt's NLL with one probe."""
+        training generator's; drawn with ``sampler`` as the final evaluation is) and the T-shirt's NLL with one
+        probe."""
         from ..metrics.nll import nll_bits_per_dim
         from ..metrics.rates import target_rate
         from ..sampling import ddpm_sample
 
-        r = target_rate(ddpm_sample(model, n_samples, sample_steps, seed=10_000), self.target)
+        r = target_rate(ddpm_sample(model, n_samples, sample_steps, seed=10_000, sampler=sampler), self.target)
         nll = nll_bits_per_dim(model, self.target[None], 1, nll_tol, nll_tol)
-        return {"step": step, "tshirt_count": r.count, "n": r.n, "rate": r.rate, "nll_bpd": float(nll.bpd[0])}
+        return {"step": step, "tshirt_count": r.count, "n": r.n, "rate": r.rate, "ci95": [r.ci_low, r.ci_high],
+                "nll_bpd": float(nll.bpd[0])}
 
 
 def masked(samples: torch.Tensor, is_target, show: bool) -> torch.Tensor:
