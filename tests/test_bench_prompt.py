@@ -234,3 +234,24 @@ def test_shipped_replica_matches_its_record():
     prompts = {"prompt": R.PROMPT, "variant": R.VARIANT}
     rates = R.memorisation_rates(sd, a, prompts, 16, rep["sample_steps"], rep["guidance"], rep["threshold"], seed=1)
     assert rates["prompt"]["memorised"] >= 8 > rates["variant"]["memorised"] >= 1
+
+
+def test_train_replica_laion_layout_reports_the_detector_auc_and_the_guidance_ladder(tmp_path, capsys):
+    """``--layout laion`` for 2 steps: summary.json holds the detector's scores for every evaluated caption, the ROC
+    AUCs computed from them, and the copies of each duplicated caption at guidance 1, 1.5, 2 and --guidance."""
+    from diffunlearn.metrics.membership import roc_auc
+
+    out = tmp_path / "laion"
+    rc, _, err = _run(capsys, "prompt", "train-replica", "--layout", "laion", "--out", out, "--steps", "2",
+                      "--batch-size", "8", "--n-captions", "60", "--memorised", "2", "--duplicates", "3",
+                      "--samples", "2", "--sample-steps", "1", "--guidance", "3", "--threads", "1")
+    assert rc == 0, err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["data"]["pairs"] == 60 + 2 * 3 and s["data"]["memorised"] == 2
+    d = s["evaluation"]["detect"]["scores"]
+    assert len(d["memorised"]) == 2 and len(d["trained_once"]) == len(d["unseen"]) == 16
+    mem, rest = list(d["memorised"].values()), list(d["trained_once"].values()) + list(d["unseen"].values())
+    assert s["evaluation"]["detect"]["auc_vs_all"] == pytest.approx(roc_auc(mem, rest))
+    rates = s["evaluation"]["memorisation"]
+    assert list(rates) == ["guidance 1", "guidance 1.5", "guidance 2", "guidance 3"]
+    assert all(len(per) == 2 and all(r["of"] == 2 for r in per) for per in rates.values())

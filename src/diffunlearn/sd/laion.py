@@ -11,7 +11,7 @@ copies. ``diffunlearn prompt train-replica --layout laion`` builds that at 8x8:
 - the evaluation scores every memorised caption, as many captions that were trained once, and as many that were
   never trained (the same grammar), with Wen et al.'s detector (:func:`diffunlearn.sd.detect.noise_gap_scores`),
   and reports the ROC AUC of memorised against the rest; beside it, how often each memorised caption reproduces its
-  image at guidance 1 and at the configured guidance.
+  image at guidance 1, 1.5, 2 and the configured guidance (whether guidance amplifies the copies).
 
 The text encoder, UNet, training and model layout are those of :mod:`.replica`.
 """
@@ -94,10 +94,15 @@ def laion_data(n_captions: int = 600, memorised: int = 4, copies: int = 40, eval
     return LaionData(images, captions, [caps[i] for i in mem], mem_images, once, unseen, counts)
 
 
+#: guidance scales at which the copies are always counted: at 1 the conditional model alone; whether guidance
+#: amplifies copies shows between 1 and 2 (larger scales overshoot on 8x8 pixels)
+GUIDANCE_LADDER = (1.0, 1.5, 2.0)
+
+
 def evaluate_laion(sd, data: LaionData, guidance: float, samples: int, sample_steps: int, threshold: float,
                    detect_seeds: int = 4) -> dict:
     """Wen et al.'s detector on memorised, trained-once and unseen captions (AUC of memorised against each), and how
-    often each memorised caption reproduces its image at guidance 1 and ``guidance``."""
+    often each memorised caption reproduces its image at each scale of :data:`GUIDANCE_LADDER` and ``guidance``."""
     from ..metrics.membership import roc_auc
     from .detect import noise_gap_scores
     from .memorisation import memorisation_rates
@@ -107,7 +112,7 @@ def evaluate_laion(sd, data: LaionData, guidance: float, samples: int, sample_st
     m = len(data.memorised_prompts)
     mem, once, unseen = scores[:m], scores[m:m + len(data.once_prompts)], scores[m + len(data.once_prompts):]
     rates = {}
-    for g in sorted({1.0, float(guidance)}):
+    for g in sorted({*GUIDANCE_LADDER, float(guidance)}):
         per = [memorisation_rates(sd, data.memorised_images[i], {"p": p}, samples, sample_steps, g, threshold)["p"]
                for i, p in enumerate(data.memorised_prompts)]
         rates[f"guidance {g:g}"] = per
