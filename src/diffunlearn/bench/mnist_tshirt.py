@@ -276,7 +276,8 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict:
     if cfg.look:
         from .tshirt_look import look_cells
 
-        return look_cells(cfg, preset, protocol, {"pretrained": base, "retrain": retrain}, kept, forget)
+        return look_cells(cfg, preset, protocol, lambda cell, log: cell_model(cell, cfg, base, retrain, kept, forget,
+                                                                               log))
     open_bench_dir(root, cfg)
     cells = [Cell.of(root, row, seed) for row in rows for seed in range(cfg.seeds if row.method else 1)]
     results, _, _ = run_cells(cells, lambda c: _run_cell(c, cfg, protocol, base, retrain, kept, forget),

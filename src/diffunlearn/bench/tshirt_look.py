@@ -46,12 +46,12 @@ def same_log(recorded: list[dict], rebuilt: list[dict]) -> bool:
     return strip == [{k: v for k, v in r.items() if k not in _TIMING} for r in rebuilt]
 
 
-def look_cells(cfg, rows: dict, protocol, models: dict, kept, forget) -> list[dict]:
-    """Look at each cell of ``cfg.look`` (see the module); ``models`` holds the ``pretrained`` and ``retrain`` models."""
+def look_cells(cfg, rows: dict, protocol, rebuild) -> list[dict]:
+    """Look at each cell of ``cfg.look`` (see the module); ``rebuild(cell, log)`` returns the cell's model, appending
+    its training run's per-step records to ``log``."""
+    from ..data import to_uint8
     from ..metrics.rates import target_rate
     from ..sampling import ddpm_sample, save_grid
-    from ..data import to_uint8
-    from .mnist_tshirt import cell_model
 
     root = Path(cfg.out)
     todo = []
@@ -72,7 +72,7 @@ def look_cells(cfg, rows: dict, protocol, models: dict, kept, forget) -> list[di
     out = []
     for cell, res, numbers, source in todo:
         log: list = []
-        model = cell_model(cell, cfg, models["pretrained"], models["retrain"], kept, forget, log)
+        model = rebuild(cell, log)
         samples = ddpm_sample(model, 0, cfg.sample_steps, seed=0, indices=numbers, sampler=cfg.sampler)
         rate = target_rate(samples, protocol.target)
         hit = [j for j in range(len(numbers)) if float(rate.distances[j]) <= rate.threshold]
