@@ -170,7 +170,7 @@ def test_look_rebuilds_a_cell_and_draws_exactly_the_samples_it_counted(shipped, 
         assert look["all_found"] and look["distances_reproduced"]
         assert (cells / c / "counted.npy").is_file() == (rate["count"] > 0)
         assert json.loads((cells / c / "look.json").read_text()) == look
-    assert looks[0]["training_log_reproduced"] is None and looks[1]["training_log_reproduced"] is True
+    assert looks[0]["training_log"] is None and looks[1]["training_log"] == {"identical": True, "steps": [3, 3]}
 
     old = dict(stored["naive-seed0"])  # a cell computed before cells recorded their numbers
     old["metrics"] = {**old["metrics"], "tshirt_rate": {k: v for k, v in old["metrics"]["tshirt_rate"].items()
@@ -208,3 +208,16 @@ def test_decay_curve_draws_with_the_benchmark_sampler(shipped):
     point = protocol.curve_point(base, 7, 6, 3, 1e-2, sampler="dpm++sde")
     assert point["tshirt_count"] == target_rate(sde, sde[0]).count >= 1 and point["step"] == 7
     assert point["ci95"][0] <= point["rate"] <= point["ci95"][1]
+
+
+def test_log_agreement_ignores_timings_and_measures_the_largest_difference():
+    from diffunlearn.bench.tshirt_look import log_agreement
+
+    a = [{"step": 1, "loss": 2.0, "seconds": 1.0}, {"step": 2, "loss": 4.0, "grad_norm": 10.0, "seconds": 1.0}]
+    b = [{"step": 1, "loss": 2.0, "seconds": 9.0}, {"step": 2, "loss": 4.0, "grad_norm": 10.0, "seconds": 3.0}]
+    assert log_agreement(a, b) == {"identical": True, "steps": [2, 2]}
+    b[1]["grad_norm"] = 10.001
+    out = log_agreement(a, b)
+    assert not out["identical"] and out["first_step_that_differs"] == 2 and out["same_keys"]
+    assert out["max_relative_difference"] == pytest.approx(0.001 / 10.001)
+    assert log_agreement(a, b[:1]) == {"identical": False, "steps": [2, 1]}
