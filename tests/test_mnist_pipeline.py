@@ -221,3 +221,23 @@ def test_log_agreement_ignores_timings_and_measures_the_largest_difference():
     assert not out["identical"] and out["first_step_that_differs"] == 2 and out["same_keys"]
     assert out["max_relative_difference"] == pytest.approx(0.001 / 10.001)
     assert log_agreement(a, b[:1]) == {"identical": False, "steps": [2, 1]}
+
+
+def test_a_complete_look_supplies_the_numbers_a_cell_did_not_record(tmp_path):
+    """A cell without recorded sample numbers takes them from its look only when the look found its whole count."""
+    from diffunlearn.bench.tshirt_look import with_looked_numbers
+
+    def cell(label, count, **rate):
+        return {"label": label, "seed": 0, "metrics": {"tshirt_rate": {"count": count, **rate}}}
+
+    results = [cell("a", 2), cell("b", 2), cell("c", 1, indices=[5], distances=[0.5])]
+    for label, found in (("a", 2), ("b", 1), ("c", 1)):
+        (tmp_path / "cells" / f"{label}-seed0").mkdir(parents=True)
+        (tmp_path / "cells" / f"{label}-seed0" / "look.json").write_text(json.dumps(
+            {"all_found": found == 2 or label == "c", "found": found, "counted": [3, 9][:found],
+             "distances": [1.0, 2.0][:found]}))
+    a, b, c = with_looked_numbers(tmp_path, results)
+    assert a["metrics"]["tshirt_rate"]["indices"] == [3, 9] and "numbers_from" in a["metrics"]["tshirt_rate"]
+    assert "indices" not in b["metrics"]["tshirt_rate"]  # the look found 1 of 2: not the cell's numbers
+    assert c == results[2]  # a cell's own record is never replaced
+    assert "indices" not in results[0]["metrics"]["tshirt_rate"]  # the input is not modified

@@ -282,13 +282,14 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict:
     cells = [Cell.of(root, row, seed) for row in rows for seed in range(cfg.seeds if row.method else 1)]
     results, _, _ = run_cells(cells, lambda c: _run_cell(c, cfg, protocol, base, retrain, kept, forget),
                               progress=_progress)
+    from .tshirt_look import counted_overview, with_looked_numbers
+
+    results = with_looked_numbers(root, results)
     labels = [label for label in preset if label in {r.label for r in rows}]
     table = aggregate(results, labels, _summariser(results))
     paired = paired_with(results)
     write_results(root, {"config": asdict(cfg), "rows": table, "paired_with_naive": paired, "cells": results},
                   _markdown(table, cfg, paired))
     _plots(table, results, root)
-    from .tshirt_look import counted_overview
-
     counted_overview(root, results, root / "counted.png")
     return table

@@ -134,3 +134,21 @@ def counted_overview(root: Path, results: list[dict], path: Path) -> Path | None
     if not parts:
         return None
     return save_png(stack(parts), path)
+
+
+def with_looked_numbers(root: Path, results: list[dict]) -> list[dict]:
+    """``results`` where a cell that did not record which samples it counted, but whose look found all of them
+    (``look.json``: as many as the cell counted), carries the look's numbers and distances (marked
+    ``numbers_from``), so it can be paired with other rows on the same sample seeds; every other cell as it is."""
+    out = []
+    for r in results:
+        look = Path(root) / "cells" / f"{r['label']}-seed{r['seed']}" / "look.json"
+        rate = r["metrics"]["tshirt_rate"]
+        if "indices" not in rate and look.is_file():
+            seen = read_json(look)
+            if seen["all_found"] and seen["found"] == rate["count"]:
+                rate = {**rate, "indices": seen["counted"], "distances": seen["distances"],
+                        "numbers_from": "look.json: the rebuilt model, drawn at the base model's T-shirt seeds"}
+                r = {**r, "metrics": {**r["metrics"], "tshirt_rate": rate}}
+        out.append(r)
+    return out
