@@ -137,15 +137,10 @@ def test_demo_picture_shows_every_seed_that_reproduced_the_forgotten_image():
     assert shown_indices([False] * 20) == list(range(20))  # fewer samples than tiles
 
 
-def test_look_rebuilds_a_cell_and_draws_exactly_the_samples_it_counted(shipped, tmp_path, monkeypatch, capsys):
-    """``--look`` reruns a cell's unlearning (the same per-step losses as the cell recorded) and draws only the
-    samples the cell counted, at the distances it recorded; a cell that recorded no numbers is looked at through the
-    base model's T-shirt seeds, and says how many of its count were found there. The T-shirt here is the stand-in
-    base model's own sample 5, so the base model counts at least that one."""
-    from dataclasses import replace
-
-    from diffunlearn.bench.mnist_tshirt import MnistBenchConfig, run_mnist_bench
-    from diffunlearn.errors import UserError
+@pytest.fixture
+def tshirt_is_sample5(shipped, monkeypatch):
+    """The protocol's T-shirt replaced by the stand-in base model's sample 5 (2 DDPM steps), so the base model draws
+    at least one T-shirt."""
     from diffunlearn.models import load_model
     from diffunlearn.protocols.mnist_tshirt import MnistTshirtProtocol
     from diffunlearn.sampling import ddpm_sample
@@ -154,6 +149,19 @@ def test_look_rebuilds_a_cell_and_draws_exactly_the_samples_it_counted(shipped, 
     real = MnistTshirtProtocol.load()
     fake = MnistTshirtProtocol(ddpm_sample(base, 0, 2, seed=0, indices=[5])[0], real.reference, real.classifier)
     monkeypatch.setattr(MnistTshirtProtocol, "load", classmethod(lambda cls: fake))
+    return fake
+
+
+def test_look_rebuilds_a_cell_and_draws_exactly_the_samples_it_counted(tshirt_is_sample5, tmp_path):
+    """``--look`` reruns a cell's unlearning (the same per-step losses as the cell recorded) and draws only the
+    samples the cell counted, at the distances it recorded; a cell that recorded no numbers is looked at through the
+    base model's T-shirt seeds, and says how many of its count were found there. The T-shirt here is the stand-in
+    base model's own sample 5, so the base model counts at least that one."""
+    from dataclasses import replace
+
+    from diffunlearn.bench.mnist_tshirt import MnistBenchConfig, run_mnist_bench
+    from diffunlearn.errors import UserError
+
     cfg = MnistBenchConfig(out=str(tmp_path / "b"), seeds=1, rows="pretrained,naive", steps_scale=0.01, n_samples=24,
                            sample_steps=2, nll_probes=1, nll_tol=1e-2, curve_every=0)
     run_mnist_bench(cfg)
@@ -241,3 +249,31 @@ def test_a_complete_look_supplies_the_numbers_a_cell_did_not_record(tmp_path):
     assert "indices" not in b["metrics"]["tshirt_rate"]  # the look found 1 of 2: not the cell's numbers
     assert c == results[2]  # a cell's own record is never replaced
     assert "indices" not in results[0]["metrics"]["tshirt_rate"]  # the input is not modified
+
+
+def test_curve_track_follows_the_base_models_tshirt_samples_to_the_final_count(tshirt_is_sample5, tmp_path):
+    """With ``--curve-track`` (the pretrained cell's result) every curve point draws exactly the base model's T-shirt
+    samples; the last point is the final model at the evaluation's seeds, so the samples it still finds to be
+    T-shirts are exactly the final count's among them. A file that is not such a cell is a one-line error."""
+    from dataclasses import replace
+
+    from diffunlearn.bench.mnist_tshirt import MnistBenchConfig, run_mnist_bench
+    from diffunlearn.errors import UserError
+
+    cfg = MnistBenchConfig(out=str(tmp_path / "b"), seeds=1, rows="pretrained", steps_scale=0.01, n_samples=24,
+                           sample_steps=2, nll_probes=1, nll_tol=1e-2, curve_every=1, curve_nll_tol=1e-2)
+    run_mnist_bench(cfg)
+    base_cell = tmp_path / "b" / "cells" / "pretrained-seed0" / "result.json"
+    tracked = json.loads(base_cell.read_text())["metrics"]["tshirt_rate"]["indices"]
+    run_mnist_bench(replace(cfg, rows="naive", curve_track=str(base_cell)))
+    cell = json.loads((tmp_path / "b" / "cells" / "naive-seed0" / "result.json").read_text())
+    assert [p["step"] for p in cell["curve"]] == [1, 2, 3] and cell["curve_settings"]["tracked"] == tracked
+    assert all(p["n"] == len(tracked) and set(p["tracked_still_tshirts"]) <= set(tracked) for p in cell["curve"])
+    final = set(cell["metrics"]["tshirt_rate"]["indices"]) & set(tracked)
+    assert final  # sample 5 is still the T-shirt after 3 small steps
+    assert set(cell["curve"][-1]["tracked_still_tshirts"]) == final
+    assert cell["curve"][-1]["tshirt_count"] == len(final)
+    for bad in (tmp_path / "missing.json", tmp_path / "b" / "config.json"):
+        with pytest.raises(UserError, match="curve-track"):
+            run_mnist_bench(replace(cfg, rows="siss-lambda0.5", curve_track=str(bad)))
+    assert not (tmp_path / "b" / "cells" / "siss-lambda0.5-seed0").exists()

@@ -22,7 +22,8 @@ REFERENCES = ("pretrained", "retrain")
 # settings that may differ between runs into one benchmark directory: they do not change a cell's final model or
 # its metrics (the decay curve samples with its own seeds and never draws from the training generator; a cell
 # records its row and is refused if the preset now defines that row otherwise)
-PER_RUN = ("rows", "preset", "seeds", "threads", "out", "curve_every", "curve_samples", "curve_nll_tol", "look")
+PER_RUN = ("rows", "preset", "seeds", "threads", "out", "curve_every", "curve_samples", "curve_nll_tol", "look",
+           "curve_track")
 
 
 @dataclass
@@ -42,6 +43,10 @@ class MnistBenchConfig:
     curve_every: int = field(default=50, metadata={"help": "evaluate the decay curve every N steps (0: off)"})
     curve_samples: int = field(default=128, metadata={"help": "samples per decay-curve point"})
     curve_nll_tol: float = field(default=1e-3, metadata={"help": "RK45 tolerance of the decay-curve NLL (1 probe)"})
+    curve_track: str = field(default="", metadata={"help": "a cell's result.json (e.g. the pretrained cell's): each "
+                                                          "decay-curve point draws exactly the samples that cell "
+                                                          "counted as the T-shirt, at the evaluation's seeds, instead "
+                                                          "of --curve-samples other ones"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     show_forgotten: bool = field(default=False, metadata={"help": "show T-shirt samples in the grids"})
     look: str = field(default="", metadata={"help": "ROW:SEED,...: run no cell; rebuild these finished cells' models "
@@ -72,19 +77,37 @@ def cell_model(cell: Cell, cfg: MnistBenchConfig, base, retrain, kept, forget, l
     return unlearn(base, kept, forget, cell.row.method.build(), ucfg, log=log.append, callback=hook)
 
 
+def tracked_samples(cfg: MnistBenchConfig) -> list[int] | None:
+    """The sample numbers ``--curve-track`` names (the T-shirt samples of a finished cell), or None."""
+    if not cfg.curve_track:
+        return None
+    from ..runs import read_json
+
+    path = Path(cfg.curve_track)
+    try:
+        numbers = read_json(path)["metrics"]["tshirt_rate"]["indices"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"--curve-track {path}: not a finished bench mnist-tshirt cell's result.json that records its "
+                        "T-shirt samples (e.g. cells/pretrained-seed0/result.json)") from None
+    if not numbers:
+        raise UserError(f"--curve-track {path}: that cell counted no T-shirt, so there is nothing to track")
+    return [int(i) for i in numbers]
+
+
 def _run_cell(cell: Cell, cfg: MnistBenchConfig, protocol, base, retrain, kept, forget) -> dict:
     from ..protocols.mnist_tshirt import masked
     from ..sampling import save_grid
 
     row, seed = cell.row, cell.key
     curve, log = [], []
+    tracked = tracked_samples(cfg)
     ucfg = cell_trainer(cell, cfg)
     steps, batch = (ucfg.steps, ucfg.batch_size) if ucfg else (0, 0)
 
     def callback(step, model):
         if step % cfg.curve_every == 0 or step == steps:
             curve.append(protocol.curve_point(model, step, cfg.curve_samples, cfg.sample_steps, cfg.curve_nll_tol,
-                                              cfg.sampler))
+                                              cfg.sampler, tracked))
 
     t0 = time.time()
     model = cell_model(cell, cfg, base, retrain, kept, forget, log, callback if cfg.curve_every else None)
@@ -107,7 +130,8 @@ def _run_cell(cell: Cell, cfg: MnistBenchConfig, protocol, base, retrain, kept, 
     return {"label": row.label, "method": row.method.name if row.method else None,
             "hyperparameters": dict(row.method.params) if row.method else {}, "seed": seed, "steps": steps,
             "batch_size": batch, "metrics": metrics, "curve": curve, "first_zero_step": first_zero,
-            "curve_settings": {"every": cfg.curve_every, "samples": cfg.curve_samples, "nll_tol": cfg.curve_nll_tol},
+            "curve_settings": {"every": cfg.curve_every, "samples": cfg.curve_samples, "nll_tol": cfg.curve_nll_tol,
+                               "tracked": tracked},
             "unlearn_seconds": round(train_seconds, 1),
             "seconds_per_step": float(np.median(step_seconds)) if step_seconds else None,
             "log": log}
@@ -268,6 +292,7 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict:
         torch.set_num_threads(cfg.threads)
     root = Path(cfg.out)
     check_bench_dir(root, cfg, PER_RUN)
+    tracked_samples(cfg)  # a bad --curve-track fails before anything is written
     base = load_model(pretrained_dir("mnist-tshirt-base") / "model")
     retrain = load_model(pretrained_dir("mnist-tshirt-retrain") / "model")
     protocol = MnistTshirtProtocol.load()

@@ -79,18 +79,28 @@ class MnistTshirtProtocol:
         return metrics, samples
 
     def curve_point(self, model, step: int, n_samples: int, sample_steps: int, nll_tol: float,
-                    sampler: str = "ddpm") -> dict:
+                    sampler: str = "ddpm", tracked: list[int] | None = None) -> dict:
         """One point of the decay curve: the T-shirt count among ``n_samples`` samples (their own seeds, never the
-        training generator's; drawn with ``sampler`` as the final evaluation is) and the T-shirt's NLL with one
-        probe."""
+        training generator's; drawn with ``sampler`` as the final evaluation is), or with ``tracked`` among exactly
+        those samples of the evaluation's seeds (which of them are still T-shirts is listed), and the T-shirt's NLL
+        with one probe."""
         from ..metrics.nll import nll_bits_per_dim
         from ..metrics.rates import target_rate
         from ..sampling import ddpm_sample
 
-        r = target_rate(ddpm_sample(model, n_samples, sample_steps, seed=10_000, sampler=sampler), self.target)
+        if tracked is None:
+            samples = ddpm_sample(model, n_samples, sample_steps, seed=10_000, sampler=sampler)
+        else:
+            samples = ddpm_sample(model, 0, sample_steps, seed=0, sampler=sampler, indices=tracked)
+        r = target_rate(samples, self.target)
         nll = nll_bits_per_dim(model, self.target[None], 1, nll_tol, nll_tol)
-        return {"step": step, "tshirt_count": r.count, "n": r.n, "rate": r.rate, "ci95": [r.ci_low, r.ci_high],
-                "nll_bpd": float(nll.bpd[0])}
+        point = {"step": step, "tshirt_count": r.count, "n": r.n, "rate": r.rate, "ci95": [r.ci_low, r.ci_high],
+                 "nll_bpd": float(nll.bpd[0])}
+        if tracked is not None:
+            hit = (r.distances <= r.threshold).tolist()
+            point["tracked_still_tshirts"] = [int(i) for i, h in zip(tracked, hit) if h]
+            point["tracked_distances"] = [round(float(d), 4) for d, h in zip(r.distances, hit) if h]
+        return point
 
 
 def masked(samples: torch.Tensor, is_target, show: bool) -> torch.Tensor:
