@@ -43,6 +43,9 @@ def test_samples_are_seeded_per_image_whatever_the_batch_size():
     b = ddpm_sample(model, 5, steps=4, seed=3, batch_size=2)
     c = ddpm_sample(model, 2, steps=4, seed=3, start=3)
     d = ddpm_sample(model, 0, steps=4, seed=3, indices=[4, 1, 2], batch_size=2)
+    for bad in (dict(n=2), dict(start=1), dict(indices=[-1])):
+        with pytest.raises(ValueError, match="indices"):
+            ddpm_sample(model, **{"n": 0, "indices": [1], **bad})
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a[3:], c, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(d, a[[4, 1, 2]], rtol=1e-4, atol=1e-5)

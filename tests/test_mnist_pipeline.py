@@ -154,9 +154,10 @@ def tshirt_is_sample5(shipped, monkeypatch):
 
 def test_look_rebuilds_a_cell_and_draws_exactly_the_samples_it_counted(tshirt_is_sample5, tmp_path):
     """``--look`` reruns a cell's unlearning (the same per-step losses as the cell recorded) and draws only the
-    samples the cell counted, at the distances it recorded; a cell that recorded no numbers is looked at through the
-    base model's T-shirt seeds, and says how many of its count were found there. The T-shirt here is the stand-in
-    base model's own sample 5, so the base model counts at least that one."""
+    samples the cell counted, at the distances it recorded, into look.* beside the cell's own files; a record that
+    the rebuilt model does not match is reported, not trusted; a cell that recorded no numbers is looked at through
+    the base model's T-shirt seeds, and says how many of its count were found there. The T-shirt here is the
+    stand-in base model's own sample 5, so the base model counts at least that one."""
     from dataclasses import replace
 
     from diffunlearn.bench.mnist_tshirt import MnistBenchConfig, run_mnist_bench
@@ -168,37 +169,52 @@ def test_look_rebuilds_a_cell_and_draws_exactly_the_samples_it_counted(tshirt_is
     cells = tmp_path / "b" / "cells"
     stored = {c: json.loads((cells / c / "result.json").read_text()) for c in ("pretrained-seed0", "naive-seed0")}
     assert 5 in stored["pretrained-seed0"]["metrics"]["tshirt_rate"]["indices"]
-    for c in stored:
-        (cells / c / "counted.npy").unlink(missing_ok=True)
+    own = {c: (cells / c / "counted.npy").read_bytes() for c in stored}
 
-    looks = run_mnist_bench(replace(cfg, look="pretrained,naive:0"))
+    looks = run_mnist_bench(MnistBenchConfig(out=cfg.out, look="pretrained,naive:0,naive:0"))  # the dir's settings
+    assert [x["cell"] for x in looks] == list(stored)
     for look, c in zip(looks, stored):
         rate = stored[c]["metrics"]["tshirt_rate"]
         assert look["counted"] == rate["indices"] and look["samples_drawn"] == rate["count"] == look["found"]
         assert look["all_found"] and look["distances_reproduced"]
-        assert (cells / c / "counted.npy").is_file() == (rate["count"] > 0)
+        assert (cells / c / "look.npy").read_bytes() == own[c]  # the same pixels; the cell's own file untouched
         assert json.loads((cells / c / "look.json").read_text()) == look
     assert looks[0]["training_log"] is None and looks[1]["training_log"] == {"identical": True, "steps": [3, 3]}
 
-    old = dict(stored["naive-seed0"])  # a cell computed before cells recorded their numbers
-    old["metrics"] = {**old["metrics"], "tshirt_rate": {k: v for k, v in old["metrics"]["tshirt_rate"].items()
-                                                        if k not in ("indices", "distances")}}
+    tampered = json.loads(json.dumps(stored["naive-seed0"]))  # a record the rebuilt model does not repeat
+    tampered["metrics"]["tshirt_rate"]["distances"][0] += 0.5
+    tampered["log"][1]["loss_x"] *= 1.01
+    (cells / "naive-seed0" / "result.json").write_text(json.dumps(tampered))
+    look = run_mnist_bench(replace(cfg, look="naive:0"))[0]
+    assert look["distances_reproduced"] is False and look["training_log"]["first_step_that_differs"] == 2
+    assert look["training_log"]["max_relative_difference"] == pytest.approx(0.01 / 1.01, rel=1e-3)
+
+    old = json.loads(json.dumps(stored["naive-seed0"]))  # a cell computed before cells recorded their numbers
+    for k in ("indices", "distances"):
+        del old["metrics"]["tshirt_rate"][k]
     (cells / "naive-seed0" / "result.json").write_text(json.dumps(old))
     look = run_mnist_bench(replace(cfg, look="naive:0"))[0]
     assert "base model" in look["looked_through"]
     assert look["samples_drawn"] == stored["pretrained-seed0"]["metrics"]["tshirt_rate"]["count"]
     assert set(look["counted"]) == set(stored["naive-seed0"]["metrics"]["tshirt_rate"]["indices"]) & \
         set(stored["pretrained-seed0"]["metrics"]["tshirt_rate"]["indices"])
-    assert look["distances_reproduced"] is None
+    assert look["distances_reproduced"] is None and look["counted"]
 
+    empty = json.loads(json.dumps(stored["pretrained-seed0"]))
+    empty["metrics"]["tshirt_rate"].update(count=0, indices=[], distances=[])
+    (cells / "pretrained-seed0" / "result.json").write_text(json.dumps(empty))
     before = sorted(str(p) for p in (tmp_path / "b").rglob("*"))
-    for spec, message in (("nope:0", "unknown row"), ("naive:x", "must be an integer"),
-                          ("siss-lambda0.5:0", "no finished cell"), (",", "names no cell")):
+    for spec, message in (("nope:0", "unknown row"), ("naive:x", "must be an integer"), ("naive", "name the "
+                          "unlearning seed"), ("pretrained:1", "reference model"), ("siss-lambda0.5:0",
+                          "no finished cell"), (",", "names no cell"), ("pretrained", "counted no T-shirt")):
         with pytest.raises(UserError, match=message):
             run_mnist_bench(replace(cfg, look=spec))
+    with pytest.raises(UserError, match="holds no benchmark"):
+        run_mnist_bench(replace(cfg, out=str(tmp_path / "none"), look="naive:0"))
     assert sorted(str(p) for p in (tmp_path / "b").rglob("*")) == before
+    (cells / "pretrained-seed0" / "result.json").write_text(json.dumps(stored["pretrained-seed0"]))
     run_mnist_bench(cfg)  # the table, and one picture of every counted sample of the method cells
-    assert look["counted"] and (tmp_path / "b" / "counted.png").is_file()
+    assert (tmp_path / "b" / "counted.png").is_file()
 
 
 def test_decay_curve_draws_with_the_benchmark_sampler(shipped):
@@ -238,16 +254,24 @@ def test_a_complete_look_supplies_the_numbers_a_cell_did_not_record(tmp_path):
     def cell(label, count, **rate):
         return {"label": label, "seed": 0, "metrics": {"tshirt_rate": {"count": count, **rate}}}
 
-    results = [cell("a", 2), cell("b", 2), cell("c", 1, indices=[5], distances=[0.5])]
-    for label, found in (("a", 2), ("b", 1), ("c", 1)):
+    same = {"identical": True, "steps": [3, 3]}
+    drift = {"identical": False, "steps": [3, 3], "same_keys": True, "first_step_that_differs": 2}
+    looks = {"a": dict(found=2, training_log=same), "b": dict(found=1, training_log=same),
+             "c": dict(found=1, training_log=same), "d": dict(found=2, training_log_reproduced=False),
+             "e": dict(found=2, training_log={**drift, "max_relative_difference": 1e-3}),
+             "f": dict(found=2, training_log={**drift, "max_relative_difference": 1e-6})}
+    results = [cell(x, 2) for x in "abdef"] + [cell("c", 1, indices=[5], distances=[0.5])]
+    for label, look in looks.items():
         (tmp_path / "cells" / f"{label}-seed0").mkdir(parents=True)
         (tmp_path / "cells" / f"{label}-seed0" / "look.json").write_text(json.dumps(
-            {"all_found": found == 2 or label == "c", "found": found, "counted": [3, 9][:found],
-             "distances": [1.0, 2.0][:found]}))
-    a, b, c = with_looked_numbers(tmp_path, results)
-    assert a["metrics"]["tshirt_rate"]["indices"] == [3, 9] and "numbers_from" in a["metrics"]["tshirt_rate"]
-    assert "indices" not in b["metrics"]["tshirt_rate"]  # the look found 1 of 2: not the cell's numbers
-    assert c == results[2]  # a cell's own record is never replaced
+            {"all_found": look["found"] == 2, "counted": [3, 9][:look["found"]], "distances": [1.0, 2.0][:look[
+                "found"]], **look}))
+    out = {r["label"]: r["metrics"]["tshirt_rate"] for r in with_looked_numbers(tmp_path, results)}
+    assert out["a"]["indices"] == [3, 9] and "numbers_from" in out["a"]
+    assert "indices" not in out["b"]  # the look found 1 of 2: not the cell's numbers
+    assert "indices" not in out["d"] and "indices" not in out["e"]  # the rebuilt run was not the cell's run
+    assert out["f"]["indices"] == [3, 9]  # ... or repeated it to float32 rounding
+    assert out["c"] == results[-1]["metrics"]["tshirt_rate"]  # a cell's own record is never replaced
     assert "indices" not in results[0]["metrics"]["tshirt_rate"]  # the input is not modified
 
 
@@ -273,7 +297,14 @@ def test_curve_track_follows_the_base_models_tshirt_samples_to_the_final_count(t
     assert final  # sample 5 is still the T-shirt after 3 small steps
     assert set(cell["curve"][-1]["tracked_still_tshirts"]) == final
     assert cell["curve"][-1]["tshirt_count"] == len(final)
-    for bad in (tmp_path / "missing.json", tmp_path / "b" / "config.json"):
-        with pytest.raises(UserError, match="curve-track"):
-            run_mnist_bench(replace(cfg, rows="siss-lambda0.5", curve_track=str(bad)))
+    for change, message in ((dict(curve_track=str(tmp_path / "missing.json")), "not a finished"),
+                            (dict(curve_track=str(tmp_path / "b" / "config.json")), "not a finished"),
+                            (dict(curve_track=str(base_cell), curve_every=0), "needs a decay curve")):
+        with pytest.raises(UserError, match=message):
+            run_mnist_bench(replace(cfg, rows="siss-lambda0.5", **change))
+    other = json.loads(base_cell.read_text())
+    other["metrics"]["sampling"]["sampler"] = "dpm++sde"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(UserError, match="track a cell drawn like this benchmark"):
+        run_mnist_bench(replace(cfg, rows="siss-lambda0.5", curve_track=str(tmp_path / "other.json")))
     assert not (tmp_path / "b" / "cells" / "siss-lambda0.5-seed0").exists()

@@ -15,9 +15,13 @@ from .models import DiffusionModel
 SAMPLE_BATCH = 64
 
 
+#: image numbers per seed: image i of seed s has generator seed s * SEED_STRIDE + i, so i < SEED_STRIDE
+SEED_STRIDE = 1_000_003
+
+
 def image_generators(seed: int, indices) -> list[torch.Generator]:
     """One generator per image, seeded by ``(seed, i)``."""
-    return [torch.Generator().manual_seed(int(seed) * 1_000_003 + int(i)) for i in indices]
+    return [torch.Generator().manual_seed(int(seed) * SEED_STRIDE + int(i)) for i in indices]
 
 
 def initial_noise(shape: tuple[int, ...], gens: list[torch.Generator]) -> torch.Tensor:
@@ -135,6 +139,9 @@ def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, b
     check_guidance(model, guidance)
     if indices is not None:
         indices = [int(i) for i in indices]
+        if start or n not in (0, len(indices)) or not all(0 <= i < SEED_STRIDE for i in indices):
+            raise ValueError(f"indices: pass n=0 (or their count) and no start, and image numbers in [0, "
+                             f"{SEED_STRIDE}); got n={n}, start={start}")
         n = len(indices)
     y_all = sample_labels(model, n, labels, start, indices)
     sched = make_sampler(model, sampler, steps)

@@ -84,14 +84,22 @@ def tracked_samples(cfg: MnistBenchConfig) -> list[int] | None:
     from ..runs import read_json
 
     path = Path(cfg.curve_track)
+    if not cfg.curve_every:
+        raise UserError("--curve-track needs a decay curve: add --curve-every N")
     try:
-        numbers = read_json(path)["metrics"]["tshirt_rate"]["indices"]
+        metrics = read_json(path)["metrics"]
+        numbers = [int(i) for i in metrics["tshirt_rate"]["indices"]]
+        drawn = metrics["sampling"]
     except (OSError, ValueError, KeyError, TypeError):
         raise UserError(f"--curve-track {path}: not a finished bench mnist-tshirt cell's result.json that records its "
                         "T-shirt samples (e.g. cells/pretrained-seed0/result.json)") from None
     if not numbers:
         raise UserError(f"--curve-track {path}: that cell counted no T-shirt, so there is nothing to track")
-    return [int(i) for i in numbers]
+    if (drawn.get("sampler", "ddpm"), drawn.get("steps"), drawn.get("seed")) != (cfg.sampler, cfg.sample_steps, 0):
+        raise UserError(f"--curve-track {path}: that cell drew its samples with {drawn.get('steps')}-step "
+                        f"{drawn.get('sampler', 'ddpm')} (seed {drawn.get('seed')}), this benchmark with "
+                        f"{cfg.sample_steps}-step {cfg.sampler} (seed 0): track a cell drawn like this benchmark")
+    return numbers
 
 
 def _run_cell(cell: Cell, cfg: MnistBenchConfig, protocol, base, retrain, kept, forget) -> dict:
@@ -118,20 +126,18 @@ def _run_cell(cell: Cell, cfg: MnistBenchConfig, protocol, base, retrain, kept, 
     cell.dir.mkdir(parents=True, exist_ok=True)
     save_grid(masked(samples[:64], is_target[:64], cfg.show_forgotten), cell.dir / "samples.png", ncol=8)
     hits = metrics["tshirt_rate"]["indices"]
-    if hits:  # every sample counted as the T-shirt, to look at (the T-shirt is a public Fashion-MNIST image)
-        from ..data import to_uint8
+    if hits:  # every sample counted as the T-shirt, to look at
+        from .tshirt_look import save_counted
 
-        np.save(cell.dir / "counted.npy", to_uint8(samples[hits]))
-        save_grid(samples[hits], cell.dir / "counted.png", ncol=8,
-                  labels=[f"#{i} d={d:.2f}" for i, d in zip(hits, metrics["tshirt_rate"]["distances"])],
-                  title=f"{row.label} seed {seed}: samples counted as the T-shirt (index, L2 distance)")
+        save_counted(cell.dir, "counted", samples[hits], hits, metrics["tshirt_rate"]["distances"],
+                     f"{row.label} seed {seed}: samples counted as the T-shirt (number, L2 distance)")
     step_seconds = [r["seconds"] for r in log]
     first_zero = next((p["step"] for p in curve if p["tshirt_count"] == 0), None)
     return {"label": row.label, "method": row.method.name if row.method else None,
             "hyperparameters": dict(row.method.params) if row.method else {}, "seed": seed, "steps": steps,
             "batch_size": batch, "metrics": metrics, "curve": curve, "first_zero_step": first_zero,
             "curve_settings": {"every": cfg.curve_every, "samples": cfg.curve_samples, "nll_tol": cfg.curve_nll_tol,
-                               "tracked": tracked},
+                               "sampler": cfg.sampler, "tracked": tracked},
             "unlearn_seconds": round(train_seconds, 1),
             "seconds_per_step": float(np.median(step_seconds)) if step_seconds else None,
             "log": log}
@@ -170,6 +176,7 @@ def _summariser(results: list[dict]):
             "relative_step_time": float(np.median(sps)) / plain_step if sps and plain_step else None,
             "first_zero_step": zeros,
             "curve_points": sum(len(r["curve"]) for r in rs),
+            "curve_tracked": any((r.get("curve_settings") or {}).get("tracked") for r in rs),
         }
 
     return summarise
@@ -211,6 +218,7 @@ def _markdown(rows: dict[str, dict], cfg: MnistBenchConfig, paired: dict | None 
         rel = f"{r['relative_step_time']:.2f}x" if r["relative_step_time"] else "—"
         zero = ", ".join("—" if z is None else str(z) for z in r["first_zero_step"]) if r["curve_points"] else \
             ("not measured" if r["steps"] else "—")
+        zero += " (tracked)" if r.get("curve_tracked") else ""
         lines.append(f"| {label} | {r['steps'] or '—'} | {pm(r['classifier_is'], mean_alone=one)} | "
                      f"{pm(r['classifier_fid'], mean_alone=one)} | {nll} | {t['count']}/{t['n']} = "
                      f"{100 * t['rate']:.2f}% ({100 * t['ci95'][0]:.2f}–{100 * t['ci95'][1]:.2f}%) | "
@@ -221,7 +229,10 @@ def _markdown(rows: dict[str, dict], cfg: MnistBenchConfig, paired: dict | None 
                  "deviation over seeds (none with one seed); IS/FID computed with the shipped domain classifier, not "
                  "Inception. Seconds are each cell's own wall time: cells that shared the machine with other jobs ran "
                  "slower, so `diffunlearn bench speed` (methods side by side in one process) is the measure of "
-                 "relative cost.")
+                 "relative cost." + (" *(tracked)*: the decay curve drew only the samples of `--curve-track`'s cell "
+                                     "that were T-shirts (the base model's copies), so its first step with 0 T-shirts "
+                                     "is the step at which none of them was one any more." if
+                                     any(r.get("curve_tracked") for r in rows.values()) else ""))
     if paired:
         lines.append("\nPaired against naive deletion on the same sample seeds (cells that record their T-shirt "
                      "samples; exact McNemar test on the discordant samples):\n\n| method | unlearning seeds | T-shirt "
@@ -262,12 +273,15 @@ def _plots(rows: dict, results: list[dict], root: Path) -> None:
         for i, r in enumerate(curves):
             steps = [0] + [p["step"] for p in r["curve"]]
             style = dict(marker=markers[i % len(markers)], linestyle=["-", "--", "-.", ":"][i % 4], label=r["label"])
-            a1.plot(steps, [100 * r0] + [100 * p["rate"] for p in r["curve"]], **style)
+            start = 1.0 if (r.get("curve_settings") or {}).get("tracked") else r0  # tracked: all T-shirts at 0
+            a1.plot(steps, [100 * start] + [100 * p["rate"] for p in r["curve"]], **style)
             a2.plot(steps, [n0] + [p["nll_bpd"] for p in r["curve"]], **style)
         if gold:
             a2.axhline(gold["metrics"]["tshirt_nll"]["bpd"], color="grey", linestyle=":", linewidth=1,
                        label="retrained model")
-        a1.set_xlabel("unlearning step"), a1.set_ylabel("T-shirt rate (%)")
+        a1.set_xlabel("unlearning step")
+        a1.set_ylabel("T-shirt rate (%)" + ("; tracked: share of the base\nmodel's T-shirt samples still T-shirts" if
+                                            any((r.get("curve_settings") or {}).get("tracked") for r in curves) else ""))
         a2.set_xlabel("unlearning step"), a2.set_ylabel("T-shirt NLL (bits/dim)")
         a2.legend(fontsize=7)
         fig.tight_layout()
@@ -275,12 +289,32 @@ def _plots(rows: dict, results: list[dict], root: Path) -> None:
         plt.close(fig)
 
 
-def run_mnist_bench(cfg: MnistBenchConfig) -> dict:
+def _directory_settings(cfg: MnistBenchConfig) -> MnistBenchConfig:
+    """``cfg`` with the settings its benchmark directory was computed with (those a cell depends on)."""
+    from ..runs import read_json
+
+    stored = Path(cfg.out) / "config.json"
+    if not stored.is_file():
+        raise UserError(f"--look: {cfg.out} holds no benchmark (no config.json); --out must be the benchmark's directory")
+    known = {f.name for f in dataclasses.fields(cfg)} - set(PER_RUN)
+    try:
+        settings = {k: v for k, v in read_json(stored).items() if k in known}
+    except (ValueError, AttributeError):
+        raise UserError(f"--look: {stored} is not a benchmark's settings; --out must be the benchmark's directory") \
+            from None
+    return dataclasses.replace(cfg, **settings)
+
+
+def run_mnist_bench(cfg: MnistBenchConfig) -> dict | list[dict]:
+    """Run the missing cells and write the table (the rows' summaries are returned); with ``look``, look at the named
+    cells instead, with the directory's own settings (their records are returned)."""
     from ..data import load_data, resolve_forget, split_kept
     from ..models import load_model
     from ..pretrained import pretrained_dir
     from ..protocols.mnist_tshirt import MnistTshirtProtocol
 
+    if cfg.look:
+        cfg = _directory_settings(cfg)
     preset = load_rows(cfg.preset, REFERENCES)[0]
     rows = select(preset, cfg.rows)
     from ..sampling import check_sampler

@@ -82,6 +82,11 @@ class TargetRate:
     threshold: float
     distances: torch.Tensor
 
+    @property
+    def hits(self) -> list[int]:
+        """Positions of the samples within the threshold, in order."""
+        return torch.nonzero(self.distances <= self.threshold).flatten().tolist()
+
     def summary(self) -> dict:
         return {"count": self.count, "n": self.n, "rate": self.rate, "ci95": [self.ci_low, self.ci_high],
                 "threshold": self.threshold, "min_distance": float(self.distances.min())}

@@ -46,7 +46,7 @@ class MnistTshirtProtocol:
         fid = classifier_fid(self.classifier, samples[keep], self.reference)
         # which samples (sample i is seeded by i) were T-shirts, with their distances: paired comparisons between
         # models on the same sample seeds and a look at each counted sample need them
-        hits = torch.nonzero(~keep).flatten().tolist()
+        hits = rate.hits
         summary = {**rate.summary(), "indices": hits, "distances": [round(float(rate.distances[i]), 4) for i in hits],
                    "nearest": sorted(round(float(d), 4) for d in rate.distances)[:16]}
         return {"tshirt_rate": summary, "classifier_is": {"mean": is_mean, "std": is_std, "splits": 10},
@@ -97,9 +97,8 @@ class MnistTshirtProtocol:
         point = {"step": step, "tshirt_count": r.count, "n": r.n, "rate": r.rate, "ci95": [r.ci_low, r.ci_high],
                  "nll_bpd": float(nll.bpd[0])}
         if tracked is not None:
-            hit = (r.distances <= r.threshold).tolist()
-            point["tracked_still_tshirts"] = [int(i) for i, h in zip(tracked, hit) if h]
-            point["tracked_distances"] = [round(float(d), 4) for d, h in zip(r.distances, hit) if h]
+            point["tracked_still_tshirts"] = [int(tracked[j]) for j in r.hits]
+            point["tracked_distances"] = [round(float(r.distances[j]), 4) for j in r.hits]
         return point
 
 

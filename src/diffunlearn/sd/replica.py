@@ -239,7 +239,8 @@ class ReplicaTrainConfig:
     samples: int = field(default=128, metadata={"help": "samples per prompt for the memorisation rates"})
     sample_steps: int = field(default=50, metadata={"help": "DDIM steps of those samples"})
     guidance: float = field(default=1.0, metadata={"help": "classifier-free guidance of those samples (1: the "
-                                                          "conditional model alone)"})
+                                                          "conditional model alone); laion: counted at 1, 1.5, 2 and "
+                                                          "this scale, each costing --samples per duplicated caption"})
     threshold: float = field(default=0.15, metadata={"help": "memorised iff RMS pixel distance to the training "
                                                              "image <= this"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
