@@ -308,3 +308,14 @@ def test_curve_track_follows_the_base_models_tshirt_samples_to_the_final_count(t
     with pytest.raises(UserError, match="track a cell drawn like this benchmark"):
         run_mnist_bench(replace(cfg, rows="siss-lambda0.5", curve_track=str(tmp_path / "other.json")))
     assert not (tmp_path / "b" / "cells" / "siss-lambda0.5-seed0").exists()
+
+
+def test_counted_distance_pools_the_cells_that_recorded_distances():
+    from diffunlearn.bench.mnist_tshirt import counted_distance
+
+    def cell(**rate):
+        return {"metrics": {"tshirt_rate": {"count": len(rate.get("distances", [])), **rate}}}
+
+    out = counted_distance([cell(distances=[1.0, 3.0]), cell(distances=[2.0]), cell(), cell(distances=[])])
+    assert out == {"min": 1.0, "median": 2.0, "max": 3.0, "samples": 3, "cells": 3}
+    assert counted_distance([cell(), cell(distances=[])]) is None
