@@ -104,6 +104,8 @@ def test_bench_writes_table_plots_and_resumes(shipped, tmp_path):
     assert [p["step"] for p in siss["curve"]] == [1, 2, 3]
     for f in ("results.md", "pareto.png", "curves.png"):
         assert (tmp_path / "b" / f).is_file()
+    table = (tmp_path / "b" / "results.md").read_text()
+    assert "{" not in table and "rtol=atol=0.001" in table  # every setting filled in
     stamp = (tmp_path / "b" / "cells" / "naive-seed0" / "result.json").stat().st_mtime_ns
     run_mnist_bench(cfg)  # a re-run finds every cell done
     assert (tmp_path / "b" / "cells" / "naive-seed0" / "result.json").stat().st_mtime_ns == stamp

@@ -242,7 +242,7 @@ def _markdown(rows: dict[str, dict], cfg: MnistBenchConfig, paired: dict | None 
                      f"{r['unlearn_seconds']['mean']:.0f} | {rel} | {zero} |")
     lines.append(f"\n{cfg.seeds} seed(s) per method; {cfg.n_samples} samples per evaluation ({cfg.sample_steps}-step "
                  f"{'DDPM' if cfg.sampler == 'ddpm' else cfg.sampler}, sample i seeded by i; a sample is counted as "
-                 "the T-shirt within L2 10 of it, pixels in [0, 1]); NLL by the probability-flow ODE (rtol=atol={cfg.nll_tol}, "
+                 f"the T-shirt within L2 10 of it, pixels in [0, 1]); NLL by the probability-flow ODE (rtol=atol={cfg.nll_tol}, "
                  f"{cfg.nll_probes} probes; MC: its Monte Carlo standard error over probes); ± is the standard "
                  "deviation over seeds (none with one seed); IS/FID computed with the shipped domain classifier, not "
                  "Inception. Seconds are each cell's own wall time: cells that shared the machine with other jobs ran "
