@@ -154,7 +154,7 @@ def counted_overview(root: Path, results: list[dict], path: Path) -> Path | None
     when no method cell kept any."""
     import torch
 
-    from ..images import grid, save_png, stack
+    from ..images import save_png, stack, tiles
 
     parts = []
     for r in results:
@@ -174,8 +174,8 @@ def counted_overview(root: Path, results: list[dict], path: Path) -> Path | None
             raise UserError(f"{d}: {len(pixels)} saved samples but their record names {len(numbers)}; remove the "
                             "cell's look.* files and look again (--look)")
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        parts.append(grid(x, 10, [f"#{i} d={v:.2f}" for i, v in zip(numbers, distances)],
-                          title=f"{r['label']} seed {r['seed']}: {len(x)} counted (of {own['count']}){note}"))
+        parts.append(tiles(x, [f"#{i} d={v:.2f}" for i, v in zip(numbers, distances)], 10, tile_side=64,
+                           title=f"{r['label']} seed {r['seed']}: {len(x)} counted (of {own['count']}){note}"))
     if not parts:
         return None
     return save_png(stack(parts), path)
