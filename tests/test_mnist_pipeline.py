@@ -246,6 +246,8 @@ def test_log_agreement_ignores_timings_and_measures_the_largest_difference():
     out = log_agreement(a, b)
     assert not out["identical"] and out["first_step_that_differs"] == 2 and out["same_keys"]
     assert out["max_relative_difference"] == pytest.approx(0.001 / 10.001)
+    assert out["max_relative_difference_by_name"] == {"grad_norm": pytest.approx(0.001 / 10.001), "loss": 0.0,
+                                                      "step": 0.0}
     assert log_agreement(a, b[:1]) == {"identical": False, "steps": [2, 1]}
 
 
@@ -260,8 +262,9 @@ def test_a_complete_look_supplies_the_numbers_a_cell_did_not_record(tmp_path):
     drift = {"identical": False, "steps": [3, 3], "same_keys": True, "first_step_that_differs": 2}
     looks = {"a": dict(found=2, training_log=same), "b": dict(found=1, training_log=same),
              "c": dict(found=1, training_log=same), "d": dict(found=2, training_log_reproduced=False),
-             "e": dict(found=2, training_log={**drift, "max_relative_difference": 1e-3}),
-             "f": dict(found=2, training_log={**drift, "max_relative_difference": 1e-6})}
+             "e": dict(found=2, training_log={**drift, "max_relative_difference_by_name": {"loss_x": 1e-3}}),
+             "f": dict(found=2, training_log={**drift, "max_relative_difference_by_name": {
+                 "loss_x": 1e-6, "grad_norm": 0.0, "rows_w_a_positive": 0.2}})}
     results = [cell(x, 2) for x in "abdef"] + [cell("c", 1, indices=[5], distances=[0.5])]
     for label, look in looks.items():
         (tmp_path / "cells" / f"{label}-seed0").mkdir(parents=True)
@@ -272,7 +275,7 @@ def test_a_complete_look_supplies_the_numbers_a_cell_did_not_record(tmp_path):
     assert out["a"]["indices"] == [3, 9] and "numbers_from" in out["a"]
     assert "indices" not in out["b"]  # the look found 1 of 2: not the cell's numbers
     assert "indices" not in out["d"] and "indices" not in out["e"]  # the rebuilt run was not the cell's run
-    assert out["f"]["indices"] == [3, 9]  # ... or repeated it to float32 rounding
+    assert out["f"]["indices"] == [3, 9]  # ... or repeated its losses and gradients (a diagnostic may differ)
     assert out["c"] == results[-1]["metrics"]["tshirt_rate"]  # a cell's own record is never replaced
     assert "indices" not in results[0]["metrics"]["tshirt_rate"]  # the input is not modified
 
