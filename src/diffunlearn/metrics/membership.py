@@ -32,9 +32,10 @@ def membership_draws(n_draws: int, seed: int, shape: tuple[int, ...], t_min: int
                      ) -> list[tuple[int, torch.Tensor]]:
     """The ``(t_j, eps_j)`` pairs every image is scored with: ``t_j`` uniform on ``[t_min, t_max]``, ``eps_j`` standard
     normal of one image's ``shape``, both from a generator seeded by ``(seed, j)``."""
+    from ..sampling import image_generators
+
     draws = []
-    for j in range(int(n_draws)):
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + j)
+    for g in image_generators(seed, range(int(n_draws))):
         t = int(torch.randint(int(t_min), int(t_max) + 1, (1,), generator=g))
         draws.append((t, torch.randn(shape, generator=g)))
     return draws
