@@ -170,6 +170,11 @@ def open_bench_dir(root, cfg) -> Path:
     return root
 
 
+def cell_dir(root, label: str, key: int, name: str = "seed{}") -> Path:
+    """The folder of the cell of row ``label`` and ``key`` (a seed, or a target image) in a benchmark directory."""
+    return Path(root) / "cells" / f"{label}-{name.format(key)}"
+
+
 @dataclass
 class Cell:
     """One row x one key (a seed, or a target image) in ``root/cells/<label>-<name>/``."""
@@ -180,7 +185,7 @@ class Cell:
 
     @classmethod
     def of(cls, root, row: Row, key: int, name: str = "seed{}") -> "Cell":
-        return cls(row, key, Path(root) / "cells" / f"{row.label}-{name.format(key)}")
+        return cls(row, key, cell_dir(root, row.label, key, name))
 
     def load(self) -> dict | None:
         """The cell's stored result, or None when it has not finished; a result of another row definition is an

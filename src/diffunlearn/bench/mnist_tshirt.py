@@ -102,13 +102,18 @@ def tracked_samples(cfg: MnistBenchConfig) -> list[int] | None:
     return numbers
 
 
-def _run_cell(cell: Cell, cfg: MnistBenchConfig, protocol, base, retrain, kept, forget) -> dict:
+def _tracked(r: dict) -> bool:
+    """Whether a cell's decay curve followed ``--curve-track``'s samples."""
+    return bool((r.get("curve_settings") or {}).get("tracked"))
+
+
+def _run_cell(cell: Cell, cfg: MnistBenchConfig, protocol, base, retrain, kept, forget, tracked: list[int] | None
+              ) -> dict:
     from ..protocols.mnist_tshirt import masked
     from ..sampling import save_grid
 
     row, seed = cell.row, cell.key
     curve, log = [], []
-    tracked = tracked_samples(cfg)
     ucfg = cell_trainer(cell, cfg)
     steps, batch = (ucfg.steps, ucfg.batch_size) if ucfg else (0, 0)
 
@@ -176,7 +181,7 @@ def _summariser(results: list[dict]):
             "relative_step_time": float(np.median(sps)) / plain_step if sps and plain_step else None,
             "first_zero_step": zeros,
             "curve_points": sum(len(r["curve"]) for r in rs),
-            "curve_tracked": any((r.get("curve_settings") or {}).get("tracked") for r in rs),
+            "curve_tracked": any(_tracked(r) for r in rs),
             # how close the counted samples are to the T-shirt (pooled over the cells that recorded it): copies lie
             # near 0, degraded T-shirt shapes near the threshold
             "counted_distance": counted_distance(rs),
@@ -291,7 +296,7 @@ def _plots(rows: dict, results: list[dict], root: Path) -> None:
         for i, r in enumerate(curves):
             steps = [0] + [p["step"] for p in r["curve"]]
             style = dict(marker=markers[i % len(markers)], linestyle=["-", "--", "-.", ":"][i % 4], label=r["label"])
-            start = 1.0 if (r.get("curve_settings") or {}).get("tracked") else r0  # tracked: all T-shirts at 0
+            start = 1.0 if _tracked(r) else r0  # a tracked curve starts from samples that were all T-shirts
             a1.plot(steps, [100 * start] + [100 * p["rate"] for p in r["curve"]], **style)
             a2.plot(steps, [n0] + [p["nll_bpd"] for p in r["curve"]], **style)
         if gold:
@@ -299,7 +304,7 @@ def _plots(rows: dict, results: list[dict], root: Path) -> None:
                        label="retrained model")
         a1.set_xlabel("unlearning step")
         a1.set_ylabel("T-shirt rate (%)" + ("; tracked: share of the base\nmodel's T-shirt samples still T-shirts" if
-                                            any((r.get("curve_settings") or {}).get("tracked") for r in curves) else ""))
+                                            any(_tracked(r) for r in curves) else ""))
         a2.set_xlabel("unlearning step"), a2.set_ylabel("T-shirt NLL (bits/dim)")
         a2.legend(fontsize=7)
         fig.tight_layout()
@@ -344,7 +349,7 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict | list[dict]:
         torch.set_num_threads(cfg.threads)
     root = Path(cfg.out)
     check_bench_dir(root, cfg, PER_RUN)
-    tracked_samples(cfg)  # a bad --curve-track fails before anything is written
+    tracked = tracked_samples(cfg)  # a bad --curve-track fails before anything is written
     base = load_model(pretrained_dir("mnist-tshirt-base") / "model")
     retrain = load_model(pretrained_dir("mnist-tshirt-retrain") / "model")
     protocol = MnistTshirtProtocol.load()
@@ -357,7 +362,7 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict | list[dict]:
                                                                                log))
     open_bench_dir(root, cfg)
     cells = [Cell.of(root, row, seed) for row in rows for seed in range(cfg.seeds if row.method else 1)]
-    results, _, _ = run_cells(cells, lambda c: _run_cell(c, cfg, protocol, base, retrain, kept, forget),
+    results, _, _ = run_cells(cells, lambda c: _run_cell(c, cfg, protocol, base, retrain, kept, forget, tracked),
                               progress=_progress)
     from .tshirt_look import counted_overview, with_looked_numbers
 

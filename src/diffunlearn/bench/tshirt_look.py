@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..runs import read_json, write_json
-from .harness import Cell
+from .harness import Cell, cell_dir
 
 #: per-step records of a training log that depend on the clock, not on the arithmetic
 _TIMING = ("seconds",)
@@ -172,7 +172,7 @@ def counted_overview(root: Path, results: list[dict], path: Path) -> Path | None
 
     parts = []
     for r in results:
-        d = Path(root) / "cells" / f"{r['label']}-seed{r['seed']}"
+        d = cell_dir(root, r["label"], r["seed"])
         own = r["metrics"]["tshirt_rate"]
         if r["method"] is None:
             continue
@@ -201,7 +201,7 @@ def with_looked_numbers(root: Path, results: list[dict]) -> list[dict]:
     (:func:`repeats_run`), so it can be paired with other rows on the same sample seeds; every other cell as it is."""
     out = []
     for r in results:
-        look = Path(root) / "cells" / f"{r['label']}-seed{r['seed']}" / "look.json"
+        look = cell_dir(root, r["label"], r["seed"]) / "look.json"
         rate = r["metrics"]["tshirt_rate"]
         if "indices" not in rate and look.is_file():
             seen = read_json(look)
