@@ -3,7 +3,9 @@
 Each value was computed by the code as it stood before the reorganisation (trainer, configs and benchmarks moved),
 with one torch thread. They are compared within float32 rounding accumulated over a few steps (relative 1e-5), not
 bitwise: summation order may change, arithmetic may not. If a number here must change, the commit that changes it
-says which and why.
+says which and why. The weight checksums were re-pinned once when the attention keys' biases (whose gradient is zero
+in exact arithmetic, see ``NULL_GRADIENT``) left the checksum: their rounding noise moved it by 1e-4 between CPUs;
+every loss and gradient norm kept its original pin.
 """
 
 from __future__ import annotations
@@ -16,48 +18,61 @@ import torch
 from conftest import random_sets, tiny_model
 
 GOLDEN_UNLEARN = {
-    'naive/accum1': {'checksum': 2.1461718741246103, 'loss_x': 68.97203826904297, 'grad_norm': 151.0145721435547},
-    'naive/accum2': {'checksum': 2.146176174929755, 'loss_x': 68.97204208374023, 'grad_norm': 151.0145721435547},
-    'neggrad/accum1': {'checksum': 2.860128353913915, 'loss_a': 90.50775909423828, 'grad_norm': 212.5279998779297},
-    'neggrad/accum2': {'checksum': 2.860118537938807, 'loss_a': 90.50776672363281, 'grad_norm': 212.52801513671875},
-    'siss/accum1': {'checksum': 2.3864888013147, 'loss_x': 37.28529739379883, 'loss_a': 92.8420639038086, 'grad_norm': 118.24589538574219},
-    'siss/accum2': {'checksum': 2.3863810375534698, 'loss_x': 37.285292625427246, 'loss_a': 92.84206199645996, 'grad_norm': 118.24590301513672},
-    'siss-nois/accum1': {'checksum': 2.172908713533267, 'loss_x': 69.01152801513672, 'loss_a': 69.76057434082031, 'grad_norm': 146.77037048339844},
-    'siss-nois/accum2': {'checksum': 2.1729435377705415, 'loss_x': 69.01152801513672, 'loss_a': 69.76056671142578, 'grad_norm': 146.77037048339844},
-    'erasediff/accum1': {'checksum': 2.858319382089943, 'loss_r': 66.05603790283203, 'loss_f': 21.426725387573242, 'grad_norm': 164.3457489013672},
-    'erasediff/accum2': {'checksum': 2.4470864113691118, 'loss_r': 65.55827713012695, 'loss_f': 21.82473659515381, 'grad_norm': 175.8391876220703},
-    'erasediff-light/accum1': {'checksum': 2.030508990090918, 'loss_x': 63.1936149597168, 'loss_a': 24.436708450317383, 'grad_norm': 154.17127990722656},
-    'erasediff-light/accum2': {'checksum': 2.0304854195559017, 'loss_x': 63.193620681762695, 'loss_a': 24.436708450317383, 'grad_norm': 154.17127990722656},
-    'retrack/accum1': {'checksum': 2.1637492579067676, 'loss_unlearn': 171.16172790527344, 'loss_remain': 68.94071960449219, 'grad_norm': 151.23574829101562},
-    'retrack/accum2': {'checksum': 2.163714854569028, 'loss_unlearn': 171.16172790527344, 'loss_remain': 68.94071197509766, 'grad_norm': 151.23574829101562},
-    'retrain/accum1': {'checksum': -22.346268995861124, 'loss_x': 71.33025360107422, 'grad_norm': 127.51038360595703},
-    'retrain/accum2': {'checksum': -22.346335448739655, 'loss_x': 71.33024597167969, 'grad_norm': 127.51039123535156},
-    'siss{"superfactor": 0.5}/accum1': {'checksum': 2.688685541926933, 'loss_x': 43.478485107421875, 'loss_a': 99.87763214111328, 'grad_norm': 71.17267608642578},
-    'siss{"superfactor": 0.5}/accum2': {'checksum': 2.688779901764287, 'loss_x': 43.478482246398926, 'loss_a': 99.87763214111328, 'grad_norm': 71.17268371582031},
-    'siss{"norm_refresh": 2}/accum1': {'checksum': 2.3794075178981964, 'loss_x': 37.27823257446289, 'loss_a': 92.83676147460938, 'grad_norm': 118.25399780273438},
-    'siss{"norm_refresh": 2}/accum2': {'checksum': 2.3792717286451786, 'loss_x': 37.27823352813721, 'loss_a': 92.83674430847168, 'grad_norm': 118.2540054321289},
+    'naive/accum1': {'checksum': 3.1366270359719124, 'loss_x': 68.97203826904297, 'grad_norm': 151.0145721435547},
+    'naive/accum2': {'checksum': 3.1366228892964054, 'loss_x': 68.97204208374023, 'grad_norm': 151.0145721435547},
+    'neggrad/accum1': {'checksum': 3.8505529763143977, 'loss_a': 90.50775909423828, 'grad_norm': 212.5279998779297},
+    'neggrad/accum2': {'checksum': 3.8505367529368333, 'loss_a': 90.50776672363281, 'grad_norm': 212.52801513671875},
+    'siss/accum1': {'checksum': 3.3767577771750856, 'loss_x': 37.28529739379883, 'loss_a': 92.8420639038086, 'grad_norm': 118.24589538574219},
+    'siss/accum2': {'checksum': 3.376751896346913, 'loss_x': 37.285292625427246, 'loss_a': 92.84206199645996, 'grad_norm': 118.24590301513672},
+    'siss-nois/accum1': {'checksum': 3.1634069283640667, 'loss_x': 69.01152801513672, 'loss_a': 69.76057434082031, 'grad_norm': 146.77037048339844},
+    'siss-nois/accum2': {'checksum': 3.163397365722877, 'loss_x': 69.01152801513672, 'loss_a': 69.76056671142578, 'grad_norm': 146.77037048339844},
+    'erasediff/accum1': {'checksum': 3.8486388816111727, 'loss_r': 66.05603790283203, 'loss_f': 21.426725387573242, 'grad_norm': 164.3457489013672},
+    'erasediff/accum2': {'checksum': 3.4374397100725482, 'loss_r': 65.55827713012695, 'loss_f': 21.82473659515381, 'grad_norm': 175.8391876220703},
+    'erasediff-light/accum1': {'checksum': 3.0209674799999755, 'loss_x': 63.1936149597168, 'loss_a': 24.436708450317383, 'grad_norm': 154.17127990722656},
+    'erasediff-light/accum2': {'checksum': 3.0209658044996313, 'loss_x': 63.193620681762695, 'loss_a': 24.436708450317383, 'grad_norm': 154.17127990722656},
+    'retrack/accum1': {'checksum': 3.154148787011095, 'loss_unlearn': 171.16172790527344, 'loss_remain': 68.94071960449219, 'grad_norm': 151.23574829101562},
+    'retrack/accum2': {'checksum': 3.1541487597347793, 'loss_unlearn': 171.16172790527344, 'loss_remain': 68.94071197509766, 'grad_norm': 151.23574829101562},
+    'retrain/accum1': {'checksum': -21.482371049276015, 'loss_x': 71.33025360107422, 'grad_norm': 127.51038360595703},
+    'retrain/accum2': {'checksum': -21.482364930491393, 'loss_x': 71.33024597167969, 'grad_norm': 127.51039123535156},
+    'siss{"superfactor": 0.5}/accum1': {'checksum': 3.6790740271965445, 'loss_x': 43.478485107421875, 'loss_a': 99.87763214111328, 'grad_norm': 71.17267608642578},
+    'siss{"superfactor": 0.5}/accum2': {'checksum': 3.6791307372336663, 'loss_x': 43.478482246398926, 'loss_a': 99.87763214111328, 'grad_norm': 71.17268371582031},
+    'siss{"norm_refresh": 2}/accum1': {'checksum': 3.3696710037975857, 'loss_x': 37.27823257446289, 'loss_a': 92.83676147460938, 'grad_norm': 118.25399780273438},
+    'siss{"norm_refresh": 2}/accum2': {'checksum': 3.3696652823098665, 'loss_x': 37.27823352813721, 'loss_a': 92.83674430847168, 'grad_norm': 118.2540054321289},
 }
 
 GOLDEN_NLL = {"bpd": 16.838664277256385, "stderr": 0.9569336512214973}
 GOLDEN_PRESET_SISS = {"superfactor": 0.06470523186750052, "loss_x": 15.329355239868164, "loss_a": 3.068290948867798,
                       "grad_norm": 115.9478988647461}
-GOLDEN_TRAIN = {"loss": 0.8599311709403992, "grad_norm": 2.2249910831451416, "checksum": 2.202101432443233}
+GOLDEN_TRAIN = {"loss": 0.8599311709403992, "grad_norm": 2.2249910831451416, "checksum": 3.192390241866016}
 # `prompt train-replica`, 3 steps, computed with the replica's own training loop before it went through train.py's
 GOLDEN_REPLICA = {"loss": 1.1357135772705078, "grad_norm": 2.3533687591552734, "checksum": -1.1126146950399864}
 
 
+#: weights left out of the checksum: an attention key's bias shifts every score of a query by the same amount, which
+#: the softmax ignores, so its gradient is zero in exact arithmetic; what the backward pass leaves there is rounding
+#: noise (about 1e-10) that depends on which CPU kernels run, and AdamW (dividing by sqrt(v) + 1e-8) turns it into
+#: updates of about 1e-5 per step that move the checksum by 1e-4 from one CPU to another while no output changes
+NULL_GRADIENT = (".to_k.bias",)
+
+
 def checksum(unet) -> float:
-    """A fixed random projection of every weight: any change of any weight moves it."""
+    """A fixed random projection of every weight but the null-gradient ones: any change of them moves it."""
     g = torch.Generator().manual_seed(123)
     total = 0.0
-    for _, p in sorted(unet.state_dict().items()):
-        total += float((p.double().flatten() * torch.randn(p.numel(), generator=g, dtype=torch.float64)).sum())
+    for name, p in sorted(unet.state_dict().items()):
+        r = torch.randn(p.numel(), generator=g, dtype=torch.float64)
+        if not name.endswith(NULL_GRADIENT):
+            total += float((p.double().flatten() * r).sum())
     return total
 
 
 def _close(got: dict, want: dict) -> None:
+    """Losses and norms within relative 1e-5; the checksum within 1e-4: AdamW divides every gradient by its own
+    running scale, so a weight whose gradient is tiny moves by about the learning rate whatever its rounding, and
+    other CPU kernels (AVX2 instead of AVX-512) move the sum by up to 1.5e-5 relative; naive deletion with a learning
+    rate 1% higher moves it by 7.7e-4, one step fewer by 1.4e-2."""
     for k, v in want.items():
-        assert got[k] == pytest.approx(v, rel=1e-5), k
+        assert got[k] == pytest.approx(v, rel=1e-4 if k == "checksum" else 1e-5), k
 
 
 @pytest.mark.parametrize("key", list(GOLDEN_UNLEARN))
