@@ -19,11 +19,15 @@ from diffunlearn.metrics.similarity import noise_and_denoise, noise_and_denoise_
 from diffunlearn.models import save_model
 from diffunlearn.verification import BUDGETS, AuditSettings, verify
 from diffunlearn.verification.audit import parse_audit, recovered
-from diffunlearn.verification.verdicts import REMOVED, forget_verdict, near_copies, overall, quality_verdict, ranks
+from diffunlearn.verification.verdicts import (MIN_REFERENCE, NEAR_COPY_FRACTION, REMOVED, Status, copy_hits,
+                                               copy_rate_bound, decide_generation, decide_overall, decide_rank,
+                                               forget_verdict, generation_verdict, near_copy_thresholds, overall,
+                                               quality_verdict, ranks, samples_for_rate)
 
 
-#: the fast budget with a looser NLL tolerance and fewer samples: the measures as they run, at test speed
-TEST = dataclasses.replace(BUDGETS["fast"], name="test", nll_tol=0.1, nll_reference=3, samples=16, sample_steps=5)
+#: the fast budget with an NLL at a loose tolerance and fewer sampler steps: the measures as they run, at test speed
+TEST = dataclasses.replace(BUDGETS["fast"], name="test", nll_items=2, nll_tol=0.1, nll_reference=3, search_seeds=32,
+                           samples=400, sample_steps=2)
 
 
 def _run(capsys, *argv):
@@ -69,20 +73,43 @@ def test_similarity_of_an_image_to_itself_without_noise_is_one_and_strided_steps
         noise_and_denoise(model, images, t=7, steps=0)
 
 
-def test_near_copy_count_finds_a_sample_equal_to_an_item_of_a():
-    """A sample set holding an item of A exactly has a sample at distance 0 from A, below any positive threshold."""
+def test_near_copy_threshold_is_a_fraction_of_the_nearest_other_image_and_counts_exact_copies():
+    """An item's threshold is NEAR_COPY_FRACTION x its distance to the nearest other real image; a sample equal to
+    the item is a near-copy, a sample equal to that nearest other image is not."""
     _, forget = random_sets(n_forget=3, seed=5)
     kept, _ = random_sets(n_kept=20, seed=6)
+    nearest, th = near_copy_thresholds(forget, kept)
+    d = pixel_distances(forget, kept)
+    assert np.allclose(nearest, d.min(1).values.numpy()) and np.allclose(th, NEAR_COPY_FRACTION * nearest)
     samples = torch.cat([kept[:9], forget[1:2]])  # one exact copy among 10 samples
-    to_a = pixel_distances(samples, forget).min(1).values
-    nearest_ref = pixel_distances(samples, kept[10:]).min(0).values  # reference images are not among the samples
-    c = near_copies(to_a, nearest_ref)
-    assert float(to_a[-1]) == 0.0 and c["threshold"] > 0
-    assert c["count"] >= 1 and c["n"] == 10
-    assert c["ci95"] == list(binomial_ci(c["count"], 10))
-    # without the copy, nothing is closer to A than the reference's 5th percentile here
-    c0 = near_copies(pixel_distances(kept[:10], forget).min(1).values, nearest_ref)
-    assert c0["count"] < c["count"]
+    hits = copy_hits(pixel_distances(samples, forget).numpy(), th)
+    assert hits.tolist() == [False] * 9 + [True]
+    # the real image nearest to item 0 sits at exactly its nearest distance: above the threshold, not a copy
+    closest = kept[int(d[0].argmin())][None]
+    assert not copy_hits(pixel_distances(closest, forget[:1]).numpy(), th[:1]).any()
+
+
+def test_an_item_with_a_near_duplicate_among_the_other_images_is_flagged():
+    """An item whose nearest other image is closer than 95% of the reference images' own nearest others has a twin
+    that stays (a retrained model may reproduce it); an item far from every other image has none."""
+    from diffunlearn.verification.core import near_twins
+
+    others, reference = random_sets(n_kept=20, n_forget=8, seed=7)
+    twin = others[3:4] + 0.001  # nearly a copy of an image that stays
+    items = torch.cat([twin, reference[:1]])
+    nearest, _ = near_copy_thresholds(items, others)
+    t = near_twins(nearest, reference, others)
+    assert t["twins"] == [0] and nearest[0] < t["reference_nearest_other_p5"] <= nearest[1]
+
+
+def test_samples_for_rate_is_the_smallest_n_whose_clean_bound_reaches_the_rate():
+    """A clean run of n samples bounds the rate at 1 - 0.025^(1/n) (the exact interval); the budget's samples are
+    the fewest that reach the asked rate: n reaches it, n - 1 does not."""
+    for rate in (0.01, 0.005, 0.0015, 0.1):
+        n = samples_for_rate(rate)
+        assert copy_rate_bound(n) <= rate < copy_rate_bound(n - 1)
+        assert copy_rate_bound(n) == pytest.approx(1 - 0.025 ** (1 / n))
+    assert samples_for_rate(0.01) == 368 and BUDGETS["fast"].fresh_bound() <= 0.01
 
 
 def test_pixel_distances_are_half_the_model_space_distance():
@@ -95,27 +122,135 @@ def test_pixel_distances_are_half_the_model_space_distance():
 # ---------------------------------------------------------------- verdicts
 
 
+def _ref(n: int, mean: float, seed: int = 0) -> np.ndarray:
+    return mean + 0.05 * np.random.default_rng(seed).standard_normal(n)
+
+
 def test_verdict_compares_with_the_reference_measured_in_the_same_run():
     """The same similarity of A after (0.82) is 'removed' beside reference images scoring about 0.85 and 'not
-    removed' beside reference images scoring about 0.5: the verdict reads the reference, and its text quotes it."""
-    rng = np.random.default_rng(0)
+    removed' beside reference images scoring about 0.5: the verdict reads the reference, and its text quotes it and
+    its power."""
     a_before, a_after = np.array([0.99]), np.array([0.82])
-    near = 0.85 + 0.05 * rng.standard_normal(32)
-    low = 0.50 + 0.05 * rng.standard_normal(32)
+    near, low = _ref(32, 0.85), _ref(32, 0.5, 1)
     v = forget_verdict("similarity", {"before": (a_before, low), "after": (a_after, near)}, held_out=True)
-    assert v["status"] == "removed"
+    assert v["status"] == "removed" and v["reference_images"] == 32 and v["items"] == 1
     assert "fell from 0.990 to 0.820" in v["text"] and f"{near.mean():.3f}" in v["text"]
+    assert "against 32 held-out reference images" in v["text"] and "31 of the 32" in v["power"]
     w = forget_verdict("similarity", {"before": (a_before, low), "after": (a_after, low)}, held_out=True)
     assert w["status"] == "not removed" and f"{low.mean():.3f}" in w["text"]
-    # A that never stood out shows nothing to remove, unless it changed more than the reference images did
-    q = forget_verdict("similarity", {"before": (np.array([0.5]), low), "after": (a_after, low)}, held_out=True)
-    assert q["status"] == "no signal"
-    moved = forget_verdict("similarity", {"before": (np.array([0.5]), low), "after": (np.array([0.1]), low + 0.001)},
-                           held_out=True)
-    assert moved["status"] == "changed" and moved["changed_more_than_reference"] == 1
-    o = forget_verdict("loss", {"before": (np.array([1.0]), 20 + rng.random(32)),
-                                "after": (np.array([99.0]), 20 + rng.random(32))}, held_out=True)
+    o = forget_verdict("loss", {"before": (np.array([1.0]), _ref(32, 20)), "after": (np.array([99.0]), _ref(32, 20))},
+                       held_out=True)
     assert o["status"] == "removed (below reference)" and o["auc"]["after"] == 0.0 and o["auc"]["before"] == 1.0
+
+
+@pytest.mark.parametrize("n_ref", [4, 8, 18])
+def test_too_few_reference_images_are_not_tested_whatever_the_values(n_ref):
+    """Below 19 reference images an item like them beats all with chance above 5%: 'not tested', even for an A that
+    dropped far below them (which with 32 images is 'removed')."""
+    ref = _ref(n_ref, 0.5)
+    v = forget_verdict("similarity", {"before": (np.array([0.99]), ref), "after": (np.array([0.01]), ref)},
+                       held_out=True)
+    assert v["status"] == "not tested" and "not tested at this budget" in v["text"]
+    assert decide_rank(1, MIN_REFERENCE, True, {"before": 1, "after": 0}, {"before": 0, "after": 0}) == Status.REMOVED
+    assert decide_rank(1, MIN_REFERENCE - 1, True, {"before": 1, "after": 0},
+                       {"before": 0, "after": 0}) == Status.NOT_TESTED
+
+
+# (reference kind, stands out before, after, falls below before, after, with model before) -> status, for 2 items
+RANK_CASES = [
+    ("held-out", 2, 0, 0, 0, True, Status.REMOVED),
+    ("held-out", 2, 0, 0, 2, True, Status.REMOVED_BELOW),
+    ("held-out", 2, 1, 0, 0, True, Status.PARTLY_REMOVED),
+    ("held-out", 2, 2, 0, 0, True, Status.NOT_REMOVED),
+    ("held-out", 0, 0, 0, 2, True, Status.NO_SIGNAL),  # never stood out: a change is not removal
+    ("held-out", 0, 2, 0, 0, True, Status.NOT_REMOVED),  # stands out now, though not before
+    ("held-out", None, 0, None, 0, False, Status.REMOVED),
+    ("held-out", None, 2, None, 0, False, Status.NOT_REMOVED),
+    ("kept", 2, 2, 0, 0, True, Status.NOT_REMOVED),  # still above the kept images: not removed (was 'not shown')
+    ("kept", 2, 1, 0, 1, True, Status.PARTLY_REMOVED),
+    ("kept", 2, 0, 0, 2, True, Status.REMOVED),
+    ("kept", 2, 0, 0, 1, True, Status.PARTLY_REMOVED),
+    ("kept", 2, 0, 0, 0, True, Status.INCONCLUSIVE),  # sank into the kept band: a kept reference cannot tell
+    ("kept", 0, 0, 0, 2, True, Status.NO_SIGNAL),  # never stood out: falling below is not counted as removal
+    ("kept", 0, 0, 0, 0, True, Status.NO_SIGNAL),
+    ("kept", 0, 2, 0, 0, True, Status.NOT_REMOVED),
+    ("kept", None, 2, None, 0, False, Status.NOT_REMOVED),
+    ("kept", None, 0, None, 2, False, Status.REMOVED),
+    ("kept", None, 0, None, 0, False, Status.NOT_SHOWN),
+]
+
+
+@pytest.mark.parametrize("kind,so_b,so_a,fb_b,fb_a,has_before,expected", RANK_CASES)
+def test_rank_rules_case_by_case(kind, so_b, so_a, fb_b, fb_a, has_before, expected):
+    """Every rule of a rank measure on constructed counts, with both kinds of reference."""
+    so, fb = {"after": so_a}, {"after": fb_a}
+    if has_before:
+        so["before"], fb["before"] = so_b, fb_b
+    assert decide_rank(2, 32, kind == "held-out", so, fb) == expected
+
+
+def test_rank_rules_from_values_match_the_counts_with_a_kept_reference():
+    """Values, not counts: an item that still stands out above the kept images is 'not removed'; one that never
+    stood out is 'no signal' even when it then falls below them; one that stood out and falls below is 'removed'."""
+    kept = _ref(32, 0.9)
+    above, below = np.array([0.99]), np.array([0.5])
+    assert forget_verdict("similarity", {"before": (above, kept), "after": (above, kept)},
+                          held_out=False)["status"] == "not removed"
+    v = forget_verdict("similarity", {"before": (np.array([0.9]), kept), "after": (below, kept)}, held_out=False)
+    assert v["status"] == "no signal" and "not counted as removal" in v["text"]
+    assert forget_verdict("similarity", {"before": (above, kept), "after": (below, kept)},
+                          held_out=False)["status"] == "removed"
+
+
+@pytest.mark.parametrize("before,after,fresh,n,expected", [
+    (35, 0, 0, 400, Status.REMOVED),
+    (35, 1, 0, 400, Status.NOT_REMOVED),  # one targeted seed still draws A
+    (35, 0, 2, 400, Status.NOT_REMOVED),
+    (0, 0, 0, 400, Status.NO_SIGNAL),  # the model before never drew A: nothing to remove
+    (0, 0, 1, 400, Status.NOT_REMOVED),
+    (35, 0, 0, 32, Status.NOT_TESTED),  # 32 clean samples bound the rate only below 10.9%
+    (None, None, 0, 400, Status.REMOVED),
+    (None, None, 0, 300, Status.NOT_TESTED),
+    (None, None, 3, 400, Status.NOT_REMOVED),
+])
+def test_generation_rules_case_by_case(before, after, fresh, n, expected):
+    assert decide_generation(before, after, fresh, n, 0.01) == expected
+
+
+def test_generation_verdict_states_its_counts_and_bound():
+    th = {"words": "0.85 x ...", "per_item": [10.0]}
+    v = generation_verdict({"seeds": 512, "hits": [3, 9]}, [], {"n": 400, "count": 0, "indices": []}, th, 0.01)
+    assert v["status"] == "removed" and v["samples"] == 402
+    assert "0 of 400 fresh samples" in v["text"] and "at 2 of 512 searched seeds" in v["text"]
+    assert "below 0.92%" in v["power"] and v["fresh"]["ci95"] == [0.0, pytest.approx(copy_rate_bound(400))]
+    w = generation_verdict({"seeds": 512, "hits": [3, 9]}, [9], {"n": 400, "count": 0, "indices": []}, th, 0.01)
+    assert w["status"] == "not removed" and "the unlearned model draws 1" in w["text"]
+
+
+@pytest.mark.parametrize("statuses,expected", [
+    ({"similarity": "removed", "loss": "removed", "nll": "not tested", "generation": "no signal"}, "inconclusive"),
+    ({"similarity": "removed", "loss": "removed", "nll": "not measured", "generation": "removed"}, "removed"),
+    ({"similarity": "removed", "loss": "removed (below reference)", "generation": "removed"}, "removed"),
+    ({"similarity": "removed", "loss": "no signal", "generation": "removed"}, "removed"),
+    ({"similarity": "removed", "loss": "removed", "generation": "not removed"}, "not removed"),
+    ({"similarity": "not removed", "generation": "not removed"}, "not removed"),
+    ({"similarity": "no signal", "loss": "no signal", "generation": "no signal"}, "inconclusive"),
+    ({"similarity": "removed", "loss": "inconclusive"}, "inconclusive"),
+    ({"similarity": "partly removed", "loss": "removed"}, "partly removed"),
+    ({"similarity": "not shown", "loss": "not shown"}, "inconclusive"),
+])
+def test_overall_is_removed_only_when_every_measure_that_showed_a_is_resolved(statuses, expected):
+    assert decide_overall(statuses).value == expected
+
+
+def test_a_model_that_did_nothing_never_passes():
+    """The model before verified as its own unlearned model: every measure that showed A still shows it."""
+    ref, a = _ref(32, 0.5), np.array([0.99])
+    for held in (True, False):
+        v = forget_verdict("similarity", {"before": (a, ref), "after": (a, ref)}, held_out=held)
+        g = generation_verdict({"seeds": 512, "hits": [1, 2]}, [1, 2], {"n": 400, "count": 3, "indices": []},
+                               {"words": "", "per_item": [1.0]}, 0.01)
+        assert overall([v, g], [])["deletion"] == "not removed"
 
 
 def test_a_damaged_model_cannot_pass():
@@ -132,6 +267,19 @@ def test_a_damaged_model_cannot_pass():
     assert quality_verdict("loss", {"before": ref_before, "after": ref_before + 0.01})["status"] == "kept"
 
 
+def test_quality_is_kept_only_when_its_interval_stays_within_the_limit():
+    """Kept needs the worsening plus two paired standard errors within 0.5 x the spread; noisy paired differences
+    on few images are 'not resolved', not 'kept'."""
+    before = np.array([20.0, 21.0, 19.0, 20.5, 19.5, 20.0])  # spread 0.707: limit 0.354
+    d = np.array([0.6, -0.5, 0.5, -0.4, 0.4, 0.0])  # mean 0.1, paired standard error 0.185
+    q = quality_verdict("loss", {"before": before, "after": before + d})
+    assert q["limit"] == pytest.approx(0.5 * before.std(ddof=1))
+    assert q["stderr"] == pytest.approx(d.std(ddof=1) / np.sqrt(6)) and q["worse_by"] == pytest.approx(0.1)
+    assert q["worse_by"] < q["limit"] < q["worse_by"] + 2 * q["stderr"] and q["status"] == "not resolved"
+    assert quality_verdict("loss", {"before": before, "after": before + d / 10})["status"] == "kept"
+    assert quality_verdict("loss", {"before": before, "after": before + d + 0.4})["status"] == "degraded"
+
+
 def test_recovered_fraction_and_audit_spec():
     assert recovered(before=1.0, start=0.5, attacked=0.75) == pytest.approx(0.5)
     assert recovered(before=1.0, start=0.5, attacked=0.5) == 0.0
@@ -140,6 +288,64 @@ def test_recovered_fraction_and_audit_spec():
     for bad in ("relearn:0", "relearn:x", "retrain:5"):
         with pytest.raises(Exception):
             parse_audit(bad)
+
+
+# ---------------------------------------------------------------- the generation test
+
+
+def test_search_is_cached_resumed_and_equal_to_drawing_the_same_seeds(tmp_path, monkeypatch):
+    """The model before's search is what drawing those seeds gives; a second search reuses the cache, a longer one
+    draws only the seeds it lacks, and an interrupted one keeps its finished batches and resumes from them."""
+    from diffunlearn.verification import generation
+
+    model, (_, items) = tiny_model(seed=0), random_sets(n_forget=2, seed=4)
+    h = "h" * 64
+    first = generation.search(model, h, items, 20, "dpm++sde", 2, 0, cache=tmp_path)
+    direct, _ = generation.draw_distances(model, items, list(range(20)), "dpm++sde", 2, 0)
+    assert first["cached"] == 0 and np.array_equal(first["distances"], direct)
+    again = generation.search(model, h, items, 20, "dpm++sde", 2, 0, cache=tmp_path)
+    assert again["cached"] == 20 and np.array_equal(again["distances"], direct)
+    drawn = []
+    real = generation.draw_distances
+    monkeypatch.setattr(generation, "draw_distances", lambda *a, **k: (drawn.append(a[2]), real(*a, **k))[1])
+    longer = generation.search(model, h, items, 90, "dpm++sde", 2, 0, cache=tmp_path)
+    assert drawn == [list(range(20, 84)), list(range(84, 90))] and np.array_equal(longer["distances"][:20], direct)
+    # another model or another A is another search
+    assert generation.search_key(h, items, None, "dpm++sde", 2, 0) != generation.search_key("g" * 64, items, None,
+                                                                                            "dpm++sde", 2, 0)
+    assert generation.search_key(h, items, None, "dpm++sde", 2, 0) != generation.search_key(h, items[:1], None,
+                                                                                            "dpm++sde", 2, 0)
+
+    def interrupted(*a, **k):
+        if a[2][0] >= 64:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(generation, "draw_distances", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generation.search(model, "k" * 64, items, 100, "dpm++sde", 2, 0, cache=tmp_path)
+    assert generation.searched_so_far("k" * 64, items, None, "dpm++sde", 2, 0, cache=tmp_path) == 64
+    monkeypatch.setattr(generation, "draw_distances", real)
+    resumed = generation.search(model, "k" * 64, items, 100, "dpm++sde", 2, 0, cache=tmp_path)
+    assert resumed["cached"] == 64 and np.array_equal(resumed["distances"][:20], direct)
+
+
+def test_a_model_that_still_draws_a_is_not_removed_and_its_targeted_seeds_are_shown():
+    """A is made of the model's own samples at seeds 3 and 5 (so it draws them exactly): the unchanged model
+    redraws both targeted seeds and is 'not removed' on generation; the report shows those seeds."""
+    from diffunlearn.sampling import ddpm_sample
+
+    model = tiny_model(seed=0)
+    drawn = ddpm_sample(model, 0, TEST.sample_steps, 0, sampler=TEST.sampler, indices=[3, 5])
+    kept, held = random_sets(n_kept=12, n_forget=10, seed=3)
+    data = ImageSet(torch.cat([kept, drawn]), [f"img-{i:02d}" for i in range(12)] + ["drawn-3", "drawn-5"],
+                    held_out=held)
+    r = verify(model, data, [12, 13], before=model, budget=TEST, seed=0)
+    g = r["verdicts"][3]
+    assert {3, 5} <= set(g["targeted"]["hits_before"]) and {3, 5} <= set(g["targeted"]["still_after"])
+    assert g["status"] == "not removed" and r["overall"]["deletion"] == "not removed"
+    assert r["images"]["targeted"]["seeds"][:2] == sorted(r["images"]["targeted"]["seeds"][:2])
+    assert all(d < 1e-5 for d in r["images"]["targeted"]["distance_after"][:2])
 
 
 # ---------------------------------------------------------------- verify()
@@ -157,11 +363,14 @@ def test_verify_on_tiny_models_measures_every_model_the_same_way():
     assert [i["distinct_row"] for i in r["forget"]["items"]] == [0, 0, 0, 1]
     assert r["forget"]["items"][1]["sha256"] == content_hash(data.images[0])
     assert r["reference"]["kind"] == "held-out" and r["reference"]["count"] == 10
-    assert {v["measure"] for v in r["verdicts"]} == {"similarity", "loss", "nll", "nearest"}
+    assert {v["measure"] for v in r["verdicts"]} == {"similarity", "loss", "nll", "generation"}
     assert len(r["measures"]["after"]["loss_a"]) == 2 and len(r["measures"]["after"]["loss_ref"]) == 10
     same = verify(model, data, forget, before=model, budget=TEST, seed=0)
-    for v in same["verdicts"]:
+    for v in same["verdicts"][:3]:
         assert v["forget_mean"]["before"] == v["forget_mean"]["after"], v["measure"]
+    g = same["verdicts"][3]  # the same model at the targeted seeds draws what it drew there
+    assert g["measure"] == "generation" and g["targeted"]["still_after"] == g["targeted"]["hits_before"]
+    assert same["overall"]["deletion"] in ("not removed", "inconclusive")
     assert all(q["status"] == "kept" for q in same["quality"])
     # no held-out images: a seeded sample of kept images, named so
     kept_ref = verify(model, ImageSet(data.images, data.names), [4], budget=TEST)
@@ -213,14 +422,21 @@ def test_verify_command_writes_json_and_report(capsys, models, data_file, tmp_pa
     assert "img-03" in html and v["forget"]["items"][1]["sha256"] in html
 
 
-@pytest.mark.parametrize("case", ["shape", "forget", "reference-shape"])
+@pytest.mark.parametrize("case", ["shape", "forget", "reference-shape", "rate-zero", "rate-one", "rate-unreachable", "samples-too-few"])
 def test_bad_input_gives_one_line_and_writes_nothing(capsys, models, data_file, tmp_path, case):
+    ok = ["--model", models["after"], "--forget", "0"]
     args = {"shape": ["--model", models["big"], "--before", models["base"], "--forget", "0"],
             "forget": ["--model", models["after"], "--forget", "99"],
-            "reference-shape": ["--model", models["after"], "--reference", models["big"], "--forget", "0"]}[case]
+            "reference-shape": ["--model", models["after"], "--reference", models["big"], "--forget", "0"],
+            "rate-zero": ok + ["--max-copy-rate", "0"], "rate-one": ok + ["--max-copy-rate", "1"],
+            "rate-unreachable": ok + ["--max-copy-rate", "0.001"],
+            "samples-too-few": ok + ["--samples", "100"]}[case]
     rc, _, err = _run(capsys, "verify", "--data", data_file, "--out", tmp_path / "v", *args)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: ")
-    assert {"shape": "shape", "forget": "outside the data set", "reference-shape": "retrained"}[case] in err
+    assert {"shape": "shape", "forget": "outside the data set", "reference-shape": "retrained",
+            "rate-zero": "must lie in (0, 1)", "rate-one": "must lie in (0, 1)",
+            "rate-unreachable": "needs at least 3688 (pass --samples 3688)",
+            "samples-too-few": "bound a copy rate only below 3.6%"}[case] in err
     assert not (tmp_path / "v").exists()
 
 

@@ -173,7 +173,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
 
         summary["verification"] = verify_run(out, model, new, data, forget_idx, cfg.verify, seed=trainer.seed,
                                              audit=audit_settings(cfg.audit, trainer.lr, trainer.batch_size,
-                                                                  trainer.seed))
+                                                                  trainer.seed), cache_dir=cfg.cache_dir or None)
         if summary["verification"] and summary["verification"]["status"] == "ok":
             _card_with_verification(out, card)
     return summary
@@ -187,7 +187,8 @@ def _card_with_verification(out: Path, card) -> None:
     result = read_json(out / VERIFICATION_NAME)
     lines = [f"**{result['overall']['status']}**: {result['overall']['text']}", ""]
     lines += [f"- {v['label']}: {v['status']}. {v['text']}" for v in result.get("verdicts", [])]
-    text = "\n".join(lines) + f"\n\nMeasured by `diffunlearn verify` ({result.get('budget', {}).get('name', '')} budget); " \
+    b = result.get("budget", {})
+    text = "\n".join(lines) + f"\n\nMeasured by `diffunlearn verify` ({b.get('name', '')} budget: {b.get('resolves', '')}); " \
         "the figures and the reference images are in the run's verification.json and report.html."
     tmp = out / "model" / ".README.md.tmp"
     tmp.write_text(card(text))

@@ -14,7 +14,9 @@ from ..errors import UserError
 from ..metrics.similarity import SIMILARITY_T
 from ..runs import write_json
 from .core import failure, summary_line, verify
+from .measures import BUDGETS
 from .report import REPORT_NAME, VERIFICATION_NAME, write_report
+from .verdicts import MAX_COPY_RATE
 
 VERIFY_CHOICES = ("fast", "full", "off")
 
@@ -31,8 +33,15 @@ class VerifyConfig:
                                                          "the same way"})
     held_out: str = field(default="", metadata={"help": "data SPEC of images never trained on (reference images; "
                                                         "default: the data set's own, else kept images)"})
-    budget: str = field(default="fast", metadata={"help": "fast (seconds per model) or full (the protocols' "
-                                                          "settings; minutes)"})
+    budget: str = field(default="fast", metadata={"help": (
+        "fast: " + BUDGETS["fast"].resolves() + "; about 2 minutes on MNIST 28x28 on one core. full: "
+        + BUDGETS["full"].resolves() + "; about 10 minutes on MNIST (docs/performance.md: the costs at 28x28, "
+        "128x128 and 256x256)").replace("%", "%%")})
+    max_copy_rate: float = field(default=MAX_COPY_RATE, metadata={"help": "the copy rate the generation test must "
+                                                                          "rule out: a budget whose fresh samples "
+                                                                          "cannot is an error (default 0.01: 1%%)"})
+    samples: int = field(default=0, metadata={"help": "fresh samples of the generation test instead of the "
+                                                      "budget's (0: the budget's)"})
     out: str = field(default="", metadata={"help": "directory to create: verification.json, report.html"})
     audit: str = field(default="", metadata={"help": "relearn[:K]: fine-tune K steps (default 50) on X \\ A and on "
                                                      "A's nearest neighbours, then measure A again"})
@@ -81,15 +90,14 @@ def run_verify(cfg: VerifyConfig) -> dict:
     from ..data import load_data, resolve_forget
     from ..models import load_model
     from ..runs import atomic_dir, prepare_out_dir
-    from .core import check_models
-    from .measures import get_budget
+    from .core import check_budget, check_models
 
     for name in ("model", "data", "forget", "out"):
         if not getattr(cfg, name):
             raise UserError(f"pass --{name}" + {"model": ": the model to verify", "data": ": the data set X",
                                                 "forget": ": the items of X that were removed",
                                                 "out": ": the directory to write"}[name])
-    budget = get_budget(cfg.budget)
+    budget = check_budget(cfg.budget, cfg.max_copy_rate, cfg.samples or None)
     audit = audit_settings(cfg.audit, cfg.audit_lr, cfg.audit_batch_size, cfg.seed)
     out = prepare_out_dir(cfg.out, cfg.overwrite)
     data = load_data(cfg.data)
@@ -113,7 +121,8 @@ def run_verify(cfg: VerifyConfig) -> dict:
         result = verify(models["after"], data, forget_idx, before=models.get("before"),
                         retrained=models.get("retrained"), held_out=held, held_out_labels=held_y, budget=budget,
                         sscd=cfg.sscd or None,
-                        seed=cfg.seed, similarity_t=cfg.similarity_t, audit=audit, log=print)
+                        seed=cfg.seed, similarity_t=cfg.similarity_t, audit=audit, log=print,
+                        max_copy_rate=cfg.max_copy_rate)
         error = None
     except FloatingPointError as e:  # a model with non-finite outputs: a finding, recorded like a result
         result, error = failure("failed", str(e), started), str(e)
@@ -133,7 +142,7 @@ def run_verify(cfg: VerifyConfig) -> dict:
 
 def verify_run(run_dir: str | Path, before, after, data, forget_idx, budget: str = "fast", *, held_out=None,
                sscd: str | None = None, seed: int = 0, similarity_t: int = SIMILARITY_T, audit=None,
-               log=print) -> dict | None:
+               log=print, cache_dir: str | None = None) -> dict | None:
     """Verify a finished run and write ``verification.json`` and ``report.html`` into ``run_dir``.
 
     The model is already saved when this runs: whatever happens here (an exception, non-finite outputs, Ctrl-C)
@@ -150,9 +159,11 @@ def verify_run(run_dir: str | Path, before, after, data, forget_idx, budget: str
     else:
         try:
             result = verify(after, data, forget_idx, before=before, held_out=held_out, budget=budget, sscd=sscd,
-                            seed=seed, similarity_t=similarity_t, audit=audit, log=log)
+                            seed=seed, similarity_t=similarity_t, audit=audit, log=log, cache_dir=cache_dir)
         except KeyboardInterrupt:
-            result = failure("interrupted", "verification was interrupted (Ctrl-C) before it finished", started)
+            result = failure("interrupted", "verification was interrupted (Ctrl-C) before it finished; missing: "
+                                            "every verdict. The targeted search keeps the seeds it finished in the "
+                                            "cache (verify-search/), so the next verification resumes it", started)
             _record(run_dir, result, log)
             raise
         except Exception as e:  # noqa: BLE001 - any failure is recorded; the saved model stays

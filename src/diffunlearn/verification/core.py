@@ -12,8 +12,11 @@ from ..data import ImageSet, content_hash
 from ..errors import UserError
 from ..metrics.similarity import SIMILARITY_T
 from ..models import DiffusionModel
-from .measures import Budget, Measured, Subjects, get_budget, measure_model
-from .verdicts import REMOVED, forget_verdict, near_copies, near_copy_text, overall, quality_verdict
+import numpy as np
+
+from .measures import BUDGETS, Budget, Measured, Subjects, get_budget, measure_model
+from .verdicts import (MAX_COPY_RATE, NEAR_COPY_FRACTION, REMOVED, copy_hits, forget_verdict, generation_verdict,
+                       near_copy_thresholds, overall, quality_verdict, samples_for_rate)
 
 ROLES = ("before", "after", "retrained")
 
@@ -143,26 +146,31 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
            retrained: DiffusionModel | None = None, reference_idx: list[int] | None = None,
            held_out: torch.Tensor | None = None, budget: str | Budget = "fast", sscd: str | None = None,
            seed: int = 0, similarity_t: int = SIMILARITY_T, audit=None, log=None,
-           held_out_labels: torch.Tensor | None = None) -> dict:
+           held_out_labels: torch.Tensor | None = None, max_copy_rate: float = MAX_COPY_RATE,
+           samples: int | None = None, cache_dir: str | None = None) -> dict:
     """Measure whether the items ``forget_idx`` of ``data`` (the forget set A) are gone from ``after``.
 
     For every item of A and for reference images (``held_out``, else the data set's own held-out images, else the
     kept images ``reference_idx``, else a seeded sample of X \\ A; the result names which), on each model given
     (``before``, ``after``, ``retrained``): noise-and-denoise similarity at ``similarity_t`` (pixel cosine, or SSCD
     from the local TorchScript file ``sscd``), the per-image denoising loss over fixed (t, eps) pairs and the
-    membership AUC of A against the reference images, the NLL in bits/dim, and generation (each image's distance to
-    its nearest sample, near-copies of A with an exact 95% interval). Each measure gets a verdict in words against
-    the reference images measured in the same run; the same measures on the reference images judge the quality kept.
+    membership AUC of A against the reference images, the NLL in bits/dim (``full`` budget), and the generation test:
+    near-copies of A at the seeds where ``before`` drew A (searched once and cached under ``cache_dir``) and among
+    fresh samples, with an exact 95% interval. Each verdict states what its counts could detect; the deletion is
+    "removed" only when every measure that showed A is resolved and none still shows it
+    (:mod:`diffunlearn.verification.verdicts`). The same measures on the reference images judge the quality kept.
 
-    Budgets (:data:`diffunlearn.verification.measures.BUDGETS`):
+    Budgets (:data:`diffunlearn.verification.measures.BUDGETS`; :meth:`Budget.resolves` says what each detects):
 
-    - ``fast``: similarity on 25 evenly spaced ancestral steps back from t, up to 16 distinct items of A and 8
-      reference images; loss over 8 (t, eps) pairs on every item and 32 reference images; NLL by the ODE at a loose
-      tolerance (rtol = atol = 1e-2, 2 probes) of up to 2 items and 4 reference images; 32 samples of 20 steps. One
-      28x28 image on the shipped 1.1 M-parameter model: about 11 s per model on one thread (README: measured).
-    - ``full``: similarity on all t steps (the protocol), up to 64 items and 32 reference images; loss over 32
-      pairs and 128 reference images; the ODE NLL at rtol = atol = 1e-5 with 4 probes (the protocol) of up to 8 items
-      and 8 reference images; 256 samples of 100 steps. Minutes per model for 28x28 images.
+    - ``fast``: 400 fresh samples (a clean run bounds the copy rate below 0.92%) and 512 searched seeds, DPM-Solver++
+      SDE on 20 steps; similarity (25 steps back from t) of up to 16 items and 32 reference images; loss over 8
+      pairs on every item and 32 reference images; no NLL.
+    - ``full``: 2,048 fresh samples (below 0.18%) and 2,048 searched seeds; similarity on every step of up to 32
+      items and 32 reference images; loss over 32 pairs and 128 reference images; NLL (rtol = atol = 1e-3, 2 probes)
+      of up to 4 items and 20 reference images.
+
+    ``max_copy_rate``: the copy rate the generation test must be able to rule out (default 1%); a budget whose
+    fresh samples cannot reach it is an error that says how many would (``samples`` overrides the budget's).
 
     A class-conditional model is measured with each image under its own class, against reference images of A's
     classes (``held_out_labels``: the labels of ``held_out`` as the model's class indices).
@@ -175,7 +183,7 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
     t_start = time.time()
     say = log or (lambda _msg: None)
     data = _as_imageset(data)
-    b = get_budget(budget)
+    b = check_budget(budget, max_copy_rate, samples)
     idx = _check_forget(data, forget_idx)
     models = {k: m for k, m in (("before", before), ("after", after), ("retrained", retrained)) if m is not None}
     check_models(models, data.shape)
@@ -203,7 +211,10 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
         say(f"verify: measuring {role} ({b.name} budget) ...")
         measured[role] = measure_model(m, subjects, backend, similarity_t, seed, log=say)
         measured[role].check_finite({"before": "before", "after": "unlearned", "retrained": "retrained"}[role])
-    result = _assemble(measured, subjects, counts, ref_info, b, backend.name, similarity_t, seed, data, idx, models)
+    others = _other_images(data, idx, held_out if held_out is not None else data.held_out, b.neighbour_pool, seed)
+    gen = generation_test(models, subjects, others, b, seed, max_copy_rate, cache_dir, say)
+    result = _assemble(measured, subjects, counts, ref_info, b, backend.name, similarity_t, seed, data, idx, models,
+                       gen)
     if audit is not None:
         from .audit import AuditSettings, relearn_audit
 
@@ -217,40 +228,175 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
     return result
 
 
+def check_budget(budget: str | Budget, max_copy_rate: float = MAX_COPY_RATE, samples: int | None = None) -> Budget:
+    """The budget, with ``samples`` fresh samples when given; an error when its fresh samples cannot bound the copy
+    rate below ``max_copy_rate`` (saying how many would)."""
+    import dataclasses
+
+    b = get_budget(budget)
+    try:
+        rate = float(max_copy_rate)
+    except (TypeError, ValueError):
+        raise UserError(f"--max-copy-rate must be a number in (0, 1), got {max_copy_rate!r}") from None
+    if not 0.0 < rate < 1.0:
+        raise UserError(f"--max-copy-rate must lie in (0, 1) (a rate: 0.01 is 1%), got {max_copy_rate}")
+    if samples is not None:
+        if int(samples) < 1:
+            raise UserError(f"--samples must be >= 1, got {samples}")
+        b = dataclasses.replace(b, samples=int(samples))
+    if b.fresh_bound() > rate:
+        need = samples_for_rate(rate)
+        raise UserError(f"the {b.name} budget draws {b.samples} fresh samples, which bound a copy rate only below "
+                        f"{100 * b.fresh_bound():.2g}%: --max-copy-rate {rate:g} needs at least {need} (pass --samples "
+                        f"{need}" + (" or --budget full)" if b.name == "fast" and BUDGETS["full"].samples >= need
+                                     else ")"))
+    return b
+
+
+def _other_images(data: ImageSet, idx: list[int], held_out, n: int, seed: int) -> torch.Tensor:
+    """Real images other than A that set its near-copy distance: held-out images and a seeded sample of the kept
+    images (at most ``n`` in all), without exact copies of an item of A."""
+    forget = set(idx)
+    g = torch.Generator().manual_seed(int(seed) + 104729)
+    parts = []
+    if held_out is not None and len(held_out):
+        parts.append(held_out[torch.randperm(len(held_out), generator=g)[:n].sort().values])
+    room = n - (len(parts[0]) if parts else 0)
+    pool = [i for i in range(len(data)) if i not in forget]
+    if room > 0 and pool:
+        parts.append(data.images[_sample(pool, room, g)])
+    x = torch.cat([torch.as_tensor(p) for p in parts]) if parts else data.images[:0]
+    own = {content_hash(data.images[i]) for i in idx}
+    keep = [k for k in range(len(x)) if content_hash(x[k]) not in own]
+    return x[keep]
+
+
+def generation_test(models: dict, s: Subjects, others: torch.Tensor, b: Budget, seed: int, max_copy_rate: float,
+                    cache=None, log=None) -> dict:
+    """Near-copies of A: the targeted seeds (searched under the model before, cached) drawn again under the model
+    after, and fresh seeds ``b.search_seeds ..`` under the model after (and the retrained model)."""
+    from ..models import state_hash
+    from .generation import draw_distances, search
+
+    say = log or (lambda _msg: None)
+    t0 = time.time()
+    items = s.forget
+    if len(others) == 0:
+        raise UserError("no image other than A to set the near-copy distance: keep at least one image or give "
+                        "held-out images")
+    nearest_other, thresholds = near_copy_thresholds(items, others)
+    twins = near_twins(nearest_other, s.reference, others)
+    th = {"fraction": NEAR_COPY_FRACTION, "nearest_other": [round(float(x), 4) for x in nearest_other],
+          "per_item": [round(float(x), 4) for x in thresholds], "other_images": len(others), **twins,
+          "words": f"{NEAR_COPY_FRACTION:g} x the distance from each item of A to its nearest of {len(others)} other "
+                   f"real images (L2, pixels in [0, 1]; here {_span(thresholds)})"}
+    labels_of = s.sample_labels_of if s.forget_labels is not None else None
+    sampler, steps = b.sampler, b.sample_steps
+    srch = None
+    seconds = {}
+    images: dict = {}
+    if "before" in models:
+        say(f"verify: targeted search, {b.search_seeds} seeds under the model before ...")
+        srch = search(models["before"], state_hash(models["before"].unet), items, b.search_seeds, sampler, steps, seed,
+                      s.forget_labels, labels_of, cache, log=None)
+        hits = [int(i) for i in np.flatnonzero(copy_hits(srch["distances"], thresholds))]
+        seconds["search"] = time.time() - t0
+        t1 = time.time()
+        d_after, x_after = draw_distances(models["after"], items, hits, sampler, steps, seed, labels_of, keep=True)
+        still = [h for h, hit in zip(hits, copy_hits(d_after, thresholds)) if hit]
+        seconds["targeted"] = time.time() - t1
+        show = (still + [h for h in hits if h not in still])[:8]
+        if show:
+            _, x_before = draw_distances(models["before"], items, show, sampler, steps, seed, labels_of, keep=True)
+            pos = {h: k for k, h in enumerate(hits)}
+            images["targeted"] = {"seeds": show, "before": [float(srch["distances"][h].min()) for h in show],
+                                  "after": [float(d_after[pos[h]].min()) for h in show],
+                                  "images_before": x_before, "images_after": x_after[[pos[h] for h in show]]}
+        search_info = {"seeds": b.search_seeds, "hits": hits, "cached_seeds": srch["cached"], "key": srch["key"]}
+    else:
+        still, search_info = None, None
+    fresh_idx = list(range(b.search_seeds, b.search_seeds + b.samples))
+    t1 = time.time()
+    say(f"verify: {b.samples} fresh samples under the unlearned model ...")
+    d_fresh, x_fresh = draw_distances(models["after"], items, fresh_idx, sampler, steps, seed, labels_of, keep=True)
+    fresh_hit = copy_hits(d_fresh, thresholds)
+    seconds["fresh"] = time.time() - t1
+    fresh = {"n": len(fresh_idx), "count": int(fresh_hit.sum()), "first_seed": b.search_seeds,
+             "indices": [fresh_idx[i] for i in np.flatnonzero(fresh_hit)],
+             "nearest": float(d_fresh.min()) if d_fresh.size else None}
+    strip = min(len(items), b.strip_items, b.similarity_items)
+    images["nearest_fresh"] = x_fresh[torch.as_tensor(d_fresh[:, :strip]).argmin(0)] if strip else x_fresh[:0]
+    images["nearest_fresh_distance"] = [float(x) for x in d_fresh[:, :strip].min(0)] if strip else []
+    retrained = None
+    if "retrained" in models:
+        t1 = time.time()
+        say(f"verify: {b.samples} fresh samples under the retrained model ...")
+        d_r, _ = draw_distances(models["retrained"], items, fresh_idx, sampler, steps, seed, labels_of)
+        retrained = {"n": len(fresh_idx), "count": int(copy_hits(d_r, thresholds).sum()),
+                     "nearest": float(d_r.min()) if d_r.size else None}
+        seconds["retrained"] = time.time() - t1
+    verdict = generation_verdict(search_info, still, fresh, th, max_copy_rate, retrained)
+    verdict["sampler"] = f"{sampler}, {steps} steps"
+    verdict["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
+    return {"verdict": verdict, "images": images}
+
+
+def near_twins(nearest_other: np.ndarray, reference: torch.Tensor, others: torch.Tensor) -> dict:
+    """Items of A whose nearest other real image is closer than the 5th percentile of the reference images' own
+    nearest-other distances: A has a near-duplicate that stays, so a model that never saw A may still reproduce it
+    (the rank measures then cannot tell removal apart; a retrained reference can)."""
+    from ..metrics.rates import pixel_distances
+
+    d = pixel_distances(reference, others)
+    d[d < 1e-6] = float("inf")  # a kept reference image is among the others: not its own neighbour
+    own = d.min(1).values.numpy()
+    own = own[np.isfinite(own)]
+    if len(own) < 2:
+        return {"twins": [], "reference_nearest_other_p5": None}
+    p5 = float(np.percentile(own, 5))
+    return {"twins": [int(i) for i in np.flatnonzero(np.asarray(nearest_other) < p5)],
+            "reference_nearest_other_p5": round(p5, 4)}
+
+
+def _span(v) -> str:
+    v = np.asarray(v, dtype=float)
+    return f"{v.min():.2f}" if v.min() == v.max() else f"{v.min():.2f}-{v.max():.2f}"
+
+
 def _assemble(measured: dict[str, Measured], s: Subjects, counts: dict, ref_info: dict, b: Budget, backend: str,
-              similarity_t: int, seed: int, data: ImageSet, idx: list[int], models: dict) -> dict:
+              similarity_t: int, seed: int, data: ImageSet, idx: list[int], models: dict, gen: dict) -> dict:
     held = ref_info["kind"] == "held-out"
     v = {m: x.values for m, x in measured.items()}
     labels = {"similarity": f"noise-and-denoise similarity ({backend}, t = {similarity_t})",
               "loss": f"denoising loss ({b.loss_draws} fixed (t, eps) pairs)",
-              "nll": "NLL (bits/dim" + (")" if b.nll_tol <= 1e-5 else f", ODE at tolerance {b.nll_tol:g})"),
-              "nearest": f"distance to the nearest of {b.samples} samples"}
-    keys = {"similarity": "similarity", "loss": "loss", "nll": "nll", "nearest": "nearest"}
+              "nll": "NLL (bits/dim" + (")" if b.nll_tol <= 1e-5 else f", ODE at tolerance {b.nll_tol:g})")}
     forget, quality = [], []
-    for measure, key in keys.items():
-        pairs = {m: (v[m][f"{key}_a"].numpy(), v[m][f"{key}_ref"].numpy()) for m in v}
+    empty = np.zeros(0)
+    for measure in ("similarity", "loss", "nll"):
+        pairs = {m: (v[m][f"{measure}_a"].numpy() if f"{measure}_a" in v[m] else empty,
+                     v[m][f"{measure}_ref"].numpy() if f"{measure}_ref" in v[m] else empty) for m in v}
         fv = forget_verdict(measure, pairs, held, labels[measure])
         if measure == "loss":
             fv["membership_auc"] = fv["auc"]
-        if measure == "nearest":
-            copies = {m: near_copies(measured[m].sample_to_forget, v[m]["nearest_ref"]) for m in v}
-            fv["near_copies"] = copies
-            fv["text"] += " " + near_copy_text(copies)
         forget.append(fv)
         quality.append(quality_verdict(measure, {m: p[1] for m, p in pairs.items()}, labels[measure]))
+    forget.append(gen["verdict"])
     per_model = {}
     for m, x in measured.items():
         per_model[m] = {k: _rounded(t) for k, t in x.values.items()}
         per_model[m]["seconds"] = {k: round(t, 2) for k, t in x.seconds.items()}
+    per_model["after"]["seconds"].update({f"generation_{k}": t for k, t in gen["verdict"]["seconds"].items()})
     strip = counts["strip_items"]
     first = [s.item_of.index(u) for u in range(strip)]  # the first item of A showing each distinct image
     from ..models import state_hash
 
+    gi = gen["images"]
+    targeted = gi.get("targeted")
     return {
-        "format": "diffunlearn-verification/1",
+        "format": "diffunlearn-verification/2",
         "status": "ok",
         "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "budget": b.describe(),
+        "budget": {**b.describe(), "resolves": b.resolves(), "fresh_bound": b.fresh_bound()},
         "seed": seed,
         "models": {m: {"source": str(mod.source), "sha256": state_hash(mod.unet)} for m, mod in models.items()},
         "forget": {"count": len(idx), "distinct": len(s.forget),
@@ -266,9 +412,13 @@ def _assemble(measured: dict[str, Measured], s: Subjects, counts: dict, ref_info
                     f"{b.loss_draws} (t, eps) pairs, t uniform on all timesteps, the same pairs for every image and "
                     "model; membership AUC = the rank of A's loss among the reference images' (lower loss looks "
                     "like training data)",
-            "nll": b.nll_name + "; the Monte Carlo error is the standard error over the probes",
-            "nearest": f"{b.samples} samples by ancestral DDPM on {b.sample_steps} steps, sample i seeded by "
-                       f"(seed {seed}, i); each image's L2 distance (pixels in [0, 1]) to its nearest sample",
+            "nll": (b.nll_name + "; the Monte Carlo error is the standard error over the probes") if b.nll_items
+            else "not measured at this budget (--budget full measures it)",
+            "generation": f"samples by {b.sampler} on {b.sample_steps} steps, sample i seeded by (seed {seed}, i); "
+                          f"targeted: seeds 0-{b.search_seeds - 1} searched under the model before, those that drew a "
+                          f"near-copy drawn again under the unlearned model; fresh: seeds {b.search_seeds}-"
+                          f"{b.search_seeds + b.samples - 1}; a near-copy lies within "
+                          f"{gen['verdict']['threshold']['words']}",
         },
         "measures": per_model,
         "verdicts": forget,
@@ -276,15 +426,19 @@ def _assemble(measured: dict[str, Measured], s: Subjects, counts: dict, ref_info
         "overall": overall(forget, quality),
         "images": {"forget": _encode(s.forget[:strip]), "forget_names": [data.names[idx[k]] for k in first],
                    "denoised": {m: _encode(x.denoised) for m, x in measured.items() if x.denoised is not None},
-                   "nearest_sample": {m: _encode(x.nearest_samples) for m, x in measured.items()
-                                      if x.nearest_samples is not None}},
+                   "nearest_sample": {"after": _encode(gi["nearest_fresh"])},
+                   "nearest_distance": {"after": gi["nearest_fresh_distance"]},
+                   "targeted": None if not targeted else {
+                       "seeds": targeted["seeds"], "distance_before": targeted["before"],
+                       "distance_after": targeted["after"], "before": _encode(targeted["images_before"]),
+                       "after": _encode(targeted["images_after"])}},
         "audit": None,
     }
 
 
 def failure(status: str, error: str, started: float | None = None) -> dict:
     """What ``verification.json`` holds when verification did not finish."""
-    out = {"format": "diffunlearn-verification/1", "status": status, "error": error,
+    out = {"format": "diffunlearn-verification/2", "status": status, "error": error,
            "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     if started is not None:
         out["seconds"] = round(time.time() - started, 2)
@@ -297,4 +451,4 @@ def summary_line(result: dict) -> str:
     return f"verification: {result['overall']['status']}. {result['overall']['text']}"
 
 
-__all__ = ["verify", "failure", "summary_line", "choose_reference", "check_models"]
+__all__ = ["verify", "failure", "summary_line", "choose_reference", "check_models", "check_budget"]

@@ -8,8 +8,8 @@ Every measure takes the same inputs for every model, so the models differ only t
   (:func:`diffunlearn.metrics.membership.denoising_losses`);
 - NLL in bits/dim by the probability-flow ODE (:func:`diffunlearn.metrics.nll.nll_bits_per_dim`) at the budget's
   tolerance, with the Monte Carlo standard error over its Hutchinson probes;
-- generation: ``samples`` images by ancestral DDPM on ``sample_steps`` steps, image ``i`` seeded by ``(seed, i)``
-  (:func:`diffunlearn.sampling.ddpm_sample`), and each image's L2 distance to its nearest sample (pixels in [0, 1]).
+- generation (:mod:`.generation`): near-copies of A among samples at the seeds where the model before drew A (the
+  targeted test) and at fresh seeds, image ``i`` seeded by ``(seed, i)``.
 
 A class-conditional model is measured with each image conditioned on its own class, and samples conditioned on the
 classes of A in turn (the reference images are then of A's classes too: see ``verify``).
@@ -32,17 +32,20 @@ class Budget:
     """How much each measure costs (see :data:`BUDGETS`)."""
 
     name: str
-    reference_images: int  # reference images for the loss, membership AUC and nearest-sample distances
+    reference_images: int  # reference images for the loss and membership AUC
     similarity_items: int  # distinct items of A whose similarity is measured
     similarity_reference: int  # reference images whose similarity is measured
     similarity_steps: int | None  # ancestral steps back from t (None: all t of them, the protocol)
     loss_draws: int  # shared (t, eps) pairs of the denoising loss
-    nll_items: int  # distinct items of A whose NLL is computed
+    nll_items: int  # distinct items of A whose NLL is computed (0: no NLL at this budget)
     nll_reference: int  # reference images whose NLL is computed
     nll_probes: int  # Hutchinson probes (2 or more give a Monte Carlo error)
     nll_tol: float  # RK45 rtol = atol
-    samples: int  # generated images
-    sample_steps: int  # ancestral DDPM steps per sample
+    search_seeds: int  # seeds searched under the model before for near-copies of A (the targeted test)
+    samples: int  # fresh samples of the model after (seeds never searched): the copy rate and its bound
+    sample_steps: int  # sampler steps per sample
+    sampler: str = "dpm++sde"  # the sampler of every generated sample (dpm++sde at 20 steps keeps the copy rate)
+    neighbour_pool: int = 4096  # at most this many other images set A's near-copy distance
     strip_items: int = 8  # items of A shown as original | before | after
 
     def describe(self) -> dict:
@@ -58,16 +61,44 @@ class Budget:
     def similarity_name(self) -> str:
         return "every step" if self.similarity_steps is None else f"{self.similarity_steps} evenly spaced steps"
 
+    def fresh_bound(self, samples: int | None = None) -> float:
+        """The copy rate that ``samples`` (default: this budget's) clean fresh samples bound (exact 95%)."""
+        from .verdicts import copy_rate_bound
+
+        return copy_rate_bound(self.samples if samples is None else samples)
+
+    def network_evaluations(self, items: int = 1, similarity_t: int = 250, copy_rate: float = 0.07) -> dict:
+        """UNet evaluations per measure for ``items`` distinct items of A (the NLL's ODE is not counted: its steps
+        depend on the model), for the model before and the unlearned one. ``copy_rate``: the model before's rate,
+        which sets how many targeted seeds are drawn again."""
+        sim = (min(items, self.similarity_items) + self.similarity_reference) * (self.similarity_steps or similarity_t)
+        loss = (items + self.reference_images) * self.loss_draws
+        targeted = round(copy_rate * self.search_seeds) * self.sample_steps
+        return {"similarity": 2 * sim, "loss": 2 * loss, "search (model before, once)": self.search_seeds *
+                self.sample_steps, "targeted": targeted, "fresh": self.samples * self.sample_steps}
+
+    def resolves(self) -> str:
+        """What this budget can detect, in one line (``verify --help`` and the report)."""
+        from .verdicts import MIN_REFERENCE
+
+        nll = (f"NLL of {self.nll_items} item(s) and {self.nll_reference} reference images" if self.nll_items
+               else "no NLL")
+        return (f"{self.samples} fresh samples (a clean run bounds the copy rate below "
+                f"{100 * self.fresh_bound():.2g}%), {self.search_seeds} seeds searched under the model before for the "
+                f"targeted test, similarity of {self.similarity_reference} and loss of {self.reference_images} "
+                f"reference images ({MIN_REFERENCE} or more resolve the 95% tail), {nll}")
+
 
 BUDGETS = {
-    # one 28x28 image of A: about 11 s per model on one thread (README: measured)
-    "fast": Budget("fast", reference_images=32, similarity_items=16, similarity_reference=8, similarity_steps=25,
-                   loss_draws=8, nll_items=2, nll_reference=4, nll_probes=2, nll_tol=1e-2, samples=32,
-                   sample_steps=20),
-    # the protocols' own settings: minutes per model for 28x28 images (the NLL dominates)
-    "full": Budget("full", reference_images=128, similarity_items=64, similarity_reference=32, similarity_steps=None,
-                   loss_draws=32, nll_items=8, nll_reference=8, nll_probes=4, nll_tol=1e-5, samples=256,
-                   sample_steps=100, strip_items=16),
+    # MNIST 28x28, one image of A: about 100 s for the model before and after together on one thread, plus about a
+    # minute for the model before's search the first time (cached); see docs/results/verify-ladder
+    "fast": Budget("fast", reference_images=32, similarity_items=16, similarity_reference=32, similarity_steps=25,
+                   loss_draws=8, nll_items=0, nll_reference=0, nll_probes=2, nll_tol=1e-2, search_seeds=512,
+                   samples=400, sample_steps=20),
+    # closer to the protocols: similarity on every step, the NLL, 2,048 fresh samples (a clean run: below 0.18%)
+    "full": Budget("full", reference_images=128, similarity_items=32, similarity_reference=32, similarity_steps=None,
+                   loss_draws=32, nll_items=4, nll_reference=20, nll_probes=2, nll_tol=1e-3, search_seeds=2048,
+                   samples=2048, sample_steps=20, strip_items=16),
 }
 
 
@@ -112,12 +143,13 @@ class Subjects:
             return None
         return torch.cat([self.forget_labels[:n_forget], self.reference_labels[:n_reference]])
 
-    def sample_labels(self, n: int) -> torch.Tensor | None:
-        """Labels of the generated samples: the classes of A in turn (None: unconditional)."""
+    def sample_labels_of(self, indices) -> torch.Tensor | None:
+        """Labels of the samples numbered ``indices``: sample ``i`` is of A's ``i``-th class in turn (None:
+        unconditional), so a seed has the same class whichever samples are drawn with it."""
         if self.forget_labels is None:
             return None
         classes = torch.unique(self.forget_labels)
-        return classes[torch.arange(n) % len(classes)]
+        return classes[torch.as_tensor(list(indices), dtype=torch.long) % len(classes)]
 
     def counts(self) -> dict:
         b = self.budget
@@ -145,7 +177,7 @@ class Measured:
                                          "or outputs are not finite")
 
 
-PARTS = ("similarity", "loss", "nll", "generation")
+PARTS = ("similarity", "loss", "nll")
 
 
 def measure_model(model: DiffusionModel, s: Subjects, backend, similarity_t: int, seed: int = 0,
@@ -153,9 +185,7 @@ def measure_model(model: DiffusionModel, s: Subjects, backend, similarity_t: int
     """Every measure in ``parts`` of ``model`` on ``s`` (see the module docstring)."""
     from ..metrics.membership import denoising_losses
     from ..metrics.nll import nll_bits_per_dim
-    from ..metrics.rates import pixel_distances
     from ..metrics.similarity import noise_and_denoise_similarity
-    from ..sampling import ddpm_sample
 
     b, n = s.budget, s.counts()
     out = Measured()
@@ -174,7 +204,7 @@ def measure_model(model: DiffusionModel, s: Subjects, backend, similarity_t: int
                                   labels=s.labels(len(s.forget), len(s.reference)))
         out.values["loss_a"], out.values["loss_ref"] = losses[:len(s.forget)], losses[len(s.forget):]
         out.seconds["loss"] = time.time() - t0
-    if "nll" in parts:
+    if "nll" in parts and n["nll_items"]:
         t0 = time.time()
         images = torch.cat([s.forget[:n["nll_items"]], s.reference[:n["nll_reference"]]])
         r = nll_bits_per_dim(model, images, b.nll_probes, b.nll_tol, b.nll_tol, seed=seed,
@@ -183,15 +213,6 @@ def measure_model(model: DiffusionModel, s: Subjects, backend, similarity_t: int
         out.values.update(nll_a=r.bpd[:k].float(), nll_ref=r.bpd[k:].float())
         out.values.update(nll_a_stderr=r.stderr[:k].float(), nll_ref_stderr=r.stderr[k:].float())
         out.seconds["nll"] = time.time() - t0
-    if "generation" in parts:
-        t0 = time.time()
-        samples = ddpm_sample(model, b.samples, b.sample_steps, seed, labels=s.sample_labels(b.samples))
-        to_a = pixel_distances(samples, s.forget)  # (N, U)
-        out.values["nearest_a"] = to_a.min(0).values
-        out.values["nearest_ref"] = pixel_distances(samples, s.reference).min(0).values
-        out.sample_to_forget = to_a.min(1).values
-        out.nearest_samples = samples[to_a[:, :n["strip_items"]].argmin(0)] if n["strip_items"] else samples[:0]
-        out.seconds["generation"] = time.time() - t0
     if log is not None:
         log("  " + ", ".join(f"{k} {v:.1f} s" for k, v in out.seconds.items()))
     return out

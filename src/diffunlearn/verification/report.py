@@ -16,13 +16,13 @@ from ..runs import read_json
 
 REPORT_NAME = "report.html"
 VERIFICATION_NAME = "verification.json"
-STATUS_COLOURS = {"removed": "#1b7f3b", "removed (below reference)": "#4d8a1f", "changed": "#4d8a1f",
-                  "partly changed": "#b26b00", "kept": "#1b7f3b", "ok": "#1b7f3b",
+STATUS_COLOURS = {"removed": "#1b7f3b", "removed (below reference)": "#4d8a1f", "not tested": "#6b6b6b", "not measured": "#6b6b6b",
+                  "not resolved": "#6b6b6b", "kept": "#1b7f3b", "ok": "#1b7f3b",
                   "partly removed": "#b26b00", "no signal": "#6b6b6b", "not shown": "#6b6b6b", "no baseline": "#6b6b6b",
                   "inconclusive": "#6b6b6b", "not removed": "#b3261e", "degraded": "#b3261e", "failed": "#b3261e",
                   "interrupted": "#b3261e", "skipped": "#6b6b6b", "not verified": "#6b6b6b"}
 ROLE_WORDS = {"before": "before", "after": "after", "retrained": "retrained"}
-SPECS = {"similarity": ".3f", "loss": ".4g", "nll": ".2f", "nearest": ".2f"}
+SPECS = {"similarity": ".3f", "loss": ".4g", "nll": ".2f", "nearest": ".2f", "generation": ".2f"}
 CSS = """
 body{font:15px/1.45 'DejaVu Sans',Arial,sans-serif;color:#1d1d1f;max-width:1120px;margin:24px auto;padding:0 20px}
 h1{font-size:26px;margin:0 0 4px}h2{font-size:19px;margin:28px 0 8px;border-bottom:1px solid #ddd;padding-bottom:4px}
@@ -126,6 +126,16 @@ def _settings(config: dict | None, summary: dict | None, v: dict | None) -> str:
                                              "<p class='note'>No config.yaml or summary.json here.</p>")
 
 
+def _gen_cells(d: dict, roles: list[str]) -> list[str]:
+    """The generation test's cells of the before/after table: near-copies per model."""
+    t, f, r = d.get("targeted"), d["fresh"], d.get("retrained")
+    a = {"before": f"{len(t['hits_before'])}/{t['seeds_searched']} searched" if t else "—",
+         "after": (f"{len(t['still_after'])}/{len(t['hits_before'])} targeted, " if t else "")
+         + f"{f['count']}/{f['n']} fresh",
+         "retrained": f"{r['count']}/{r['n']} fresh" if r else "—"}
+    return [_e(a[k]) for k in roles] + [""] * len(roles)
+
+
 def _verdict_table(v: dict) -> str:
     roles = [r for r in ("before", "after", "retrained") if r in v["models"]]
     head = ["measure"] + [f"A: {ROLE_WORDS[r]}" for r in roles] + [f"reference: {ROLE_WORDS[r]}" for r in roles] + \
@@ -133,21 +143,26 @@ def _verdict_table(v: dict) -> str:
     rows, words = [], []
     for d in v["verdicts"]:
         spec = SPECS[d["measure"]]
-        cells = [_e(d["label"])] + [f"<span class='num'>{_fmt(d['forget_mean'].get(r), spec)}</span>" for r in roles]
-        cells += [f"<span class='num'>{_fmt(d['reference_mean'].get(r), spec)}</span>" for r in roles]
+        if d["measure"] == "generation":
+            cells = [_e(d["label"])] + _gen_cells(d, roles)
+        else:
+            cells = [_e(d["label"])] + [f"<span class='num'>{_fmt(d['forget_mean'].get(r), spec)}</span>"
+                                        for r in roles]
+            cells += [f"<span class='num'>{_fmt(d['reference_mean'].get(r), spec)}</span>" for r in roles]
         rows.append(cells + [_pill(d["status"])])
         words.append(f"<li>{_pill(d['status'])} {_e(d['text'])}</li>")
     loss = next((d for d in v["verdicts"] if d["measure"] == "loss"), None)
-    if loss:
+    if loss and loss.get("auc"):
         rows.append(["membership AUC of A (by the loss; 0.5: like the reference)"]
-                    + [f"<span class='num'>{loss['auc'][r]:.2f}</span>" for r in roles] + [""] * len(roles) + [""])
+                    + [f"<span class='num'>{_fmt(loss['auc'].get(r), '.2f')}</span>" for r in roles]
+                    + [""] * len(roles) + [""])
     q_rows = [[_e(q["label"])] + [_fmt(q["mean"].get(r), SPECS[q["measure"]]) for r in roles] + [_pill(q["status"])]
               for q in v["quality"]]
     q_words = "".join(f"<li>{_pill(q['status'])} {_e(q['text'])}</li>" for q in v["quality"])
     ref = v["reference"]
     return ("<h2>Before and after</h2><p class='note'>Means over the items of A and over the reference images: "
             f"{ref['count']} {_e(ref['words'])}. Every verdict compares A with these reference images under the same "
-            "model (rules under <i>How this was measured</i>).</p>"
+            "model and says what its counts could detect (rules under <i>How this was measured</i>).</p>"
             + _table(head, rows, raw=True) + "<ul class='verdicts'>" + "".join(words) + "</ul>"
             + "<h2>Quality kept</h2><p class='note'>The same measures on the reference images: a damaged model cannot "
               "pass.</p>"
@@ -164,20 +179,33 @@ def _strips(v: dict) -> str:
         return ""
     roles = [r for r in ("before", "after", "retrained") if r in ims.get("denoised", {})]
     sims = {r: v["measures"][r].get("similarity_a", []) for r in roles}
-    near = {r: v["measures"][r].get("nearest_a", []) for r in roles}
+    near = ims.get("nearest_distance", {})
     t = next((d["label"] for d in v["verdicts"] if d["measure"] == "similarity"), "similarity")
     rows = []
     for k, orig in enumerate(originals):
         pics = [orig] + [decode_image(ims["denoised"][r][k]) for r in roles]
         labels = ["original"] + [f"{ROLE_WORDS[r]}: {sims[r][k]:.3f}" for r in roles]
-        pics += [decode_image(ims["nearest_sample"][r][k]) for r in roles if r in ims.get("nearest_sample", {})]
-        labels += [f"nearest sample, {ROLE_WORDS[r]}: {near[r][k]:.2f}" for r in roles
-                   if r in ims.get("nearest_sample", {})]
+        for r, pics_r in ims.get("nearest_sample", {}).items():
+            if k < len(pics_r):
+                pics.append(decode_image(pics_r[k]))
+                labels.append(f"nearest fresh sample, {ROLE_WORDS[r]}: {near[r][k]:.2f}")
         name = (ims.get("forget_names") or [""] * len(originals))[k]
-        rows.append(strip(pics, labels, title=f"{name}: original | noise-and-denoise | nearest generated sample"))
-    return ("<h2>What each model does with the removed images</h2><p class='note'>Per image: the original, what "
-            f"each model returns after noising it and denoising again (the number is the {_e(t)}), and the model's "
-            "nearest generated sample (the number is its distance).</p>" + _img(stack(rows, gap=10), "strips"))
+        rows.append(strip(pics, labels, title=f"{name}: original | noise-and-denoise | nearest fresh sample"))
+    out = ("<h2>What each model does with the removed images</h2><p class='note'>Per image: the original, what "
+           f"each model returns after noising it and denoising again (the number is the {_e(t)}), and the unlearned "
+           "model's nearest fresh sample (the number is its distance).</p>" + _img(stack(rows, gap=10), "strips"))
+    tg = ims.get("targeted")
+    if tg and tg.get("seeds"):
+        pics = [decode_image(x) for x in tg["before"]] + [decode_image(x) for x in tg["after"]]
+        names = [f"seed {s} before: {d:.2f}" for s, d in zip(tg["seeds"], tg["distance_before"])] + \
+            [f"seed {s} after: {d:.2f}" for s, d in zip(tg["seeds"], tg["distance_after"])]
+        from ..images import tiles
+
+        out += ("<h2>Targeted seeds</h2><p class='note'>Seeds at which the model before drew a near-copy of A (top "
+                "row) and what the unlearned model draws from the same seeds (bottom row); numbers: L2 distance to "
+                "A. Seeds that still draw a near-copy come first.</p>"
+                + _img(tiles(pics, names, ncol=len(tg["seeds"]), tile_side=112), "targeted seeds"))
+    return out
 
 
 def _curves(log: list[dict] | None) -> str:
@@ -256,22 +284,24 @@ def _ledger(entries: list[dict] | None) -> str:
 
 
 def _method_notes(v: dict) -> str:
-    from .verdicts import QUALITY_SPREAD, TAIL_HIGH, TAIL_LOW
+    from .verdicts import MIN_REFERENCE, NEAR_COPY_FRACTION, QUALITY_SPREAD, TAIL_HIGH, TAIL_LOW
 
     d = v["definitions"]
     b = v["budget"]
-    c = v["measured_counts"]
     items = "".join(f"<li><b>{_e(k)}</b>: {_e(t)}</li>" for k, t in d.items())
     secs = "; ".join(f"{r} " + ", ".join(f"{k} {s:.1f} s" for k, s in v["measures"][r]["seconds"].items())
                      for r in v["measures"])
     return ("<h2>How this was measured</h2><ul>" + items + "</ul>"
-            f"<p class='note'>Budget <b>{_e(b['name'])}</b>: similarity of {c['similarity_items']} distinct item(s) of A "
-            f"and {c['similarity_reference']} reference images, loss of every distinct item ({c['loss_items']}) and "
-            f"{c['loss_reference']} reference images, NLL of {c['nll_items']} item(s) and {c['nll_reference']} reference "
-            f"images, {b['samples']} samples. Verdicts: an item of A <i>stands out</i> when it looks more memorised "
-            f"than {TAIL_HIGH:.0%} of the reference images under the same model (rank above {TAIL_HIGH:g}), "
-            f"<i>falls below</i> under {TAIL_LOW:g}; quality is <i>degraded</i> when the reference images' mean moved "
-            f"the wrong way by more than {QUALITY_SPREAD:g} x their spread under the baseline model. Seconds: "
+            f"<p class='note'>Budget <b>{_e(b['name'])}</b>: {_e(b.get('resolves', ''))}. Verdicts: an item of A "
+            f"<i>stands out</i> when it looks more memorised than {TAIL_HIGH:.0%} of the reference images under the "
+            f"same model (rank above {TAIL_HIGH:g}), <i>falls below</i> under {TAIL_LOW:g}; with fewer than "
+            f"{MIN_REFERENCE} reference images that tail cannot be told from chance and the measure is <i>not "
+            "tested</i>. A measure on which A did not stand out under the model before shows <i>no signal</i> and "
+            f"never counts as removal. A near-copy is a sample nearer to an item of A than {NEAR_COPY_FRACTION:g} "
+            "times the distance from that item to its nearest other real image. The deletion is <i>removed</i> only "
+            "when every measure that showed A is resolved and none still shows it. Quality is <i>degraded</i> when the "
+            f"reference images' mean moved the wrong way by more than {QUALITY_SPREAD:g} x their spread under the "
+            "baseline model, <i>kept</i> when its worsening plus two standard errors stays within that. Seconds: "
             f"{_e(secs)}; total {v.get('seconds', 0):.1f} s.</p>")
 
 

@@ -1,0 +1,94 @@
+"""The generation test: does the model still draw A? (the rules are in :mod:`.verdicts`).
+
+- :func:`search`: the model before's samples at seeds ``0 .. N-1``, each sample's L2 distance to every distinct item
+  of A. Cached under the cache folder (``verify-search/``), keyed by the model's weight hash, A's content hashes and
+  the sampler, and written batch by batch: a search that was interrupted resumes where it stopped, and later
+  verifications and sequential requests of the same model and A reuse it.
+- :func:`draw_distances`: a model's samples at chosen seed numbers (the targeted seeds, or fresh seeds never
+  searched: ``N ..``), with their distances to A's items.
+
+Sample ``i`` always uses generator ``(seed, i)`` (:func:`diffunlearn.sampling.ddpm_sample`), so a seed drawn again
+under another model starts from the same noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import content_hash
+from ..metrics.rates import pixel_distances
+
+SEARCH_BATCH = 64
+
+
+def search_key(model_hash: str, items: torch.Tensor, labels: torch.Tensor | None, sampler: str, steps: int,
+               seed: int) -> str:
+    """The cache key of a search: the model before's weights, A's distinct items (and labels), the sampler."""
+    spec = {"model": model_hash, "items": [content_hash(x) for x in items],
+            "labels": None if labels is None else [int(y) for y in labels], "sampler": sampler, "steps": int(steps),
+            "seed": int(seed), "format": 1}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def draw_distances(model, items: torch.Tensor, indices: list[int], sampler: str, steps: int, seed: int,
+                   labels_of=None, keep: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
+    """Samples of ``model`` at seed numbers ``indices``; returns their distances (len(indices), len(items)) to the
+    items of A and, with ``keep``, the samples themselves. ``labels_of(indices)``: the class of each sample."""
+    from ..sampling import ddpm_sample
+
+    if not indices:
+        return np.zeros((0, len(items)), dtype=np.float32), (items[:0] if keep else None)
+    x = ddpm_sample(model, 0, steps, seed, sampler=sampler, indices=indices,
+                    labels=None if labels_of is None else labels_of(indices))
+    return pixel_distances(x, items).numpy().astype(np.float32), (x if keep else None)
+
+
+def search(model, model_hash: str, items: torch.Tensor, n: int, sampler: str, steps: int, seed: int,
+           labels: torch.Tensor | None = None, labels_of=None, cache: str | os.PathLike | None = None,
+           log=None) -> dict:
+    """The model before's distances to A at seeds ``0 .. n-1`` (cached; resumed batch by batch). Returns ``{seeds,
+    distances (n, U), cached: seeds found in the cache, path}``."""
+    from ..cache import cache_dir, locked
+
+    key = search_key(model_hash, items, labels, sampler, steps, seed)
+    path = Path(cache_dir(cache)) / "verify-search" / f"{key}.npy"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with locked(path):
+        have = np.load(path) if path.is_file() else np.zeros((0, len(items)), dtype=np.float32)
+        cached = min(len(have), n)
+        rows = [have[:n]]
+        done = cached
+        while done < n:
+            idx = list(range(done, min(n, done + SEARCH_BATCH)))
+            d, _ = draw_distances(model, items, idx, sampler, steps, seed, labels_of)
+            rows.append(d)
+            done += len(idx)
+            if done > len(have):  # every finished batch is kept: an interrupted search resumes here
+                _save(path, np.concatenate(rows))
+            if log is not None:
+                log(f"  targeted search under the model before: {done}/{n} seeds")
+    return {"seeds": n, "distances": np.concatenate(rows)[:n], "cached": cached, "path": str(path), "key": key}
+
+
+def _save(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+
+
+def searched_so_far(model_hash: str, items: torch.Tensor, labels, sampler: str, steps: int, seed: int,
+                    cache=None) -> int:
+    """How many seeds of a search are in the cache (0 when none): what an interrupted verification keeps."""
+    from ..cache import cache_dir
+
+    path = Path(cache_dir(cache)) / "verify-search" / f"{search_key(model_hash, items, labels, sampler, steps, seed)}.npy"
+    try:
+        return len(np.load(path, mmap_mode="r"))
+    except (OSError, ValueError):
+        return 0
