@@ -203,7 +203,8 @@ def config_command(parser: argparse.ArgumentParser, cls, run, section: str | Non
         if args.dry_run:
             print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
             return 0
-        run(cfg)
-        return 0
+        result = run(cfg)
+        # a command may end with a documented non-zero status (unlearn --until removed: not removed, quality guard)
+        return int(result.get("exit_status", 0)) if isinstance(result, dict) else 0
 
     parser.set_defaults(func=handler)

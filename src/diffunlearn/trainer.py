@@ -142,7 +142,7 @@ def unlearn(model: DiffusionModel, kept, forget, method: Method,
     ``kept`` and ``forget`` are tensors (N, C, H, W) in model space or lazy image arrays (``split_kept``), whose
     images are then decoded per step, only for the rows drawn. A class-conditional model needs ``labels``: the class
     indices of ``kept`` and of ``forget`` (every method then conditions each row on its own label). ``log`` receives one dict per optimiser step;
-    ``callback(step, unet)`` runs after each step (evaluation curves); ``checkpoint`` saves (every
+    ``callback(step, unet)`` runs after each step (evaluation curves) and ends the run there by returning True (``unlearn --until removed``); ``checkpoint`` saves (every
     ``cfg.checkpoint_every`` steps) and restores the complete training state.
     """
     cfg = cfg or TrainerConfig()
@@ -240,8 +240,10 @@ def _loop(model, unet, opt, params, method, cfg, acc, sampler, t_max, log, callb
             log(record)
         if callback is not None:
             unet.eval()
-            callback(step, unet)
+            stop = callback(step, unet) is True  # a callback that returns True ends the run at this step
             unet.train()
+            if stop:
+                break
         if checkpoint is not None and step < cfg.steps and _checkpoint_due(cfg, step, last_save, acc):
             if acc.is_main_process:
                 checkpoint.save(step, unet, opt, sampler.generator, method)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,14 @@ class UnlearnConfig:
     cache_dir: str = field(default="", metadata={"help": "folder for cached latents of latent models and decompressed "
                                                          ".npz arrays (default: $DIFFUNLEARN_CACHE or "
                                                          "~/.cache/diffunlearn)"})
+    until: str = field(default="", metadata={"help": "'removed': check the model every --check-every steps and stop "
+                                                     "at the first step whose deletion the --verify budget confirms "
+                                                     "(--steps is then the most steps it takes); exit status 0 "
+                                                     "removed, 3 not removed within --steps, 4 stopped by the "
+                                                     "quality guard"})
+    check_every: int = field(default=50, metadata={"help": "with --until removed: steps between checks (each draws "
+                                                           "the targeted seeds again and the loss of A and the "
+                                                           "reference images)"})
     method: MethodSpec = field(default_factory=MethodSpec)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sequential: SequentialConfig = field(default_factory=SequentialConfig)
@@ -53,6 +62,15 @@ class UnlearnConfig:
         self.sequential.validate()
         check_report_to(self.report_to)
         check_options(self.verify, self.audit)
+        from ..verification.loop import check_until
+
+        check_until(self.until, self.verify, self.check_every, self.trainer.steps)
+        if self.until and self.sequential.requests:
+            raise UserError("--until removed runs one deletion request: drop --requests, or run each request with "
+                            "its own --until removed")
+        if self.until and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise UserError("--until removed checks the model in one process: start the run without accelerate "
+                            "launch")
         if self.sample_every < 0:
             raise UserError(f"--sample-every must be >= 0, got {self.sample_every}")
 
@@ -134,9 +152,22 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
 
     if tracker is not None:
         _log_samples(tracker, model, 0)
+    loop = None
+    if cfg.until:
+        from ..verification.loop import UntilRemoved
+
+        loop = UntilRemoved(model, data, forget_idx, budget=cfg.verify, check_every=cfg.check_every, seed=trainer.seed,
+                            cache_dir=cfg.cache_dir or None, log=lambda m: print(m, flush=True))
+
+    def callback(step, unet):
+        if tracker is not None:
+            samples(step, unet)
+        return loop(step, unet) if loop is not None else False
+
     try:
         new = unlearn(model, kept, forget, method, trainer, log=step_printer(record, trainer.steps, cfg.log_every),
-                      checkpoint=checkpoint, callback=samples if tracker is not None else None, labels=labels)
+                      checkpoint=checkpoint, callback=callback if tracker is not None or loop is not None else None,
+                      labels=labels)
     except KeyboardInterrupt:
         step = checkpoint.last_step()
         print(f"interrupted after step {last.get('step', 0)}: " + (
@@ -152,6 +183,9 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
                "model_in": {"dir": model.source, "sha256": hash_before},
                "model_out": {"dir": str(out / "model"), "sha256": state_hash(new.unet)},
                "processes": acc.num_processes, "last_step": last, "model": model_summary(new)}
+    if loop is not None:
+        summary["until"] = loop.summary()
+        summary["exit_status"] = summary["until"]["exit_status"]
     if acc.is_main_process:
         from ..cards import unlearning_card
         from ..data import content_hash
@@ -171,21 +205,31 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     if acc.is_main_process:  # the model is saved: a failed verification is recorded, the model stays
         from ..verification.command import audit_settings, verify_run
 
+        if loop is not None:
+            print(loop.line(), flush=True)
         summary["verification"] = verify_run(out, model, new, data, forget_idx, cfg.verify, seed=trainer.seed,
+                                             result=loop.result if loop is not None else None,
                                              audit=audit_settings(cfg.audit, trainer.lr, trainer.batch_size,
                                                                   trainer.seed), cache_dir=cfg.cache_dir or None)
         if summary["verification"] and summary["verification"]["status"] == "ok":
-            _card_with_verification(out, card)
+            _card_with_verification(out, card, summary.get("until"))
+        if loop is not None:
+            run.finish(summary)  # the outcome of the loop and the verification's headline beside it
     return summary
 
 
-def _card_with_verification(out: Path, card) -> None:
+def _card_with_verification(out: Path, card, until: dict | None = None) -> None:
     """The model card again, now with the verification's verdicts (the figures are in verification.json)."""
     from ..runs import read_json
     from ..verification.report import VERIFICATION_NAME
 
     result = read_json(out / VERIFICATION_NAME)
     lines = [f"**{result['overall']['status']}**: {result['overall']['text']}", ""]
+    if until:
+        lines = [f"Unlearned until removed (a check every {until['check_every']} steps): **{until['outcome']}**"
+                 + (f" at step {until['stopped_at']}" if until["stopped_at"] else "")
+                 + (f"; this model is step {until['model_is_step']}'s" if until["model_is_step"] != until["stopped_at"]
+                    else "") + ".", ""] + lines
     lines += [f"- {v['label']}: {v['status']}. {v['text']}" for v in result.get("verdicts", [])]
     b = result.get("budget", {})
     text = "\n".join(lines) + f"\n\nMeasured by `diffunlearn verify` ({b.get('name', '')} budget: {b.get('resolves', '')}); " \

@@ -142,18 +142,20 @@ def run_verify(cfg: VerifyConfig) -> dict:
 
 def verify_run(run_dir: str | Path, before, after, data, forget_idx, budget: str = "fast", *, held_out=None,
                sscd: str | None = None, seed: int = 0, similarity_t: int = SIMILARITY_T, audit=None,
-               log=print, cache_dir: str | None = None) -> dict | None:
+               log=print, cache_dir: str | None = None, result: dict | None = None) -> dict | None:
     """Verify a finished run and write ``verification.json`` and ``report.html`` into ``run_dir``.
 
     The model is already saved when this runs: whatever happens here (an exception, non-finite outputs, Ctrl-C)
     leaves it in place; ``verification.json`` then records the error (status ``failed`` or ``interrupted``) and the
-    report says what is missing. Ctrl-C is re-raised after recording. Returns the result's headline, or None when
-    ``budget`` is ``off``."""
+    report says what is missing. Ctrl-C is re-raised after recording. ``result``: a verification of ``after``
+    already made, recorded as it is. Returns the result's headline, or None when ``budget`` is ``off``."""
     if budget == "off":
         return None
     run_dir = Path(run_dir)
     started = time.time()
-    if after.codec is not None:
+    if result is not None:  # already verified (unlearn --until removed confirmed this very model)
+        pass
+    elif after.codec is not None:
         result = failure("skipped", "latent models (vqvae/ or vae/) are not verified yet: the measures work in pixel "
                                     "space", started)
     else:

@@ -1,0 +1,162 @@
+"""Unlearning until the verdict holds (``unlearn --until removed``): a trainer callback that checks the model every
+``check_every`` steps and stops the run at the first step whose deletion verifies.
+
+Each check is cheap: the targeted seeds of the generation test (the seeds at which the model before draws A, searched
+once and cached) drawn again under the current model, and the denoising loss of A and of the reference images. When
+no targeted seed draws A any more, the full verification at the run's budget confirms it (the verdicts of
+:func:`diffunlearn.verification.verify`); the run stops at the first confirmed check, and that model is saved.
+
+The quality guard: the reference images' loss is judged at every check against the model before
+(:func:`~diffunlearn.verification.verdicts.quality_verdict`); when it is degraded before A is removed, the run stops
+and the last checked model whose quality held (the model before, at the first check) is restored and saved, and the
+outcome says so. Outcomes: ``removed`` (exit status 0), ``not removed`` within the step budget (3), ``stopped by the
+quality guard`` (4).
+
+Every check is a function of the weights at its step and of fixed seeds, so a run resumed from a checkpoint makes the
+same decisions as an uninterrupted one. The model whose quality held last is kept in memory; a resumed run starts
+that record again from its first check.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+from ..models import DiffusionModel, state_hash
+from ..metrics.similarity import SIMILARITY_T
+from .verdicts import MAX_COPY_RATE, Status, copy_hits, near_copy_thresholds, quality_verdict
+
+OUTCOMES = {"removed": 0, "not removed": 3, "stopped by the quality guard": 4}
+UNTIL_CHOICES = ("", "removed")
+
+
+def check_until(until: str, verify_: str, check_every: int, steps: int) -> None:
+    """Bad ``--until`` settings fail before anything runs."""
+    if until not in UNTIL_CHOICES:
+        raise UserError(f"--until must be 'removed' (or left out), got {until!r}")
+    if not until:
+        return
+    if verify_ == "off":
+        raise UserError("--until removed stops when the verification says removed: drop --verify off")
+    if check_every < 1:
+        raise UserError(f"--check-every must be >= 1, got {check_every}")
+    if check_every > steps:
+        raise UserError(f"--check-every {check_every} is larger than --steps {steps}: no check would run; lower "
+                        "--check-every or raise --steps (the most steps the loop may take)")
+
+
+class UntilRemoved:
+    """``callback(step, unet) -> bool`` for :func:`diffunlearn.trainer.unlearn`: True stops the run."""
+
+    def __init__(self, before: DiffusionModel, data, forget_idx: list[int], *, budget: str = "fast",
+                 check_every: int = 50, seed: int = 0, held_out=None, cache_dir=None,
+                 similarity_t: int = SIMILARITY_T, max_copy_rate: float = MAX_COPY_RATE, log=None):
+        from .core import (_as_imageset, _other_images, check_budget, choose_reference, labelled_reference)
+        from .generation import search
+        from .measures import Subjects
+        from ..metrics.membership import denoising_losses
+
+        if before.codec is not None:
+            raise UserError("--until removed verifies pixel-space models only: this model is a latent model")
+        self.before, self.data = before, _as_imageset(data)
+        self.idx, self.every, self.seed = list(forget_idx), int(check_every), int(seed)
+        self.budget = check_budget(budget, max_copy_rate)
+        self.held_out, self.cache_dir, self.similarity_t = held_out, cache_dir, similarity_t
+        self.max_copy_rate = max_copy_rate
+        self.say = log or (lambda _msg: None)
+        b = self.budget
+        if before.conditional:
+            ref, _, ref_y, a_y = labelled_reference(self.data, self.idx, before.classes, b.reference_images, seed,
+                                                    held_out=held_out)
+        else:
+            (ref, _), ref_y, a_y = choose_reference(self.data, self.idx, b.reference_images, seed, held_out), None, None
+        self.subjects = Subjects.build(self.data.images[self.idx], ref, b, a_y, ref_y)
+        others = _other_images(self.data, self.idx, held_out if held_out is not None else self.data.held_out,
+                               b.neighbour_pool, seed)
+        _, self.thresholds = near_copy_thresholds(self.subjects.forget, others)
+        s = self.subjects
+        self.labels_of = s.sample_labels_of if s.forget_labels is not None else None
+        self.say(f"until removed: targeted search, {b.search_seeds} seeds under the model before ...")
+        found = search(before, state_hash(before.unet), s.forget, b.search_seeds, b.sampler, b.sample_steps, seed,
+                       s.forget_labels, self.labels_of, cache_dir)
+        self.hits = [int(i) for i in np.flatnonzero(copy_hits(found["distances"], self.thresholds))]
+        self._losses = lambda m: denoising_losses(m, torch.cat([s.forget, s.reference]), b.loss_draws, seed=seed,
+                                                  labels=s.labels(len(s.forget), len(s.reference)))
+        self.ref_before = self._losses(before)[len(s.forget):].numpy()
+        self.checks: list[dict] = []
+        self.outcome, self.result, self.stopped_at = "not removed", None, None
+        self._good: tuple[int, dict] | None = None
+
+    def model(self, unet) -> DiffusionModel:
+        b = self.before
+        return DiffusionModel(unet, b.scheduler, source=b.source, codec=b.codec, classes=b.classes)
+
+    def __call__(self, step: int, unet) -> bool:
+        if step % self.every:
+            return False
+        from .core import verify
+        from .generation import draw_distances
+
+        t0 = time.time()
+        model, s, b = self.model(unet), self.subjects, self.budget
+        d, _ = draw_distances(model, s.forget, self.hits, b.sampler, b.sample_steps, self.seed, self.labels_of)
+        still = int(copy_hits(d, self.thresholds).sum()) if self.hits else 0
+        losses = self._losses(model)
+        q = quality_verdict("loss", {"before": self.ref_before, "after": losses[len(s.forget):].numpy()})
+        check = {"step": step, "targeted_still": still, "targeted_of": len(self.hits),
+                 "loss_a": float(losses[:len(s.forget)].mean()), "loss_reference": float(losses[len(s.forget):].mean()),
+                 "quality": q["status"]}
+        stop = False
+        if q["status"] == Status.DEGRADED.value:
+            stop = self._guard(unet, check)
+        elif still == 0:
+            self.say(f"until removed: step {step}: no targeted seed draws A; confirming with the {b.name} "
+                     "verification ...")
+            result = verify(model, self.data, self.idx, before=self.before, held_out=self.held_out, budget=b,
+                            seed=self.seed, similarity_t=self.similarity_t, max_copy_rate=self.max_copy_rate,
+                            cache_dir=self.cache_dir)
+            check["verification"] = result["overall"]["status"]
+            if result["overall"]["status"] == Status.REMOVED.value:
+                self.outcome, self.result, self.stopped_at, stop = "removed", result, step, True
+            elif result["overall"]["status"] == Status.DEGRADED.value:
+                stop = self._guard(unet, check)
+        if not stop:
+            self._good = (step, {k: v.detach().clone() for k, v in unet.state_dict().items()})
+        check["seconds"] = round(time.time() - t0, 2)
+        self.checks.append(check)
+        self.say(f"until removed: step {step}: {still}/{len(self.hits)} targeted seeds draw A, quality {q['status']}"
+                 + (f", verification {check['verification']}" if "verification" in check else "")
+                 + (f": {self.outcome}" if stop else ""))
+        return stop
+
+    def _guard(self, unet, check: dict) -> bool:
+        """Quality degraded before A was removed: restore the last checked weights whose quality held (the model
+        before when no check held) and stop."""
+        step, state = self._good if self._good is not None else (0, self.before.unet.state_dict())
+        unet.load_state_dict(state)
+        self.outcome, self.stopped_at = "stopped by the quality guard", check["step"]
+        check["restored_step"] = step
+        return True
+
+    def summary(self) -> dict:
+        restored = next((c["restored_step"] for c in self.checks if "restored_step" in c), None)
+        return {"outcome": self.outcome, "exit_status": OUTCOMES[self.outcome], "stopped_at": self.stopped_at,
+                "model_is_step": restored if restored is not None else self.stopped_at,
+                "check_every": self.every, "targeted_seeds": len(self.hits), "budget": self.budget.name,
+                "checks": self.checks}
+
+    def line(self) -> str:
+        s = self.summary()
+        if self.outcome == "removed":
+            return f"until removed: removed at step {s['stopped_at']}, confirmed by the {s['budget']} verification"
+        if self.outcome == "not removed":
+            return (f"until removed: not removed within the step budget ({len(self.checks)} checks); raise --steps "
+                    "or the method's strength (e.g. --scaling-norm)")
+        return (f"until removed: stopped by the quality guard at step {s['stopped_at']} (the reference images' loss "
+                f"degraded); the saved model is the one of step {s['model_is_step']}, whose quality held")
+
+
+__all__ = ["UntilRemoved", "OUTCOMES", "UNTIL_CHOICES", "check_until"]

@@ -1,0 +1,116 @@
+"""``unlearn --until removed``: the run stops at the first check whose verification says removed, with exactly the
+weights of a run of that many steps; the quality guard restores the last checked weights whose quality held; the
+outcomes are exit statuses; bad settings fail before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import random_sets, snapshot, tiny_model
+from diffunlearn import ImageSet, TrainerConfig, make_method, unlearn
+from diffunlearn.cli import main
+from diffunlearn.models import save_model, state_hash
+from diffunlearn.verification import BUDGETS, loop as loop_mod
+
+TEST = BUDGETS["fast"].__class__(**{**BUDGETS["fast"].describe(), "name": "test", "search_seeds": 16,
+                                    "samples": 400, "sample_steps": 2})
+
+
+def _data() -> ImageSet:
+    kept, held = random_sets(n_kept=14, n_forget=20, seed=3)
+    return ImageSet(kept, [f"img-{i:02d}" for i in range(14)], held_out=held)
+
+
+def _run(steps: int, callback=None):
+    kept, forget = random_sets(n_kept=12, n_forget=2, seed=3)
+    cfg = TrainerConfig(steps=steps, batch_size=4, lr=1e-3, seed=1, checkpoint_every=0)
+    return unlearn(tiny_model(), kept, forget, make_method("naive"), cfg, callback=callback)
+
+
+def _loop(monkeypatch, every: int, removed_at: int | None = None, degraded_at: int | None = None):
+    """The loop on the tiny model, its verification and quality verdict replaced by ones that change at given steps
+    (the decisions under test are the loop's, not the measures')."""
+    state = {"step": 0}
+    real_q = loop_mod.quality_verdict
+
+    def fake_verify(model, *a, **k):
+        return {"overall": {"status": "removed" if state["step"] == removed_at else "not removed"}}
+
+    def fake_quality(measure, vals, label=None):
+        q = real_q(measure, vals, label)
+        return {**q, "status": "degraded"} if state["step"] == degraded_at else {**q, "status": "kept"}
+
+    monkeypatch.setattr("diffunlearn.verification.core.verify", fake_verify)
+    monkeypatch.setattr(loop_mod, "quality_verdict", fake_quality)
+    data = _data()
+    lp = loop_mod.UntilRemoved(tiny_model(), data, [0, 1], budget=TEST, check_every=every, seed=0)
+    lp.hits = []  # no targeted seed: every check goes on to the (replaced) verification
+
+    def callback(step, unet):
+        state["step"] = step
+        return lp(step, unet)
+
+    return lp, callback
+
+
+def test_a_run_stopped_at_a_check_has_the_weights_of_a_run_of_that_many_steps(monkeypatch):
+    lp, callback = _loop(monkeypatch, every=2, removed_at=4)
+    stopped = _run(10, callback)
+    assert lp.outcome == "removed" and lp.stopped_at == 4 and [c["step"] for c in lp.checks] == [2, 4]
+    assert state_hash(stopped.unet) == state_hash(_run(4).unet)
+    assert lp.summary()["exit_status"] == 0
+
+
+def test_the_quality_guard_restores_the_last_checked_weights_whose_quality_held(monkeypatch):
+    lp, callback = _loop(monkeypatch, every=2, degraded_at=6)
+    guarded = _run(10, callback)
+    s = lp.summary()
+    assert s["outcome"] == "stopped by the quality guard" and s["stopped_at"] == 6 and s["model_is_step"] == 4
+    assert s["exit_status"] == 4 and state_hash(guarded.unet) == state_hash(_run(4).unet)
+    assert "step 4, whose quality held" in lp.line()
+
+
+def test_a_loop_that_never_verifies_runs_every_step_and_says_not_removed(monkeypatch):
+    lp, callback = _loop(monkeypatch, every=3)
+    done = _run(7, callback)
+    assert [c["step"] for c in lp.checks] == [3, 6] and lp.outcome == "not removed"
+    assert lp.summary()["exit_status"] == 3 and state_hash(done.unet) == state_hash(_run(7).unet)
+
+
+def test_until_removed_end_to_end_exits_3_when_not_removed(capsys, tmp_path):
+    """A tiny random model never shows A, so nothing can be shown removed: exit status 3, the outcome in
+    summary.json and the model card, the verification written."""
+    model = save_model(tiny_model(), tmp_path / "base")
+    rng = torch.Generator().manual_seed(0)
+    import numpy as np
+
+    data = tmp_path / "d.npz"
+    np.savez(data, images=(torch.rand((30, 8, 8), generator=rng) * 255).to(torch.uint8).numpy())
+    out = tmp_path / "run"
+    rc = main(["unlearn", "--model", str(model), "--data", str(data), "--forget", "0,1", "--method", "naive",
+               "--steps", "4", "--batch-size", "4", "--until", "removed", "--check-every", "2", "--threads", "1",
+               "--out", str(out)])
+    assert rc == 3, capsys.readouterr().err
+    s = json.loads((out / "summary.json").read_text())
+    assert s["until"]["outcome"] == "not removed" and [c["step"] for c in s["until"]["checks"]] == [2, 4]
+    assert (out / "verification.json").is_file() and "not removed" in (out / "model" / "README.md").read_text()
+    assert "until removed: not removed within the step budget" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case,args,words", [
+    ("verify-off", ["--until", "removed", "--verify", "off"], "drop --verify off"),
+    ("interval", ["--until", "removed", "--check-every", "50", "--steps", "10"], "larger than --steps 10"),
+    ("outcome", ["--until", "gone"], "--until must be 'removed'"),
+    ("zero", ["--until", "removed", "--check-every", "0"], "--check-every must be >= 1"),
+])
+def test_bad_until_settings_give_one_line_and_write_nothing(capsys, tmp_path, model_dir, data_file, case, args,
+                                                            words):
+    before = snapshot(model_dir)
+    rc = main(["unlearn", "--model", str(model_dir), "--data", str(data_file), "--forget", "0", "--out",
+               str(tmp_path / "u"), *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and words in err
+    assert not (tmp_path / "u").exists() and snapshot(model_dir) == before
