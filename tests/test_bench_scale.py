@@ -5,7 +5,6 @@ units, FLOPs and peak memory, and ``--quick`` runs every row end to end on tiny 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -39,7 +39,8 @@ def labelled_sets(seed: int = 0):
 def test_labels_reach_the_network():
     m = cond_model()
     x, t = torch.randn(4, 1, 8, 8), torch.full((4,), 500)
-    e0, e1 = predict_noise(m.unet, x, t, torch.zeros(4, dtype=torch.long)), predict_noise(m.unet, x, t, torch.ones(4, dtype=torch.long))
+    e0, e1 = (predict_noise(m.unet, x, t, torch.zeros(4, dtype=torch.long)),
+              predict_noise(m.unet, x, t, torch.ones(4, dtype=torch.long)))
     assert (e0 - e1).abs().max() > 1e-3
     assert m.conditional and m.null_class == K
 
@@ -260,7 +261,8 @@ def test_class_protocol_measures_each_class_on_its_own_samples():
     from diffunlearn.protocols.classes import ClassProtocol
 
     torch.manual_seed(0)
-    m = DiffusionModel(build_unet("tiny", 28, 1, num_classes=10), build_scheduler(), classes=[str(i) for i in range(10)])
+    m = DiffusionModel(build_unet("tiny", 28, 1, num_classes=10), build_scheduler(),
+                       classes=[str(i) for i in range(10)])
     p = ClassProtocol.load(7, "mnist")
     met, samples, labels = p.evaluate(m, per_class=2, sample_steps=1, measure_images=3)
     assert labels.tolist() == [c for c in range(10) for _ in range(2)] and len(samples) == 20

@@ -106,7 +106,8 @@ def test_unknown_rows_and_presets_are_named():
         select(rows, "naive,nope")
     with pytest.raises(UserError, match="--rows names no row"):
         select(rows, " , ")
-    with pytest.raises(UserError, match="known presets are bench/class, bench/instance, bench/mnist-tshirt, bench/prompt"):
+    with pytest.raises(UserError,
+                       match="known presets are bench/class, bench/instance, bench/mnist-tshirt, bench/prompt"):
         load_rows("bench/nope")
 
 

@@ -96,9 +96,10 @@ def test_norm_fixing_gives_a_neggrad_component_of_exactly_the_scaling_norm(scali
 
 @pytest.mark.parametrize("name", ["siss", "siss-nois"])
 def test_in_graph_subtraction_is_the_separate_buffers_update(name):
-    """SISS's backward for one micro-batch in one process (G_a alone, then one backward of ``mean L_x - c mean L_a`` into the parameters'
-    gradients) gives ``G_x - c G_a`` with ``c = scaling_norm / ||G_a||``: the update ``combine`` builds from both
-    gradients taken separately, by linearity of the gradient, up to float rounding; so do the logged norms."""
+    """SISS's backward for one micro-batch in one process (G_a alone, then one backward of ``mean L_x - c mean L_a``
+    into the parameters' gradients) gives ``G_x - c G_a`` with ``c = scaling_norm / ||G_a||``: the update ``combine``
+    builds from both gradients taken separately, by linearity of the gradient, up to float rounding; so do the logged
+    norms."""
     model, (kept, forget) = tiny_model(), random_sets()
     params = [p for p in model.unet.parameters() if p.requires_grad]
     ref_method, lean_method = make_method(name, scaling_norm=3.0), make_method(name, scaling_norm=3.0)
@@ -122,7 +123,8 @@ def test_norm_fixing_holds_in_a_training_run():
     """Every logged step satisfies ``superfactor * ||G_a|| = scaling_norm`` (the update really used norm-fixing)."""
     model, (kept, forget) = tiny_model(), random_sets()
     logs = []
-    unlearn(model, kept, forget, make_method("siss", scaling_norm=2.5), TrainerConfig(steps=3, batch_size=4), log=logs.append)
+    unlearn(model, kept, forget, make_method("siss", scaling_norm=2.5), TrainerConfig(steps=3, batch_size=4),
+            log=logs.append)
     assert len(logs) == 3
     for rec in logs:
         assert rec["superfactor"] * rec["grad_norm_a"] == pytest.approx(2.5, rel=1e-6)
@@ -198,7 +200,8 @@ def test_erasediff_restores_the_weights_after_its_inner_passes():
     ctx.autocast = contextlib.nullcontext
     before = [p.detach().clone() for p in unet.parameters()]
     moved = []
-    opt.register_step_post_hook(lambda *_: moved.append(any(not torch.equal(p, b) for p, b in zip(unet.parameters(), before))))
+    opt.register_step_post_hook(
+        lambda *_: moved.append(any(not torch.equal(p, b) for p, b in zip(unet.parameters(), before))))
     stats = method.before_step(ctx)
     assert moved == [True, True]
     assert all(torch.equal(p, b) for p, b in zip(unet.parameters(), before))

@@ -193,10 +193,11 @@ def test_nll_each_probe_is_the_exact_hutchinson_quadratic_form():
 
 def test_nll_more_probes_shrink_the_standard_error():
     """For a Rademacher ``v`` and symmetric L, ``Var(v^T L v) = 2 sum_{i != j} L_ij^2`` (the diagonal contributes
-    nothing since ``v_i^2 = 1``), so one probe's bpd has standard deviation ``sd = sqrt(2 sum_{i!=j} L_ij^2) / (D ln 2)``
-    and the reported standard error of the mean over n probes is ``sd / sqrt(n)``: 64 probes must report a smaller
-    error than 4, close to ``sd / 8`` (the sample standard deviation of 64 draws is within 30% of sd with
-    overwhelming probability; the probes are fixed by the seed, so the test is deterministic)."""
+    nothing since ``v_i^2 = 1``), so one probe's bpd has standard deviation
+    ``sd = sqrt(2 sum_{i!=j} L_ij^2) / (D ln 2)`` and the reported standard error of the mean over n probes is
+    ``sd / sqrt(n)``: 64 probes must report a smaller error than 4, close to ``sd / 8`` (the sample standard deviation
+    of 64 draws is within 30% of sd with overwhelming probability; the probes are fixed by the seed, so the test is
+    deterministic)."""
     cov = random_cov()
     model, x, lam_int, _, q = gaussian_setup(100_000, cov, n=1)
     L = q @ np.diag(lam_int) @ q.T

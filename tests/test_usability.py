@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-import torch
 import yaml
 
 from conftest import tiny_model

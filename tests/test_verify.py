@@ -14,7 +14,7 @@ from conftest import random_sets, snapshot, tiny_model
 from diffunlearn.cli import main
 from diffunlearn.data import ImageSet, content_hash
 from diffunlearn.metrics.membership import denoising_losses, loss_auc
-from diffunlearn.metrics.rates import binomial_ci, pixel_distances
+from diffunlearn.metrics.rates import pixel_distances
 from diffunlearn.metrics.similarity import noise_and_denoise, noise_and_denoise_similarity
 from diffunlearn.models import save_model
 from diffunlearn.verification import BUDGETS, AuditSettings, verify
@@ -422,7 +422,8 @@ def test_verify_command_writes_json_and_report(capsys, models, data_file, tmp_pa
     assert "img-03" in html and v["forget"]["items"][1]["sha256"] in html
 
 
-@pytest.mark.parametrize("case", ["shape", "forget", "reference-shape", "rate-zero", "rate-one", "rate-unreachable", "samples-too-few"])
+@pytest.mark.parametrize("case", ["shape", "forget", "reference-shape", "rate-zero", "rate-one", "rate-unreachable",
+                                  "samples-too-few"])
 def test_bad_input_gives_one_line_and_writes_nothing(capsys, models, data_file, tmp_path, case):
     ok = ["--model", models["after"], "--forget", "0"]
     args = {"shape": ["--model", models["big"], "--before", models["base"], "--forget", "0"],

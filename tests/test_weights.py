@@ -39,7 +39,8 @@ def test_weights_match_the_linear_space_formulas():
 
 
 def test_edge_lambdas_give_the_limits():
-    """At ``l = 0`` the mixture is ``q(.|x)``: ``w_x = 1``, ``w_a = e^{-D}``. At ``l = 1``: ``w_a = 1``, ``w_x = e^{D}``."""
+    """At ``l = 0`` the mixture is ``q(.|x)``: ``w_x = 1``, ``w_a = e^{-D}``. At ``l = 1``: ``w_a = 1``,
+    ``w_x = e^{D}``."""
     d = torch.tensor([-30.0, -1.0, 0.0, 2.0, 30.0], dtype=torch.float64)
     wx0, wa0 = (v.exp() for v in log_weights(d, 0.0))
     torch.testing.assert_close(wx0, torch.ones_like(d))

@@ -12,5 +12,5 @@ from .verification import verify, write_report
 
 __version__ = "0.1.0"
 __all__ = ["DiffusionModel", "ImageArray", "ImageSet", "METHODS", "Method", "MethodSpec", "TrainerConfig", "UserError",
-           "ddpm_sample", "load_data", "load_model", "make_method", "resolve_forget", "save_model", "split_kept", "unlearn",
-           "unlearning_labels", "verify", "write_report"]
+           "ddpm_sample", "load_data", "load_model", "make_method", "resolve_forget", "save_model", "split_kept",
+           "unlearn", "unlearning_labels", "verify", "write_report"]

@@ -29,7 +29,8 @@ CONFIG_COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 #: one example per command, shown at the end of its --help
 EXAMPLES = {
-    "train": "diffunlearn train --data mnist-tshirt --forget default --out runs/retrain   # the gold standard on X \\ A",
+    "train": "diffunlearn train --data mnist-tshirt --forget default --out runs/retrain"
+             "   # the gold standard on X \\ A",
     "unlearn": "diffunlearn unlearn --model instance-base --data instance-digits --forget 7 --method siss \\\n"
                "    --lambda 0.5 --scaling-norm 1.5 --lr 1e-3 --batch-size 32 --steps 60 --out runs/forget-7\n"
                "diffunlearn unlearn --config mnist-tshirt --method naive --out runs/naive   # a preset, another method",
@@ -83,7 +84,8 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
     out: set[str] = set()
     for action in parser._actions:
         out.update(o for o in action.option_strings if o.startswith("--"))
-        for child in (getattr(action, "choices", None) or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+        for child in ((getattr(action, "choices", None) or {}).values()
+                      if isinstance(action, argparse._SubParsersAction) else ()):
             out |= _options(child)
     return out
 

@@ -163,7 +163,8 @@ def _suggest(key: str, cls) -> str:
     if key in places and places[key] != key:
         return f": it belongs in a block, as {places[key]}"
     close = difflib.get_close_matches(key, list(places), n=1)
-    return f": did you mean {places[close[0]]!r}?" if close else f": known are {', '.join(f.name for f in dataclasses.fields(cls))}"
+    return (f": did you mean {places[close[0]]!r}?" if close
+            else f": known are {', '.join(f.name for f in dataclasses.fields(cls))}")
 
 
 def to_dict(cfg) -> dict:

@@ -117,7 +117,8 @@ def content_hash(image: torch.Tensor) -> str:
 
 
 def to_model_space(array: np.ndarray, source: str) -> torch.Tensor:
-    """uint8 [0, 255] or float [0, 1] images of shape (N,H,W), (N,H,W,C) or (N,C,H,W) -> float32 (N,C,H,W) in [-1, 1]."""
+    """uint8 [0, 255] or float [0, 1] images of shape (N,H,W), (N,H,W,C) or (N,C,H,W) -> float32 (N,C,H,W) in
+    [-1, 1]."""
     a = np.asarray(array)
     if a.dtype == np.uint8:
         a = uint8_to_unit(a)
@@ -169,7 +170,8 @@ def fashion_mnist(split: str = "train", folder: str | None = None) -> tuple[np.n
         img, lab = _find_idx(d, f"{prefix}-images-idx3-ubyte"), _find_idx(d, f"{prefix}-labels-idx1-ubyte")
         if img and lab:
             return _read_idx(img), _read_idx(lab)
-    raise UserError("Fashion-MNIST IDX files not found: install Debian's dataset-fashion-mnist or pass fashion_dir=PATH")
+    raise UserError("Fashion-MNIST IDX files not found: install Debian's dataset-fashion-mnist or pass "
+                    "fashion_dir=PATH")
 
 
 def tshirt_image() -> np.ndarray:
@@ -291,7 +293,8 @@ def load_data(spec: str, cache_dir: str | None = None) -> ImageSet:
     from .sources import npz_labels, open_folder, open_list, open_npy, open_npz
 
     if not spec:
-        raise UserError("no data given: pass --data (a folder, an .npy/.npz file, or one of " + ", ".join(BUILTINS) + ")")
+        raise UserError("no data given: pass --data (a folder, an .npy/.npz file, or one of "
+                        + ", ".join(BUILTINS) + ")")
     name, _, opts = spec.partition(":")
     if name in BUILTINS:
         try:
@@ -377,7 +380,8 @@ def resolve_forget(spec: str, data: ImageSet, allow_all: bool = False) -> list[i
         idx = _parse_selector([t for t in tokens if t and not t.startswith("#")], data)
     check_forget_indices(idx, data)
     if len(idx) >= len(data) and not allow_all:
-        raise UserError("the forget set is the whole data set: nothing would be left to keep (A must be smaller than X)")
+        raise UserError("the forget set is the whole data set: nothing would be left to keep "
+                        "(A must be smaller than X)")
     return sorted(idx)
 
 

@@ -25,7 +25,8 @@ class DemoConfig:
     n_samples: int = field(default=256, metadata={"help": "samples per model for the T-shirt rate, IS and FID"})
     sample_steps: int = field(default=50, metadata={"help": "DDPM sampling steps"})
     nll_probes: int = field(default=2, metadata={"help": "Hutchinson probes for the T-shirt NLL"})
-    nll_tol: float = field(default=1e-5, metadata={"help": "RK45 rtol = atol of the NLL solve (the specification: 1e-5)"})
+    nll_tol: float = field(default=1e-5, metadata={"help": "RK45 rtol = atol of the NLL solve "
+                                                           "(the specification: 1e-5)"})
     seed: int = field(default=0, metadata={"help": "unlearning seed"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     show_forgotten: bool = field(default=False, metadata={"help": "show the T-shirt samples in the picture"})
@@ -104,7 +105,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     run.finish({"command": "demo", "before": before, "after": after, "unlearn_seconds": round(unlearn_s, 1)})
     print("\n" + table)
     print(f"picture: {Path(cfg.out) / 'before_after.png'} (top two rows before, bottom two after; grey tiles are "
-          f"samples that reproduced the T-shirt{'' if cfg.show_forgotten else ', hidden: --show-forgotten shows them'})")
+          f"samples that reproduced the T-shirt"
+          f"{'' if cfg.show_forgotten else ', hidden: --show-forgotten shows them'})")
     print(f"total {time.time() - t_all:.0f} s")
     return {"before": before, "after": after}
 
@@ -161,8 +163,8 @@ def demo_table(before: dict, after: dict, unlearn_s: float, cfg: DemoConfig) -> 
     def row(name, m):
         r, nll = m["tshirt_rate"], m["tshirt_nll"]
         return (f"| {name} | {r['count']}/{r['n']} = {100 * r['rate']:.2f}% ({100 * r['ci95'][0]:.2f}–"
-                f"{100 * r['ci95'][1]:.2f}%) | {nll['bpd']:.2f} ± {nll['stderr']:.2f} | {m['classifier_is']['mean']:.2f} "
-                f"| {m['classifier_fid']['value']:.2f} |")
+                f"{100 * r['ci95'][1]:.2f}%) | {nll['bpd']:.2f} ± {nll['stderr']:.2f} | "
+                f"{m['classifier_is']['mean']:.2f} | {m['classifier_fid']['value']:.2f} |")
 
     return "\n".join([
         "| model | T-shirt rate (95% CI) ↓ | T-shirt NLL, bits/dim ↑ | classifier IS ↑ | classifier FID ↓ |",

@@ -24,9 +24,11 @@ class EvalConfig:
                                                            "the same T-shirt rate 4.4x faster) or dpm++ (its ODE form, "
                                                            "which drew more T-shirts)"})
     nll_probes: int = field(default=4, metadata={"help": "Hutchinson probes for the NLL (standard error reported)"})
-    nll_tol: float = field(default=1e-5, metadata={"help": "RK45 rtol = atol of the NLL solve (the specification: 1e-5)"})
+    nll_tol: float = field(default=1e-5, metadata={"help": "RK45 rtol = atol of the NLL solve "
+                                                           "(the specification: 1e-5)"})
     seed: int = field(default=0, metadata={"help": "sample i uses generator (seed, i): grids line up across models"})
-    batch_size: int = field(default=SAMPLE_BATCH, metadata={"help": "images per sampling forward pass (larger on a GPU)"})
+    batch_size: int = field(default=SAMPLE_BATCH, metadata={"help": "images per sampling forward pass "
+                                                                    "(larger on a GPU)"})
     bf16: bool = field(default=False, metadata={"help": "sample under bfloat16 autocast: ~1.8x faster on CPUs with "
                                                         "bf16 units, slightly different metrics"})
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})

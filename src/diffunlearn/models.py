@@ -34,7 +34,9 @@ ARCHITECTURES: dict[str, dict] = {
     "toy": dict(block_out_channels=(32, 64), layers_per_block=1,
                 down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                 norm_num_groups=8),
-    "toy-small": dict(block_out_channels=(16, 32), layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8),  # 164 k parameters: `diffunlearn bench toy`
+    "toy-small": dict(block_out_channels=(16, 32), layers_per_block=1,
+                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                      norm_num_groups=8),  # 164 k parameters: `diffunlearn bench toy`
     # tests: a few thousand parameters, still every kind of block
     "tiny": dict(block_out_channels=(8, 16), layers_per_block=1,
                  down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
@@ -181,8 +183,8 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False, variant: str
     check_weights(unet_dir, allow_pickle)
     _check_variant(unet_dir, variant)
     try:
-        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=not allow_pickle or None, local_files_only=True,
-                                           variant=variant)
+        unet = UNet2DModel.from_pretrained(str(unet_dir), use_safetensors=not allow_pickle or None,
+                                           local_files_only=True, variant=variant)
     except Exception as e:
         raise UserError(f"cannot load the UNet from {unet_dir}: {_diffusers_reason(e)}") from None
     sched_dir = root / "scheduler"
@@ -230,7 +232,8 @@ def _check_variant(folder: Path, variant: str | None) -> None:
         raise UserError(f"the weights in {folder} are saved only as variant {', '.join(variants)}: pass --variant "
                         f"{variants[0]}")
     if variant is not None and variant not in variants:
-        raise UserError(f"no weights of variant {variant!r} in {folder} (variants there: {', '.join(variants) or 'none'})")
+        raise UserError(f"no weights of variant {variant!r} in {folder} "
+                        f"(variants there: {', '.join(variants) or 'none'})")
 
 
 def _diffusers_reason(e: Exception) -> str:
@@ -265,7 +268,8 @@ def _write_pipeline(model: DiffusionModel, folder: Path) -> None:
 
     DDPMPipeline(unet=model.unet, scheduler=model.scheduler).save_pretrained(str(folder), safe_serialization=True)
     if model.conditional:
-        (folder / CLASSES_FILE).write_text(json.dumps({"classes": model.classes, "null_class": model.null_class}) + "\n")
+        (folder / CLASSES_FILE).write_text(json.dumps({"classes": model.classes,
+                                                       "null_class": model.null_class}) + "\n")
     if model.codec is not None:
         from .latent import write_latent_pipeline
 
@@ -275,5 +279,5 @@ def _write_pipeline(model: DiffusionModel, folder: Path) -> None:
 def model_summary(model: DiffusionModel) -> dict:
     n = sum(p.numel() for p in model.unet.parameters())
     classes = {"classes": model.classes} if model.conditional else {}
-    return {"parameters": n, "sample_shape": list(model.sample_shape), "timesteps": model.num_train_timesteps, **classes,
-            "scheduler": json.loads(json.dumps(dict(model.scheduler.config), default=str))}
+    return {"parameters": n, "sample_shape": list(model.sample_shape), "timesteps": model.num_train_timesteps,
+            **classes, "scheduler": json.loads(json.dumps(dict(model.scheduler.config), default=str))}

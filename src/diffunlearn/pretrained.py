@@ -14,7 +14,8 @@ def pretrained_root() -> Path:
 
 def available() -> list[str]:
     root = pretrained_root()
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))) if root.is_dir() else []
+    return (sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(("_", ".")))
+            if root.is_dir() else [])
 
 
 def pretrained_dir(name: str) -> Path:

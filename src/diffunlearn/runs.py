@@ -70,7 +70,8 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
         if not overwrite:
             raise UserError(f"output directory {out} exists and is not empty: choose another --out or pass --overwrite")
         if not (out / "config.yaml").is_file():
-            raise UserError(f"--overwrite replaces only a previous run directory (one holding config.yaml); {out} is not one")
+            raise UserError("--overwrite replaces only a previous run directory (one holding config.yaml); "
+                            f"{out} is not one")
     parent = out.parent if out.parent != Path("") else Path(".")
     probe = parent
     while not probe.exists():

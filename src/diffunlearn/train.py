@@ -28,11 +28,13 @@ from .tracking import Progress
 @dataclass
 class TrainConfig:
     data: str = field(default="", metadata={"help": "data SPEC: image folder, .npy/.npz, or a built-in name"})
-    forget: str = field(default="", metadata={"help": "forget SPEC: when given, train on X \\ A (the retrain gold standard)"})
+    forget: str = field(default="", metadata={"help": "forget SPEC: when given, train on X \\ A "
+                                                      "(the retrain gold standard)"})
     out: str = field(default="", metadata={"help": "run directory to create"})
     arch: str = field(default="mnist-small", metadata={"help": "UNet size: mnist-small, mnist-paper, toy, tiny"})
     class_conditional: bool = field(default=False, metadata={"help": "train a class-conditional UNet on the data's "
-                                                                     "labels (class subfolders, an .npz 'labels' array)"})
+                                                                     "labels (class subfolders, "
+                                                                     "an .npz 'labels' array)"})
     label_dropout: float = field(default=0.1, metadata={"help": "class-conditional: fraction of rows trained with the "
                                                                 "null class (classifier-free guidance)"})
     steps: int = field(default=4000, metadata={"help": "optimiser steps"})

@@ -141,9 +141,10 @@ def unlearn(model: DiffusionModel, kept, forget, method: Method,
 
     ``kept`` and ``forget`` are tensors (N, C, H, W) in model space or lazy image arrays (``split_kept``), whose
     images are then decoded per step, only for the rows drawn. A class-conditional model needs ``labels``: the class
-    indices of ``kept`` and of ``forget`` (every method then conditions each row on its own label). ``log`` receives one dict per optimiser step;
-    ``callback(step, unet)`` runs after each step (evaluation curves) and ends the run there by returning True (``unlearn --until removed``); ``checkpoint`` saves (every
-    ``cfg.checkpoint_every`` steps) and restores the complete training state.
+    indices of ``kept`` and of ``forget`` (every method then conditions each row on its own label). ``log`` receives one
+    dict per optimiser step; ``callback(step, unet)`` runs after each step (evaluation curves) and ends the run there by
+    returning True (``unlearn --until removed``); ``checkpoint`` saves (every ``cfg.checkpoint_every`` steps) and
+    restores the complete training state.
     """
     cfg = cfg or TrainerConfig()
     cfg.validate(model.num_train_timesteps)
@@ -226,13 +227,15 @@ def _loop(model, unet, opt, params, method, cfg, acc, sampler, t_max, log, callb
                 sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
             method.backward(terms.losses, params, grad_step)
         if not all(torch.isfinite(torch.tensor(v)) for k, v in sums.items() if k.startswith("loss_")):
-            raise UserError(f"the loss became NaN or Inf at step {step}; {_kept_note(checkpoint)}lower --lr or check the data")
+            raise UserError(f"the loss became NaN or Inf at step {step}; "
+                            f"{_kept_note(checkpoint)}lower --lr or check the data")
         record.update(method.finish(params, grad_step))
         if world > 1:
             sums = {k: float(acc.reduce(torch.tensor(v, device=acc.device), reduction="mean")) for k, v in sums.items()}
         total = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
         if not torch.isfinite(torch.tensor(total)):
-            raise UserError(f"the gradient became NaN or Inf at step {step}; {_kept_note(checkpoint)}lower --lr or check the data")
+            raise UserError(f"the gradient became NaN or Inf at step {step}; "
+                            f"{_kept_note(checkpoint)}lower --lr or check the data")
         opt.step()
         record.update(sums)
         record.update({"grad_norm": total, "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 4)})

@@ -2,8 +2,9 @@
 
     python docs/results/verify-ladder/table.py LADDER > docs/results/verify-ladder/results.md
 
-LADDER holds fast/ and full/ (run-mnist.sh), instance/ (run-instance.sh) and own/ (run-own-data.sh); every
-verification.json found is summarised into summary.json beside this script.
+LADDER holds fast/ and full/ (run-mnist.sh), instance/ (run-instance.sh, then reverify.sh), own/
+(run-own-data.sh, then reverify.sh) and old/ (the verdicts of the code before this calibration, on the same MNIST
+models); every verification.json found is summarised into summary.json beside this script.
 """
 
 import json
@@ -71,7 +72,8 @@ def main(root: str) -> None:
     root = Path(root)
     summary = {}
     out = ["## MNIST T-Shirt (held-out reference: the data set's 500 held-out digits)", "",
-           "| model | copy rate measured apart (2,048 samples) | fast | full |", "|---|---|---|---|"]
+           "| model | copy rate measured apart (2,048 samples) | fast | full | the previous verdicts (fast) |",
+           "|---|---|---|---|---|"]
     for name, (c, words) in MNIST_TRUTH.items():
         if c:
             m = json.loads((POWER / c / "result.json").read_text())["metrics"]["tshirt_rate"]
@@ -80,8 +82,10 @@ def main(root: str) -> None:
             truth = MNIST_OTHER[name]
         row = {b: (lambda v: brief(v) if v else None)(read(root / b / name / "verification.json"))
                for b in ("fast", "full")}
-        summary[f"mnist/{name}"] = {"truth": truth, **row}
-        out.append(f"| {words} | {truth} | {cell(row['fast'])} | {cell(row['full'])} |")
+        old = root / "old" / name / "verification.json"
+        was = json.loads(old.read_text())["overall"]["status"] if old.is_file() else "—"
+        summary[f"mnist/{name}"] = {"truth": truth, **row, "previous": was}
+        out.append(f"| {words} | {truth} | {cell(row['fast'])} | {cell(row['full'])} | {was} |")
     truths = {}
     for line in (root / "instance" / "truth.jsonl").read_text().splitlines() if (root / "instance").is_dir() else []:
         r = json.loads(line)
@@ -92,7 +96,8 @@ def main(root: str) -> None:
             "retrained: rate / fast verdict |", "|---|---|---|---|---|"]
     for t in targets:
         cells = []
-        for m, run in (("siss", f"siss-{t}"), ("naive", f"naive-{t}"), ("retrain", f"retrain-{t}-verify")):
+        for m in ("siss", "naive", "retrain"):
+            run = f"{m}-{t}-verify"
             v = read(root / "instance" / run / "verification.json")
             b = brief(v) if v else None
             summary[f"instance/{t}/{m}"] = {"truth": truths.get((f"{m}-{t}", t)), "fast": b}
@@ -103,7 +108,8 @@ def main(root: str) -> None:
         tr = {Path(json.loads(x)["model"]).name: json.loads(x) for x in (own / "truth.jsonl").read_text().splitlines()}
         out += ["", "## A data set made here, no held-out images (reference: the kept training images)", "",
                 "| model | copy rate (2,048 samples) | fast verdict |", "|---|---|---|"]
-        for m, run in (("base", "base-verify"), ("naive", "naive"), ("siss", "siss"), ("retrain", "retrain-verify")):
+        for m in ("base", "naive", "siss", "retrain"):
+            run = f"{m}-verify"
             v = read(own / run / "verification.json")
             b = brief(v) if v else None
             truth = pct(tr[m]["count"], tr[m]["n"]) if m in tr else "—"

@@ -140,8 +140,8 @@ def _markdown(rows: dict[str, dict], cfg: ClassBenchConfig) -> str:
     c = cfg.forget_class
     lines = []
     if cfg.variant == "conditional":
-        lines.append(f"| method | steps | accuracy on class {c} (95% CI) ↓ | accuracy on the other classes ↑ | FID class "
-                     f"{c} ↑ | FID other classes ↓ | membership AUC of the {c}s (→ 0.5) | noise KL: class {c} / "
+        lines.append(f"| method | steps | accuracy on class {c} (95% CI) ↓ | accuracy on the other classes ↑ | FID "
+                     f"class {c} ↑ | FID other classes ↓ | membership AUC of the {c}s (→ 0.5) | noise KL: class {c} / "
                      "others | weight distance to retrain (relative) | unlearning s | paper (CIFAR-10): accuracy, "
                      "FID forgotten, FID remaining, WD |\n|" + "---|" * 11)
         for label, r in rows.items():

@@ -166,8 +166,8 @@ def _summariser(results: list[dict]):
         n = sum(r["metrics"]["tshirt_rate"]["n"] for r in rs)
         sps = [r["seconds_per_step"] for r in rs if r["seconds_per_step"]]
         # per cell: the first curve step with no T-shirt, ">steps" when never reached, None without a curve
-        zeros = [r["first_zero_step"] if r["first_zero_step"] is not None else (f">{r['steps']}" if r["curve"] else None)
-                 for r in rs]
+        zeros = [r["first_zero_step"] if r["first_zero_step"] is not None
+                 else (f">{r['steps']}" if r["curve"] else None) for r in rs]
         return {
             "steps": rs[0]["steps"], "seeds": len(rs),
             "classifier_is": stat(r["metrics"]["classifier_is"]["mean"] for r in rs),
@@ -225,8 +225,8 @@ def paired_with(results: list[dict], other: str = "naive") -> dict:
 
 
 def _markdown(rows: dict[str, dict], cfg: MnistBenchConfig, paired: dict | None = None) -> str:
-    head = ("| method | steps | classifier IS ↑ | classifier FID ↓ | T-shirt NLL (bits/dim) ↑ | T-shirt rate (95% CI) ↓ "
-            "| counted samples' L2 to the T-shirt, min / median / max | unlearning s | s/step vs plain step | "
+    head = ("| method | steps | classifier IS ↑ | classifier FID ↓ | T-shirt NLL (bits/dim) ↑ | T-shirt rate (95% CI) "
+            "↓ | counted samples' L2 to the T-shirt, min / median / max | unlearning s | s/step vs plain step | "
             "first step with 0 T-shirts |\n|" + "---|" * 10)
     lines = [head]
     for label, r in rows.items():
@@ -247,7 +247,8 @@ def _markdown(rows: dict[str, dict], cfg: MnistBenchConfig, paired: dict | None 
                      f"{r['unlearn_seconds']['mean']:.0f} | {rel} | {zero} |")
     lines.append(f"\n{cfg.seeds} seed(s) per method; {cfg.n_samples} samples per evaluation ({cfg.sample_steps}-step "
                  f"{'DDPM' if cfg.sampler == 'ddpm' else cfg.sampler}, sample i seeded by i; a sample is counted as "
-                 f"the T-shirt within L2 10 of it, pixels in [0, 1]); NLL by the probability-flow ODE (rtol=atol={cfg.nll_tol}, "
+                 f"the T-shirt within L2 10 of it, pixels in [0, 1]); NLL by the probability-flow ODE "
+                 f"(rtol=atol={cfg.nll_tol}, "
                  f"{cfg.nll_probes} probes; MC: its Monte Carlo standard error over probes); ± is the standard "
                  "deviation over seeds (none with one seed); IS/FID computed with the shipped domain classifier, not "
                  "Inception. Seconds are each cell's own wall time: cells that shared the machine with other jobs ran "
@@ -276,7 +277,8 @@ def _plots(rows: dict, results: list[dict], root: Path) -> None:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for i, (label, r) in enumerate(rows.items()):
         ax.errorbar(r["nll"]["mean"], r["classifier_is"]["mean"], xerr=r["nll"]["std"], yerr=r["classifier_is"]["std"],
-                    fmt=markers[i % len(markers)], capsize=3, label=label)  # a legend, as labels of nearby points overlap
+                    fmt=markers[i % len(markers)], capsize=3,
+                    label=label)  # a legend, as labels of nearby points overlap
     if "retrain" in rows:
         ax.axvline(rows["retrain"]["nll"]["mean"], color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("NLL of the T-shirt (bits/dim) → more forgotten (dotted: retrained model)")
@@ -318,7 +320,8 @@ def _directory_settings(cfg: MnistBenchConfig) -> MnistBenchConfig:
 
     stored = Path(cfg.out) / "config.json"
     if not stored.is_file():
-        raise UserError(f"--look: {cfg.out} holds no benchmark (no config.json); --out must be the benchmark's directory")
+        raise UserError(f"--look: {cfg.out} holds no benchmark (no config.json); --out must be the benchmark's "
+                        "directory")
     known = {f.name for f in dataclasses.fields(cfg)} - set(PER_RUN)
     try:
         settings = {k: v for k, v in read_json(stored).items() if k in known}

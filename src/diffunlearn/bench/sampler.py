@@ -88,8 +88,9 @@ def run_sampler_bench(cfg: SamplerBenchConfig) -> dict:
     md = [f"Command: `diffunlearn bench sampler --n-samples {cfg.n_samples} --samplers {cfg.samplers}`; the shipped "
           f"`mnist-tshirt-base`, image i from generator (0, i), all samplers in one process"
           f"{f' at {cfg.threads} thread(s)' if cfg.threads else ''}.\n",
-          "| sampler | steps | seconds | images/s | speed-up | T-shirts (95% CI) | rate within the reference's interval "
-          "and back | classifier FID | classifier IS | T-shirt here only / in the reference only / both (McNemar p) |",
+          "| sampler | steps | seconds | images/s | speed-up | T-shirts (95% CI) | rate within the reference's "
+          "interval and back | classifier FID | classifier IS | T-shirt here only / in the reference only / both "
+          "(McNemar p) |",
           "|" + "---|" * 10]
     for r in rows:
         t, p = r["tshirt_rate"], r["paired_with_reference"]

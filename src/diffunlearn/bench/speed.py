@@ -44,7 +44,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 @dataclass
 class SpeedConfig:
     out: str = field(default="runs/bench-speed", metadata={"help": "output directory (speed.md, speed.json)"})
-    model: str = field(default="mnist-tshirt-base", metadata={"help": "model (shipped name or directory), or arch:NAME for random weights"})
+    model: str = field(default="mnist-tshirt-base", metadata={"help": "model (shipped name or directory), or arch:NAME "
+                                                                      "for random weights"})
     batch_size: int = field(default=64, metadata={"help": "rows per step"})
     steps: int = field(default=4, metadata={"help": "steps per run (the first is warm-up)"})
     rounds: int = field(default=3, metadata={"help": "interleaved rounds over all methods"})
@@ -210,9 +211,10 @@ def run_speed_bench(cfg: SpeedConfig) -> dict:
         gflops = flops[label] / float(med) / 1e9
         rows[label] = {"seconds_per_step": float(med), "iqr": [float(q1), float(q3)], "relative": float(med) / plain,
                        "mean": float(np.mean(ts)), "slowest": float(np.max(ts)), "n": len(ts),
-                       "gflop_per_step": flops[label] / 1e9, "gflops": gflops, "share_of_attainable": gflops / attainable,
-                       "peak_mb": mem.get(label),
-                       "memory_relative": mem[label] / mem["plain (naive)"] if mem and mem["plain (naive)"] > 0 else None}
+                       "gflop_per_step": flops[label] / 1e9, "gflops": gflops,
+                       "share_of_attainable": gflops / attainable, "peak_mb": mem.get(label),
+                       "memory_relative": (mem[label] / mem["plain (naive)"]
+                                           if mem and mem["plain (naive)"] > 0 else None)}
     params = sum(p.numel() for p in model.unet.parameters())
     lines = [f"Model {cfg.model} ({params / 1e6:.2f} M parameters), batch {cfg.batch_size}, {torch.get_num_threads()} "
              f"thread(s); {cfg.rounds} interleaved rounds x {cfg.steps - 1} timed steps per method. Attainable: "

@@ -179,7 +179,8 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
             tracker.finish()
     summary = {"command": "unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
                "steps": trainer.steps, "kept": len(kept), "forget": len(forget_idx),
-               "forget_names": [data.names[i] for i in forget_idx][:50], "forget_classes": class_counts(data, forget_idx),
+               "forget_names": [data.names[i] for i in forget_idx][:50],
+               "forget_classes": class_counts(data, forget_idx),
                "model_in": {"dir": model.source, "sha256": hash_before},
                "model_out": {"dir": str(out / "model"), "sha256": state_hash(new.unet)},
                "processes": acc.num_processes, "last_step": last, "model": model_summary(new)}
@@ -232,8 +233,9 @@ def _card_with_verification(out: Path, card, until: dict | None = None) -> None:
                     else "") + ".", ""] + lines
     lines += [f"- {v['label']}: {v['status']}. {v['text']}" for v in result.get("verdicts", [])]
     b = result.get("budget", {})
-    text = "\n".join(lines) + f"\n\nMeasured by `diffunlearn verify` ({b.get('name', '')} budget: {b.get('resolves', '')}); " \
-        "the figures and the reference images are in the run's verification.json and report.html."
+    text = "\n".join(lines) + (f"\n\nMeasured by `diffunlearn verify` ({b.get('name', '')} budget: "
+                                f"{b.get('resolves', '')}); the figures and the reference images are in the run's "
+                                "verification.json and report.html.")
     tmp = out / "model" / ".README.md.tmp"
     tmp.write_text(card(text))
     tmp.replace(out / "model" / "README.md")

@@ -120,8 +120,8 @@ class Method:
         if step.separate:
             names = list(losses)
             for i, k in enumerate(names):
-                grads = torch.autograd.grad(losses[k].mean() / step.micro_batches, params, retain_graph=i + 1 < len(names),
-                                            allow_unused=True)
+                grads = torch.autograd.grad(losses[k].mean() / step.micro_batches, params,
+                                            retain_graph=i + 1 < len(names), allow_unused=True)
                 buf = step.buffers.setdefault(k, [torch.zeros_like(p) for p in params])
                 for b, g in zip(buf, grads):
                     if g is not None:

@@ -28,7 +28,8 @@ class SubtractedGradients:
     """
 
     scaling_norm: float | None = field(default=5.0, metadata={"help": "norm the NegGrad gradient is fixed to"})
-    superfactor: float | None = field(default=None, metadata={"help": "fixed NegGrad multiplier instead of norm-fixing"})
+    superfactor: float | None = field(default=None, metadata={"help": "fixed NegGrad multiplier "
+                                                                      "instead of norm-fixing"})
     norm_refresh: int = field(default=1, metadata={"help": "take both gradients every k-th step only, reusing ||G_a|| "
                                                            "in between (approximation; 1 = exact)"})
 

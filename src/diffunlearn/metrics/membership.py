@@ -42,7 +42,8 @@ def membership_draws(n_draws: int, seed: int, shape: tuple[int, ...], t_min: int
 
 
 def denoising_losses(model: DiffusionModel, images: torch.Tensor, n_draws: int = 8, seed: int = 0, t_min: int = 0,
-                     t_max: int | None = None, batch_size: int = 256, labels: torch.Tensor | None = None) -> torch.Tensor:
+                     t_max: int | None = None, batch_size: int = 256,
+                     labels: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image DDPM loss averaged over the shared draws of :func:`membership_draws`; (N,) float32. ``labels``:
     each image's class, for a class-conditional model."""
     if images.ndim != 4 or len(images) == 0:

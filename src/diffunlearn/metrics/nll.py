@@ -8,10 +8,10 @@ The discrete linear schedule ``beta_i = linspace(beta_start, beta_end, T)`` is t
 
     dx/dt = f(x, t) = -beta(t)/2 (x + score(x, t)),   score(x, t) = -eps_theta(x, k) / sigma_k,   k = round(t (T - 1)),
 
-and the instantaneous change of variables gives ``log p_0(x) = log p_1(z) + int_0^1 div f(x(t), t) dt`` with ``z = x(1)``
-and ``p_1 = N(0, I)``. ``sigma_k = sqrt(1 - abar_k)`` is the discrete schedule's noise level at the queried step: it
-is the scale the network was trained at, so ``-eps_theta / sigma_k`` is the network's own score estimate (this is
-what Song et al.'s released code does for discrete-time DDPM models). The divergence is estimated by Hutchinson's
+and the instantaneous change of variables gives ``log p_0(x) = log p_1(z) + int_0^1 div f(x(t), t) dt`` with
+``z = x(1)`` and ``p_1 = N(0, I)``. ``sigma_k = sqrt(1 - abar_k)`` is the discrete schedule's noise level at the queried
+step: it is the scale the network was trained at, so ``-eps_theta / sigma_k`` is the network's own score estimate (this
+is what Song et al.'s released code does for discrete-time DDPM models). The divergence is estimated by Hutchinson's
 trick, ``div f ~ v^T (df/dx) v``, with one Rademacher probe ``v`` per solve held fixed over the whole trajectory
 (their appendix D.2); several probes are averaged. Bits per dimension follow their code:
 ``bpd = -(log N(z; 0, I) + delta_logp) / (D ln 2) + 7``, the 7 bits converting a density on [-1, 1] to the
@@ -173,7 +173,8 @@ def _solve(unet, sched: VPSchedule, x0: np.ndarray, probes: torch.Tensor, t_eps:
 def nll_bits_per_dim(model: DiffusionModel, images: torch.Tensor, n_probes: int = 1, rtol: float = 1e-5,
                      atol: float = 1e-5, seed: int = 0, t_eps: float = 1e-5, batch_size: int = 32,
                      jit: bool = True, progress: bool = False, labels: torch.Tensor | None = None) -> NLLResult:
-    """Exact NLL (bits/dim) of each image by the probability-flow ODE of the VP-SDE (Song et al. 2021, eq. 13, app. D.2).
+    """Exact NLL (bits/dim) of each image by the probability-flow ODE of the VP-SDE
+    (Song et al. 2021, eq. 13, app. D.2).
 
     ``images``: (N, C, H, W) in [-1, 1]. An image's trajectory does not depend on the probe, so the ODE state holds
     each image once and one log-density integral per (image, probe): one network forward per evaluation serves all

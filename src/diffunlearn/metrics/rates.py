@@ -92,7 +92,8 @@ class TargetRate:
                 "threshold": self.threshold, "min_distance": float(self.distances.min())}
 
 
-def target_rate(samples: torch.Tensor, target: torch.Tensor, threshold: float = 10.0, level: float = 0.95) -> TargetRate:
+def target_rate(samples: torch.Tensor, target: torch.Tensor, threshold: float = 10.0,
+                level: float = 0.95) -> TargetRate:
     """Fraction of ``samples`` (N, C, H, W) within L2 ``threshold`` of ``target`` ((C, H, W) or (1, C, H, W)).
 
     Both are given in model space [-1, 1]; distances are measured on pixels mapped to [0, 1], where the paper's

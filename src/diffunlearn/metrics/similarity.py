@@ -120,7 +120,8 @@ def _generators(images: torch.Tensor, seed: int) -> list[torch.Generator]:
 
 @torch.inference_mode()
 def noise_and_denoise(model: DiffusionModel, images: torch.Tensor, t: int = SIMILARITY_T, seed: int = 0,
-                      batch_size: int = 64, steps: int | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+                      batch_size: int = 64, steps: int | None = None,
+                      labels: torch.Tensor | None = None) -> torch.Tensor:
     """Noise each model-space image ``t`` steps forward (seeded), denoise it with ancestral DDPM; (N, C, H, W).
 
     ``steps``: ancestral steps back to 0 on evenly spaced timesteps (strided DDPM, like sampling with fewer steps);

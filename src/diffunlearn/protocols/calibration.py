@@ -1,5 +1,5 @@
-"""SISS's ``scaling_norm`` by the paper's rule: about 10% of the logged ||G_x|| (docs/methods.md), measured for the variant
-at the model it starts from.
+"""SISS's ``scaling_norm`` by the paper's rule: about 10% of the logged ||G_x|| (docs/methods.md), measured for the
+variant at the model it starts from.
 
 Per variant and per model, because the importance-weighted ``x`` term of SISS (lambda = 0.5) has a far larger
 gradient norm than the plain DDPM loss of SISS (No IS) or lambda = 0 (about 8x on the toy digits): one shared value

@@ -87,7 +87,8 @@ def searched_so_far(model_hash: str, items: torch.Tensor, labels, sampler: str, 
     """How many seeds of a search are in the cache (0 when none): what an interrupted verification keeps."""
     from ..cache import cache_dir
 
-    path = Path(cache_dir(cache)) / "verify-search" / f"{search_key(model_hash, items, labels, sampler, steps, seed)}.npy"
+    key = search_key(model_hash, items, labels, sampler, steps, seed)
+    path = Path(cache_dir(cache)) / "verify-search" / f"{key}.npy"
     try:
         return len(np.load(path, mmap_mode="r"))
     except (OSError, ValueError):

@@ -16,8 +16,8 @@ from ..runs import read_json
 
 REPORT_NAME = "report.html"
 VERIFICATION_NAME = "verification.json"
-STATUS_COLOURS = {"removed": "#1b7f3b", "removed (below reference)": "#4d8a1f", "not tested": "#6b6b6b", "not measured": "#6b6b6b",
-                  "not resolved": "#6b6b6b", "kept": "#1b7f3b", "ok": "#1b7f3b",
+STATUS_COLOURS = {"removed": "#1b7f3b", "removed (below reference)": "#4d8a1f", "not tested": "#6b6b6b",
+                  "not measured": "#6b6b6b", "not resolved": "#6b6b6b", "kept": "#1b7f3b", "ok": "#1b7f3b",
                   "partly removed": "#b26b00", "no signal": "#6b6b6b", "not shown": "#6b6b6b", "no baseline": "#6b6b6b",
                   "inconclusive": "#6b6b6b", "not removed": "#b3261e", "degraded": "#b3261e", "failed": "#b3261e",
                   "interrupted": "#b3261e", "skipped": "#6b6b6b", "not verified": "#6b6b6b"}
@@ -270,8 +270,9 @@ def _ledger(entries: list[dict] | None) -> str:
     rows = []
     for e in entries:
         b, a = e.get("metrics_before", {}), e.get("metrics_after", {})
-        pair = (lambda k, b=b, a=a: f"{b[k]:.3f} → {a[k]:.3f}" if isinstance(b.get(k), (int, float))
-                and isinstance(a.get(k), (int, float)) else "—")
+        def pair(k, b=b, a=a):
+            ok = isinstance(b.get(k), (int, float)) and isinstance(a.get(k), (int, float))
+            return f"{b[k]:.3f} → {a[k]:.3f}" if ok else "—"
         names = [r.get("name", "?") for r in e.get("removed", [])]
         rows.append([str(e.get("request")), e.get("time", ""), str(e.get("count", len(names))),
                      ", ".join(names[:4]) + (f" +{len(names) - 4}" if len(names) > 4 else ""), e.get("method", ""),
@@ -329,7 +330,8 @@ def render(run_dir: str | Path) -> str:
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Deletion report: {_e(root.name)}"
              f"</title><style>{CSS}</style></head><body>",
              f"<h1>Deletion report</h1><p class='sub'>{_e(root.resolve())}"
-             f"{' · method ' + _e(method) if method else ''}{' · verified ' + _e(v['time']) if v and 'time' in v else ''}"
+             f"{' · method ' + _e(method) if method else ''}"
+             f"{' · verified ' + _e(v['time']) if v and 'time' in v else ''}"
              "</p>",
              f"<div class='banner' style='background:{STATUS_COLOURS.get(status, '#6b6b6b')}'><b>{_e(status)}</b>"
              f"{_e(text)}</div>"]
