@@ -275,8 +275,7 @@ def generation_test(models: dict, s: Subjects, others: torch.Tensor, b: Budget, 
                     cache=None, log=None) -> dict:
     """Near-copies of A: the targeted seeds (searched under the model before, cached) drawn again under the model
     after, and fresh seeds ``b.search_seeds ..`` under the model after (and the retrained model)."""
-    from ..models import state_hash
-    from .generation import draw_distances, search
+    from .generation import draw_distances
 
     say = log or (lambda _msg: None)
     t0 = time.time()
@@ -297,9 +296,7 @@ def generation_test(models: dict, s: Subjects, others: torch.Tensor, b: Budget, 
     images: dict = {}
     if "before" in models:
         say(f"verify: targeted search, {b.search_seeds} seeds under the model before ...")
-        srch = search(models["before"], state_hash(models["before"].unet), items, b.search_seeds, sampler, steps, seed,
-                      s.forget_labels, labels_of, cache, log=None)
-        hits = [int(i) for i in np.flatnonzero(copy_hits(srch["distances"], thresholds))]
+        srch, hits = targeted_seeds(models["before"], s, thresholds, b, seed, cache)
         seconds["search"] = time.time() - t0
         t1 = time.time()
         d_after, x_after = draw_distances(models["after"], items, hits, sampler, steps, seed, labels_of, keep=True)
@@ -339,6 +336,18 @@ def generation_test(models: dict, s: Subjects, others: torch.Tensor, b: Budget, 
     verdict["sampler"] = f"{sampler}, {steps} steps"
     verdict["seconds"] = {k: round(v, 2) for k, v in seconds.items()}
     return {"verdict": verdict, "images": images}
+
+
+def targeted_seeds(before: DiffusionModel, s: Subjects, thresholds, b: Budget, seed: int, cache=None
+                   ) -> tuple[dict, list[int]]:
+    """The model before's search over ``b.search_seeds`` seeds (cached) and the seeds at which it drew a near-copy."""
+    from ..models import state_hash
+    from .generation import search
+
+    labels_of = s.sample_labels_of if s.forget_labels is not None else None
+    found = search(before, state_hash(before.unet), s.forget, b.search_seeds, b.sampler, b.sample_steps, seed,
+                   s.forget_labels, labels_of, cache)
+    return found, [int(i) for i in np.flatnonzero(copy_hits(found["distances"], thresholds))]
 
 
 def near_twins(nearest_other: np.ndarray, reference: torch.Tensor, others: torch.Tensor) -> dict:

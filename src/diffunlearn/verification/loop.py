@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from ..errors import UserError
-from ..models import DiffusionModel, state_hash
+from ..models import DiffusionModel
 from ..metrics.similarity import SIMILARITY_T
 from .verdicts import MAX_COPY_RATE, Status, copy_hits, near_copy_thresholds, quality_verdict
 
@@ -54,8 +53,8 @@ class UntilRemoved:
     def __init__(self, before: DiffusionModel, data, forget_idx: list[int], *, budget: str = "fast",
                  check_every: int = 50, seed: int = 0, held_out=None, cache_dir=None,
                  similarity_t: int = SIMILARITY_T, max_copy_rate: float = MAX_COPY_RATE, log=None):
-        from .core import (_as_imageset, _other_images, check_budget, choose_reference, labelled_reference)
-        from .generation import search
+        from .core import (_as_imageset, _other_images, check_budget, choose_reference, labelled_reference,
+                           targeted_seeds)
         from .measures import Subjects
         from ..metrics.membership import denoising_losses
 
@@ -80,9 +79,7 @@ class UntilRemoved:
         s = self.subjects
         self.labels_of = s.sample_labels_of if s.forget_labels is not None else None
         self.say(f"until removed: targeted search, {b.search_seeds} seeds under the model before ...")
-        found = search(before, state_hash(before.unet), s.forget, b.search_seeds, b.sampler, b.sample_steps, seed,
-                       s.forget_labels, self.labels_of, cache_dir)
-        self.hits = [int(i) for i in np.flatnonzero(copy_hits(found["distances"], self.thresholds))]
+        _, self.hits = targeted_seeds(before, s, self.thresholds, b, seed, cache_dir)
         self._losses = lambda m: denoising_losses(m, torch.cat([s.forget, s.reference]), b.loss_draws, seed=seed,
                                                   labels=s.labels(len(s.forget), len(s.reference)))
         self.ref_before = self._losses(before)[len(s.forget):].numpy()
