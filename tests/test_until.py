@@ -24,10 +24,10 @@ def _data() -> ImageSet:
     return ImageSet(kept, [f"img-{i:02d}" for i in range(14)], held_out=held)
 
 
-def _run(steps: int, callback=None):
+def _run(steps: int, callback=None, checkpoint=None):
     kept, forget = random_sets(n_kept=12, n_forget=2, seed=3)
-    cfg = TrainerConfig(steps=steps, batch_size=4, lr=1e-3, seed=1, checkpoint_every=0)
-    return unlearn(tiny_model(), kept, forget, make_method("naive"), cfg, callback=callback)
+    cfg = TrainerConfig(steps=steps, batch_size=4, lr=1e-3, seed=1, checkpoint_every=2 if checkpoint else 0)
+    return unlearn(tiny_model(), kept, forget, make_method("naive"), cfg, callback=callback, checkpoint=checkpoint)
 
 
 def _loop(monkeypatch, every: int, removed_at: int | None = None, degraded_at: int | None = None):
@@ -62,6 +62,28 @@ def test_a_run_stopped_at_a_check_has_the_weights_of_a_run_of_that_many_steps(mo
     assert lp.outcome == "removed" and lp.stopped_at == 4 and [c["step"] for c in lp.checks] == [2, 4]
     assert state_hash(stopped.unet) == state_hash(_run(4).unet)
     assert lp.summary()["exit_status"] == 0
+
+
+def test_a_loop_interrupted_and_resumed_decides_and_ends_as_an_uninterrupted_one(monkeypatch, tmp_path):
+    """Killed after step 5 (checkpoint at 4), resumed: the checks at 6 and 8 decide as before and the run stops at
+    8 with the weights of an uninterrupted 8-step run."""
+    from diffunlearn.trainer import Checkpointer
+
+    lp, callback = _loop(monkeypatch, every=2, removed_at=8)
+
+    def killed(step, unet):
+        if step == 5:
+            raise KeyboardInterrupt
+        return callback(step, unet)
+
+    ckpt = Checkpointer(tmp_path / "checkpoint.pt")
+    with pytest.raises(KeyboardInterrupt):
+        _run(20, killed, ckpt)
+    assert ckpt.last_step() == 4
+    lp2, callback2 = _loop(monkeypatch, every=2, removed_at=8)
+    resumed = _run(20, callback2, ckpt)
+    assert [c["step"] for c in lp2.checks] == [6, 8] and lp2.outcome == "removed" and lp2.stopped_at == 8
+    assert state_hash(resumed.unet) == state_hash(_run(8).unet)
 
 
 def test_the_quality_guard_restores_the_last_checked_weights_whose_quality_held(monkeypatch):
