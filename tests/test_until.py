@@ -102,7 +102,7 @@ def test_a_loop_that_never_verifies_runs_every_step_and_says_not_removed(monkeyp
     assert lp.summary()["exit_status"] == 3 and state_hash(done.unet) == state_hash(_run(7).unet)
 
 
-def test_until_removed_end_to_end_exits_3_when_not_removed(capsys, tmp_path):
+def test_until_removed_end_to_end_exits_3_when_not_removed(capsys, tmp_path, monkeypatch):
     """A tiny random model never shows A, so nothing can be shown removed: exit status 3, the outcome in
     summary.json and the model card, the verification written."""
     model = save_model(tiny_model(), tmp_path / "base")
@@ -112,12 +112,22 @@ def test_until_removed_end_to_end_exits_3_when_not_removed(capsys, tmp_path):
     data = tmp_path / "d.npz"
     np.savez(data, images=(torch.rand((30, 8, 8), generator=rng) * 255).to(torch.uint8).numpy())
     out = tmp_path / "run"
+    import diffunlearn.verification.command as command
+    import diffunlearn.verification.core as core
+
+    calls, real = [], core.verify
+    counted = lambda *a, **k: (calls.append(1), real(*a, **k))[1]  # noqa: E731
+    monkeypatch.setattr(core, "verify", counted)  # the loop's confirmation
+    monkeypatch.setattr(command, "verify", counted)  # the run's own verification after saving
     rc = main(["unlearn", "--model", str(model), "--data", str(data), "--forget", "0,1", "--method", "naive",
-               "--steps", "4", "--batch-size", "4", "--until", "removed", "--check-every", "2", "--threads", "1",
+               "--steps", "4", "--batch-size", "4", "--until", "removed", "--check-every", "4", "--threads", "1",
                "--out", str(out)])
     assert rc == 3, capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())
-    assert s["until"]["outcome"] == "not removed" and [c["step"] for c in s["until"]["checks"]] == [2, 4]
+    assert s["until"]["outcome"] == "not removed" and [c["step"] for c in s["until"]["checks"]] == [4]
+    # the check at the last step verified this very model: its verification is the run's, not made twice
+    v = json.loads((out / "verification.json").read_text())
+    assert v["overall"]["status"] == s["until"]["checks"][0]["verification"] and len(calls) == 1
     assert (out / "verification.json").is_file() and "not removed" in (out / "model" / "README.md").read_text()
     assert "until removed: not removed within the step budget" in capsys.readouterr().out
 

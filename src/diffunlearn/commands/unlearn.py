@@ -209,7 +209,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         if loop is not None:
             print(loop.line(), flush=True)
         summary["verification"] = verify_run(out, model, new, data, forget_idx, cfg.verify, seed=trainer.seed,
-                                             result=loop.result if loop is not None else None,
+                                             result=loop.result_for(trainer.steps) if loop is not None else None,
                                              audit=audit_settings(cfg.audit, trainer.lr, trainer.batch_size,
                                                                   trainer.seed), cache_dir=cfg.cache_dir or None)
         if summary["verification"] and summary["verification"]["status"] == "ok":

@@ -86,6 +86,7 @@ class UntilRemoved:
         self.checks: list[dict] = []
         self.outcome, self.result, self.stopped_at = "not removed", None, None
         self._good: tuple[int, dict] | None = None
+        self.last_verified: tuple[int, dict] | None = None  # the last check's verification, and its step
 
     def model(self, unet) -> DiffusionModel:
         b = self.before
@@ -116,6 +117,7 @@ class UntilRemoved:
                             seed=self.seed, similarity_t=self.similarity_t, max_copy_rate=self.max_copy_rate,
                             cache_dir=self.cache_dir)
             check["verification"] = result["overall"]["status"]
+            self.last_verified = (step, result)
             if result["overall"]["status"] == Status.REMOVED.value:
                 self.outcome, self.result, self.stopped_at, stop = "removed", result, step, True
             elif result["overall"]["status"] == Status.DEGRADED.value:
@@ -137,6 +139,15 @@ class UntilRemoved:
         self.outcome, self.stopped_at = "stopped by the quality guard", check["step"]
         check["restored_step"] = step
         return True
+
+    def result_for(self, final_step: int) -> dict | None:
+        """A verification of the model the run ends with, when a check already made one (the confirmed removal, or
+        a check at the last step); None when the run must verify its model again."""
+        if self.outcome == "removed":
+            return self.result
+        if self.outcome == "not removed" and self.last_verified and self.last_verified[0] == final_step:
+            return self.last_verified[1]
+        return None
 
     def summary(self) -> dict:
         restored = next((c["restored_step"] for c in self.checks if "restored_step" in c), None)
