@@ -507,3 +507,10 @@ def test_save_grid_upscales_and_labels(tmp_path):
     a, b = Image.open(tmp_path / "a.png"), Image.open(tmp_path / "b.png")
     assert a.width >= 512 and b.width >= 512
     assert b.height > a.height  # room for the title and labels, which are drawn
+
+
+def test_verify_help_states_what_each_budget_resolves(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["verify", "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "below 0.92%" in out and "below 0.18%" in out and "--max-copy-rate" in out

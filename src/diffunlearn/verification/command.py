@@ -34,8 +34,8 @@ class VerifyConfig:
     held_out: str = field(default="", metadata={"help": "data SPEC of images never trained on (reference images; "
                                                         "default: the data set's own, else kept images)"})
     budget: str = field(default="fast", metadata={"help": (
-        "fast: " + BUDGETS["fast"].resolves() + "; about 2 minutes on MNIST 28x28 on one core. full: "
-        + BUDGETS["full"].resolves() + "; about 10 minutes on MNIST (docs/performance.md: the costs at 28x28, "
+        "fast: " + BUDGETS["fast"].resolves() + "; 1-3 minutes on MNIST 28x28 on one thread. full: "
+        + BUDGETS["full"].resolves() + "; 7-16 minutes on MNIST (docs/performance.md: the costs at 28x28, "
         "128x128 and 256x256)").replace("%", "%%")})
     max_copy_rate: float = field(default=MAX_COPY_RATE, metadata={"help": "the copy rate the generation test must "
                                                                           "rule out: a budget whose fresh samples "
