@@ -169,7 +169,7 @@ RANK_CASES = [
     ("kept", 2, 2, 0, 0, True, Status.NOT_REMOVED),  # still above the kept images: not removed (was 'not shown')
     ("kept", 2, 1, 0, 1, True, Status.PARTLY_REMOVED),
     ("kept", 2, 0, 0, 2, True, Status.REMOVED),
-    ("kept", 2, 0, 0, 1, True, Status.PARTLY_REMOVED),
+    ("kept", 2, 0, 0, 1, True, Status.INCONCLUSIVE),  # only some fell below the kept images
     ("kept", 2, 0, 0, 0, True, Status.INCONCLUSIVE),  # sank into the kept band: a kept reference cannot tell
     ("kept", 0, 0, 0, 2, True, Status.NO_SIGNAL),  # never stood out: falling below is not counted as removal
     ("kept", 0, 0, 0, 0, True, Status.NO_SIGNAL),
@@ -187,6 +187,22 @@ def test_rank_rules_case_by_case(kind, so_b, so_a, fb_b, fb_a, has_before, expec
     if has_before:
         so["before"], fb["before"] = so_b, fb_b
     assert decide_rank(2, 32, kind == "held-out", so, fb) == expected
+
+
+def test_a_signal_before_must_exceed_chance_and_a_whole_a_still_ranking_high_is_not_removed():
+    """Of 16 items like the reference, up to 2 stand out by chance (95% quantile of Binomial(16, 5%)): 'no signal';
+    3 are a signal. 16 items at rank 0.93 each (none above the tail) still rank far above one half: not removed."""
+    from scipy.stats import binom
+
+    from diffunlearn.verification.verdicts import chance_tail
+
+    assert chance_tail(1) == 0 and chance_tail(16) == int(binom.ppf(0.95, 16, 0.05)) == 2
+    none = {"after": 0, "before": 0}
+    assert decide_rank(16, 32, True, {"after": 0, "before": 2}, none, 0.5) == Status.NO_SIGNAL
+    assert decide_rank(16, 32, True, {"after": 0, "before": 3}, none, 0.5) == Status.REMOVED
+    assert decide_rank(16, 32, True, {"after": 0, "before": 3}, none, 0.93) == Status.NOT_REMOVED
+    # one item: its rank alone decides (two standard errors of one uniform rank exceed one half)
+    assert decide_rank(1, 32, True, {"after": 0, "before": 1}, {"after": 0, "before": 0}, 0.94) == Status.REMOVED
 
 
 def test_rank_rules_from_values_match_the_counts_with_a_kept_reference():
@@ -324,7 +340,9 @@ def test_search_is_cached_resumed_and_equal_to_drawing_the_same_seeds(tmp_path, 
     monkeypatch.setattr(generation, "draw_distances", interrupted)
     with pytest.raises(KeyboardInterrupt):
         generation.search(model, "k" * 64, items, 100, "dpm++sde", 2, 0, cache=tmp_path)
-    assert generation.searched_so_far("k" * 64, items, None, "dpm++sde", 2, 0, cache=tmp_path) == 64
+    fp = generation.model_fingerprint(model)
+    assert generation.searched_so_far("k" * 64, items, None, "dpm++sde", 2, 0, cache=tmp_path, schedule=fp) == 64
+    assert generation.searched_so_far("k" * 64, items, None, "dpm++sde", 2, 0, cache=tmp_path) == 0  # another key
     monkeypatch.setattr(generation, "draw_distances", real)
     resumed = generation.search(model, "k" * 64, items, 100, "dpm++sde", 2, 0, cache=tmp_path)
     assert resumed["cached"] == 64 and np.array_equal(resumed["distances"][:20], direct)
@@ -514,3 +532,11 @@ def test_verify_help_states_what_each_budget_resolves(capsys):
         main(["verify", "--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "below 0.92%" in out and "below 0.18%" in out and "--max-copy-rate" in out
+
+
+def test_each_fresh_block_draws_seeds_no_other_block_or_the_search_drew():
+    data = _data()
+    model = tiny_model(seed=0)
+    firsts = [verify(model, data, [2], before=model, budget=TEST, fresh_block=k)["verdicts"][3]["fresh"]["first_seed"]
+              for k in (0, 2)]
+    assert firsts == [TEST.search_seeds, TEST.search_seeds + 2 * TEST.samples]

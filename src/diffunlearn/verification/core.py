@@ -147,7 +147,7 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
            held_out: torch.Tensor | None = None, budget: str | Budget = "fast", sscd: str | None = None,
            seed: int = 0, similarity_t: int = SIMILARITY_T, audit=None, log=None,
            held_out_labels: torch.Tensor | None = None, max_copy_rate: float = MAX_COPY_RATE,
-           samples: int | None = None, cache_dir: str | None = None) -> dict:
+           samples: int | None = None, cache_dir: str | None = None, fresh_block: int = 0) -> dict:
     """Measure whether the items ``forget_idx`` of ``data`` (the forget set A) are gone from ``after``.
 
     For every item of A and for reference images (``held_out``, else the data set's own held-out images, else the
@@ -168,6 +168,9 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
     - ``full``: 2,048 fresh samples (below 0.18%) and 2,048 searched seeds; similarity on every step of up to 32
       items and 32 reference images; loss over 32 pairs and 128 reference images; NLL (rtol = atol = 1e-3, 2 probes)
       of up to 4 items and 20 reference images.
+
+    ``fresh_block``: which block of ``samples`` fresh seeds to draw (0: the first after the searched ones); each
+    confirmation of ``unlearn --until removed`` draws its own, so no check reuses another's fresh samples.
 
     ``max_copy_rate``: the copy rate the generation test must be able to rule out (default 1%); a budget whose
     fresh samples cannot reach it is an error that says how many would (``samples`` overrides the budget's).
@@ -212,7 +215,7 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
         measured[role] = measure_model(m, subjects, backend, similarity_t, seed, log=say)
         measured[role].check_finite({"before": "before", "after": "unlearned", "retrained": "retrained"}[role])
     others = _other_images(data, idx, held_out if held_out is not None else data.held_out, b.neighbour_pool, seed)
-    gen = generation_test(models, subjects, others, b, seed, max_copy_rate, cache_dir, say)
+    gen = generation_test(models, subjects, others, b, seed, max_copy_rate, cache_dir, say, fresh_block)
     result = _assemble(measured, subjects, counts, ref_info, b, backend.name, similarity_t, seed, data, idx, models,
                        gen)
     if audit is not None:
@@ -244,6 +247,11 @@ def check_budget(budget: str | Budget, max_copy_rate: float = MAX_COPY_RATE, sam
         if int(samples) < 1:
             raise UserError(f"--samples must be >= 1, got {samples}")
         b = dataclasses.replace(b, samples=int(samples))
+    from ..sampling import SEED_STRIDE
+
+    if b.search_seeds + 64 * b.samples > SEED_STRIDE:
+        raise UserError(f"--samples {b.samples}: 64 blocks of that many fresh samples after {b.search_seeds} searched "
+                        f"seeds exceed the {SEED_STRIDE} sample numbers of one seed: ask for fewer samples")
     if b.fresh_bound() > rate:
         need = samples_for_rate(rate)
         raise UserError(f"the {b.name} budget draws {b.samples} fresh samples, which bound a copy rate only below "
@@ -272,7 +280,7 @@ def _other_images(data: ImageSet, idx: list[int], held_out, n: int, seed: int) -
 
 
 def generation_test(models: dict, s: Subjects, others: torch.Tensor, b: Budget, seed: int, max_copy_rate: float,
-                    cache=None, log=None) -> dict:
+                    cache=None, log=None, fresh_block: int = 0) -> dict:
     """Near-copies of A: the targeted seeds (searched under the model before, cached) drawn again under the model
     after, and fresh seeds ``b.search_seeds ..`` under the model after (and the retrained model)."""
     from .generation import draw_distances
@@ -312,13 +320,14 @@ def generation_test(models: dict, s: Subjects, others: torch.Tensor, b: Budget, 
         search_info = {"seeds": b.search_seeds, "hits": hits, "cached_seeds": srch["cached"], "key": srch["key"]}
     else:
         still, search_info = None, None
-    fresh_idx = list(range(b.search_seeds, b.search_seeds + b.samples))
+    first = b.search_seeds + fresh_block * b.samples  # block k of fresh seeds: never searched, never used by block j
+    fresh_idx = list(range(first, first + b.samples))
     t1 = time.time()
     say(f"verify: {b.samples} fresh samples under the unlearned model ...")
     d_fresh, x_fresh = draw_distances(models["after"], items, fresh_idx, sampler, steps, seed, labels_of, keep=True)
     fresh_hit = copy_hits(d_fresh, thresholds)
     seconds["fresh"] = time.time() - t1
-    fresh = {"n": len(fresh_idx), "count": int(fresh_hit.sum()), "first_seed": b.search_seeds,
+    fresh = {"n": len(fresh_idx), "count": int(fresh_hit.sum()), "first_seed": first,
              "indices": [fresh_idx[i] for i in np.flatnonzero(fresh_hit)],
              "nearest": float(d_fresh.min()) if d_fresh.size else None}
     strip = min(len(items), b.strip_items, b.similarity_items)
@@ -401,6 +410,7 @@ def _assemble(measured: dict[str, Measured], s: Subjects, counts: dict, ref_info
 
     gi = gen["images"]
     targeted = gi.get("targeted")
+    fresh0 = gen["verdict"]["fresh"]["first_seed"]
     return {
         "format": "diffunlearn-verification/2",
         "status": "ok",
@@ -425,8 +435,8 @@ def _assemble(measured: dict[str, Measured], s: Subjects, counts: dict, ref_info
             else "not measured at this budget (--budget full measures it)",
             "generation": f"samples by {b.sampler} on {b.sample_steps} steps, sample i seeded by (seed {seed}, i); "
                           f"targeted: seeds 0-{b.search_seeds - 1} searched under the model before, those that drew a "
-                          f"near-copy drawn again under the unlearned model; fresh: seeds {b.search_seeds}-"
-                          f"{b.search_seeds + b.samples - 1}; a near-copy lies within "
+                          f"near-copy drawn again under the unlearned model; fresh: seeds {fresh0}-"
+                          f"{fresh0 + b.samples - 1}; a near-copy lies within "
                           f"{gen['verdict']['threshold']['words']}",
         },
         "measures": per_model,

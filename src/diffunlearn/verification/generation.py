@@ -27,10 +27,18 @@ from ..metrics.rates import pixel_distances
 SEARCH_BATCH = 64
 
 
+def model_fingerprint(model) -> str:
+    """What besides the weights decides a model's samples: its noise schedule and sample shape."""
+    return hashlib.sha256(model.alphas_cumprod().double().numpy().tobytes()
+                          + repr((tuple(model.sample_shape), model.scheduler.config.get("prediction_type"),
+                                  model.scheduler.config.get("variance_type"))).encode()).hexdigest()[:16]
+
+
 def search_key(model_hash: str, items: torch.Tensor, labels: torch.Tensor | None, sampler: str, steps: int,
-               seed: int) -> str:
-    """The cache key of a search: the model before's weights, A's distinct items (and labels), the sampler."""
-    spec = {"model": model_hash, "items": [content_hash(x) for x in items],
+               seed: int, schedule: str = "") -> str:
+    """The cache key of a search: the model before's weights and schedule (``schedule``:
+    :func:`model_fingerprint`), A's distinct items (and labels), the sampler."""
+    spec = {"model": model_hash, "schedule": schedule, "items": [content_hash(x) for x in items],
             "labels": None if labels is None else [int(y) for y in labels], "sampler": sampler, "steps": int(steps),
             "seed": int(seed), "format": 1}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
@@ -56,7 +64,7 @@ def search(model, model_hash: str, items: torch.Tensor, n: int, sampler: str, st
     distances (n, U), cached: seeds found in the cache, path}``."""
     from ..cache import cache_dir, locked
 
-    key = search_key(model_hash, items, labels, sampler, steps, seed)
+    key = search_key(model_hash, items, labels, sampler, steps, seed, model_fingerprint(model))
     path = Path(cache_dir(cache)) / "verify-search" / f"{key}.npy"
     path.parent.mkdir(parents=True, exist_ok=True)
     with locked(path):
@@ -83,11 +91,11 @@ def _save(path: Path, arr: np.ndarray) -> None:
 
 
 def searched_so_far(model_hash: str, items: torch.Tensor, labels, sampler: str, steps: int, seed: int,
-                    cache=None) -> int:
+                    cache=None, schedule: str = "") -> int:
     """How many seeds of a search are in the cache (0 when none): what an interrupted verification keeps."""
     from ..cache import cache_dir
 
-    key = search_key(model_hash, items, labels, sampler, steps, seed)
+    key = search_key(model_hash, items, labels, sampler, steps, seed, schedule)
     path = Path(cache_dir(cache)) / "verify-search" / f"{key}.npy"
     try:
         return len(np.load(path, mmap_mode="r"))

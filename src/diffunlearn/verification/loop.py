@@ -95,10 +95,18 @@ class UntilRemoved:
     def __call__(self, step: int, unet) -> bool:
         if step % self.every:
             return False
+
+        t0 = time.time()
+        device = next(unet.parameters()).device  # sampling and verification run on the CPU; training goes on here
+        try:
+            return self._check(step, unet, t0)
+        finally:
+            unet.to(device)
+
+    def _check(self, step: int, unet, t0: float) -> bool:
         from .core import verify
         from .generation import draw_distances
 
-        t0 = time.time()
         model, s, b = self.model(unet), self.subjects, self.budget
         d, _ = draw_distances(model, s.forget, self.hits, b.sampler, b.sample_steps, self.seed, self.labels_of)
         still = int(copy_hits(d, self.thresholds).sum()) if self.hits else 0
@@ -113,16 +121,17 @@ class UntilRemoved:
         elif still == 0:
             self.say(f"until removed: step {step}: no targeted seed draws A; confirming with the {b.name} "
                      "verification ...")
+            confirmations = sum(1 for c in self.checks if "verification" in c)
             result = verify(model, self.data, self.idx, before=self.before, held_out=self.held_out, budget=b,
                             seed=self.seed, similarity_t=self.similarity_t, max_copy_rate=self.max_copy_rate,
-                            cache_dir=self.cache_dir)
+                            cache_dir=self.cache_dir, fresh_block=1 + confirmations % 63)
             check["verification"] = result["overall"]["status"]
             self.last_verified = (step, result)
             if result["overall"]["status"] == Status.REMOVED.value:
                 self.outcome, self.result, self.stopped_at, stop = "removed", result, step, True
             elif result["overall"]["status"] == Status.DEGRADED.value:
                 stop = self._guard(unet, check)
-        if not stop:
+        if not stop and q["status"] == Status.KEPT.value:  # only weights whose quality was shown kept
             self._good = (step, {k: v.detach().clone() for k, v in unet.state_dict().items()})
         check["seconds"] = round(time.time() - t0, 2)
         self.checks.append(check)

@@ -16,16 +16,19 @@ A measure the budget does not compute is **not measured** and left out of the ov
 names it).
 
 - *Held-out reference* (images never trained on): **not removed** when every item stands out now, **partly removed**
-  when some do. Otherwise, with the model before given, a measure on which no item of A stood out before is **no
-  signal** (A did not look memorised: nothing to remove; never counted as removal); else **removed** (``removed
-  (below reference)`` when most items fall below).
+  when some do. Otherwise, with the model before given, a measure on which no more items of A stood out before than
+  items like the reference would by chance (the 95% quantile of Binomial(n, 5%); none for one item) is **no
+  signal** (A did not look memorised: nothing to remove; never counted as removal); A whose mean rank still lies
+  more than two standard errors above one half is **not removed**; else **removed** (``removed (below
+  reference)`` when most items fall below). Without the model before, removed means only that A now scores like
+  images the model never saw.
 - *Kept reference* (training images that stay; the default when no held-out image is given): an item that still
   stands out above the kept images is **not removed** (``partly removed`` when only some do). With the model before
   given, a measure on which no item stood out above the kept images before is **no signal**. An item that stood out
   and now falls below the kept images (looks less memorised than 95% of the training data that stays) is removed;
-  one that only sank into the kept images' band still looks like training data, which a kept reference cannot tell
-  from removal: **inconclusive**. Without the model before: **removed** only when every item falls below the kept
-  images, else **not shown**.
+  when some or all only sank into the kept images' band, they still look like training data, which a kept
+  reference cannot tell from removal: **inconclusive**. Without the model before: **removed** only when every
+  item falls below the kept images, else **not shown**.
 
 **Generation** (does the model still draw A?). A sample is a *near-copy* of an item ``a`` of A when its L2 distance
 to ``a`` (pixels in [0, 1]) is below ``NEAR_COPY_FRACTION`` times the distance from ``a`` to the nearest other image
@@ -50,8 +53,8 @@ few images to tell a change of that size from noise).
 **Overall.** ``removed`` only when every measure that showed A is resolved and none still shows it: any ``not
 removed`` measure makes the deletion ``not removed`` (the model still shows A there, whatever the other measures
 say), a ``partly removed`` one ``partly removed``; a measure that showed A but is
-``not tested`` or ``inconclusive`` makes it ``inconclusive``; no measure showing A at all is ``inconclusive`` too (a
-model that never memorised A, or did nothing, cannot pass).
+``not tested`` or ``inconclusive`` makes it ``inconclusive``; no measure showing A at all is ``inconclusive`` too
+(with the model before given, a model that never memorised A, or did nothing, cannot pass).
 """
 
 from __future__ import annotations
@@ -150,10 +153,12 @@ def _band(v: np.ndarray, fmt: str) -> str:
 # ---------------------------------------------------------------- rank measures
 
 
-def decide_rank(n: int, n_ref: int, held_out: bool, stands_out: dict[str, int], falls_below: dict[str, int]) -> Status:
+def decide_rank(n: int, n_ref: int, held_out: bool, stands_out: dict[str, int], falls_below: dict[str, int],
+                mean_rank: float | None = None) -> Status:
     """The decision of a rank measure from its counts (see the module docstring). ``stands_out[m]`` and
     ``falls_below[m]``: items of A above / below the reference tail under model ``m`` (``after``; ``before`` when
-    given)."""
+    given); ``mean_rank``: A's mean rank under the unlearned model (its AUC), which must not stay above one half by
+    more than two standard errors of ``n`` uniform ranks."""
     if n == 0:
         return Status.NOT_MEASURED
     if not tail_resolvable(n_ref):
@@ -162,15 +167,23 @@ def decide_rank(n: int, n_ref: int, held_out: bool, stands_out: dict[str, int], 
     has_before = "before" in stands_out
     if hi:  # A stands out now: whatever it did before, it is not removed
         return Status.NOT_REMOVED if hi == n else Status.PARTLY_REMOVED
-    if has_before and stands_out["before"] == 0:
-        return Status.NO_SIGNAL
+    if has_before and stands_out["before"] <= chance_tail(n):
+        return Status.NO_SIGNAL  # no more items stood out before than items like the reference would by chance
     if held_out:
+        if mean_rank is not None and mean_rank > 0.5 + 2 * math.sqrt(1 / 12 / n):
+            return Status.NOT_REMOVED  # no single item above the tail, but A as a whole still ranks above them
         return Status.REMOVED_BELOW if lo > n / 2 else Status.REMOVED
     if has_before:
-        if lo == n:
-            return Status.REMOVED
-        return Status.PARTLY_REMOVED if lo else Status.INCONCLUSIVE
+        return Status.REMOVED if lo == n else Status.INCONCLUSIVE
     return Status.REMOVED if lo == n else Status.NOT_SHOWN
+
+
+def chance_tail(n: int) -> int:
+    """How many of ``n`` items like the reference images may stand out by chance: the 95% quantile of
+    Binomial(n, 1 - TAIL_HIGH) (0 for one item: a single item above the tail is a signal)."""
+    from scipy.stats import binom
+
+    return int(binom.ppf(0.95, n, 1.0 - TAIL_HIGH)) if n > 1 else 0
 
 
 def forget_verdict(measure: str, vals: dict[str, tuple[np.ndarray, np.ndarray]], held_out: bool,
@@ -198,7 +211,7 @@ def forget_verdict(measure: str, vals: dict[str, tuple[np.ndarray, np.ndarray]],
         status = Status.NOT_MEASURED
         out["stands_out"], out["falls_below"] = {}, {}
     else:
-        status = decide_rank(n, n_ref, held_out, out["stands_out"], out["falls_below"])
+        status = decide_rank(n, n_ref, held_out, out["stands_out"], out["falls_below"], out["auc"]["after"])
     if n and n_ref and "before" in vals:  # the change before -> after against the reference images' own (words only)
         sign = -1.0 if higher else 1.0
         d_a = sign * (np.asarray(a_after, dtype=float) - np.asarray(vals["before"][0], dtype=float))
