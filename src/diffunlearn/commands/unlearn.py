@@ -214,8 +214,6 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
                                                                   trainer.seed), cache_dir=cfg.cache_dir or None)
         if summary["verification"] and summary["verification"]["status"] == "ok":
             _card_with_verification(out, card, summary.get("until"))
-        if loop is not None:
-            run.finish(summary)  # the outcome of the loop and the verification's headline beside it
     return summary
 
 

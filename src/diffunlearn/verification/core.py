@@ -6,17 +6,16 @@ from __future__ import annotations
 import time
 from datetime import datetime, timezone
 
+import numpy as np
 import torch
 
 from ..data import ImageSet, content_hash
 from ..errors import UserError
 from ..metrics.similarity import SIMILARITY_T
 from ..models import DiffusionModel
-import numpy as np
-
 from .measures import BUDGETS, Budget, Measured, Subjects, get_budget, measure_model
 from .verdicts import (MAX_COPY_RATE, NEAR_COPY_FRACTION, REMOVED, copy_hits, forget_verdict, generation_verdict,
-                       near_copy_thresholds, overall, quality_verdict, samples_for_rate)
+                       near_copy_thresholds, overall, quality_verdict, samples_for_rate, span)
 
 ROLES = ("before", "after", "retrained")
 
@@ -197,17 +196,8 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
     if len(idx) >= len(data) and held_out is None and data.held_out is None:
         raise UserError("the forget set is the whole data set and no held-out images are given: nothing to compare "
                         "A with")
-    a_labels = ref_labels = None
-    if after.conditional:
-        if held_out is not None and held_out_labels is None:
-            raise UserError("the model is class-conditional: give the held-out images' labels (held_out_labels, "
-                            "the model's class indices) with them")
-        reference, ref_info, ref_labels, a_labels = labelled_reference(data, idx, after.classes, b.reference_images,
-                                                                       seed, reference_idx, held_out, held_out_labels)
-    else:
-        reference, ref_info = choose_reference(data, idx, b.reference_images, seed, held_out, reference_idx)
+    subjects, ref_info = build_subjects(after, data, idx, b, seed, held_out, reference_idx, held_out_labels)
     backend = load_similarity(sscd)  # a bad SSCD file fails before anything is measured
-    subjects = Subjects.build(data.images[idx], reference, b, a_labels, ref_labels)
     counts = subjects.counts()
     measured: dict[str, Measured] = {}
     for role, m in models.items():
@@ -229,6 +219,23 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
                                         removed, log=say)
     result["seconds"] = round(time.time() - t_start, 2)
     return result
+
+
+def build_subjects(model: DiffusionModel, data: ImageSet, idx: list[int], b: Budget, seed: int, held_out=None,
+                   reference_idx: list[int] | None = None, held_out_labels: torch.Tensor | None = None
+                   ) -> tuple[Subjects, dict]:
+    """A's distinct items and the reference images every model is measured on (of A's classes for a class-
+    conditional ``model``), with the reference's description."""
+    a_labels = ref_labels = None
+    if model.conditional:
+        if held_out is not None and held_out_labels is None:
+            raise UserError("the model is class-conditional: give the held-out images' labels (held_out_labels, "
+                            "the model's class indices) with them")
+        reference, ref_info, ref_labels, a_labels = labelled_reference(data, idx, model.classes, b.reference_images,
+                                                                       seed, reference_idx, held_out, held_out_labels)
+    else:
+        reference, ref_info = choose_reference(data, idx, b.reference_images, seed, held_out, reference_idx)
+    return Subjects.build(data.images[idx], reference, b, a_labels, ref_labels), ref_info
 
 
 def check_budget(budget: str | Budget, max_copy_rate: float = MAX_COPY_RATE, samples: int | None = None) -> Budget:
@@ -296,8 +303,8 @@ def generation_test(models: dict, s: Subjects, others: torch.Tensor, b: Budget, 
     th = {"fraction": NEAR_COPY_FRACTION, "nearest_other": [round(float(x), 4) for x in nearest_other],
           "per_item": [round(float(x), 4) for x in thresholds], "other_images": len(others), **twins,
           "words": f"{NEAR_COPY_FRACTION:g} x the distance from each item of A to its nearest of {len(others)} other "
-                   f"real images (L2, pixels in [0, 1]; here {_span(thresholds)})"}
-    labels_of = s.sample_labels_of if s.forget_labels is not None else None
+                   f"real images (L2, pixels in [0, 1]; here {span(thresholds)})"}
+    labels_of = s.sample_labels_of
     sampler, steps = b.sampler, b.sample_steps
     srch = None
     seconds = {}
@@ -353,9 +360,8 @@ def targeted_seeds(before: DiffusionModel, s: Subjects, thresholds, b: Budget, s
     from ..models import state_hash
     from .generation import search
 
-    labels_of = s.sample_labels_of if s.forget_labels is not None else None
     found = search(before, state_hash(before.unet), s.forget, b.search_seeds, b.sampler, b.sample_steps, seed,
-                   s.forget_labels, labels_of, cache)
+                   s.forget_labels, s.sample_labels_of, cache)
     return found, [int(i) for i in np.flatnonzero(copy_hits(found["distances"], thresholds))]
 
 
@@ -374,11 +380,6 @@ def near_twins(nearest_other: np.ndarray, reference: torch.Tensor, others: torch
     p5 = float(np.percentile(own, 5))
     return {"twins": [int(i) for i in np.flatnonzero(np.asarray(nearest_other) < p5)],
             "reference_nearest_other_p5": round(p5, 4)}
-
-
-def _span(v) -> str:
-    v = np.asarray(v, dtype=float)
-    return f"{v.min():.2f}" if v.min() == v.max() else f"{v.min():.2f}-{v.max():.2f}"
 
 
 def _assemble(measured: dict[str, Measured], s: Subjects, counts: dict, ref_info: dict, b: Budget, backend: str,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 
 from ..errors import UserError
 from ..models import DiffusionModel
@@ -53,10 +52,8 @@ class UntilRemoved:
     def __init__(self, before: DiffusionModel, data, forget_idx: list[int], *, budget: str = "fast",
                  check_every: int = 50, seed: int = 0, held_out=None, cache_dir=None,
                  similarity_t: int = SIMILARITY_T, max_copy_rate: float = MAX_COPY_RATE, log=None):
-        from .core import (_as_imageset, _other_images, check_budget, choose_reference, labelled_reference,
-                           targeted_seeds)
-        from .measures import Subjects
-        from ..metrics.membership import denoising_losses
+        from .core import _as_imageset, _other_images, build_subjects, check_budget, targeted_seeds
+        from .measures import measure_model
 
         if before.codec is not None:
             raise UserError("--until removed verifies pixel-space models only: this model is a latent model")
@@ -67,22 +64,16 @@ class UntilRemoved:
         self.max_copy_rate = max_copy_rate
         self.say = log or (lambda _msg: None)
         b = self.budget
-        if before.conditional:
-            ref, _, ref_y, a_y = labelled_reference(self.data, self.idx, before.classes, b.reference_images, seed,
-                                                    held_out=held_out)
-        else:
-            (ref, _), ref_y, a_y = choose_reference(self.data, self.idx, b.reference_images, seed, held_out), None, None
-        self.subjects = Subjects.build(self.data.images[self.idx], ref, b, a_y, ref_y)
+        self.subjects, _ = build_subjects(before, self.data, self.idx, b, seed, held_out)
         others = _other_images(self.data, self.idx, held_out if held_out is not None else self.data.held_out,
                                b.neighbour_pool, seed)
         _, self.thresholds = near_copy_thresholds(self.subjects.forget, others)
         s = self.subjects
-        self.labels_of = s.sample_labels_of if s.forget_labels is not None else None
         self.say(f"until removed: targeted search, {b.search_seeds} seeds under the model before ...")
         _, self.hits = targeted_seeds(before, s, self.thresholds, b, seed, cache_dir)
-        self._losses = lambda m: denoising_losses(m, torch.cat([s.forget, s.reference]), b.loss_draws, seed=seed,
-                                                  labels=s.labels(len(s.forget), len(s.reference)))
-        self.ref_before = self._losses(before)[len(s.forget):].numpy()
+        # the loss of A and the reference images, as verify measures it (the same (t, eps) pairs)
+        self._losses = lambda m: measure_model(m, s, None, similarity_t, seed, parts=("loss",)).values
+        self.ref_before = self._losses(before)["loss_ref"].numpy()
         self.checks: list[dict] = []
         self.outcome, self.result, self.stopped_at = "not removed", None, None
         self._good: tuple[int, dict] | None = None
@@ -108,12 +99,12 @@ class UntilRemoved:
         from .generation import draw_distances
 
         model, s, b = self.model(unet), self.subjects, self.budget
-        d, _ = draw_distances(model, s.forget, self.hits, b.sampler, b.sample_steps, self.seed, self.labels_of)
+        d, _ = draw_distances(model, s.forget, self.hits, b.sampler, b.sample_steps, self.seed, s.sample_labels_of)
         still = int(copy_hits(d, self.thresholds).sum()) if self.hits else 0
         losses = self._losses(model)
-        q = quality_verdict("loss", {"before": self.ref_before, "after": losses[len(s.forget):].numpy()})
+        q = quality_verdict("loss", {"before": self.ref_before, "after": losses["loss_ref"].numpy()})
         check = {"step": step, "targeted_still": still, "targeted_of": len(self.hits),
-                 "loss_a": float(losses[:len(s.forget)].mean()), "loss_reference": float(losses[len(s.forget):].mean()),
+                 "loss_a": float(losses["loss_a"].mean()), "loss_reference": float(losses["loss_ref"].mean()),
                  "quality": q["status"]}
         stop = False
         if q["status"] == Status.DEGRADED.value:

@@ -166,8 +166,6 @@ class Measured:
 
     values: dict[str, torch.Tensor] = field(default_factory=dict)
     denoised: torch.Tensor | None = None  # noise-and-denoise results of the strip items
-    nearest_samples: torch.Tensor | None = None  # each strip item's nearest sample
-    sample_to_forget: torch.Tensor | None = None  # each sample's distance to its nearest item of A
     seconds: dict[str, float] = field(default_factory=dict)
 
     def check_finite(self, who: str) -> None:

@@ -475,17 +475,19 @@ def overall(forget: list[dict], quality: list[dict]) -> dict:
     twins = next((v["threshold"] for v in forget if v["measure"] == "generation" and v["threshold"].get("twins")),
                  None)
     if twins:
+        nearest = span([twins["nearest_other"][i] for i in twins["twins"]])
         text += (f" {len(twins['twins'])} item(s) of A have a near-duplicate among the other images (nearest at "
-                 f"{_span_text(twins['nearest_other'], twins['twins'])}, closer than 95% of the reference images' own "
+                 f"{nearest}, closer than 95% of the reference images' own "
                  f"nearest others, {twins['reference_nearest_other_p5']:.2f}): a model that never saw A may still "
                  "reproduce it, so compare with a retrained model (--reference).")
     return {"status": Status.DEGRADED.value if degraded else status.value, "deletion": status.value,
             "quality_degraded": degraded, "text": text}
 
 
-def _span_text(values: list[float], which: list[int]) -> str:
-    v = [values[i] for i in which]
-    return f"{min(v):.2f}" if min(v) == max(v) else f"{min(v):.2f}-{max(v):.2f}"
+def span(values) -> str:
+    """``a-b`` for the smallest and largest of ``values`` (one number when they are equal), two decimals."""
+    v = np.asarray(values, dtype=float)
+    return f"{v.min():.2f}" if v.min() == v.max() else f"{v.min():.2f}-{v.max():.2f}"
 
 
 __all__ = ["Status", "REMOVED", "QUIET", "MEASURES", "ranks", "decide_rank", "forget_verdict", "decide_generation",
