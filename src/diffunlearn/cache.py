@@ -74,5 +74,5 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 def entry(kind: str, key: str, explicit: str | os.PathLike | None = None) -> Path:
-    """The path of cache entry ``key`` of ``kind`` (``latents``, ``npz``)."""
+    """The path of cache entry ``key`` of ``kind`` (``latents``, ``npz``, ``verify-search``)."""
     return cache_dir(explicit) / kind / f"{key}.npy"
