@@ -3,7 +3,7 @@ status 2 and no change on disk; runs killed with SIGKILL at random steps resume 
 
 import pytest
 
-from diffunlearn.faults import FAULTS, check_fault, kill_and_resume_trial
+from diffunlearn.faults import FAULTS, MID_RUN, check_fault, fail_and_resume_trial, kill_and_resume_trial
 
 
 def test_there_are_at_least_fifteen_cases():
@@ -20,3 +20,23 @@ def test_sigkill_at_random_steps_then_resume_gives_bitwise_the_same_model(tmp_pa
     sampler's generator, so a run killed at any point resumes to exactly the uninterrupted run's weights."""
     for seed in range(3):
         assert kill_and_resume_trial(tmp_path, seed) is None
+
+
+@pytest.mark.parametrize("kind", list(MID_RUN))
+def test_a_failure_mid_run_keeps_the_last_good_step_and_resume_finishes_bitwise(kind, tmp_path):
+    """A bad file, an exception inside the method, or a full disk at a random step after the first: one line naming
+    the cause and --resume, a checkpoint of the last good step, no model directory; with the cause undone, --resume
+    ends with exactly the weights of a run that never failed."""
+    assert fail_and_resume_trial(tmp_path, kind, seed=0) is None
+
+
+def test_the_reference_lists_every_case_as_the_suite_runs_it(capsys):
+    """docs/reference.md holds the table ``diffunlearn faults --markdown`` prints, so the documented cases are the
+    ones the suite runs."""
+    from pathlib import Path
+
+    from diffunlearn.faults import run_faults
+
+    run_faults(markdown=True)
+    table = capsys.readouterr().out.strip()
+    assert table in (Path(__file__).parents[1] / "docs" / "reference.md").read_text()

@@ -198,6 +198,25 @@ def file_stamp(path: Path) -> str:
     return f"{os.path.realpath(path)}|{st.st_size}|{st.st_mtime_ns}"
 
 
+def check_unchanged(path: Path, stamp: str) -> None:
+    """A file is read as it was when the data set was listed: one replaced, rewritten or deleted since is refused
+    (a run must not train on a mix of two versions of its data)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UserError(f"cannot decode image {path}: {e.strerror} (it was there when the data set was listed); put "
+                        "it back, or start the run again without it") from None
+    _, size, mtime = stamp.rsplit("|", 2)
+    if (str(st.st_size), str(st.st_mtime_ns)) != (size, mtime):
+        raise UserError(f"image {path} changed on disk since the data set was listed (its size or modification time "
+                        "differ): put the original back, or start the run again")
+
+
+def bomb_message(path: Path, e: Exception) -> str:
+    return (f"image {path} refused: {str(e).rstrip('.')} (PIL's guard against decompression bombs); remove the file "
+            "or resize it")
+
+
 class NumpyImages(ImageArray):
     """An array on disk read through a memory map: ``np.load(path, mmap_mode="r")``, or ``np.memmap`` at an offset
     inside another file (an uncompressed ``.npz`` member). ``scale`` turns stored values into model space: ``"u8"``
@@ -261,9 +280,12 @@ class FileImages(ImageArray):
         from PIL import Image
 
         p = self.files[i]
+        check_unchanged(p, self.stamps[i])
         try:
             with Image.open(p) as im:
                 a = np.asarray(im.convert(self.mode))
+        except Image.DecompressionBombError as e:
+            raise UserError(bomb_message(p, e)) from None
         except (OSError, ValueError) as e:  # PIL raises these for unreadable, truncated and vanished files
             raise UserError(f"cannot decode image {p}: {e}; remove or replace the file") from None
         if a.shape[:2] != tuple(self._item_shape[1:]):
@@ -284,3 +306,24 @@ class FileImages(ImageArray):
 
     def file(self, i):
         return self.files[i]
+
+
+def check_decodes(images: ImageArray) -> int:
+    """Decode every file of a file-backed set once, before any work: a bad file is then found in seconds, not at its
+    first draw hours into a run. Raises one line naming the bad files; returns how many files were decoded (0 for
+    arrays in memory or on a memory map, which hold no files to decode)."""
+    base, idx = (images.base, images.idx) if isinstance(images, SubsetImages) else (images, None)
+    if not isinstance(base, FileImages):
+        return 0
+    rows = range(len(base.files)) if idx is None else idx
+    bad = []
+    for i in rows:
+        try:
+            base.decode(int(i))
+        except UserError as e:
+            bad.append(str(e))
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise UserError(f"{len(bad)} of {len(rows)} images cannot be used: {bad[0]}{more}")
+    return len(rows)
+

@@ -26,7 +26,8 @@ class Fault:
     expect: str            # a substring of the one-line message
     setup: Callable[[Path], list[str]]   # builds the situation under a fresh folder, returns the argv
     fix: str               # what the message tells the user to do
-    during: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # injected while it runs
+    # what is injected while it runs, given the case's folder
+    during: Callable[[Path], contextlib.AbstractContextManager] = lambda _tmp: contextlib.nullcontext()
 
 
 def _model(tmp: Path) -> Path:
@@ -142,7 +143,7 @@ def _full_disk(tmp):
 
 
 @contextlib.contextmanager
-def _no_space_left():
+def _no_space_left(_tmp: Path | None = None):
     """The disk fills up while the model is being written."""
     from unittest import mock
 
@@ -155,6 +156,129 @@ def _no_space_left():
 
 def _nan_loss(tmp):
     return _base(tmp, "--lr", "1e30", "--method", "neggrad", "--steps", "6", "--checkpoint-every", "1")
+
+
+def _bomb(tmp):
+    """A small PNG whose header claims 20,000 x 20,000 pixels (beyond PIL's guard of about 179 million)."""
+    import struct
+    import zlib
+
+    folder = tmp / "images"
+    folder.mkdir()
+    from PIL import Image
+
+    for i in range(4):
+        Image.fromarray(np.full((8, 8), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    data = bytearray((folder / "3.png").read_bytes())
+    ihdr = struct.pack(">II", 20000, 20000) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    (folder / "3.png").write_bytes(bytes(data))
+    return _base(tmp, data=folder)
+
+
+def _truncated_png(tmp):
+    """A PNG cut short: its header reads (the listing accepts it), its pixels do not; --check-data finds it."""
+    folder = _png_folder(tmp, 6)
+    p = folder / "img_004.png"
+    p.write_bytes(p.read_bytes()[:45])
+    return _base(tmp, "--check-data", data=folder)
+
+
+def _nan_weights(tmp):
+    from safetensors.torch import load_file, save_file
+
+    w = _weights_file(tmp)
+    state = load_file(str(w))
+    name = sorted(k for k in state if state[k].is_floating_point())[3]
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, str(w))
+    return _base(tmp)
+
+
+@contextlib.contextmanager
+def _little_space(_tmp: Path):
+    """The disk holding --out has 10 MiB free."""
+    from unittest import mock
+
+    usage = __import__("shutil").disk_usage("/")._replace(free=10 * 2**20)
+    with mock.patch("diffunlearn.runs.shutil.disk_usage", return_value=usage):
+        yield
+
+
+def _read_only_out(tmp):
+    # /sys is mounted read-only for writes of new entries on Linux, even for root (permission bits do not stop root)
+    return _base(tmp, "--out", "/sys/diffunlearn-run")
+
+
+def _interrupted(tmp) -> list[str]:
+    """A run stopped by NaN at step 3 of 6, its checkpoint of step 2 kept."""
+    argv = _nan_loss(tmp)
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        from .cli import main
+
+        main(argv)
+    return argv
+
+
+def _checkpoint_of_another_format(tmp):
+    import torch
+
+    argv = _interrupted(tmp)
+    state = torch.load(tmp / "out" / "checkpoint.pt", weights_only=True)
+    state["format"] = 0
+    torch.save(state, tmp / "out" / "checkpoint.pt")
+    return [*argv, "--resume"]
+
+
+def _unreadable_checkpoint(tmp):
+    argv = _interrupted(tmp)
+    (tmp / "out" / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    return [*argv, "--resume"]
+
+
+def _deleted_after_listing(tmp):
+    """The data is listed, then its files vanish before the first step draws them (a sync job, a cleanup)."""
+    return _base(tmp, data=_png_folder(tmp, 6))
+
+
+@contextlib.contextmanager
+def _files_vanish(tmp: Path):
+    """Before step 1 every PNG of the run's folder moves away; they come back when the run has ended."""
+    moved: list[tuple[Path, Path]] = []
+
+    def act():
+        for p in sorted((tmp / "pngs").glob("*.png")):
+            moved.append((p, p.with_suffix(".away")))
+            p.rename(moved[-1][1])
+    with _at_step(1, act):
+        try:
+            yield
+        finally:
+            for p, away in moved:
+                away.rename(p)
+
+
+@contextlib.contextmanager
+def _files_rewritten(tmp: Path):
+    """Before step 1 every PNG of the run's folder is rewritten with other pixels (a sync job replacing the data);
+    the originals come back when the run has ended."""
+    from PIL import Image
+
+    saved: dict[Path, tuple[bytes, os.stat_result]] = {}
+
+    def act():
+        for p in sorted((tmp / "pngs").glob("*.png")):
+            saved[p] = (p.read_bytes(), p.stat())
+            Image.fromarray(np.full((8, 8), 7, np.uint8)).save(p)
+            os.utime(p, ns=(saved[p][1].st_atime_ns, saved[p][1].st_mtime_ns + 10**9))
+    with _at_step(1, act):
+        try:
+            yield
+        finally:
+            for p, (data, st) in saved.items():
+                p.write_bytes(data)
+                os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 FAULTS: list[Fault] = [
@@ -199,6 +323,22 @@ FAULTS: list[Fault] = [
     Fault("full disk while saving", "disk full", _full_disk, "free space; --resume continues from the last checkpoint",
           _no_space_left),
     Fault("loss turns NaN mid-run", "became NaN or Inf at step", _nan_loss, "lower --lr; the last checkpoint is kept for --resume"),
+    Fault("decompression bomb (a small PNG claiming 20,000 x 20,000 pixels)", "decompression bomb", _bomb,
+          "remove or resize the file"),
+    Fault("--check-data with a truncated PNG", "images cannot be used", _truncated_png,
+          "replace the file before the run starts"),
+    Fault("NaN in the input model's weights", "hold NaN or Inf: tensor", _nan_weights, "re-export or re-copy the model"),
+    Fault("not enough free space for the run", "not enough free space", _full_disk, "free space or choose another --out",
+          _little_space),
+    Fault("read-only output folder", "cannot write to", _read_only_out, "choose another --out"),
+    Fault("--resume from a checkpoint of another format", "of another format", _checkpoint_of_another_format,
+          "--overwrite, or resume with the version that wrote it"),
+    Fault("--resume from an unreadable checkpoint", "cannot read checkpoint", _unreadable_checkpoint,
+          "start again with --overwrite"),
+    Fault("data files deleted between listing and first draw", "it was there when the data set was listed",
+          _deleted_after_listing, "put the files back, or start again without them", _files_vanish),
+    Fault("data files rewritten between listing and first draw", "changed on disk since the data set was listed",
+          _deleted_after_listing, "put the originals back, or start again", _files_rewritten),
 ]
 
 
@@ -217,7 +357,7 @@ def check_fault(fault: Fault, tmp: Path) -> str | None:
     before = _snapshot(tmp, skip=out if mid_run else None)
     before_out = _snapshot(out) if out.is_dir() else None
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), fault.during():
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()), fault.during(tmp):
         try:
             rc = main(argv)
         except SystemExit as e:
@@ -285,11 +425,167 @@ def kill_and_resume_trial(tmp: Path, seed: int, steps: int = 8) -> str | None:
     return None
 
 
+def _png_folder(tmp: Path, n: int = 20) -> Path:
+    from PIL import Image
+
+    folder = tmp / "pngs"
+    if not folder.is_dir():
+        folder.mkdir()
+        rng = np.random.default_rng(0)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(folder / f"img_{i:03d}.png")
+    return folder
+
+
+@contextlib.contextmanager
+def _at_step(k: int, act: Callable[[], None]):
+    """Run ``act`` just before the trainer's step ``k`` begins."""
+    from unittest import mock
+
+    from . import trainer
+
+    real = trainer._step
+
+    def step(n, *args, **kw):
+        if n == k:
+            act()
+        return real(n, *args, **kw)
+
+    with mock.patch.object(trainer, "_step", step):
+        yield
+
+
+def _damage_pixels(folder: Path) -> Callable[[], None]:
+    """Every PNG's pixel data overwritten with zeros, its header, size and modification time kept: the files still
+    list as they did, and the first one a step draws fails to decode there (a truncated or bit-rotted file)."""
+    def act():
+        for p in sorted(folder.glob("*.png")):
+            st, data = p.stat(), p.read_bytes()
+            p.write_bytes(data[:40] + bytes(len(data) - 40))
+            os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return act
+
+
+@contextlib.contextmanager
+def _raise_in_method(k: int):
+    """An exception from inside the method's loss at step ``k`` (a bug, a device error)."""
+    from unittest import mock
+
+    from .methods import make_method
+
+    cls = type(make_method("siss"))  # the method the runs use
+    real, now = cls.terms, [0]
+
+    def terms(self, *args, **kw):
+        if now[0] == k:
+            raise RuntimeError("injected failure inside the method's loss")
+        return real(self, *args, **kw)
+
+    with _at_step(k, lambda: now.__setitem__(0, k)), mock.patch.object(cls, "terms", terms):
+        yield
+
+
+@contextlib.contextmanager
+def _full_at_checkpoint(k: int):
+    """The disk fills up while the checkpoint of step ``k`` is written."""
+    from unittest import mock
+
+    from .trainer import Checkpointer
+
+    real = Checkpointer._write
+
+    def write(self, state):
+        if state.get("step") == k:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path) + ".tmp")
+        return real(self, state)
+
+    with mock.patch.object(Checkpointer, "_write", write):
+        yield
+
+
+@contextlib.contextmanager
+def _full_at_model(_k: int):
+    with _no_space_left():
+        yield
+
+
+#: failures that strike after training began: (what happens, the substring of the one line, what fixes it). Each is
+#: injected at a random step; the fix applied, ``--resume`` must give bitwise the uninterrupted run's weights.
+MID_RUN = {
+    "an image fails to decode mid-run": "cannot decode image",
+    "an exception inside the method mid-run": "RuntimeError: injected failure",
+    "disk full while writing a checkpoint": "disk full at step",
+    "disk full while writing the model": "disk full while writing the model",
+}
+
+
+def _cli(argv: list[str]) -> tuple[int, str]:
+    from .cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = main(argv)
+        except SystemExit as e:
+            rc = e.code
+    return rc, err.getvalue()
+
+
+def fail_and_resume_trial(tmp: Path, kind: str, seed: int, steps: int = 6) -> str | None:
+    """Inject ``kind`` at a random step of a run over a folder of PNGs, check the one line and the checkpoint it keeps,
+    undo the cause, ``--resume`` with the same command, and compare with an uninterrupted run bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    k = random.Random(seed).randint(2, steps - 1)
+    folder = _png_folder(tmp)
+    args = _base(tmp, "--steps", str(steps), "--checkpoint-every", "1", "--seed", "1", data=folder)
+    args = [a for a in args if a not in ("--out", str(tmp / "out"))]
+    ref = tmp / "ref-pngs"
+    if not (ref / "model").exists():
+        rc, msg = _cli(args + ["--out", str(ref)])
+        if rc != 0:
+            return f"the uninterrupted run failed: {msg.strip()[-300:]}"
+    run = tmp / f"run-{list(MID_RUN).index(kind)}-{seed}"
+    originals = {p: (p.read_bytes(), p.stat()) for p in folder.glob("*.png")}
+    inject = {"an image fails to decode mid-run": lambda: _at_step(k, _damage_pixels(folder)),
+              "an exception inside the method mid-run": lambda: _raise_in_method(k),
+              "disk full while writing a checkpoint": lambda: _full_at_checkpoint(k),
+              "disk full while writing the model": lambda: _full_at_model(k)}[kind]
+    with inject():
+        rc, msg = _cli(args + ["--out", str(run)])
+    for p, (data, st) in originals.items():  # the fix: the files as they were
+        p.write_bytes(data)
+        os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))
+    lines = [line for line in msg.splitlines() if line.strip()]
+    if rc == 0:
+        return f"step {k}: exited 0"
+    if len(lines) != 1 or not lines[0].startswith("error: "):
+        return f"step {k}: not one 'error:' line: {msg[-300:]!r}"
+    if MID_RUN[kind] not in lines[0] or "--resume" not in lines[0]:
+        return f"step {k}: the line lacks {MID_RUN[kind]!r} or --resume: {lines[0]}"
+    if (run / "model").exists():
+        return f"step {k}: a model directory was left behind by a failed run"
+    if not (run / "checkpoint.pt").exists():
+        return f"step {k}: no checkpoint was kept"
+    rc, msg = _cli(args + ["--out", str(run), "--resume"])
+    if rc != 0:
+        return f"step {k}: --resume failed: {msg.strip()[-300:]}"
+    name = "model/unet/diffusion_pytorch_model.safetensors"
+    want, got = load_file(str(ref / name)), load_file(str(run / name))
+    if not all(torch.equal(want[c], got[c]) for c in want):
+        return f"step {k}: resumed weights differ from the uninterrupted run"
+    return None
+
+
 def run_faults(trials: int = 3, markdown: bool = False) -> int:
     if markdown:
         print("| bad input | message contains | what to do |\n|---|---|---|")
         for f in FAULTS:
             print(f"| {f.name} | `{f.expect}` | {f.fix} |")
+        print("\n| failure at a random step | message contains |\n|---|---|")
+        for kind, expect in MID_RUN.items():
+            print(f"| {kind} | `{expect}` |")
         return 0
     passed = failed = 0
     for f in FAULTS:
@@ -303,6 +599,12 @@ def run_faults(trials: int = 3, markdown: bool = False) -> int:
             passed, failed = passed + (problem is None), failed + (problem is not None)
             print(f"{'ok  ' if problem is None else 'FAIL'} SIGKILL and --resume, trial {seed + 1}"
                   + (f": {problem}" if problem else ""), flush=True)
+        for kind in MID_RUN:
+            for seed in range(trials):
+                problem = fail_and_resume_trial(Path(d), kind, seed)
+                passed, failed = passed + (problem is None), failed + (problem is not None)
+                print(f"{'ok  ' if problem is None else 'FAIL'} {kind}, then --resume, trial {seed + 1}"
+                      + (f": {problem}" if problem else ""), flush=True)
     print(f"{passed} passed, {failed} failed")
     return 1 if failed else 0
 

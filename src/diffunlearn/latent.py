@@ -32,7 +32,7 @@ import torch
 
 from .arrays import ImageArray, NumpyImages
 from .errors import UserError
-from .safeload import check_weights
+from .safeload import check_finite, check_weights
 
 #: folder name -> diffusers class name
 CODEC_FOLDERS = {"vqvae": "VQModel", "vae": "AutoencoderKL"}
@@ -190,6 +190,7 @@ def load_codec(root: Path, allow_pickle: bool = False) -> LatentCodec | None:
         module = cls.from_pretrained(str(folder), use_safetensors=not allow_pickle or None, local_files_only=True)
     except Exception as e:
         raise UserError(f"cannot load the {CODEC_FOLDERS[kind]} from {folder}: {str(e).splitlines()[0]}") from None
+    check_finite(module, str(folder))
     return LatentCodec(module, kind, folder)
 
 

@@ -13,6 +13,16 @@ import numpy as np
 import torch
 
 from .arrays import ImageArray, as_tensor_or_lazy
+from .errors import UserError
+
+
+class _Failed:
+    """What a worker returns instead of raising a :class:`UserError`: the message crosses the process boundary
+    intact and the main process raises it as one line (a raised error would arrive wrapped in the worker's
+    traceback)."""
+
+    def __init__(self, message: str):
+        self.message = message
 
 
 class _Rows(torch.utils.data.Dataset):
@@ -26,9 +36,15 @@ class _Rows(torch.utils.data.Dataset):
         return int(self.offsets[-1])
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.__getitems__([i])[0]
+        return self._images([i])[0]
 
-    def __getitems__(self, indices) -> torch.Tensor:
+    def __getitems__(self, indices):
+        try:
+            return self._images(indices)
+        except UserError as e:
+            return _Failed(str(e))
+
+    def _images(self, indices) -> torch.Tensor:
         idx = np.asarray(indices, dtype=np.int64)
         which = np.searchsorted(self.offsets, idx, side="right") - 1
         out = torch.empty((len(idx), *self.arrays[0].shape[1:]), dtype=torch.float32)
@@ -92,7 +108,17 @@ class RowFetcher:
         flat = np.concatenate(flat)
         if len(flat):
             self._chunks.chunks = [c.tolist() for c in np.array_split(flat, max(1, min(self.workers, len(flat))))]
-            images = torch.cat(list(self._dataloader()))
+            try:
+                chunks = list(self._dataloader())
+            except RuntimeError as e:  # a worker killed (out of memory) or crashed outside our decoding
+                if "DataLoader worker" not in str(e):
+                    raise
+                raise UserError(f"a data-loading worker failed ({str(e).splitlines()[0]}): rerun with fewer "
+                                "--data-workers (0 decodes in the main process)") from None
+            failed = next((c for c in chunks if isinstance(c, _Failed)), None)
+            if failed is not None:
+                raise UserError(failed.message)
+            images = torch.cat(chunks)
         else:
             images = torch.empty((0, *self.arrays[self.lazy[0]].shape[1:]))
         start = 0

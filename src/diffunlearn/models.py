@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .errors import UserError
-from .safeload import check_weights, state_hash  # noqa: F401 (state_hash: part of this module's API)
+from .safeload import check_finite, check_weights, state_hash  # noqa: F401 (state_hash: part of this module's API)
 
 
 # name -> UNet2DModel keyword arguments (sample_size and channels are filled in from the data)
@@ -187,6 +187,7 @@ def load_model(path: str | os.PathLike, allow_pickle: bool = False, variant: str
                                            local_files_only=True, variant=variant)
     except Exception as e:
         raise UserError(f"cannot load the UNet from {unet_dir}: {_diffusers_reason(e)}") from None
+    check_finite(unet, str(unet_dir))
     sched_dir = root / "scheduler"
     try:
         if (sched_dir / "scheduler_config.json").is_file():

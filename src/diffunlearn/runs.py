@@ -64,23 +64,62 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
-        if not overwrite and (out / "checkpoint.pt").is_file() and not (out / "summary.json").is_file():
+        unfinished = (out / "config.yaml").is_file() and not (out / "summary.json").is_file()
+        if not overwrite and unfinished and (out / "checkpoint.pt").is_file():
             raise UserError(f"output directory {out} holds an interrupted run with a checkpoint: pass --resume to "
                             "continue it, or choose another --out (--overwrite would discard it)")
+        if not overwrite and unfinished:
+            raise UserError(f"output directory {out} holds a run that stopped before its first checkpoint: pass "
+                            "--resume to start it again from step 1, --overwrite to replace it, or another --out")
         if not overwrite:
             raise UserError(f"output directory {out} exists and is not empty: choose another --out or pass --overwrite")
         if not (out / "config.yaml").is_file():
             raise UserError("--overwrite replaces only a previous run directory (one holding config.yaml); "
                             f"{out} is not one")
-    parent = out.parent if out.parent != Path("") else Path(".")
-    probe = parent
+    check_writable(out)
+    return out
+
+
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent."""
+    probe = path.absolute()
     while not probe.exists():
         probe = probe.parent
-    import os
+    return probe
 
-    if not os.access(probe, os.W_OK):
-        raise UserError(f"cannot write to {probe}")
-    return out
+
+def check_writable(out: str | Path) -> None:
+    """Write (and remove) an empty folder where ``out`` would be created: permission bits do not say it all (a
+    read-only file system, a root user, a quota)."""
+    probe = _existing(Path(out))
+    if not probe.is_dir():
+        raise UserError(f"cannot create {out}: {probe} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".diffunlearn-probe-", dir=probe))
+    except OSError as e:
+        raise UserError(f"cannot write to {probe} ({e.strerror}): choose another --out") from None
+
+
+def _mib(n: float) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{max(n, 1) / 2**10:.0f} KiB"
+
+
+#: room kept free beside a run's estimated needs: logs, the verification's samples and report
+SPACE_MARGIN = 64 * 2**20
+
+
+def check_space(out: str | Path, needs: dict[str, int]) -> None:
+    """Refuse to start when the disk holding ``out`` has less free space than ``needs`` (bytes by what they are
+    for) plus :data:`SPACE_MARGIN`: a run that fills the disk hours in would lose its work."""
+    probe = _existing(Path(out))
+    free = shutil.disk_usage(probe).free
+    total = sum(needs.values()) + SPACE_MARGIN
+    if free < total:
+        parts = ", ".join(f"{what} {_mib(n)}" for what, n in needs.items() if n)
+        raise UserError(f"not enough free space in {probe}: the run needs about {_mib(total)} ({parts}, margin "
+                        f"{_mib(SPACE_MARGIN)}) and {_mib(free)} is free; free space or choose another --out")
 
 
 def _clean(v):
@@ -170,6 +209,11 @@ class RunDir:
             log.write_text("".join(line + "\n" for line in keep))
         self._log = open(self.path / "log.jsonl", "a", buffering=1)
         self.started = time.time()
+
+    def remove(self) -> None:
+        """Delete the run directory this object created (a run that failed before training anything)."""
+        self._log.close()
+        shutil.rmtree(self.path, ignore_errors=True)
 
     @property
     def model_dir(self) -> Path:

@@ -38,6 +38,16 @@ def check_weights(folder: Path, allow_pickle: bool) -> None:
             raise UserError(f"corrupt or truncated weights {p}: {e}") from None
 
 
+def check_finite(module: torch.nn.Module, where: str) -> None:
+    """Weights holding NaN or Inf are refused at load, naming the first such tensor: training from them fails at its
+    first step with a loss that points away from the cause."""
+    for name, t in module.state_dict().items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise UserError(f"the weights in {where} hold NaN or Inf: tensor {name} has {bad} of {t.numel()} values "
+                            "non-finite; the file is broken: re-export or re-copy the model")
+
+
 def state_hash(unet: torch.nn.Module) -> str:
     """SHA-256 over the model's parameters and buffers, in name order: the model's identity in the ledger."""
     h = hashlib.sha256()

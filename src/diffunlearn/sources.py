@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .arrays import CHUNK, FileImages, NumpyImages, file_stamp
+from .arrays import CHUNK, FileImages, NumpyImages, bomb_message, file_stamp
 from .errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -58,6 +58,8 @@ def check_files(files: list[Path], where: str) -> tuple[str, tuple[int, int], li
         try:
             with Image.open(p) as im:
                 size, mode = im.size, _mode_of(im)
+        except Image.DecompressionBombError as e:
+            raise UserError(bomb_message(p, e)) from None
         except (UnidentifiedImageError, OSError, ValueError) as e:
             raise UserError(f"cannot read image {p}: {e}; remove or fix the file") from None
         if first is None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import os
+import traceback
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +27,7 @@ import torch
 from .arrays import as_tensor_or_lazy
 from .diffusion import sample_timesteps
 from .loader import RowFetcher
-from .errors import UserError
+from .errors import RunFailed, UserError
 from .methods import Context, Method, StepBatch
 from .methods.base import GradStep
 from .models import DiffusionModel
@@ -178,6 +180,21 @@ def unlearn(model: DiffusionModel, kept, forget, method: Method,
         sampler.close()
 
 
+def space_needed(model: DiffusionModel, cfg: TrainerConfig) -> dict[str, int]:
+    """Bytes a run writes beside its logs: the model directory (UNet and, for a latent model, its autoencoder) and,
+    when checkpoints are written, two checkpoints (the new one is written beside the old before replacing it), each
+    holding the weights and the optimiser's two moments."""
+    weights = sum(t.numel() * t.element_size() for t in model.unet.state_dict().values())
+    codec = (sum(t.numel() * t.element_size() for t in model.codec.module.state_dict().values())
+             if model.codec is not None else 0)
+    needs = {"model": weights + codec}
+    if cfg.checkpoint_every != 0 and cfg.steps > 0:
+        trained = sum(p.numel() for p in model.unet.parameters() if p.requires_grad)
+        moments = trained * (2 if cfg.optimizer == "adamw8bit" else 8)
+        needs["checkpoints"] = 2 * (weights + moments)
+    return needs
+
+
 def check_labels(model: DiffusionModel, labels, n_kept: int, n_forget: int):
     """Class labels go with a class-conditional model and only with one: one int64 label per kept and forget item,
     each a class the model knows."""
@@ -204,60 +221,120 @@ def _loop(model, unet, opt, params, method, cfg, acc, sampler, t_max, log, callb
     first = 1
     if checkpoint is not None and checkpoint.exists():
         first = checkpoint.restore(unet, opt, sampler.generator, method) + 1
+        if checkpoint.final:  # the run had finished training; only its model was not written
+            first = cfg.steps + 1
     reduce = (lambda t: acc.reduce(t, reduction="mean")) if world > 1 else (lambda t: t)
     last_save = time.time()
+    touched = [False]  # set when an optimiser step begins: from then on the weights are no longer the last step's
+    hook = opt.register_step_pre_hook(lambda *_: touched.__setitem__(0, True))
     for step in range(first, cfg.steps + 1):
         t0 = time.time()
-        record: dict = {"step": step}
-        record.update(method.before_step(ctx))
-        # asked every step: a method may combine its terms' gradients separately only on some steps
-        grad_step = GradStep(cfg.grad_accum, single=cfg.grad_accum == 1 and world == 1,
-                             separate=method.separate_grads, reduce=reduce)
-        mine = sampler.rows(per_proc * world).slice(slice(rank * per_proc, (rank + 1) * per_proc))
-        rows = sampler.fetch(mine).to(acc.device)  # this process decodes its own rows' images and no others
-        opt.zero_grad(set_to_none=True)
-        sums: dict[str, float] = {}
-        for mb in range(cfg.grad_accum):
-            micro = rows.slice(slice(mb * cfg.batch_size, (mb + 1) * cfg.batch_size))
-            with acc.autocast():
-                terms = method.terms(unet, micro, ctx)
-            for k, v in terms.losses.items():
-                sums["loss_" + k] = sums.get("loss_" + k, 0.0) + float(v.detach().mean()) / cfg.grad_accum
-            for k, v in terms.stats.items():
-                sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
-            method.backward(terms.losses, params, grad_step)
-        if not all(torch.isfinite(torch.tensor(v)) for k, v in sums.items() if k.startswith("loss_")):
-            raise UserError(f"the loss became NaN or Inf at step {step}; "
-                            f"{_kept_note(checkpoint)}lower --lr or check the data")
-        record.update(method.finish(params, grad_step))
-        if world > 1:
-            sums = {k: float(acc.reduce(torch.tensor(v, device=acc.device), reduction="mean")) for k, v in sums.items()}
-        total = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
-        if not torch.isfinite(torch.tensor(total)):
-            raise UserError(f"the gradient became NaN or Inf at step {step}; "
-                            f"{_kept_note(checkpoint)}lower --lr or check the data")
-        opt.step()
-        record.update(sums)
-        record.update({"grad_norm": total, "lr": opt.param_groups[0]["lr"], "seconds": round(time.time() - t0, 4)})
-        if log is not None and acc.is_main_process:
-            log(record)
-        if callback is not None:
+        start = (sampler.generator.get_state(), copy.deepcopy(method.state_dict()))
+        touched[0] = False
+        try:
+            record = _step(step, unet, opt, params, method, cfg, acc, sampler, ctx, reduce, world, rank, per_proc)
+            record.update({"seconds": round(time.time() - t0, 4)})
+            if log is not None and acc.is_main_process:
+                log(record)  # the run's log file: a full disk here is a failure of the run
+        except BaseException as e:
+            hook.remove()
+            _failed(e, step, first, start, touched[0] or world > 1, unet, opt, sampler, method, checkpoint)
+            raise
+        if callback is not None:  # the caller's own code: its exceptions reach the caller as they are
             unet.eval()
             stop = callback(step, unet) is True  # a callback that returns True ends the run at this step
             unet.train()
             if stop:
                 break
         if checkpoint is not None and step < cfg.steps and _checkpoint_due(cfg, step, last_save, acc):
-            if acc.is_main_process:
-                checkpoint.save(step, unet, opt, sampler.generator, method)
-            acc.wait_for_everyone()
+            try:
+                if acc.is_main_process:
+                    checkpoint.save(step, unet, opt, sampler.generator, method)
+                acc.wait_for_everyone()
+            except BaseException as e:
+                hook.remove()
+                _failed(e, step, first, start, True, unet, opt, sampler, method, checkpoint)
+                raise
             last_save = time.time()
+    hook.remove()
     opt.zero_grad(set_to_none=True)
     unet.eval().to("cpu")
     if hasattr(unet, "disable_gradient_checkpointing") and cfg.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     return DiffusionModel(unet, copy.deepcopy(model.scheduler), source=f"{model.source} unlearned by {method.name}",
                           codec=model.codec, classes=model.classes)
+
+
+def _step(step, unet, opt, params, method, cfg, acc, sampler, ctx, reduce, world, rank, per_proc) -> dict:
+    """One optimiser step; returns its log record."""
+    record: dict = {"step": step}
+    record.update(method.before_step(ctx))
+    # asked every step: a method may combine its terms' gradients separately only on some steps
+    grad_step = GradStep(cfg.grad_accum, single=cfg.grad_accum == 1 and world == 1,
+                         separate=method.separate_grads, reduce=reduce)
+    mine = sampler.rows(per_proc * world).slice(slice(rank * per_proc, (rank + 1) * per_proc))
+    rows = sampler.fetch(mine).to(acc.device)  # this process decodes its own rows' images and no others
+    opt.zero_grad(set_to_none=True)
+    sums: dict[str, float] = {}
+    for mb in range(cfg.grad_accum):
+        micro = rows.slice(slice(mb * cfg.batch_size, (mb + 1) * cfg.batch_size))
+        with acc.autocast():
+            terms = method.terms(unet, micro, ctx)
+        for k, v in terms.losses.items():
+            sums["loss_" + k] = sums.get("loss_" + k, 0.0) + float(v.detach().mean()) / cfg.grad_accum
+        for k, v in terms.stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
+        method.backward(terms.losses, params, grad_step)
+    if not all(torch.isfinite(torch.tensor(v)) for k, v in sums.items() if k.startswith("loss_")):
+        raise UserError(f"the loss became NaN or Inf at step {step}: lower --lr or check the data")
+    record.update(method.finish(params, grad_step))
+    if world > 1:
+        sums = {k: float(acc.reduce(torch.tensor(v, device=acc.device), reduction="mean")) for k, v in sums.items()}
+    total = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
+    if not torch.isfinite(torch.tensor(total)):
+        raise UserError(f"the gradient became NaN or Inf at step {step}: lower --lr or check the data")
+    opt.step()
+    record.update(sums)
+    record.update({"grad_norm": total, "lr": opt.param_groups[0]["lr"]})
+    return record
+
+
+def _failed(e, step, first, start, dirty, unet, opt, sampler, method, checkpoint) -> None:
+    """A step failed: keep the last good step's state when it is still intact, then raise one line naming the cause.
+
+    Before the optimiser has touched the weights they are still those of step ``step - 1``; with the generator and the
+    method's state put back as they were when this step began, that is exactly the checkpoint an uninterrupted run
+    would have written there, so ``--resume`` continues bit for bit. Ctrl-C keeps its own exception."""
+    if checkpoint is None:
+        return
+    saved = None
+    if not dirty and step > first:
+        sampler.generator.set_state(start[0])
+        method.load_state_dict(start[1])
+        try:
+            checkpoint.save(step - 1, unet, opt, sampler.generator, method)
+            saved = step - 1
+        except OSError:
+            pass
+    kept = saved if saved is not None else checkpoint.last_step()
+    if isinstance(e, KeyboardInterrupt):
+        return
+    note = (f"the checkpoint of step {kept} is kept: fix the cause and rerun the same command with --resume to "
+            "continue from it" if kept else "nothing was trained yet (no checkpoint)")
+    if isinstance(e, UserError):
+        cause = str(e) if f"step {step}" in str(e) else f"{e} (at step {step})"
+        raise RunFailed(f"{cause}; {note}", e, kept) from e
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise RunFailed(f"disk full at step {step} while writing {e.filename or 'the run'}; {note} once space is free",
+                        e, kept) from e
+    trace = checkpoint.path.with_name("error.txt")
+    try:
+        trace.write_text("".join(traceback.format_exception(e)))
+        where = f"; the traceback is in {trace}"
+    except OSError:
+        where = ""
+    first_line = _first_line(e)
+    raise RunFailed(f"step {step} failed: {type(e).__name__}: {first_line}; {note}{where}", e, kept) from e
 
 
 #: with ``checkpoint_every = -1``, a checkpoint is written when this many seconds have passed since the last one
@@ -273,9 +350,13 @@ def _checkpoint_due(cfg: TrainerConfig, step: int, last_save: float, acc) -> boo
     return due
 
 
-def _kept_note(checkpoint) -> str:
-    step = checkpoint.last_step() if checkpoint is not None else None
-    return f"the checkpoint of step {step} is kept (--resume continues from it); " if step else ""
+def _first_line(e: BaseException) -> str:
+    """An exception's first sentence: enough to name the cause on the one line an error gets."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0]
+
+
+#: the layout of ``checkpoint.pt`` (1: weights, optimiser, generator, method state and step; or final weights)
+CHECKPOINT_FORMAT = 1
 
 
 class Checkpointer:
@@ -286,6 +367,7 @@ class Checkpointer:
 
     def __init__(self, path):
         self.path = Path(path)
+        self.final = False  # the restored checkpoint holds the finished weights only (save_final)
 
     def exists(self) -> bool:
         return self.path.is_file()
@@ -293,16 +375,36 @@ class Checkpointer:
     def last_step(self) -> int | None:
         """The step the checkpoint holds, read through a memory map: the weights and optimiser state it also holds
         (gigabytes for a large UNet) are not read."""
-        return int(torch.load(self.path, weights_only=True, mmap=True)["step"]) if self.exists() else None
+        if not self.exists():
+            return None
+        try:
+            return int(torch.load(self.path, weights_only=True, mmap=True)["step"])
+        except Exception as e:
+            raise UserError(f"cannot read checkpoint {self.path} ({_first_line(e)}): start the "
+                            "run again with --overwrite") from None
 
     def save(self, step: int, unet, opt, generator: torch.Generator, method: Method) -> None:
-        state = {"step": step, "model": {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()},
+        state = {"format": CHECKPOINT_FORMAT, "step": step,
+                 "model": {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()},
                  "optimizer": opt.state_dict(), "generator": generator.get_state(), "method": method.state_dict()}
+        self._write(state)
+
+    def save_final(self, step: int, unet) -> None:
+        """The trained weights alone, when the model directory could not be written: ``--resume`` then writes the
+        model without training again."""
+        self._write({"format": CHECKPOINT_FORMAT, "step": step, "final": True,
+                     "model": {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}})
+
+    def _write(self, state: dict) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a half-written file would only hold the space a full disk lacks
+            raise
         os.replace(tmp, self.path)
         dir_fd = os.open(self.path.parent, os.O_RDONLY)
         try:
@@ -314,9 +416,21 @@ class Checkpointer:
         try:
             state = torch.load(self.path, weights_only=True)
         except Exception as e:
-            raise UserError(f"cannot read checkpoint {self.path}: {e}") from None
-        unet.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        method.load_state_dict(state.get("method", {}))
+            raise UserError(f"cannot read checkpoint {self.path} ({_first_line(e)}): start the run again with "
+                            "--overwrite") from None
+        fmt = state.get("format", 1) if isinstance(state, dict) else None
+        if fmt != CHECKPOINT_FORMAT or "model" not in state or "step" not in state:
+            raise UserError(f"checkpoint {self.path} is of another format ({fmt!r}, this version writes "
+                            f"{CHECKPOINT_FORMAT}): start the run again with --overwrite, or resume it with the "
+                            "version that wrote it")
+        try:
+            unet.load_state_dict(state["model"])
+            if not state.get("final"):
+                opt.load_state_dict(state["optimizer"])
+                generator.set_state(state["generator"])
+                method.load_state_dict(state.get("method", {}))
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise UserError(f"checkpoint {self.path} does not fit this run ({_first_line(e)}): it was "
+                            "written for another model or method; start the run again with --overwrite") from None
+        self.final = bool(state.get("final"))
         return int(state["step"])

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import UserError
 from ..methods import MethodSpec
 from ..sequential import SequentialConfig
-from ..trainer import Checkpointer, TrainerConfig, accelerator, unlearn
+from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed, unlearn
 
 
 @dataclass
@@ -38,6 +38,12 @@ class UnlearnConfig:
                                                              "install 'diffunlearn[tracking]') or wandb (offline)"})
     sample_every: int = field(default=0, metadata={"help": "with --report-to: log 8 samples every N steps (0: at the "
                                                            "start and the end only)"})
+    check_data: bool = field(default=False, metadata={"help": "decode every image file before step 1 (about "
+                                                             "0.1 s per 1,000 28x28 grey PNGs, 0.6 s per 1,000 "
+                                                             "256x256 RGB PNGs on one CPU core); "
+                                                             "without it files are listed and their headers read, "
+                                                             "and a file whose pixels do not decode is found when a "
+                                                             "step first draws it"})
     cache_dir: str = field(default="", metadata={"help": "folder for cached latents of latent models and decompressed "
                                                          ".npz arrays (default: $DIFFUNLEARN_CACHE or "
                                                          "~/.cache/diffunlearn)"})
@@ -76,8 +82,8 @@ class UnlearnConfig:
 
 
 #: settings that may differ when a run is resumed
-RESUME_IGNORES = ("resume", "overwrite", "trainer.threads", "trainer.checkpoint_every", "trainer.data_workers",
-                  "log_every", "cache_dir", "report_to", "sample_every", "verify", "audit")
+RESUME_IGNORES = ("resume", "overwrite", "check_data", "trainer.threads", "trainer.checkpoint_every",
+                  "trainer.data_workers", "log_every", "cache_dir", "report_to", "sample_every", "verify", "audit")
 
 
 def run_unlearn(cfg: UnlearnConfig) -> dict:
@@ -89,10 +95,11 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     """
     from ..config import to_dict
     from ..cache import cache_dir, check_outside
+    from ..arrays import check_decodes
     from ..data import load_data, resolve_forget, split_images
     from ..labels import class_counts, unlearning_labels
     from ..models import load_model, model_summary, save_model, state_hash
-    from ..runs import RunDir, check_outside_model, prepare_out_dir, step_printer
+    from ..runs import RunDir, check_outside_model, check_space, prepare_out_dir, step_printer
 
     cfg.validate()
     if cfg.sequential.requests:
@@ -115,6 +122,8 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     trainer.validate(model.num_train_timesteps)
     data = load_data(cfg.data, cfg.cache_dir or None)  # nothing decoded: files listed and checked, arrays mapped
     model.check_images(data.shape, "data")
+    if cfg.check_data:
+        print(f"decoded {check_decodes(data.images)} image files: all usable", flush=True)
     forget_idx = resolve_forget(cfg.forget, data)
     check_outside_model(out, model.source)
     if model.codec is not None:
@@ -126,6 +135,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     # a latent model's images are encoded here, once, into the on-disk cache; the trainer sees only latents
     kept, forget = split_images(model.encode(data.images, "data", cfg.cache_dir or None), forget_idx)
     hash_before = state_hash(model.unet)
+    check_space(out, space_needed(model, trainer))
     acc = accelerator(trainer.mixed_precision)
     acc.wait_for_everyone()  # every process has validated before anything is written
     run = None
@@ -174,6 +184,11 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
             f"rerun the same command with --resume to continue from the checkpoint of step {step}" if step else
             "no checkpoint was written yet (--checkpoint-every N writes one every N steps)"), flush=True)
         raise
+    except UserError:
+        # bad input found late with nothing trained: a run directory this command created goes (nothing is lost)
+        if run is not None and not cfg.resume and not checkpoint.exists():
+            run.remove()
+        raise
     finally:
         if tracker is not None:
             tracker.finish()
@@ -198,7 +213,10 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
                                    removed, len(kept), verification, summary["forget_classes"])
 
         # atomic: the model directory appears only when complete, its model card inside
-        save_model(new, run.model_dir, extra_files={"README.md": card()}, overwrite=True)  # the run's own folder
+        try:
+            save_model(new, run.model_dir, extra_files={"README.md": card()}, overwrite=True)  # the run's own folder
+        except OSError as e:
+            _keep_trained(e, checkpoint, new, last.get("step") or trainer.steps, out)
         run.finish(summary)
         print(f"saved {run.model_dir}")
         checkpoint.path.unlink(missing_ok=True)
@@ -215,6 +233,23 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         if summary["verification"] and summary["verification"]["status"] == "ok":
             _card_with_verification(out, card, summary.get("until"))
     return summary
+
+
+def _keep_trained(e: OSError, checkpoint: Checkpointer, new, step: int, out: Path) -> None:
+    """The model directory could not be written (the partial one is gone): keep the trained weights as a final
+    checkpoint, which ``--resume`` turns into the model without training again, and say so in one line."""
+    import errno
+
+    cause = ("disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e))
+    try:
+        checkpoint.save_final(step, new.unet)
+        kept = f"the trained weights are kept in {checkpoint.path} (step {step})"
+    except OSError:
+        step = checkpoint.last_step()
+        kept = (f"the trained weights could not be kept either; the checkpoint of step {step} is" if step else
+                "the trained weights could not be kept")
+    raise UserError(f"{cause} while writing the model to {out / 'model'}: {kept}; free space and rerun the same "
+                    "command with --resume") from None
 
 
 def _card_with_verification(out: Path, card, until: dict | None = None) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import UserError
 from ..models import DiffusionModel
-from ..safeload import PICKLE_SUFFIXES, check_weights
+from ..safeload import PICKLE_SUFFIXES, check_finite, check_weights
 from ..sampling import initial_noise, seeded_batches
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -276,6 +276,9 @@ def load_sd(path: str | os.PathLike, allow_pickle: bool = False, device: str | t
     text_encoder = load("text_encoder", lambda: CLIPTextModel.from_pretrained(str(root / "text_encoder"), **kw).float())
     tokenizer = load("tokenizer", lambda: CLIPTokenizer.from_pretrained(str(root / "tokenizer"), local_files_only=True))
     scheduler = load("scheduler", lambda: DDPMScheduler.from_pretrained(str(root / "scheduler"), local_files_only=True))
+    for part, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        if module is not None:
+            check_finite(module, str(root / part))
     if scheduler.config.prediction_type != "epsilon":
         raise UserError(f"{root} predicts {scheduler.config.prediction_type!r}; only epsilon-prediction models "
                         "(Stable Diffusion v1.x) are supported")
