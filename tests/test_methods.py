@@ -203,10 +203,76 @@ def test_erasediff_restores_the_weights_after_its_inner_passes():
     opt.register_step_post_hook(
         lambda *_: moved.append(any(not torch.equal(p, b) for p, b in zip(unet.parameters(), before))))
     stats = method.before_step(ctx)
-    assert moved == [True, True]
+    assert moved == [True, True]  # |A| = 3 fits one batch of 4: a pass over A is one step
     assert all(torch.equal(p, b) for p, b in zip(unet.parameters(), before))
     assert math.isfinite(stats["phi"])
     assert all(int(opt.state[p]["step"]) == 2 for p in unet.parameters())
+
+
+@pytest.mark.parametrize("n_forget,adaptive", [(3, False), (5, False), (5, True)])
+def test_erasediff_step_equals_the_released_algorithm_written_out(n_forget, adaptive):
+    """The released EraseDiff, written out with plain torch on the same stream of draws: per pass of outer steps,
+    save theta, K = 2 passes over A (P = ceil(|A| / B) batches each, one unclipped AdamW step per batch), restore
+    theta, then P outer steps on L_r + lambda_e (L_f - phi), each clipped at --clip-norm; lambda_e fixed, or
+    max(eta - cos(grad L_r, grad L_f), 0) with cos = <g_r, g_f> / (|g_r| |g_f| + 1e-8). |A| = 5 with B = 2 gives
+    P = 3 (two outer passes in 6 steps); |A| = 3 with B = 4 gives P = 1. The trainer must end on the same weights.
+    Attention key biases are left out: a bias added to every key shifts each query's logits by a constant, which the
+    softmax ignores, so their exact gradient is zero and AdamW turns the float rounding left there into steps of its
+    own size (they differ by up to 1e-3 while every other weight agrees to 1e-7)."""
+    B, steps, K, lam, eta, clip = (4 if n_forget == 3 else 2), 6, 2, 0.1, 0.1, 0.05
+    model, (kept, forget) = tiny_model(), random_sets(n_forget=n_forget)
+    cfg = TrainerConfig(steps=steps, batch_size=B, lr=1e-3, clip_norm=clip, seed=3, data_workers=0,
+                        checkpoint_every=0)
+    got = unlearn(model, kept, forget, make_method("erasediff", inner_steps=K, lambda_e=lam, adaptive=adaptive,
+                                                   eta=eta), cfg)
+
+    class Uniform:  # the draws EraseDiff adds to each row: u ~ U[0, 1)
+        def draw(self, n, shape, g):
+            return {"u": torch.rand((n, *shape), generator=g)}
+
+    unet = __import__("copy").deepcopy(model.unet).train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    sampler = RowSampler(kept, forget, Uniform(), 0, 999, seed=cfg.seed)
+    abar = model.alphas_cumprod()
+
+    def loss(x0, noise, t):  # the released loss: sum over pixels, mean over the batch
+        a = abar[t].view(-1, 1, 1, 1)
+        return (noise - unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample).square().sum((1, 2, 3)).mean()
+
+    P = -(-n_forget // B)
+    for _ in range(steps // P):
+        theta_i = [p.detach().clone() for p in params]
+        for _ in range(K):
+            for _ in range(P):
+                r = sampler.draw(B, parts=("a",))
+                opt.zero_grad()
+                loss(r.a, r.extra["u"], r.t).backward()
+                opt.step()
+        with torch.no_grad():
+            for p, s in zip(params, theta_i):
+                p.copy_(s)
+        for _ in range(P):
+            r = sampler.draw(B)
+            l_r, l_q = loss(r.x, r.eps, r.t), loss(r.a, r.extra["u"], r.t)  # phi is a constant: no gradient
+            if adaptive:
+                g_q = torch.autograd.grad(l_q, params, retain_graph=True)
+                g_r = torch.autograd.grad(l_r, params, retain_graph=True)
+                flat_q, flat_r = torch.cat([g.flatten() for g in g_q]), torch.cat([g.flatten() for g in g_r])
+                cos = float(flat_r @ flat_q / (flat_r.norm() * flat_q.norm() + 1e-8))
+                weight = max(eta - cos, 0.0)
+            else:
+                weight = lam
+            opt.zero_grad()
+            (l_r + weight * l_q).backward()
+            torch.nn.utils.clip_grad_norm_(params, clip)
+            opt.step()
+    compared = 0
+    for (k, want), have in zip(unet.state_dict().items(), got.unet.state_dict().values()):
+        if not k.endswith("to_k.bias"):
+            torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6, msg=k)
+            compared += 1
+    assert compared > 100
 
 
 def test_retrack_neighbours_come_from_the_kept_set_only():

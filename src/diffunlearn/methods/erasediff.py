@@ -1,10 +1,14 @@
 """EraseDiff (Wu et al. 2024, "EraseDiff: Erasing Data Influence in Diffusion Models"), solved first-order.
 
-Bilevel form: per outer step save ``theta``, take ``inner_steps`` optimiser steps on A minimising
-``L_f = E||u - eps_theta(gamma_t a + sigma_t u, t)||^2`` with ``u ~ U[0, 1)^d`` (the same ``u`` corrupts the input and
-is the target), record their mean ``phi``, restore ``theta`` (the optimiser state is kept), then one outer step on
-``L_r + lambda_e (L_f - phi)`` with ``L_r`` the DDPM loss on X \\ A. ``lambda_e`` is fixed, or adaptive
-``max(eta - cos(grad L_r, grad L_f), 0)``.
+Bilevel form, in the loop order of the authors' released code. A pass over A is ``P = ceil(|A| / batch)`` batches.
+Every ``P`` outer steps: save ``theta``, take ``inner_steps`` (K) passes over A, one unclipped optimiser step per
+batch, on ``L_f = E||u - eps_theta(gamma_t a + sigma_t u, t)||^2`` with ``u ~ U[0, 1)^d`` (the same ``u`` corrupts
+the input and is the target); ``phi`` is the mean loss of the last pass; restore ``theta`` (the optimiser state is
+kept). Then ``P`` outer steps (one pass over A) on ``L_r + lambda_e (L_f - phi)`` with ``L_r`` the DDPM loss on
+X \\ A, each clipped by the trainer's ``--clip-norm``. ``lambda_e`` is fixed, or adaptive
+``max(eta - cos(grad L_r, grad L_f), 0)``. When A fits one batch (P = 1) this is K inner steps per outer step.
+
+Batches are drawn with replacement, as every method's rows here (the released code walks a shuffled loader).
 
 ``EraseDiffLight`` is the variant the SISS paper compared against: no inner loop, ``L_f' = ||u - eps_theta(a_t)||^2``
 with Gaussian-noised ``a_t`` and an independent uniform target ``u``, combined as
@@ -29,15 +33,17 @@ def _uniform_forget_loss(unet, batch, ctx, u: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class EraseDiff(Method):
-    inner_steps: int = field(default=2, metadata={"help": "inner passes over A per step"})
+    inner_steps: int = field(default=2, metadata={"help": "inner passes over A (K) before each pass of outer steps; "
+                                                          "a pass is ceil(|A| / batch) optimiser steps"})
     lambda_e: float = field(default=0.1, metadata={"help": "weight of the forget loss"})
     adaptive: bool = field(default=False, metadata={"help": "adaptive lambda_e = max(eta - cos, 0)"})
     eta: float = field(default=0.1, metadata={"help": "eta of the adaptive weight"})
 
     name = "erasediff"
-    summary = "bilevel: inner passes fit A to uniform noise, outer step keeps X \\ A (Wu et al. 2024)"
+    summary = "bilevel: inner passes fit A to uniform noise, outer steps keep X \\ A (Wu et al. 2024)"
 
     def __post_init__(self):
+        self._phi, self._left = 0.0, 0  # the inner problem's value, outer steps left in the current pass
         if self.inner_steps < 0:
             raise UserError(f"inner_steps must be >= 0, got {self.inner_steps}")
         if self.lambda_e < 0:
@@ -60,30 +66,42 @@ class EraseDiff(Method):
     def combine(self, grads):
         gr, gf = grads["r"], grads["f"]
         dot = sum((a.double() * b.double()).sum() for a, b in zip(gr, gf))
-        cos = float(dot / (global_norm(gr) * global_norm(gf)).clamp_min(1e-30))
+        cos = float(dot / (global_norm(gr) * global_norm(gf) + 1e-8))  # the released code's guard
         lam = max(self.eta - cos, 0.0)
         return [a + lam * b for a, b in zip(gr, gf)], {"lambda_e": lam, "cos_rf": cos}
 
+    def state_dict(self) -> dict:
+        return {"phi": self._phi, "left": self._left}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._phi, self._left = float(state.get("phi", 0.0)), int(state.get("left", 0))
+
     def before_step(self, ctx):
-        """The inner problem: ``inner_steps`` optimiser steps on ``L_f``, then the weights are restored."""
+        """At the start of each pass of outer steps, the inner problem: ``inner_steps`` passes over A, one unclipped
+        optimiser step per batch, then the weights are restored; ``phi`` is the last pass's mean loss."""
         if self.inner_steps == 0:
             return {}
+        if self._left > 0:
+            self._left -= 1
+            return {"phi": self._phi}
+        per_pass = -(-len(ctx.forget) // ctx.batch_size)
         params = [p for p in ctx.unet.parameters() if p.requires_grad]
         saved = [p.detach().clone() for p in params]
-        phi = 0.0
         for _ in range(self.inner_steps):
-            batch = ctx.draw(ctx.batch_size, parts=("a",)).to(ctx.device)  # only A's images are used
-            with ctx.autocast():
-                loss = _uniform_forget_loss(ctx.unet, batch, ctx, batch.extra["u"]).mean()
-            ctx.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            ctx.optimizer.step()
-            phi += float(loss.detach()) / self.inner_steps
+            phi = 0.0
+            for _ in range(per_pass):
+                batch = ctx.draw(ctx.batch_size, parts=("a",)).to(ctx.device)  # only A's images are used
+                with ctx.autocast():
+                    loss = _uniform_forget_loss(ctx.unet, batch, ctx, batch.extra["u"]).mean()
+                ctx.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                ctx.optimizer.step()
+                phi += float(loss.detach()) / per_pass
         with torch.no_grad():
             for p, s in zip(params, saved):
                 p.copy_(s)
         ctx.optimizer.zero_grad(set_to_none=True)
+        self._phi, self._left = phi, per_pass - 1
         return {"phi": phi}
 
 
