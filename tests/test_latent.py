@@ -60,9 +60,14 @@ def test_load_unlearn_save_reload_sample(latent_dir, tmp_path, capsys):
     assert model.sample_shape == (channels, LATENT, LATENT) and model.image_shape == (3, IMAGE, IMAGE)
 
     out = tmp_path / "run"
+    verify = ["--verify", "off"] if kind == "vqvae" else []  # the run's verification once (it costs ~10 s)
     rc = main(["unlearn", "--model", str(d), "--data", str(tmp_path / "x.npy"), "--forget", "0,1", "--method", "siss",
-               "--steps", "2", "--batch-size", "4", "--out", str(out)])
+               "--steps", "2", "--batch-size", "4", "--out", str(out), *verify])
     assert rc == 0, capsys.readouterr().err
+    if not verify:  # a latent model's run is verified like a pixel model's
+        verification = json.loads((out / "verification.json").read_text())
+        assert verification["status"] == "ok" and "latent" in verification["spaces"]["loss"]
+        assert (out / "report.html").is_file()
     new = load_model(out / "model")
     assert new.codec is not None and new.codec.kind == kind
     assert snapshot(out / "model" / kind) == snapshot(d / kind)  # the autoencoder copied byte for byte
@@ -136,3 +141,57 @@ def test_sequential_requests_refuse_latent_models(latent_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "latent models" in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["vqvae", "vae"])
+def test_verify_takes_latent_measures_in_latent_space_and_compares_decoded_pixels(kind):
+    """A latent model is verified like a pixel model: its denoising loss (and NLL) is measured on the images'
+    latents, the space it was trained in, so the recorded losses equal ``denoising_losses`` of the encoded images;
+    the similarity noises and denoises the latent and compares the decoded result with the image, so at t = 0 it is
+    the similarity of the autoencoder's reconstruction; samples are decoded before they are compared with A. The
+    result names each measure's space."""
+    import dataclasses
+
+    from diffunlearn.metrics.membership import denoising_losses
+    from diffunlearn.metrics.similarity import PixelCosine
+    from diffunlearn.verification import verify
+    from diffunlearn.verification.measures import BUDGETS
+
+    before = _latent_model(kind)
+    after = _latent_model(kind)
+    with torch.no_grad():
+        for p in after.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    images = torch.rand((12, 3, IMAGE, IMAGE), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    budget = dataclasses.replace(BUDGETS["fast"], name="test", search_seeds=8, samples=380, sample_steps=2,
+                                 similarity_steps=2, nll_items=1, nll_reference=2, nll_tol=0.1)
+    r = verify(after, images, [0, 1], before=before, budget=budget, similarity_t=0, max_copy_rate=0.01)
+    assert r["status"] == "ok" and r["spaces"]["loss"].startswith(f"latent space of the model's {kind}")
+    assert r["spaces"]["generation"].startswith("pixel space") and "latent" in r["definitions"]["nll"]
+    ref = r["reference"]["indices"]
+    want = denoising_losses(after, after.encode(images[[0, 1] + ref]), budget.loss_draws, seed=0)
+    got = torch.tensor(r["measures"]["after"]["loss_a"] + r["measures"]["after"]["loss_ref"])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    recon = after.decode(after.encode(images[:2]))
+    torch.testing.assert_close(torch.tensor(r["measures"]["after"]["similarity_a"]),
+                               PixelCosine()(images[:2], recon), rtol=1e-5, atol=1e-5)
+    assert len(r["measures"]["after"]["nll_a"]) == 1
+
+
+def test_verify_refuses_models_of_other_autoencoders(latent_dir, tmp_path, capsys):
+    """Losses in two latent spaces (or one latent and one pixel space) are not comparable: verifying against a
+    model with another autoencoder, or none, is one line and writes nothing."""
+    kind, d = latent_dir
+    from conftest import tiny_model
+
+    pixel = save_model(tiny_model(size=IMAGE, channels=3), tmp_path / "pixel")
+    model = _latent_model(kind)
+    with torch.no_grad():
+        next(model.codec.module.parameters()).add_(0.1)
+    other_codec = save_model(model, tmp_path / "other-codec")
+    for before in (pixel, other_codec):
+        rc = main(["verify", "--model", str(d), "--before", str(before), "--data", str(tmp_path / "x.npy"),
+                   "--forget", "0", "--out", str(tmp_path / "v")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "do not share one autoencoder" in err[0], err
+        assert not (tmp_path / "v").exists()

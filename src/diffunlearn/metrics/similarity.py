@@ -122,7 +122,9 @@ def _generators(images: torch.Tensor, seed: int) -> list[torch.Generator]:
 def noise_and_denoise(model: DiffusionModel, images: torch.Tensor, t: int = SIMILARITY_T, seed: int = 0,
                       batch_size: int = 64, steps: int | None = None,
                       labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Noise each model-space image ``t`` steps forward (seeded), denoise it with ancestral DDPM; (N, C, H, W).
+    """Noise each image ``t`` steps forward (seeded), denoise it with ancestral DDPM; (N, C, H, W) images in
+    [-1, 1]. A latent model noises and denoises the image's latent and returns the decoded result (at ``t = 0`` the
+    autoencoder's reconstruction).
 
     ``steps``: ancestral steps back to 0 on evenly spaced timesteps (strided DDPM, like sampling with fewer steps);
     ``None`` (the protocol) takes every one of the ``t`` steps. ``labels``: each image's class, for a
@@ -133,11 +135,11 @@ def noise_and_denoise(model: DiffusionModel, images: torch.Tensor, t: int = SIMI
         raise UserError(f"the noise-and-denoise step t must lie in [0, {T}], got {t}")
     if images.ndim != 4:
         raise UserError(f"images must have shape (N, C, H, W), got {tuple(images.shape)}")
-    model.check_data(tuple(images.shape[1:]), "similarity")
+    model.check_images(tuple(images.shape[1:]), "similarity")
     if steps is not None and int(steps) < 1:
         raise UserError(f"the noise-and-denoise needs at least one step, got {steps}")
     if int(t) == 0:
-        return images.float().clone()
+        return images.float().clone() if model.codec is None else model.decode(model.encode(images.float()))
     sched = copy.deepcopy(model.scheduler)
     if steps is None or int(steps) >= int(t):
         sched.set_timesteps(T)  # every training timestep: the previous step of s is s - 1
@@ -152,15 +154,16 @@ def noise_and_denoise(model: DiffusionModel, images: torch.Tensor, t: int = SIMI
     out = []
     try:
         for b0 in range(0, len(images), batch_size):
-            x0 = images[b0:b0 + batch_size].float()
+            pixels = images[b0:b0 + batch_size].float()
+            x0 = model.encode(pixels)  # a latent model noises and denoises the image's latent, then decodes it
             y = None if labels is None else labels[b0:b0 + batch_size].to(device)
-            gens = _generators(x0, seed)
+            gens = _generators(pixels, seed)
             start = torch.full((len(x0),), int(t) - 1, dtype=torch.long)
             x = sched.add_noise(x0, initial_noise(tuple(x0.shape[1:]), gens), start).to(device)
             for s in path:
                 eps = predict_noise(unet, x, torch.full((len(x),), s, dtype=torch.long, device=device), y)
                 x = sched.step(eps, s, x, generator=gens).prev_sample
-            out.append(x.clamp(-1, 1).cpu())
+            out.append(model.decode(x).cpu())
     finally:
         unet.train(was_training)
     return torch.cat(out) if out else torch.empty((0, *images.shape[1:]))

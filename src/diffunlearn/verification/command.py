@@ -155,9 +155,6 @@ def verify_run(run_dir: str | Path, before, after, data, forget_idx, budget: str
     started = time.time()
     if result is not None:  # already verified (unlearn --until removed confirmed this very model)
         pass
-    elif after.codec is not None:
-        result = failure("skipped", "latent models (vqvae/ or vae/) are not verified yet: the measures work in pixel "
-                                    "space", started)
     else:
         try:
             result = verify(after, data, forget_idx, before=before, held_out=held_out, budget=budget, sscd=sscd,

@@ -13,7 +13,7 @@ from ..data import ImageSet, content_hash
 from ..errors import UserError
 from ..metrics.similarity import SIMILARITY_T
 from ..models import DiffusionModel
-from .measures import BUDGETS, Budget, Measured, Subjects, get_budget, measure_model
+from .measures import BUDGETS, Budget, Measured, Subjects, get_budget, measure_model, measure_spaces
 from .verdicts import (MAX_COPY_RATE, NEAR_COPY_FRACTION, REMOVED, copy_hits, forget_verdict, generation_verdict,
                        near_copy_thresholds, overall, quality_verdict, samples_for_rate, span)
 
@@ -21,18 +21,20 @@ ROLES = ("before", "after", "retrained")
 
 
 def check_models(models: dict[str, DiffusionModel], shape: tuple[int, ...]) -> None:
-    """Every model takes images of ``shape`` in pixel space and uses the same noise schedule."""
+    """Every model takes images of ``shape``, uses the same noise schedule and, for latent models, the same
+    autoencoder (a loss or NLL in one latent space says nothing about another)."""
     words = {"before": "the model before (--before)", "after": "the model (--model)",
              "retrained": "the retrained reference (--reference)"}
     for role, m in models.items():
-        if m.codec is not None:
-            raise UserError(f"{words[role]} is a latent model (vqvae/ or vae/): verification measures pixel-space "
-                            "models only")
-        if tuple(m.sample_shape) != tuple(shape):
-            raise UserError(f"{words[role]} takes images of shape {tuple(m.sample_shape)} (C, H, W) but the data "
+        if tuple(m.image_shape) != tuple(shape):
+            raise UserError(f"{words[role]} takes images of shape {tuple(m.image_shape)} (C, H, W) but the data "
                             f"are {tuple(shape)}: every model must take the data's images")
     after = models["after"]
     for role, m in models.items():
+        if _codec_identity(m) != _codec_identity(after):
+            raise UserError(f"{words[role]} and {words['after']} do not share one autoencoder (one is a latent model "
+                            "and the other not, or their vqvae/ or vae/ weights differ): their losses would be "
+                            "measured in different spaces; verify against models with the model's own autoencoder")
         if m.conditional != after.conditional or (m.conditional and m.classes != after.classes):
             raise UserError(f"{words[role]} and {words['after']} do not have the same classes: one is class-"
                             "conditional and the other not, or their class names differ")
@@ -40,6 +42,12 @@ def check_models(models: dict[str, DiffusionModel], shape: tuple[int, ...]) -> N
                 m.alphas_cumprod(), after.alphas_cumprod()):
             raise UserError(f"{words[role]} uses another noise schedule than {words['after']}: the measures would "
                             "not be comparable")
+
+
+def _codec_identity(m: DiffusionModel) -> tuple | None:
+    from ..safeload import state_hash
+
+    return None if m.codec is None else (m.codec.kind, tuple(m.sample_shape), state_hash(m.codec.module))
 
 
 def choose_reference(data: ImageSet, forget_idx: list[int], n: int, seed: int, held_out: torch.Tensor | None = None,
@@ -190,7 +198,7 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
     models = {k: m for k, m in (("before", before), ("after", after), ("retrained", retrained)) if m is not None}
     check_models(models, data.shape)
     if held_out is not None:
-        after.check_data(tuple(held_out.shape[1:]), "held-out")
+        after.check_images(tuple(held_out.shape[1:]), "held-out")
     if not 0 <= int(similarity_t) <= after.num_train_timesteps:
         raise UserError(f"the similarity step must lie in [0, {after.num_train_timesteps}], got {similarity_t}")
     if len(idx) >= len(data) and held_out is None and data.held_out is None:
@@ -411,6 +419,7 @@ def _assemble(measured: dict[str, Measured], s: Subjects, counts: dict, ref_info
 
     gi = gen["images"]
     targeted = gi.get("targeted")
+    spaces = measure_spaces(models["after"])
     fresh0 = gen["verdict"]["fresh"]["first_seed"]
     return {
         "format": "diffunlearn-verification/2",
@@ -427,19 +436,22 @@ def _assemble(measured: dict[str, Measured], s: Subjects, counts: dict, ref_info
         "definitions": {
             "similarity": f"{backend} similarity of each image to its noise-and-denoise result: noised to step t = "
                           f"{similarity_t} with noise seeded by the image (seed {seed}), denoised by ancestral DDPM on "
-                          f"{b.similarity_name} back to 0",
-            "loss": f"per-image DDPM loss ||eps - eps_theta(x_t, t)||^2 (summed over pixels) averaged over "
+                          f"{b.similarity_name} back to 0; in {spaces['similarity']}",
+            "loss": f"per-image DDPM loss ||eps - eps_theta(x_t, t)||^2 (summed over "
+                    f"{'pixels' if models['after'].codec is None else 'latent dimensions'}) averaged over "
                     f"{b.loss_draws} (t, eps) pairs, t uniform on all timesteps, the same pairs for every image and "
                     "model; membership AUC = the rank of A's loss among the reference images' (lower loss looks "
-                    "like training data)",
-            "nll": (b.nll_name + "; the Monte Carlo error is the standard error over the probes") if b.nll_items
+                    f"like training data); in {spaces['loss']}",
+            "nll": (b.nll_name + f"; the Monte Carlo error is the standard error over the probes; in {spaces['nll']}")
+            if b.nll_items
             else "not measured at this budget (--budget full measures it)",
             "generation": f"samples by {b.sampler} on {b.sample_steps} steps, sample i seeded by (seed {seed}, i); "
                           f"targeted: seeds 0-{b.search_seeds - 1} searched under the model before, those that drew a "
                           f"near-copy drawn again under the unlearned model; fresh: seeds {fresh0}-"
                           f"{fresh0 + b.samples - 1}; a near-copy lies within "
-                          f"{gen['verdict']['threshold']['words']}",
+                          f"{gen['verdict']['threshold']['words']}; in {spaces['generation']}",
         },
+        "spaces": spaces,
         "measures": per_model,
         "verdicts": forget,
         "quality": quality,

@@ -55,8 +55,6 @@ class UntilRemoved:
         from .core import _as_imageset, _other_images, build_subjects, check_budget, targeted_seeds
         from .measures import measure_model
 
-        if before.codec is not None:
-            raise UserError("--until removed verifies pixel-space models only: this model is a latent model")
         self.before, self.data = before, _as_imageset(data)
         self.idx, self.every, self.seed = list(forget_idx), int(check_every), int(seed)
         self.budget = check_budget(budget, max_copy_rate)

@@ -178,6 +178,18 @@ class Measured:
 PARTS = ("similarity", "loss", "nll")
 
 
+def measure_spaces(model: DiffusionModel) -> dict[str, str]:
+    """Where each measure is taken: a latent model's loss and NLL are in its latent space (the space it was trained
+    in), its similarity and generated samples are compared in pixel space after decoding."""
+    if model.codec is None:
+        return {"loss": "pixel space", "nll": "pixel space (bits per pixel dimension)", "similarity": "pixel space",
+                "generation": "pixel space"}
+    latent = f"latent space of the model's {model.codec.kind} ({'x'.join(map(str, model.sample_shape))} latents)"
+    return {"loss": latent, "nll": f"{latent}, bits per latent dimension",
+            "similarity": "pixel space: the latent is noised and denoised, then decoded",
+            "generation": "pixel space: samples decoded by the autoencoder"}
+
+
 def measure_model(model: DiffusionModel, s: Subjects, backend, similarity_t: int, seed: int = 0,
                   parts: tuple[str, ...] = PARTS, log=None) -> Measured:
     """Every measure in ``parts`` of ``model`` on ``s`` (see the module docstring)."""
@@ -198,13 +210,14 @@ def measure_model(model: DiffusionModel, s: Subjects, backend, similarity_t: int
         out.seconds["similarity"] = time.time() - t0
     if "loss" in parts:
         t0 = time.time()
-        losses = denoising_losses(model, torch.cat([s.forget, s.reference]), b.loss_draws, seed=seed,
+        # a latent model's loss is its training loss: on the images' latents
+        losses = denoising_losses(model, model.encode(torch.cat([s.forget, s.reference])), b.loss_draws, seed=seed,
                                   labels=s.labels(len(s.forget), len(s.reference)))
         out.values["loss_a"], out.values["loss_ref"] = losses[:len(s.forget)], losses[len(s.forget):]
         out.seconds["loss"] = time.time() - t0
     if "nll" in parts and n["nll_items"]:
         t0 = time.time()
-        images = torch.cat([s.forget[:n["nll_items"]], s.reference[:n["nll_reference"]]])
+        images = model.encode(torch.cat([s.forget[:n["nll_items"]], s.reference[:n["nll_reference"]]]))
         r = nll_bits_per_dim(model, images, b.nll_probes, b.nll_tol, b.nll_tol, seed=seed,
                              batch_size=len(images) * b.nll_probes, labels=s.labels(n["nll_items"], n["nll_reference"]))
         k = n["nll_items"]
