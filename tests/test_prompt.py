@@ -237,6 +237,9 @@ def test_whole_path_build_unlearn_save_reload_score_detect(sd_dir, tmp_path, cap
     reloaded = load_sd(run)  # a run directory resolves to its model/
     assert state_hash(reloaded.unet) == summary["model_out"]["sha256"] != summary["model_in"]["sha256"]
 
+    v = json.loads((run / "verification.json").read_text())  # the deletion verified by default (fast budget)
+    assert v["kind"] == "prompt" and v["status"] == "ok" and v["budget"]["fresh"] == 400
+    assert summary["verification"]["overall"] == v["overall"]["status"] and (run / "report.html").is_file()
     rc, out, err = _run(capsys, "prompt", "score", "--model", run, "--data", data, "--samples", "2",
                         "--sample-steps", "2", "--out", tmp_path / "score.json")
     assert rc == 0, err
@@ -337,3 +340,61 @@ def test_quality_proxy_and_clip_iqa(tmp_path):
         want = iqa.model(pixel_values=pixels, **ids).logits_per_image.softmax(-1)[:, 0]
     np.testing.assert_allclose(scores, want.double().numpy(), rtol=1e-5, atol=1e-6)
     assert "CLIP-IQA" in iqa.name and iqa.check.holds(0.35, 0.9) and not iqa.check.holds(0.34, 0.9)
+
+
+def _memorised_at_seed_0(sd):
+    """A rule under which ``sd``'s own UNet draws the memorised image at seed 0 and nowhere else: the reference is
+    its seed-0 sample of PROMPT, the threshold far below the distance between two different samples."""
+    from diffunlearn.sd.memorisation import MemorisationRule
+
+    ref = sd.sample(sd.encode_prompt(PROMPT), 1, 0, 2, 7.5, indices=[0])[0]
+    return MemorisationRule(ref, 1e-4, "reference")
+
+
+def test_prompt_verification_certifies_only_a_deletion_that_acts(sd):
+    """The verdicts of a prompt deletion: a model that did not change still draws the image at its targeted seed,
+    so the deletion is "not removed", never certified; a model whose seed-0 sample moved away, with no memorised
+    sample among the fresh ones and a bound below the target rate, is "removed"; the rates carry exact Clopper-Pearson
+    intervals; reworded prompts the model before never drew the image from show no signal; a budget whose fresh
+    samples cannot reach the target rate is refused."""
+    import copy
+
+    from diffunlearn.metrics.rates import binomial_ci
+    from diffunlearn.sd.proof import PromptBudget, verify_prompt
+
+    rule = _memorised_at_seed_0(sd)
+    budget = PromptBudget("test", fresh=40, search_seeds=4, per_variant=2, detect_seeds=1)
+    kw = dict(budget=budget, guidance=7.5, sample_steps=2, seed=0, batch_size=8, max_rate=0.1)
+    same = verify_prompt(sd, copy.deepcopy(sd.unet), PROMPT, rule, **kw)
+    targeted = same["verdicts"][0]
+    assert targeted["hits_before"] == 1 and targeted["seeds_still"] == [0]
+    assert same["overall"]["status"] == "not removed"
+    moved_unet = copy.deepcopy(sd.unet)
+    with torch.no_grad():
+        for p in moved_unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    moved = verify_prompt(sd, moved_unet, PROMPT, rule, **kw)
+    targeted, fresh, *variants = moved["verdicts"]
+    assert targeted["status"] == "removed" and fresh["count"] == 0 and fresh["n"] == 40
+    assert fresh["ci95"][1] == pytest.approx(binomial_ci(0, 40)[1], abs=1e-6) and fresh["ci95"][1] <= 0.1
+    assert {v["status"] for v in variants} == {"no signal"} and len(variants) == 5  # 3 token edits, 2 scales
+    assert moved["overall"]["status"] == "removed"
+    assert moved["images"]["targeted"]["seeds"] == [0]
+    with pytest.raises(UserError, match="cannot bound the memorised rate"):
+        verify_prompt(sd, moved_unet, PROMPT, rule, **{**kw, "max_rate": 0.01})
+
+
+def test_prompt_unlearn_refuses_a_paraphrase_longer_than_the_text_encoder_takes(sd_dir, tmp_path, capsys):
+    data = tmp_path / "data"
+    assert _run(capsys, "prompt", "build", "--model", sd_dir, "--prompt", PROMPT, "--out", data, "--n", "6",
+                "--sample-steps", "2", "--batch-size", "6")[0] == 0
+    long = tmp_path / "paraphrases.txt"
+    long.write_text("the hippo\n" + " ".join(["hippo"] * 40) + "\n")
+    for extra in (["--paraphrases", long], ["--verify", "thorough"]):
+        rc, _, err = _run(capsys, "prompt", "unlearn", "--model", sd_dir, "--data", data, "--out", tmp_path / "run",
+                          "--steps", "1", *extra)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and ("tokens long" in lines[0] or "unknown verification budget" in
+                                                lines[0]), lines
+        assert not (tmp_path / "run").exists()
+

@@ -179,17 +179,19 @@ class StableDiffusion:
     @torch.no_grad()
     def sample(self, prompt_embeds: torch.Tensor, n: int, seed: int = 0, steps: int = 50, guidance: float = 7.5,
                start: int = 0, batch_size: int = 8, unet: torch.nn.Module | None = None,
-               uncond: torch.Tensor | None = None, decode: bool = True, progress: bool = False) -> torch.Tensor:
+               uncond: torch.Tensor | None = None, decode: bool = True, progress: bool = False,
+               indices=None) -> torch.Tensor:
         """DDIM sampling with classifier-free guidance; image ``i`` starts from the noise of generator ``(seed,
-        start + i)``, so it is the same whatever the batch size and before/after samples line up one to one. Returns
-        model-space images (n, 3, H, W) in [-1, 1], or latents with ``decode=False``."""
+        start + i)`` (with ``indices``, the images of those numbers alone), so it is the same whatever the batch size
+        and before/after samples line up one to one. Returns model-space images (n, 3, H, W) in [-1, 1], or latents
+        with ``decode=False``."""
         unet = self._conditional(unet).eval()
         dev = next(unet.parameters()).device  # the UNet being trained may sit elsewhere than the VAE
         uncond = self.encode_prompt("") if uncond is None else uncond
         cond, uncond = prompt_embeds.to(dev), uncond.to(dev)
         sched = self.ddim(steps)
         out = []
-        for gens in seeded_batches(n, batch_size, seed, start, progress):
+        for gens in seeded_batches(n, batch_size, seed, start, progress, indices):
             x = initial_noise(self.latent_shape, gens).to(dev) * sched.init_noise_sigma
             for t in sched.timesteps:
                 eps = guided_noise(unet, sched.scale_model_input(x, t), t, cond, uncond, guidance)

@@ -248,6 +248,12 @@ class PromptUnlearnConfig:
     log_every: int = field(default=1, metadata={"help": "print a progress line every N steps"})
     overwrite: bool = field(default=False, metadata={"help": "replace a previous run directory"})
     allow_pickle: bool = field(default=False, metadata={"help": "allow pickle weights: only for files you trust"})
+    verify: str = field(default="fast", metadata={"help": "verify the deletion after saving: fast (400 fresh samples, "
+                                                          "512 searched seeds, 64 per reworded prompt and guidance "
+                                                          "scale), full (2,048 / 2,048 / 256) or off; writes "
+                                                          "verification.json and report.html"})
+    paraphrases: str = field(default="", metadata={"help": "text file of reworded prompts (one per line) to verify "
+                                                           "beside the token edits generated from the prompt"})
     method: MethodSpec = field(default_factory=MethodSpec)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
         steps=35, lr=1e-5, batch_size=1, grad_accum=16, beta1=0.9, weight_decay=1e-2, gradient_checkpointing=True))
@@ -256,8 +262,12 @@ class PromptUnlearnConfig:
         return prompt_method(self.method)
 
     def validate(self) -> None:
+        from .proof import check_prompt_budget
+
         self.build_method()
         self.trainer.validate()
+        if self.verify != "off":
+            check_prompt_budget(self.verify)
 
 
 def prompt_method(spec: MethodSpec):
@@ -282,6 +292,10 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
     from .pipeline import load_sd
     from .quality import quality_measure
 
+    from .detect import read_prompts
+    from .proof import check_prompt_length
+
+    cfg.validate()
     method = cfg.build_method()
     if not cfg.model or not cfg.data or not cfg.out:
         raise UserError("pass --model (a Stable Diffusion directory), --data (a folder from `prompt build`) and --out")
@@ -306,6 +320,9 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
     sd = load_sd(cfg.model, cfg.allow_pickle, "cpu")
     check_outside_model(out, sd.source)
     sd.check_images(tuple(data.images.shape[1:]), f"images in {cfg.data}")
+    paraphrases = read_prompts(cfg.paraphrases) if cfg.paraphrases else []
+    for p in [prompt, *paraphrases]:
+        check_prompt_length(sd, p, "the prompt" if p == prompt else f"paraphrase {p!r} in {cfg.paraphrases}")
     ucfg.validate(int(sd.scheduler.config.num_train_timesteps))
     rule = (MemorisationRule(_load_reference(cfg.reference, sd), cfg.threshold or DEFAULT_THRESHOLD, "reference")
             if cfg.reference else data.rule)
@@ -318,7 +335,8 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
               "kept": len(kept), "forget": len(forget), "quality_measure": quality.check.describe(),
               "memorisation": rule.describe()}
     run = RunDir(out, config, cfg.overwrite)
-    return unlearn_prompt(sd, kept, forget, method, ucfg, counter, run, device, cfg.log_every)
+    proof = None if cfg.verify == "off" else {"budget": cfg.verify, "paraphrases": paraphrases}
+    return unlearn_prompt(sd, kept, forget, method, ucfg, counter, run, device, cfg.log_every, proof)
 
 
 def prompt_latents(sd, data, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,10 +352,12 @@ def prompt_latents(sd, data, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def unlearn_prompt(sd, kept: torch.Tensor, forget: torch.Tensor, method, trainer: TrainerConfig,
-                   counter: MemorisedCounter, run, device, log_every: int = 1) -> dict:
+                   counter: MemorisedCounter, run, device, log_every: int = 1, proof: dict | None = None) -> dict:
     """Unlearn ``forget`` (latents) from ``sd``'s UNet with the counter's first prompt held fixed, counting memorised
     samples before, during (the counter's steps) and after; the new SD directory goes to ``run.model_dir`` and the
-    summary (the paper's success per prompt) to ``run``. ``sd`` is not modified."""
+    summary (the paper's success per prompt) to ``run``. ``proof`` (``{"budget", "paraphrases"}``): then verify the
+    deletion (:func:`diffunlearn.sd.proof.verify_prompt`) into ``verification.json`` and ``report.html``. ``sd`` is
+    not modified."""
     from ..models import state_hash
     from ..runs import step_printer
     from ..sampling import save_grid
@@ -361,7 +381,13 @@ def unlearn_prompt(sd, kept: torch.Tensor, forget: torch.Tensor, method, trainer
                "memorisation": counter.rule.describe(), "success": report, "curve": counter.curves,
                "model_in": {"dir": sd.source, "sha256": hash_before},
                "model_out": {"dir": str(run.model_dir), "sha256": state_hash(new.unet.unet)}}
+    if proof is not None:
+        summary["verification"] = _prove(sd, new.unet.unet, counter, run.path, proof)
     run.finish(summary)
+    if proof is not None:
+        from ..verification.report import write_report
+
+        write_report(run.path)
     print(f"success = 0 of {counter.n} memorised at the end and, at every count, {quality.check.describe()}")
     for k, r in report.items():
         print(f"{k}: memorised {r['memorised_before']} -> {r['memorised_after']} of {r['of']}; quality "
@@ -369,6 +395,34 @@ def unlearn_prompt(sd, kept: torch.Tensor, forget: torch.Tensor, method, trainer
               f"{'success' if r['success'] else 'not a success'}")
     print(f"saved {run.model_dir}")
     return summary
+
+
+def _prove(sd, unet, counter: MemorisedCounter, run_dir: Path, proof: dict) -> dict:
+    """Verify the saved model's deletion into ``verification.json``; a failure is recorded there, the model stays."""
+    from ..runs import write_json
+    from ..verification.report import VERIFICATION_NAME
+    from ..verification.core import failure
+    from .proof import prompt_summary_line, verify_prompt
+
+    started = time.time()
+    try:
+        v = verify_prompt(sd, unet, counter.prompts["prompt"], counter.rule, budget=proof["budget"],
+                          guidance=counter.guidance, sample_steps=counter.steps, seed=counter.seed,
+                          batch_size=counter.batch_size, paraphrases=proof["paraphrases"],
+                          log=lambda m: print(m, flush=True))
+        print(prompt_summary_line(v), flush=True)
+    except KeyboardInterrupt:
+        write_json(run_dir / VERIFICATION_NAME, failure("interrupted", "verification was interrupted (Ctrl-C)",
+                                                          started))
+        raise
+    except Exception as e:  # noqa: BLE001 - any failure is recorded; the saved model stays
+        v = failure("failed", f"{type(e).__name__}: {e}", started)
+        print(f"the unlearned model is saved, but its verification failed: {v['error']}", flush=True)
+    write_json(run_dir / VERIFICATION_NAME, v)
+    head = {"status": v["status"], "file": str(run_dir / VERIFICATION_NAME)}
+    if v["status"] == "ok":
+        head.update(overall=v["overall"]["status"], seconds=v["seconds_total"])
+    return head
 
 
 __all__ = ["PromptBuildConfig", "PromptUnlearnConfig", "PromptScoreConfig", "build_data", "prompt_latents",

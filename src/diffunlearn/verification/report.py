@@ -284,6 +284,37 @@ def _ledger(entries: list[dict] | None) -> str:
                       "model before → after"], rows))
 
 
+def _prompt_parts(v: dict) -> str:
+    """A prompt deletion's verdicts, and its samples before and after at the seeds that drew the image before."""
+    from ..images import decode_image, tiles
+
+    rows = []
+    for d in v["verdicts"]:
+        what = d["measure"] + (f": {_e(d['prompt'])} (guidance {d['guidance']:g})" if "prompt" in d else "")
+        rows.append([_e(what), _pill(d["status"]), _e(d["text"])])
+    det = v.get("detect") or {}
+    out = [f"<h2>The prompt</h2><p><code>{_e(v['prompt'])}</code>, guidance {v['guidance']:g}, "
+           f"{v['sample_steps']} DDIM steps; memorised = {_e(v['memorisation']['rule'])} "
+           f"(threshold {v['memorisation']['threshold']:g}).</p>",
+           "<h2>Verdicts</h2>" + _table(["measure", "verdict", "counts"], rows, raw=True)]
+    if det:
+        out.append(f"<p class='note'>Detection score ({det['seeds']} starting noises): {_e(det['text'])}.</p>")
+    out.append(f"<p class='note'>Quality: {_e(v['quality']['text'])}.</p>")
+    t = v["images"]["targeted"]
+    if t["seeds"]:
+        pics = [decode_image(x) for x in t["before"]] + [decode_image(x) for x in t["after"]]
+        labels = [f"seed {s} before" for s in t["seeds"]] + [f"seed {s} after" for s in t["seeds"]]
+        out.append("<h2>Targeted seeds: before (top) and after (bottom)</h2>"
+                   + _img(tiles(pics, labels, ncol=len(t["seeds"]), tile_side=128), "samples before and after"))
+    else:
+        out.append("<p class='note'>The model before drew the image at none of the searched seeds: no samples to "
+                   "show before and after.</p>")
+    b = v["budget"]
+    out.append(f"<p class='note'>Budget <b>{_e(b['name'])}</b>: {b['fresh']} fresh samples, {b['search_seeds']} "
+               f"searched seeds, {b['per_variant']} samples per reworded prompt and guidance scale.</p>")
+    return "".join(out)
+
+
 def _method_notes(v: dict) -> str:
     from .verdicts import MIN_REFERENCE, NEAR_COPY_FRACTION, QUALITY_SPREAD, TAIL_HIGH, TAIL_LOW
 
@@ -335,12 +366,14 @@ def render(run_dir: str | Path) -> str:
              "</p>",
              f"<div class='banner' style='background:{STATUS_COLOURS.get(status, '#6b6b6b')}'><b>{_e(status)}</b>"
              f"{_e(text)}</div>"]
-    if v and v.get("status") == "ok":
+    if v and v.get("status") == "ok" and v.get("kind") == "prompt":
+        parts += [_settings(config, summary, None), _prompt_parts(v)]
+    elif v and v.get("status") == "ok":
         parts += [_removed(v), _settings(config, summary, v), _verdict_table(v), _strips(v), _audit(v.get("audit"))]
     else:
         parts.append(_settings(config, summary, v))
     parts += [_curves(log), _ledger(ledger)]
-    if v and v.get("status") == "ok":
+    if v and v.get("status") == "ok" and v.get("kind") != "prompt":
         parts.append(_method_notes(v))
     parts.append("<p class='note'>Written by diffunlearn; this page loads nothing from the network.</p></body></html>")
     return "\n".join(p for p in parts if p)
