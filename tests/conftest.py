@@ -60,3 +60,59 @@ def snapshot(path) -> dict:
 
     root = Path(path)
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+#: tests that take 2 s or more on these machines (measured with ``pytest --durations=0`` at one thread, summed over a
+#: test's parameters), marked ``slow``: ``pytest -m "not slow"`` is the fast tier of a change's inner loop; CI and
+#: the README's command run everything. A new test that takes seconds belongs here.
+SLOW = {
+    "test_api.py::test_readme_api_example",
+    "test_bench_instance.py::test_bench_table_strip_reference_and_resume",
+    "test_bench_instance.py::test_retrain_row_uses_the_shipped_recipe",
+    "test_bench_scale.py::test_a_row_runs_in_a_child_process_with_units_flops_and_peak_memory",
+    "test_bench_scale.py::test_quick_mode_runs_every_row_end_to_end",
+    "test_bench_speed.py::test_bench_speed_times_every_method_against_the_plain_step",
+    "test_bench_speed.py::test_flops_per_step_follow_the_passes_each_method_takes",
+    "test_classcond.py::test_bench_class_unconditional_smoke_and_resume",
+    "test_classcond.py::test_class_conditional_round_trip_through_the_commands",
+    "test_classcond.py::test_class_protocol_measures_each_class_on_its_own_samples",
+    "test_classcond.py::test_every_method_conditions_on_each_rows_label",
+    "test_cli.py::test_a_new_method_is_one_class_and_one_registry_line",
+    "test_cli.py::test_unlearn_writes_a_complete_run_directory",
+    "test_distributed.py::test_two_processes_equal_one_at_the_same_global_batch",
+    "test_faults.py::test_a_failure_mid_run_keeps_the_last_good_step_and_resume_finishes_bitwise",
+    "test_faults.py::test_sigkill_at_random_steps_then_resume_gives_bitwise_the_same_model",
+    "test_golden.py::test_nll_reproduces_its_golden_number",
+    "test_golden.py::test_the_preset_command_reproduces_its_golden_numbers",
+    "test_golden.py::test_unlearning_runs_reproduce_their_golden_numbers",
+    "test_instance.py::test_a_run_killed_mid_request_leaves_whole_chained_lines",
+    "test_instance.py::test_tampered_or_truncated_ledger_fails_verification",
+    "test_instance.py::test_three_requests_write_a_chained_ledger_that_ends_at_the_saved_model",
+    "test_latent.py::test_load_unlearn_save_reload_sample",
+    "test_latent.py::test_verify_takes_latent_measures_in_latent_space_and_compares_decoded_pixels",
+    "test_methods.py::test_erasediff_step_equals_the_released_algorithm_written_out",
+    "test_methods.py::test_siss_terms_are_unbiased_for_naive_deletion_and_neggrad",
+    "test_metrics.py::test_nll_traced_network_and_shared_forward_give_the_eager_numbers",
+    "test_mnist_pipeline.py::test_bench_writes_table_plots_and_resumes",
+    "test_mnist_pipeline.py::test_curve_track_follows_the_base_models_tshirt_samples_to_the_final_count",
+    "test_mnist_pipeline.py::test_demo_runs_leaves_the_shipped_model_untouched_and_reuses_its_stored_evaluation_only_when_exact",
+    "test_mnist_pipeline.py::test_eval_writes_metrics_with_intervals",
+    "test_mnist_pipeline.py::test_look_rebuilds_a_cell_and_draws_exactly_the_samples_it_counted",
+    "test_prompt.py::test_prompt_verification_certifies_only_a_deletion_that_acts",
+    "test_prompt.py::test_whole_path_build_unlearn_save_reload_score_detect",
+    "test_report.py::test_report_is_self_contained_and_complete",
+    "test_report.py::test_sequential_requests_report_their_ledger_and_a_run_without_verification_still_renders",
+    "test_stream.py::test_each_step_decodes_exactly_the_rows_it_drew_and_matches_memory",
+    "test_toy.py::test_toy_bench_quick_end_to_end",
+    "test_until.py::test_until_removed_end_to_end_exits_3_when_not_removed",
+    "test_verify.py::test_each_fresh_block_draws_seeds_no_other_block_or_the_search_drew",
+    "test_verify.py::test_relearning_audit_reports_recovered_fractions",
+    "test_verify.py::test_unlearn_writes_verification_and_report",
+    "test_verify.py::test_verify_command_writes_json_and_report",
+    "test_verify.py::test_verify_on_tiny_models_measures_every_model_the_same_way",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if f"{item.path.name}::{item.originalname}" in SLOW:
+            item.add_marker(pytest.mark.slow)
