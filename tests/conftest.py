@@ -98,6 +98,7 @@ SLOW = {
     "test_mnist_pipeline.py::test_eval_writes_metrics_with_intervals",
     "test_mnist_pipeline.py::test_look_rebuilds_a_cell_and_draws_exactly_the_samples_it_counted",
     "test_prompt.py::test_prompt_verification_certifies_only_a_deletion_that_acts",
+    "test_prompt.py::test_verify_takes_a_prompt_deletion_of_a_stable_diffusion_model",
     "test_prompt.py::test_whole_path_build_unlearn_save_reload_score_detect",
     "test_report.py::test_report_is_self_contained_and_complete",
     "test_report.py::test_sequential_requests_report_their_ledger_and_a_run_without_verification_still_renders",

@@ -398,3 +398,21 @@ def test_prompt_unlearn_refuses_a_paraphrase_longer_than_the_text_encoder_takes(
                                                 lines[0]), lines
         assert not (tmp_path / "run").exists()
 
+
+def test_verify_takes_a_prompt_deletion_of_a_stable_diffusion_model(sd_dir, tmp_path, capsys):
+    """``diffunlearn verify --prompt`` judges a prompt deletion by the build folder's rule and writes the same
+    verification.json and report.html as ``prompt unlearn``; image-only options with --prompt, and prompt-only
+    options without it, are one line with nothing written."""
+    data = tmp_path / "data"
+    assert _run(capsys, "prompt", "build", "--model", sd_dir, "--prompt", PROMPT, "--out", data, "--n", "6",
+                "--sample-steps", "2", "--batch-size", "6")[0] == 0
+    base = ["verify", "--model", sd_dir, "--before", sd_dir, "--data", data, "--sample-steps", "2"]
+    rc, out, err = _run(capsys, *base, "--prompt", PROMPT, "--out", tmp_path / "v")
+    assert rc == 0, err
+    v = json.loads((tmp_path / "v" / "verification.json").read_text())
+    assert v["kind"] == "prompt" and v["prompt"] == PROMPT and (tmp_path / "v" / "report.html").is_file()
+    assert v["overall"]["status"] in ("no signal", "not removed")  # the model verified against itself never passes
+    for extra in (["--prompt", PROMPT, "--forget", "0"], ["--paraphrases", tmp_path / "p.txt"]):
+        rc, _, err = _run(capsys, *base, *extra, "--out", tmp_path / "bad")
+        assert rc == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists(), err
+

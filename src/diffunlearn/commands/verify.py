@@ -12,11 +12,27 @@ def run_report(run_dir: str, out: str | None = None) -> int:
     return 0
 
 
-def _verify_setup(p) -> None:
-    from ..config import config_command
+def run_any_verify(cfg):
+    """``verify``: a prompt deletion of a Stable Diffusion model with ``--prompt``, else a deletion of images."""
+    from ..errors import UserError
     from ..verification.command import VerifyConfig, run_verify
 
-    config_command(p, VerifyConfig, run_verify)
+    if cfg.prompt:
+        from ..sd.proof import run_prompt_verify
+
+        return run_prompt_verify(cfg)
+    default = VerifyConfig()
+    for name in ("paraphrases", "guidance", "sample_steps"):
+        if getattr(cfg, name) != getattr(default, name):
+            raise UserError(f"--{name.replace('_', '-')} applies to prompt verification: pass --prompt, or drop it")
+    return run_verify(cfg)
+
+
+def _verify_setup(p) -> None:
+    from ..config import config_command
+    from ..verification.command import VerifyConfig
+
+    config_command(p, VerifyConfig, run_any_verify)
 
 
 def _report_setup(p) -> None:

@@ -223,9 +223,64 @@ def verify_prompt(sd, unet_after, prompt: str, rule, *, budget: "str | PromptBud
                                     "after": [encode_image(x_after[pos[h]]) for h in show]}}}
 
 
+def run_prompt_verify(cfg) -> dict:
+    """``diffunlearn verify --prompt``: the prompt deletion from ``cfg.before`` to ``cfg.model`` (Stable Diffusion
+    directories), judged by the memorisation rule of the ``prompt build`` folder ``cfg.data``. Every input is checked
+    before anything is measured or written."""
+    from dataclasses import asdict
+
+    import yaml
+
+    from ..runs import atomic_dir, prepare_out_dir, write_json
+    from ..verification.report import REPORT_NAME, VERIFICATION_NAME, write_report
+    from .detect import read_prompts
+    from .memorisation import read_prompt_data
+    from .pipeline import load_sd
+
+    for name, what in (("model", "the unlearned Stable Diffusion directory"), ("before", "the model before the "
+                       "deletion (a prompt is verified against it)"), ("data", "the folder of `prompt build` whose "
+                       "rule says what is memorised"), ("out", "the directory to write")):
+        if not getattr(cfg, name):
+            raise UserError(f"pass --{name}: {what}")
+    if cfg.forget or cfg.reference or cfg.held_out or cfg.audit:
+        raise UserError("--forget, --reference, --held-out and --audit apply to image deletions, not to --prompt")
+    if cfg.sample_steps < 1 or not cfg.guidance >= 0:
+        raise UserError("--sample-steps must be >= 1 and --guidance >= 0")
+    b = check_prompt_budget(cfg.budget, cfg.max_copy_rate)
+    out = prepare_out_dir(cfg.out, cfg.overwrite)
+    data = read_prompt_data(cfg.data)
+    if data.rule is None:
+        raise UserError(f"{cfg.data} holds no memorisation rule (memorisation.json): rebuild it with `diffunlearn "
+                        "prompt build`")
+    before = load_sd(cfg.before, cfg.allow_pickle)
+    after = load_sd(cfg.model, cfg.allow_pickle)
+    if tuple(after.image_shape) != tuple(before.image_shape):
+        raise UserError(f"the model draws {tuple(after.image_shape)} images but the model before draws "
+                        f"{tuple(before.image_shape)}: verify a model against the one it was unlearned from")
+    before.check_images(tuple(data.rule.reference.shape), f"the memorised image of {cfg.data}")
+    paraphrases = read_prompts(cfg.paraphrases) if cfg.paraphrases else []
+    for p in [cfg.prompt, *paraphrases]:
+        check_prompt_length(before, p, "the prompt" if p == cfg.prompt else f"paraphrase {p!r}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    result = verify_prompt(before, after.unet, cfg.prompt, data.rule, budget=b, guidance=cfg.guidance,
+                           sample_steps=cfg.sample_steps, seed=cfg.seed, paraphrases=paraphrases,
+                           max_rate=cfg.max_copy_rate, log=print)
+
+    def write(folder):
+        (folder / "config.yaml").write_text(yaml.safe_dump({"command": "verify", **asdict(cfg)}, sort_keys=False))
+        write_json(folder / VERIFICATION_NAME, result)
+        write_report(folder)
+
+    atomic_dir(out, write)
+    print(prompt_summary_line(result))
+    print(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME}")
+    return result
+
+
 def prompt_summary_line(v: dict) -> str:
     return f"verification: {v['overall']['status']}. {v['overall']['text']}"
 
 
 __all__ = ["PROMPT_BUDGETS", "PromptBudget", "check_prompt_budget", "check_prompt_length", "prompt_summary_line",
-           "token_edits", "verify_prompt"]
+           "run_prompt_verify", "token_edits", "verify_prompt"]

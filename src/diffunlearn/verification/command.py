@@ -54,6 +54,13 @@ class VerifyConfig:
     threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
     overwrite: bool = field(default=False, metadata={"help": "replace a previous verification directory"})
     allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickle weights: trusted files only"})
+    prompt: str = field(default="", metadata={"help": "verify a Stable Diffusion prompt deletion instead: the prompt "
+                                                      "(--model and --before are SD directories, --data the folder "
+                                                      "of `prompt build` whose rule says what is memorised)"})
+    paraphrases: str = field(default="", metadata={"help": "with --prompt: text file of reworded prompts to verify "
+                                                           "beside the generated token edits"})
+    guidance: float = field(default=7.5, metadata={"help": "with --prompt: classifier-free guidance scale"})
+    sample_steps: int = field(default=50, metadata={"help": "with --prompt: DDIM sampling steps"})
 
 
 def audit_settings(spec: str, lr: float, batch_size: int, seed: int):
