@@ -68,6 +68,7 @@ SLOW = {
     "test_api.py::test_readme_api_example",
     "test_bench_instance.py::test_bench_table_strip_reference_and_resume",
     "test_bench_instance.py::test_retrain_row_uses_the_shipped_recipe",
+    "test_bench_prompt.py::test_bench_prompt_end_to_end_writes_table_json_and_plot",
     "test_bench_scale.py::test_a_row_runs_in_a_child_process_with_units_flops_and_peak_memory",
     "test_bench_scale.py::test_quick_mode_runs_every_row_end_to_end",
     "test_bench_speed.py::test_bench_speed_times_every_method_against_the_plain_step",

@@ -141,7 +141,7 @@ def test_bench_prompt_end_to_end_writes_table_json_and_plot(replica_dir, tmp_pat
     out = tmp_path / "bench"
     args = ["bench", "prompt", "--model", "prompt-digits", "--out", out, "--rows", "siss-lambda0.5,naive",
             "--seeds", "1", "--n", "8", "--steps", "2", "--eval-every", "1", "--eval-samples", "2",
-            "--batch-size", "4"]
+            "--batch-size", "4", "--sample-steps", "2"]
     rc, stdout, err = _run(capsys, *args)
     assert rc == 0, err
     res = json.loads((out / "results.json").read_text())
@@ -156,6 +156,10 @@ def test_bench_prompt_end_to_end_writes_table_json_and_plot(replica_dir, tmp_pat
     calib = json.loads((out / "scaling_norm.json").read_text())["siss-lambda0.5"]
     assert siss["scaling_norm"] == pytest.approx(0.1 * calib["grad_norm_x"]) and siss["lam"] == 0.5
     assert res["data"]["n"] == 8 and 0 < res["data"]["memorised"] < 8
+    for row in res["rows"].values():  # every run's model verified (fast budget), and the table says so
+        (v,) = row["verification"]
+        assert v["status"] == "ok" and v["fresh"]["n"] == 400 and v["variants"][0]["prompt"] == R.VARIANT
+    assert "fresh memorised after, pooled" in (out / "results.md").read_text()
     assert snapshot(replica_dir) == before
     rc, _, err = _run(capsys, *args)
     assert rc == 0 and json.loads((out / "results.json").read_text())["timings"]["cells_cached"] == 2

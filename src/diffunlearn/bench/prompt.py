@@ -69,6 +69,9 @@ class PromptBenchConfig:
     clip: str = field(default="", metadata={"help": "local CLIP directory: quality by CLIP-IQA (default: the "
                                                     "weight-free sharpness proxy)"})
     proxy_band: float = field(default=2.0, metadata={"help": "without CLIP: sharpness must stay within this factor"})
+    verify: str = field(default="fast", metadata={"help": "verify every run's deletion (fast, full or off): the "
+                                                          "memorised rate with its interval, the targeted seeds, the "
+                                                          "variant and token edits, higher guidance"})
 
 
 def _validate(cfg: PromptBenchConfig) -> None:
@@ -86,6 +89,10 @@ def _validate(cfg: PromptBenchConfig) -> None:
         raise UserError("--sample-steps must be >= 0 and --guidance a finite number >= 0")
     if not cfg.scaling_norm_fraction > 0 or not cfg.proxy_band > 1:
         raise UserError("--scaling-norm-fraction must be positive and --proxy-band > 1")
+    if cfg.verify != "off":
+        from ..sd.proof import check_prompt_budget
+
+        check_prompt_budget(cfg.verify)
 
 
 def _trainer(cfg: PromptBenchConfig, seed: int) -> TrainerConfig:
@@ -131,12 +138,34 @@ class _Session:
         run = RunDir(cell.dir, {"command": "bench prompt", "row": row.settings(), "seed": seed,
                                 "method": {"name": method.name, **method.hyperparameters()},
                                 "trainer": to_dict(trainer), "prompts": self.counter.prompts}, overwrite=True)
+        proof = None if self.cfg.verify == "off" else {"budget": self.cfg.verify, "paraphrases": [self.rep["variant"]]}
         s = unlearn_prompt(self.sd, self.kept, self.forget, method, trainer, self.counter, run, "cpu",
-                           log_every=max(1, trainer.steps))
+                           log_every=max(1, trainer.steps), proof=proof)
         return {"label": row.label, "seed": seed, "method": s["method"], "hyperparameters": s["hyperparameters"],
                 "scaling_norm_calibration": calib, "success": s["success"], "curve": s["curve"],
                 "quality_measure": s["quality_measure"], "quality_rule": s["quality_rule"],
+                "verification": _verification_of(cell.dir) if proof else None,
                 "seconds": round(time.time() - t0, 1)}
+
+
+def _verification_of(cell_dir: Path) -> dict | None:
+    """A cell's verification in brief: the overall verdict, the fresh rate, the targeted seeds, every reworded
+    prompt and guidance scale before and after, the detection score, the cost."""
+    path = Path(cell_dir) / "verification.json"
+    if not path.is_file():
+        return None
+    v = json.loads(path.read_text())
+    if v.get("status") != "ok":
+        return {"status": v.get("status"), "error": v.get("error")}
+    targeted, fresh, *variants = v["verdicts"]
+    return {"status": "ok", "overall": v["overall"]["status"], "fresh": {k: fresh[k] for k in ("count", "n", "ci95")},
+            "targeted": {k: targeted[k] for k in ("searched", "hits_before", "still_after")},
+            "variants": [{"measure": x["measure"], "prompt": x["prompt"], "guidance": x["guidance"],
+                          "before": x["before"]["count"], "after": x["after"]["count"], "n": x["after"]["n"],
+                          "status": x["status"]} for x in variants],
+            "detect": {"before": v["detect"]["before"][0], "after": v["detect"]["after"][0],
+                       "reworded_before": v["detect"]["before"][1:], "reworded_after": v["detect"]["after"][1:]},
+            "budget": v["budget"]["name"], "seconds": v["seconds_total"]}
 
 
 def _progress(r: dict) -> None:
@@ -227,6 +256,7 @@ def _summarise(cells: list[dict]) -> dict:
                               "quality_ratio_mean": [float(np.mean(r)) for r in ratio],
                               "quality_ratio_min": [float(np.min(r)) for r in ratio]}
     row["seconds"] = float(np.mean([c["seconds"] for c in cells]))
+    row["verification"] = [c.get("verification") for c in cells]
     return row
 
 
@@ -247,6 +277,7 @@ def markdown(summary: dict) -> str:
                      f"{', '.join(map(str, v['memorised_after']))} | {p['quality_before']:.3g} → "
                      f"{p['quality_after']:.3g} ({min(p['quality_min'], v['quality_min']):.3g}) | "
                      f"{r['seconds']:.0f} |")
+    lines += _verification_table(rows)
     any_cell = summary["cells"][0] if summary["cells"] else {}
     ref = d.get("reference_distance")
     which = "medoid of A" if d["labelled_by"] == "kmeans" else "given"
@@ -279,6 +310,47 @@ def markdown(summary: dict) -> str:
         f"Command: `{command_line('prompt', cfg, PromptBenchConfig)}`",
     ]
     return "\n".join(lines + notes) + "\n"
+
+
+def _verification_table(rows: dict) -> list[str]:
+    """Per method, the verification of every seed's model: the verdicts, the fresh memorised rate pooled over seeds
+    with its exact interval, the targeted seeds still drawing the image, each reworded prompt and guidance scale."""
+    from ..metrics.rates import binomial_ci
+
+    have = {label: [v for v in r.get("verification") or [] if v and v.get("status") == "ok"]
+            for label, r in rows.items()}
+    if not any(have.values()):
+        return []
+    out = ["", "Verification of each run's model (the memorised image, per seed; before → after in samples):", "",
+           "| method | verdicts | fresh memorised after, pooled (95% CI) | targeted seeds still drawing it | "
+           "reworded prompts after | higher guidance after | detection score before → after | verify s |",
+           "|---|---|---|---|---|---|---|---|"]
+    for label, vs in have.items():
+        if not vs:
+            continue
+        k, n = sum(v["fresh"]["count"] for v in vs), sum(v["fresh"]["n"] for v in vs)
+        lo, hi = binomial_ci(k, n)
+        verdicts = ", ".join(f"{sum(v['overall'] == s for v in vs)} {s}" for s in
+                             dict.fromkeys(v["overall"] for v in vs))
+        targeted = "; ".join(f"{v['targeted']['still_after']}/{v['targeted']['hits_before']}" for v in vs)
+
+        def variants(kind):
+            per = {}
+            for v in vs:
+                for x in v["variants"]:
+                    if x["measure"] == kind:
+                        key = x["prompt"] if kind == "reworded" else f"x{x['guidance']:g}"
+                        per.setdefault(key, [x["before"], []])[1].append(x["after"])
+            n_each = vs[0]["variants"][0]["n"] if vs[0]["variants"] else 0
+            return "; ".join(f"{key!r}: {b} → {', '.join(map(str, a))} of {n_each}" if kind == "reworded" else
+                             f"guidance {key[1:]}: {b} → {', '.join(map(str, a))} of {n_each}"
+                             for key, (b, a) in per.items()) or "—"
+        det = (f"{vs[0]['detect']['before']:.3g} → "
+               f"{', '.join(format(v['detect']['after'], '.3g') for v in vs)}")
+        out.append(f"| {label} | {verdicts} | {k}/{n} = {k / n:.2%} ({lo:.2%}–{hi:.2%}) | {targeted} | "
+                   f"{variants('reworded')} | {variants('guidance')} | {det} | "
+                   f"{np.mean([v['seconds'] for v in vs]):.0f} |")
+    return out
 
 
 def plot(summary: dict, path: Path) -> None:
