@@ -78,6 +78,7 @@ SLOW = {
     "test_classcond.py::test_class_protocol_measures_each_class_on_its_own_samples",
     "test_classcond.py::test_every_method_conditions_on_each_rows_label",
     "test_cli.py::test_a_new_method_is_one_class_and_one_registry_line",
+    "test_cli.py::test_scaling_norm_auto_is_the_papers_rule_measured_at_the_input_model",
     "test_cli.py::test_unlearn_writes_a_complete_run_directory",
     "test_distributed.py::test_two_processes_equal_one_at_the_same_global_batch",
     "test_faults.py::test_a_failure_mid_run_keeps_the_last_good_step_and_resume_finishes_bitwise",

@@ -132,3 +132,28 @@ def test_an_out_directory_inside_or_around_the_input_model_is_refused(capsys, mo
                       "--steps", "1", "--batch-size", "2", "--out", model_dir / "run", "--verify", "off")
     assert rc == 2 and "must not contain or be inside the model directory" in err
     assert snapshot(model_dir) == before
+
+
+def test_scaling_norm_auto_is_the_papers_rule_measured_at_the_input_model(model_dir, data_file, tmp_path, capsys):
+    """``--scaling-norm auto`` measures 10% of ||G_x|| at the input model on the run's own data (the paper's rule),
+    records the measurement, keeps ``auto`` in config.yaml (so --resume measures it again, identically), and trains
+    exactly as the run given that number by hand: the final weights are bitwise equal."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = ["unlearn", "--model", str(model_dir), "--data", str(data_file), "--forget", "0,1", "--steps", "2",
+            "--batch-size", "4", "--verify", "off"]
+    assert main(base + ["--scaling-norm", "auto", "--out", str(tmp_path / "auto")]) == 0
+    summary = json.loads((tmp_path / "auto" / "summary.json").read_text())
+    calib = summary["scaling_norm_calibration"]
+    assert calib["scaling_norm"] == pytest.approx(0.1 * calib["grad_norm_x"]) and calib["grad_norm_x"] > 0
+    assert summary["hyperparameters"]["scaling_norm"] == calib["scaling_norm"]
+    assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["method"]["scaling_norm"] == "auto"
+    assert main(base + ["--scaling-norm", repr(calib["scaling_norm"]), "--out", str(tmp_path / "hand")]) == 0
+    name = "model/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tmp_path / "auto" / name)), load_file(str(tmp_path / "hand" / name))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # only settings measured at the model take 'auto'
+        main(base + ["--lambda", "auto", "--out", str(tmp_path / "bad")])
+    assert e.value.code == 2 and "'auto'" in capsys.readouterr().err and not (tmp_path / "bad").exists()

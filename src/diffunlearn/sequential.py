@@ -33,6 +33,7 @@ from .errors import UserError
 from .ledger import LEDGER_NAME, Ledger, line_hash
 from .metrics.similarity import SIMILARITY_T
 from .models import DiffusionModel
+from .protocols.calibration import AUTO_FRACTION, calibrated
 from .trainer import TrainerConfig, unlearn
 
 QUALITY_IMAGES = 256
@@ -194,7 +195,7 @@ def run_sequential(cfg) -> dict:
 
     _check(cfg)
     seq, trainer = cfg.sequential, cfg.trainer
-    method = cfg.method.build()
+    method = cfg.method.build(allow_auto=True)  # an 'auto' setting is measured at each request's model
     trainer.validate()
     specs = read_requests(seq.requests)
     out = Path(cfg.out)
@@ -246,7 +247,12 @@ def run_sequential(cfg) -> dict:
                 print(f"  step {rec['step']}/{trainer.steps} {losses}", flush=True)
 
         t0 = time.time()
-        method = cfg.method.build()
+        spec, calibration = calibrated(model, kept, data.images[idx], cfg.method, trainer.batch_size, AUTO_FRACTION,
+                                       trainer.seed)
+        method = spec.build()
+        if calibration:
+            print(f"  scaling_norm auto = {calibration['scaling_norm']:.4g} ({AUTO_FRACTION:.0%} of ||G_x|| at this "
+                  "request's model)", flush=True)
         new = unlearn(model, kept, data.images[idx], method, trainer, log=log)
         seconds = time.time() - t0
         t1 = time.time()

@@ -63,7 +63,7 @@ class UnlearnConfig:
         from ..tracking import check_report_to
         from ..verification.command import check_options
 
-        self.method.build()
+        self.method.build(allow_auto=True)
         self.trainer.validate()
         self.sequential.validate()
         check_report_to(self.report_to)
@@ -106,7 +106,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         from ..sequential import run_sequential
 
         return run_sequential(cfg)
-    method, trainer = cfg.method.build(), cfg.trainer
+    method, trainer = cfg.method.build(allow_auto=True), cfg.trainer  # an 'auto' setting is measured below
     if not cfg.out:
         raise UserError("pass --out: the run directory to create")
     if not cfg.model:
@@ -135,6 +135,17 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     # a latent model's images are encoded here, once, into the on-disk cache; the trainer sees only latents
     kept, forget = split_images(model.encode(data.images, "data", cfg.cache_dir or None), forget_idx)
     hash_before = state_hash(model.unet)
+    calibration = None
+    if cfg.method.auto:  # --scaling-norm auto: the paper's rule measured at the input model on this run's data
+        from ..protocols.calibration import AUTO_FRACTION, calibrated
+
+        spec, calibration = calibrated(model, kept, forget, cfg.method, trainer.batch_size, AUTO_FRACTION,
+                                       trainer.seed, labels=labels)
+        method = spec.build()
+        if labels is not None:
+            method.check_labels(*labels)
+        print(f"scaling_norm auto = {calibration['scaling_norm']:.4g}: {AUTO_FRACTION:.0%} of ||G_x|| = "
+              f"{calibration['grad_norm_x']:.4g} measured at the input model", flush=True)
     check_space(out, space_needed(model, trainer))
     acc = accelerator(trainer.mixed_precision)
     acc.wait_for_everyone()  # every process has validated before anything is written
@@ -193,6 +204,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         if tracker is not None:
             tracker.finish()
     summary = {"command": "unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
+               **({"scaling_norm_calibration": calibration} if calibration else {}),
                "steps": trainer.steps, "kept": len(kept), "forget": len(forget_idx),
                "forget_names": [data.names[i] for i in forget_idx][:50],
                "forget_classes": class_counts(data, forget_idx),

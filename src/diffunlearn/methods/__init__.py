@@ -59,6 +59,18 @@ def make_method(name: str, **params) -> Method:
     return METHODS[name](**{k: v for k, v in params.items() if v is not None})
 
 
+#: a setting measured at the input model before the run (SISS's ``scaling_norm``)
+AUTO = "auto"
+
+
+def _or_auto(kind):
+    def parse(text: str):
+        return AUTO if text == AUTO else kind(text)
+
+    parse.__name__ = f"{kind.__name__} or 'auto'"
+    return parse
+
+
 @dataclass
 class MethodSpec:
     """The ``method:`` block of a config: a registered method's name and the hyperparameters set for it (the rest
@@ -69,12 +81,24 @@ class MethodSpec:
     name: str = "siss"
     params: dict = field(default_factory=dict)
 
-    def build(self) -> Method:
-        return make_method(self.name, **self.params)
+    @property
+    def auto(self) -> bool:
+        """Some setting is ``auto``: measured at the input model before the run (``--scaling-norm auto``)."""
+        return any(v == AUTO for v in self.params.values())
+
+    def build(self, allow_auto: bool = False) -> Method:
+        """The method. ``auto`` settings must have been measured first (:func:`diffunlearn.protocols.calibration.
+        calibrated`); ``allow_auto`` builds with a stand-in value, only to validate the other settings."""
+        if self.auto and not allow_auto:
+            raise UserError(f"{', '.join(k for k, v in self.params.items() if v == AUTO)} is 'auto': it is measured "
+                            "at the input model before the run; pass a number to use the method here")
+        return make_method(self.name, **{k: (1.0 if v == AUTO else v) for k, v in self.params.items()})
 
     def to_dict(self) -> dict:
-        """The block as it would be written in YAML, with every hyperparameter resolved (defaults included)."""
-        return {"name": self.name, **self.build().hyperparameters()}
+        """The block as it would be written in YAML, with every hyperparameter resolved (defaults included; an
+        ``auto`` setting stays ``auto``)."""
+        return {"name": self.name, **self.build(allow_auto=True).hyperparameters(),
+                **{k: v for k, v in self.params.items() if v == AUTO}}
 
     @staticmethod
     def add_arguments(parser) -> None:
@@ -89,7 +113,8 @@ class MethodSpec:
                     continue
                 seen[flag] = cls.name
                 users = [n for n, c in METHODS.items() if f.name in {g.name for g in dataclasses.fields(c)}]
-                add_flag(parser, flag, "method." + f.name, unwrap_optional(hints[f.name]),
+                kind = unwrap_optional(hints[f.name])
+                add_flag(parser, flag, "method." + f.name, _or_auto(kind) if f.metadata.get("auto") else kind,
                          f"{'/'.join(users)}: {f.metadata.get('help', f.name)}")
 
     @classmethod
@@ -113,14 +138,18 @@ class MethodSpec:
         for key in list(params):
             norm = _param_of(key)
             value = params.pop(key)
-            kind = unwrap_optional(hints[norm]) if norm in hints and value is not None else None
+            kind = unwrap_optional(hints[norm]) if norm in hints and value is not None and value != AUTO else None
             params[norm] = coerce(value, kind, flag_of(norm))  # YAML reads 1e-3 (no dot) as a string
         for f in {f.name for c in METHODS.values() for f in dataclasses.fields(c)}:
             v = getattr(args, "method." + f, None)
             if v is not None:
                 params[f] = v
         spec = cls(name, params)
-        spec.build()  # an unknown method or a setting it does not take fails before anything runs
+        fields = {f.name: f for f in dataclasses.fields(METHODS[name])} if name in METHODS else {}
+        for k, v in params.items():
+            if v == AUTO and not (k in fields and fields[k].metadata.get("auto")):
+                raise UserError(f"{flag_of(k)} takes a number, not 'auto'")
+        spec.build(allow_auto=True)  # an unknown method or a setting it does not take fails before anything runs
         return spec
 
 

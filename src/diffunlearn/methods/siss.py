@@ -27,7 +27,9 @@ class SubtractedGradients:
     backward pass (an approximation, measured in docs/performance.md).
     """
 
-    scaling_norm: float | None = field(default=5.0, metadata={"help": "norm the NegGrad gradient is fixed to"})
+    scaling_norm: float | None = field(default=5.0, metadata={
+        "help": "norm the NegGrad gradient is fixed to, or 'auto': 10%% of ||G_x|| measured at the input model on "
+                "this run's data (the paper's rule, per model)", "auto": True})
     superfactor: float | None = field(default=None, metadata={"help": "fixed NegGrad multiplier "
                                                                       "instead of norm-fixing"})
     norm_refresh: int = field(default=1, metadata={"help": "take both gradients every k-th step only, reusing ||G_a|| "

@@ -18,17 +18,22 @@ from ..models import DiffusionModel
 from ..trainer import RowSampler
 
 
+#: ``--scaling-norm auto``: this fraction of ||G_x|| (the paper's "about 10% of the logged ||G_x||")
+AUTO_FRACTION = 0.1
+
+
 def calibrate_scaling_norm(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, spec: MethodSpec,
-                           batch: int, fraction: float, seed: int, batches: int = 4) -> dict:
+                           batch: int, fraction: float, seed: int, batches: int = 4, labels=None) -> dict:
     """``fraction`` x ||G_x||: the gradient norm of the batch mean of the variant's own ``x`` term (sum-over-pixels
     loss, ``batch`` rows drawn as the trainer draws them, generator ``seed + 777``) averaged over ``batches`` batches
-    at ``model``, which is not modified. ``spec``'s ``auto`` settings do not enter the ``x`` term."""
+    at ``model``, which is not modified. ``spec``'s ``auto`` settings do not enter the ``x`` term. ``labels``:
+    (labels of ``kept``, labels of ``forget``) for a class-conditional model."""
     unet = copy.deepcopy(model.unet).train()
-    method = MethodSpec(spec.name, {k: (1.0 if v == "auto" else v) for k, v in spec.params.items()}).build()
+    method = spec.build(allow_auto=True)
     T = model.num_train_timesteps
-    sampler = RowSampler(kept, forget, method, 0, T - 1, seed + 777)
+    sampler = RowSampler(kept, forget, method, 0, T - 1, seed + 777, labels=labels)
     ctx = Context(model.alphas_cumprod(), kept, forget, 0, T - 1, torch.device("cpu"), sampler.generator, unet=unet,
-                  batch_size=batch, draw=sampler.draw)
+                  batch_size=batch, draw=sampler.draw, labels=labels)
     method.setup(ctx)
     params = [p for p in unet.parameters() if p.requires_grad]
     norms = []
@@ -41,12 +46,12 @@ def calibrate_scaling_norm(model: DiffusionModel, kept: torch.Tensor, forget: to
 
 
 def calibrated(model: DiffusionModel, kept: torch.Tensor, forget: torch.Tensor, spec: MethodSpec, batch: int,
-               fraction: float, seed: int, batches: int = 4) -> tuple[MethodSpec, dict | None]:
+               fraction: float, seed: int, batches: int = 4, labels=None) -> tuple[MethodSpec, dict | None]:
     """``spec`` with its ``auto`` settings replaced by the measured scaling_norm, and the measurement (None when
     nothing was ``auto``)."""
     if not any(v == "auto" for v in spec.params.values()):
         return spec, None
-    calib = calibrate_scaling_norm(model, kept, forget, spec, batch, fraction, seed, batches)
+    calib = calibrate_scaling_norm(model, kept, forget, spec, batch, fraction, seed, batches, labels)
     return with_scaling_norm(spec, calib["scaling_norm"]), calib
 
 
