@@ -286,17 +286,21 @@ def _step(step, unet, opt, params, method, cfg, acc, sampler, ctx, reduce, world
             sums[k] = sums.get(k, 0.0) + float(v) / cfg.grad_accum
         method.backward(terms.losses, params, grad_step)
     if not all(torch.isfinite(torch.tensor(v)) for k, v in sums.items() if k.startswith("loss_")):
-        raise UserError(f"the loss became NaN or Inf at step {step}: lower --lr or check the data")
+        raise Diverged(f"the loss became NaN or Inf at step {step}: lower --lr")
     record.update(method.finish(params, grad_step))
     if world > 1:
         sums = {k: float(acc.reduce(torch.tensor(v, device=acc.device), reduction="mean")) for k, v in sums.items()}
     total = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
     if not torch.isfinite(torch.tensor(total)):
-        raise UserError(f"the gradient became NaN or Inf at step {step}: lower --lr or check the data")
+        raise Diverged(f"the gradient became NaN or Inf at step {step}: lower --lr")
     opt.step()
     record.update(sums)
     record.update({"grad_norm": total, "lr": opt.param_groups[0]["lr"]})
     return record
+
+
+class Diverged(UserError):
+    """The loss or gradient turned NaN or Inf: the input was checked finite, so the learning rate is the cause."""
 
 
 def _failed(e, step, first, start, dirty, unet, opt, sampler, method, checkpoint) -> None:
@@ -319,14 +323,22 @@ def _failed(e, step, first, start, dirty, unet, opt, sampler, method, checkpoint
     kept = saved if saved is not None else checkpoint.last_step()
     if isinstance(e, KeyboardInterrupt):
         return
-    note = (f"the checkpoint of step {kept} is kept: fix the cause and rerun the same command with --resume to "
-            "continue from it" if kept else "nothing was trained yet (no checkpoint)")
+    if kept:
+        note = (f"the checkpoint of step {kept} is kept, but --resume would repeat the same steps: start again "
+                "with --overwrite" if isinstance(e, Diverged) else
+                f"the checkpoint of step {kept} is kept: fix the cause and rerun the same command with --resume to "
+                "continue from it")
+    elif step > 1:
+        note = (f"{step - 1} step(s) were trained but none could be kept (no checkpoint yet; --checkpoint-every N "
+                "writes one every N steps)")
+    else:
+        note = "nothing was trained yet"
     if isinstance(e, UserError):
         cause = str(e) if f"step {step}" in str(e) else f"{e} (at step {step})"
-        raise RunFailed(f"{cause}; {note}", e, kept) from e
+        raise RunFailed(f"{cause}; {note}", e, kept, step) from e
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-        raise RunFailed(f"disk full at step {step} while writing {e.filename or 'the run'}; {note} once space is free",
-                        e, kept) from e
+        raise RunFailed(f"disk full at step {step} while writing {e.filename or 'the run'}; {note}"
+                        + (" once space is free" if kept else ""), e, kept, step) from e
     trace = checkpoint.path.with_name("error.txt")
     try:
         trace.write_text("".join(traceback.format_exception(e)))
@@ -334,7 +346,7 @@ def _failed(e, step, first, start, dirty, unet, opt, sampler, method, checkpoint
     except OSError:
         where = ""
     first_line = _first_line(e)
-    raise RunFailed(f"step {step} failed: {type(e).__name__}: {first_line}; {note}{where}", e, kept) from e
+    raise RunFailed(f"step {step} failed: {type(e).__name__}: {first_line}; {note}{where}", e, kept, step) from e
 
 
 #: with ``checkpoint_every = -1``, a checkpoint is written when this many seconds have passed since the last one
@@ -382,6 +394,15 @@ class Checkpointer:
         except Exception as e:
             raise UserError(f"cannot read checkpoint {self.path} ({_first_line(e)}): start the "
                             "run again with --overwrite") from None
+
+    def holds_final(self) -> bool:
+        """The checkpoint holds finished weights (:meth:`save_final`): resuming only writes the model."""
+        if not self.exists():
+            return False
+        try:
+            return bool(torch.load(self.path, weights_only=True, mmap=True).get("final"))
+        except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported where it is restored
+            return False
 
     def save(self, step: int, unet, opt, generator: torch.Generator, method: Method) -> None:
         state = {"format": CHECKPOINT_FORMAT, "step": step,

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import RunFailed, UserError
 from ..methods import MethodSpec
 from ..sequential import SequentialConfig
 from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed, unlearn
@@ -82,7 +82,7 @@ class UnlearnConfig:
 
 
 #: settings that may differ when a run is resumed
-RESUME_IGNORES = ("resume", "overwrite", "check_data", "trainer.threads", "trainer.checkpoint_every",
+RESUME_IGNORES = ("resume", "overwrite", "check_data", "data_fingerprint", "trainer.threads", "trainer.checkpoint_every",
                   "trainer.data_workers", "log_every", "cache_dir", "report_to", "sample_every", "verify", "audit")
 
 
@@ -125,6 +125,9 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     if cfg.check_data:
         print(f"decoded {check_decodes(data.images)} image files: all usable", flush=True)
     forget_idx = resolve_forget(cfg.forget, data)
+    fingerprint = data_fingerprint(data, forget_idx)
+    if cfg.resume:
+        _check_same_data(out, fingerprint)
     check_outside_model(out, model.source)
     if model.codec is not None:
         check_outside(cache_dir(cfg.cache_dir or None), getattr(data.images, "root", None))
@@ -146,13 +149,16 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
             method.check_labels(*labels)
         print(f"scaling_norm auto = {calibration['scaling_norm']:.4g}: {AUTO_FRACTION:.0%} of ||G_x|| = "
               f"{calibration['grad_norm_x']:.4g} measured at the input model", flush=True)
-    check_space(out, space_needed(model, trainer))
+    needs = space_needed(model, trainer)
+    if cfg.resume and Checkpointer(out / "checkpoint.pt").holds_final():
+        needs = {"model": needs["model"]}  # training is done: only the model is left to write
+    check_space(out, needs)
     acc = accelerator(trainer.mixed_precision)
     acc.wait_for_everyone()  # every process has validated before anything is written
     run = None
     checkpoint = Checkpointer(out / "checkpoint.pt")
     if acc.is_main_process:
-        config = {"command": "unlearn", **to_dict(cfg)}
+        config = {"command": "unlearn", **to_dict(cfg), "data_fingerprint": fingerprint}
         run = RunDir(out, config, cfg.overwrite, resume_from=checkpoint.last_step() or 0 if cfg.resume else None)
     acc.wait_for_everyone()
     from ..tracking import Tracker
@@ -195,9 +201,11 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
             f"rerun the same command with --resume to continue from the checkpoint of step {step}" if step else
             "no checkpoint was written yet (--checkpoint-every N writes one every N steps)"), flush=True)
         raise
-    except UserError:
-        # bad input found late with nothing trained: a run directory this command created goes (nothing is lost)
-        if run is not None and not cfg.resume and not checkpoint.exists():
+    except UserError as e:
+        # bad input found late with nothing trained: a run directory this command created goes (nothing is lost);
+        # one that trained steps stays, with its log (and error.txt)
+        trained = isinstance(e, RunFailed) and (e.step or 1) > 1
+        if run is not None and not cfg.resume and not checkpoint.exists() and not trained:
             run.remove()
         raise
     finally:
@@ -252,16 +260,19 @@ def _keep_trained(e: OSError, checkpoint: Checkpointer, new, step: int, out: Pat
     checkpoint, which ``--resume`` turns into the model without training again, and say so in one line."""
     import errno
 
-    cause = ("disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e))
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    cause = "disk full" if full else f"cannot write ({e.strerror or e})"
+    fix = "free space" if full else "fix the cause"
     try:
         checkpoint.save_final(step, new.unet)
-        kept = f"the trained weights are kept in {checkpoint.path} (step {step})"
+        raise UserError(f"{cause} while writing the model to {out / 'model'}: the trained weights are kept in "
+                        f"{checkpoint.path} (step {step}); {fix} and rerun the same command with --resume") from None
     except OSError:
-        step = checkpoint.last_step()
-        kept = (f"the trained weights could not be kept either; the checkpoint of step {step} is" if step else
-                "the trained weights could not be kept")
-    raise UserError(f"{cause} while writing the model to {out / 'model'}: {kept}; free space and rerun the same "
-                    "command with --resume") from None
+        kept = checkpoint.last_step()
+    then = (f"--resume continues from the checkpoint of step {kept}" if kept else
+            "nothing is kept, so the run must start again (--overwrite)")
+    raise UserError(f"{cause} while writing the model to {out / 'model'}, and the trained weights could not be kept "
+                    f"either: {fix}; {then}") from None
 
 
 def _card_with_verification(out: Path, card, until: dict | None = None) -> None:
@@ -302,6 +313,28 @@ def _check_resumable(out: Path, cfg: UnlearnConfig) -> None:
     if diff:
         raise UserError(f"--resume needs the same settings as the run in {out}; these differ: "
                         f"{', '.join(_flag(k) for k in diff)}")
+
+
+def data_fingerprint(data, forget_idx: list[int]) -> str:
+    """What a resumed run must see again: the data set's size and names, and the content of every item of A (a file
+    removed or replaced since would make the resumed steps unlearn another set)."""
+    import hashlib
+    import json
+
+    from ..data import content_hash
+
+    spec = {"n": len(data), "names": list(data.names), "forget": [content_hash(data.images[i]) for i in forget_idx]}
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
+
+
+def _check_same_data(out: Path, fingerprint: str) -> None:
+    import yaml
+
+    old = (yaml.safe_load((out / "config.yaml").read_text()) or {}).get("data_fingerprint")
+    if old is not None and old != fingerprint:
+        raise UserError(f"the data differ from those the run in {out} started with (a file added, removed or "
+                        "renamed, or an item of A changed): --resume would unlearn another set; put the data back "
+                        "as it was, or start again with --overwrite")
 
 
 def _flag(key: str) -> str:

@@ -31,6 +31,7 @@ from ..diffusion import predict_noise
 from ..errors import UserError
 from ..models import DiffusionModel
 
+#: the 8-bit discretisation of pixels in [-1, 1] (log2 of 2/256 per dimension, as Song et al.); latents have none
 BITS_OFFSET = 7.0
 # Names how the solve is laid out (one state per image, probes sharing its forward): results moved at the solver
 # tolerance when the layout changed, so stored evaluations record it and are not reused across layouts.
@@ -207,6 +208,7 @@ def nll_bits_per_dim(model: DiffusionModel, images: torch.Tensor, n_probes: int 
     per_probe = np.empty((n, n_probes))
     nfe = 0
     unet = model.unet
+    offset = BITS_OFFSET if model.codec is None else 0.0  # a latent model's density is of latents
     was_training = unet.training
     unet.eval()
     per_solve = max(1, int(batch_size) // n_probes)  # images per solve, so that about batch_size integrals share it
@@ -224,7 +226,7 @@ def nll_bits_per_dim(model: DiffusionModel, images: torch.Tensor, n_probes: int 
             z, delta_logp, evals = _solve(unet, sched, x[idx].reshape(len(idx), D), probes, t_eps, rtol, atol, jit, y)
             nfe += evals
             prior_logp = -0.5 * D * math.log(2 * math.pi) - 0.5 * (z ** 2).sum(1)
-            per_probe[idx] = (-(prior_logp[None] + delta_logp) / (D * math.log(2)) + BITS_OFFSET).T
+            per_probe[idx] = (-(prior_logp[None] + delta_logp) / (D * math.log(2)) + offset).T
             if bar is not None:
                 bar.update(len(idx))
                 bar.set_postfix(evaluations=nfe)

@@ -28,11 +28,13 @@ def noise_gap_scores(sd: StableDiffusion, prompts: list[str], seeds: int = 4, st
     sched = sd.ddim(steps)
     t = sched.timesteps[0]
     gens = image_generators(seed, range(seeds))
-    x = sched.scale_model_input(initial_noise(sd.latent_shape, gens).to(sd.device) * sched.init_noise_sigma, t)
     unet = sd.unet.eval()
+    dev = next(unet.parameters()).device  # the UNet may sit elsewhere than the text encoder
+    x = sched.scale_model_input(initial_noise(sd.latent_shape, gens).to(dev) * sched.init_noise_sigma, t)
 
     def eps(emb):
         parts = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+        emb = emb.to(dev)
         return torch.cat([unet(p, t, encoder_hidden_states=emb.expand(len(p), -1, -1)).sample for p in parts])
 
     eps_u = eps(sd.encode_prompt(""))

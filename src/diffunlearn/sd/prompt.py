@@ -382,7 +382,7 @@ def unlearn_prompt(sd, kept: torch.Tensor, forget: torch.Tensor, method, trainer
                "model_in": {"dir": sd.source, "sha256": hash_before},
                "model_out": {"dir": str(run.model_dir), "sha256": state_hash(new.unet.unet)}}
     if proof is not None:
-        summary["verification"] = _prove(sd, new.unet.unet, counter, run.path, proof)
+        summary["verification"] = _prove(sd, new.unet.unet, counter, run.path, proof, device)
     run.finish(summary)
     if proof is not None:
         from ..verification.report import write_report
@@ -397,14 +397,17 @@ def unlearn_prompt(sd, kept: torch.Tensor, forget: torch.Tensor, method, trainer
     return summary
 
 
-def _prove(sd, unet, counter: MemorisedCounter, run_dir: Path, proof: dict) -> dict:
-    """Verify the saved model's deletion into ``verification.json``; a failure is recorded there, the model stays."""
+def _prove(sd, unet, counter: MemorisedCounter, run_dir: Path, proof: dict, device="cpu") -> dict:
+    """Verify the saved model's deletion into ``verification.json`` with both UNets on ``device``; a failure is
+    recorded there, the model stays."""
     from ..runs import write_json
     from ..verification.report import VERIFICATION_NAME
     from ..verification.core import failure
     from .proof import prompt_summary_line, verify_prompt
 
     started = time.time()
+    sd.unet.to(device)
+    unet.to(device)
     try:
         v = verify_prompt(sd, unet, counter.prompts["prompt"], counter.rule, budget=proof["budget"],
                           guidance=counter.guidance, sample_steps=counter.steps, seed=counter.seed,
@@ -418,6 +421,9 @@ def _prove(sd, unet, counter: MemorisedCounter, run_dir: Path, proof: dict) -> d
     except Exception as e:  # noqa: BLE001 - any failure is recorded; the saved model stays
         v = failure("failed", f"{type(e).__name__}: {e}", started)
         print(f"the unlearned model is saved, but its verification failed: {v['error']}", flush=True)
+    finally:
+        sd.unet.to("cpu")
+        unet.to("cpu")
     write_json(run_dir / VERIFICATION_NAME, v)
     head = {"status": v["status"], "file": str(run_dir / VERIFICATION_NAME)}
     if v["status"] == "ok":

@@ -14,9 +14,10 @@ under the model before and after. Measures, each with its counts and the rate th
   scores of the reworded prompts (a memorised prompt stands out on it).
 
 A measure on which the model before did not draw the image shows *no signal*; one that draws it after is *not
-removed*; the fresh rate is *removed* only when no sample drew it and its bound is below the target rate, otherwise
-*not tested*. The deletion is "removed" when the fresh rate is, nothing still draws the image, and the model before
-drew it somewhere (else "no signal"); any measure that still draws it makes it "not removed".
+removed*; the fresh rate is *removed* when no sample drew it (the budget guarantees its bound is below the target rate). The deletion is
+"removed" when the targeted seeds and the fresh rate are: the model before drew the image at the prompt's own seeds
+and nothing draws it now; any measure that still draws it makes it "not removed"; a model before that drew it only
+from rewordings or at higher guidance gives "inconclusive", one that never drew it "no signal".
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def verify_prompt(sd, unet_after, prompt: str, rule, *, budget: "str | PromptBud
     fr = _rate(k, b.fresh)
     bound = fr["ci95"][1]
     fresh = {"measure": "fresh seeds", **fr, "first_seed": b.search_seeds, "target_rate": max_rate,
-             "status": "not removed" if k else ("removed" if bound <= max_rate else "not tested"),
+             "status": "not removed" if k else "removed",  # the budget's check guarantees bound <= max_rate
              "text": (f"{k} of {b.fresh} fresh samples drew the image: rate {fr['rate']:.2%} (95% CI "
                       f"{fr['ci95'][0]:.2%}-{bound:.2%})" if k else
                       f"none of {b.fresh} fresh samples drew the image: the rate lies below {bound:.2%} (95%)")}
@@ -193,19 +194,21 @@ def verify_prompt(sd, unet_after, prompt: str, rule, *, budget: "str | PromptBud
 
     verdicts = [targeted, fresh, *variants]
     statuses = [v["status"] for v in verdicts]
-    signal = any(v["status"] != "no signal" for v in [targeted, *variants]) or k > 0
+    # "removed" rests on the prompt itself: seeds at which the model before drew the image at the prompt's own
+    # guidance, none of which draws it now, and a fresh rate bounded below the target
     if "not removed" in statuses:
         status = "not removed"
-    elif fresh["status"] == "removed" and signal:
+    elif targeted["status"] == "removed" and fresh["status"] == "removed":
         status = "removed"
-    elif not signal:
-        status = "no signal"
+    elif any(v["status"] == "removed" for v in variants):
+        status = "inconclusive"
     else:
-        status = "not tested"
+        status = "no signal"
     words = {"removed": "the prompt no longer draws the memorised image", "not removed":
              "the model still draws the memorised image", "no signal": "the model before never drew the image here, "
-             "so its absence after proves nothing", "not tested": "the fresh samples cannot bound the rate below "
-             f"{max_rate:.2%}"}[status]
+             "so its absence after proves nothing", "inconclusive": "the model before drew the image only from "
+             "reworded prompts or at higher guidance, not at the prompt's own seeds, so nothing shows it removed "
+             "there"}[status]
     n_total = b.fresh + len(hits) + 2 * b.per_variant * len(variants)
     overall = {"status": status,
                "text": f"{words}: {fresh['text']}; targeted: {targeted['text']}; "
@@ -242,18 +245,33 @@ def run_prompt_verify(cfg) -> dict:
                        "rule says what is memorised"), ("out", "the directory to write")):
         if not getattr(cfg, name):
             raise UserError(f"pass --{name}: {what}")
-    if cfg.forget or cfg.reference or cfg.held_out or cfg.audit:
-        raise UserError("--forget, --reference, --held-out and --audit apply to image deletions, not to --prompt")
+    from ..verification.command import VerifyConfig
+
+    default = VerifyConfig()
+    image_only = ("forget", "reference", "held_out", "audit", "audit_lr", "audit_batch_size", "sscd", "similarity_t",
+                  "samples")
+    given = [k for k in image_only if getattr(cfg, k) != getattr(default, k)]
+    if given:
+        raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in given)} apply to image deletions, not to "
+                        "--prompt: drop them")
+    if cfg.budget == "off":
+        raise UserError("--budget off verifies nothing: choose fast or full")
     if cfg.sample_steps < 1 or not cfg.guidance >= 0:
         raise UserError("--sample-steps must be >= 1 and --guidance >= 0")
     b = check_prompt_budget(cfg.budget, cfg.max_copy_rate)
+    from ..runs import check_outside_model
+    from .pipeline import pick_device, resolve_sd_dir
+
+    for model in (cfg.model, cfg.before):
+        check_outside_model(cfg.out, str(resolve_sd_dir(model)))
     out = prepare_out_dir(cfg.out, cfg.overwrite)
     data = read_prompt_data(cfg.data)
     if data.rule is None:
         raise UserError(f"{cfg.data} holds no memorisation rule (memorisation.json): rebuild it with `diffunlearn "
                         "prompt build`")
-    before = load_sd(cfg.before, cfg.allow_pickle)
-    after = load_sd(cfg.model, cfg.allow_pickle)
+    device = pick_device("auto")
+    before = load_sd(cfg.before, cfg.allow_pickle).to(device)
+    after = load_sd(cfg.model, cfg.allow_pickle).to(device)
     if tuple(after.image_shape) != tuple(before.image_shape):
         raise UserError(f"the model draws {tuple(after.image_shape)} images but the model before draws "
                         f"{tuple(before.image_shape)}: verify a model against the one it was unlearned from")

@@ -116,7 +116,7 @@ def run_verify(cfg: VerifyConfig) -> dict:
     held = held_set.images if held_set is not None else None
     held_y = None
     if held is not None:
-        models["after"].check_data(tuple(held.shape[1:]), "held-out")
+        models["after"].check_images(tuple(held.shape[1:]), "held-out")
         if models["after"].conditional:  # a class-conditional model measures each image under its own class
             from ..labels import labels_for_model
 

@@ -185,7 +185,7 @@ def measure_spaces(model: DiffusionModel) -> dict[str, str]:
         return {"loss": "pixel space", "nll": "pixel space (bits per pixel dimension)", "similarity": "pixel space",
                 "generation": "pixel space"}
     latent = f"latent space of the model's {model.codec.kind} ({'x'.join(map(str, model.sample_shape))} latents)"
-    return {"loss": latent, "nll": f"{latent}, bits per latent dimension",
+    return {"loss": latent, "nll": f"{latent}, bits per latent dimension (no 8-bit pixel offset)",
             "similarity": "pixel space: the latent is noised and denoised, then decoded",
             "generation": "pixel space: samples decoded by the autoencoder"}
 
