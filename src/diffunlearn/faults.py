@@ -231,6 +231,14 @@ def _checkpoint_of_another_format(tmp):
     return [*argv, "--resume"]
 
 
+def _data_changed_before_resume(tmp):
+    argv = _interrupted(tmp)
+    a = np.load(tmp / "data.npy")
+    a[0] = 255 - a[0]  # an item of A is another image now
+    np.save(tmp / "data.npy", a)
+    return [*argv, "--resume"]
+
+
 def _unreadable_checkpoint(tmp):
     argv = _interrupted(tmp)
     (tmp / "out" / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
@@ -334,6 +342,8 @@ FAULTS: list[Fault] = [
     Fault("read-only output folder", "cannot write to", _read_only_out, "choose another --out"),
     Fault("--resume from a checkpoint of another format", "of another format", _checkpoint_of_another_format,
           "--overwrite, or resume with the version that wrote it"),
+    Fault("--resume after the data changed", "the data differ from those the run", _data_changed_before_resume,
+          "put the data back as it was, or start again with --overwrite"),
     Fault("--resume from an unreadable checkpoint", "cannot read checkpoint", _unreadable_checkpoint,
           "start again with --overwrite"),
     Fault("data files deleted between listing and first draw", "it was there when the data set was listed",
