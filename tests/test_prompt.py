@@ -412,6 +412,15 @@ def test_verify_takes_a_prompt_deletion_of_a_stable_diffusion_model(sd_dir, tmp_
     v = json.loads((tmp_path / "v" / "verification.json").read_text())
     assert v["kind"] == "prompt" and v["prompt"] == PROMPT and (tmp_path / "v" / "report.html").is_file()
     assert v["overall"]["status"] in ("no signal", "not removed")  # the model verified against itself never passes
+    chromium = Path("/usr/bin/chromium")
+    if chromium.exists():  # the report renders in a real browser (CI installs no Chromium: then this part is skipped)
+        import subprocess
+
+        dom = subprocess.run([str(chromium), "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+                              (tmp_path / "v" / "report.html").resolve().as_uri()],
+                             capture_output=True, text=True, timeout=120)
+        assert dom.returncode == 0 and "Verdicts" in dom.stdout and "targeted seeds" in dom.stdout
     for extra in (["--prompt", PROMPT, "--forget", "0"], ["--paraphrases", tmp_path / "p.txt"]):
         rc, _, err = _run(capsys, *base, *extra, "--out", tmp_path / "bad")
         assert rc == 2 and len(err.strip().splitlines()) == 1 and not (tmp_path / "bad").exists(), err

@@ -294,7 +294,7 @@ def _prompt_parts(v: dict) -> str:
         rows.append([_e(what), _pill(d["status"]), _e(d["text"])])
     det = v.get("detect") or {}
     out = [f"<h2>The prompt</h2><p><code>{_e(v['prompt'])}</code>, guidance {v['guidance']:g}, "
-           f"{v['sample_steps']} DDIM steps; memorised = {_e(v['memorisation']['rule'])} "
+           f"{v['sample_steps']} DDIM steps; a sample is {_e(v['memorisation']['rule'])} "
            f"(threshold {v['memorisation']['threshold']:g}).</p>",
            "<h2>Verdicts</h2>" + _table(["measure", "verdict", "counts"], rows, raw=True)]
     if det:
@@ -358,6 +358,7 @@ def render(run_dir: str | Path) -> str:
         text = (f"Verification did not finish ({v.get('error')}). The unlearned model is saved; run `diffunlearn "
                 "verify` on it to measure what is missing.")
     method = (config or {}).get("method") or (summary or {}).get("method") or ""
+    method = method.get("name", "") if isinstance(method, dict) else method
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Deletion report: {_e(root.name)}"
              f"</title><style>{CSS}</style></head><body>",
              f"<h1>Deletion report</h1><p class='sub'>{_e(root.resolve())}"
