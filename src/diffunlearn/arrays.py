@@ -287,7 +287,8 @@ class FileImages(ImageArray):
         except Image.DecompressionBombError as e:
             raise UserError(bomb_message(p, e)) from None
         except (OSError, ValueError) as e:  # PIL raises these for unreadable, truncated and vanished files
-            raise UserError(f"cannot decode image {p}: {e}; replace it with a readable copy of the same image") from None
+            raise UserError(f"cannot decode image {p}: {e}; replace it with a readable copy of the same "
+                            "image") from None
         if a.shape[:2] != tuple(self._item_shape[1:]):
             raise UserError(f"image {p} changed size on disk since the data set was listed: restart the run")
         return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)
