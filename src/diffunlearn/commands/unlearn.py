@@ -83,7 +83,8 @@ class UnlearnConfig:
 
 #: settings that may differ when a run is resumed
 RESUME_IGNORES = ("resume", "overwrite", "check_data", "data_fingerprint", "trainer.threads",
-                  "trainer.checkpoint_every", "trainer.data_workers", "log_every", "cache_dir", "report_to", "sample_every", "verify", "audit")
+                  "trainer.checkpoint_every", "trainer.data_workers", "log_every", "cache_dir", "report_to",
+                  "sample_every", "verify", "audit")
 
 
 def run_unlearn(cfg: UnlearnConfig) -> dict:

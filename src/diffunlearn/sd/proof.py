@@ -15,9 +15,10 @@ under the model before and after. Measures, each with its counts and the rate th
 
 A measure on which the model before did not draw the image shows *no signal*; one that draws it after is *not
 removed*; the fresh rate is *removed* when no sample drew it (the budget guarantees its bound is below the target
-rate). The deletion is "removed" when the targeted seeds and the fresh rate are: the model before drew the image at the prompt's own seeds
-and nothing draws it now; any measure that still draws it makes it "not removed"; a model before that drew it only
-from rewordings or at higher guidance gives "inconclusive", one that never drew it "no signal".
+rate). The deletion is "removed" when the targeted seeds and the fresh rate are: the model before drew the image at
+the prompt's own seeds and nothing draws it now; any measure that still draws it makes it "not removed"; a model
+before that drew it only from rewordings or at higher guidance gives "inconclusive", one that never drew it "no
+signal".
 """
 
 from __future__ import annotations
