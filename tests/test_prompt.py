@@ -365,7 +365,10 @@ def test_prompt_verification_certifies_only_a_deletion_that_acts(sd):
     rule = _memorised_at_seed_0(sd)
     budget = PromptBudget("test", fresh=40, search_seeds=4, per_variant=2, detect_seeds=1)
     kw = dict(budget=budget, guidance=7.5, sample_steps=2, seed=0, batch_size=8, max_rate=0.1)
-    same = verify_prompt(sd, copy.deepcopy(sd.unet), PROMPT, rule, **kw)
+    same = verify_prompt(sd, copy.deepcopy(sd.unet), PROMPT, rule, **kw, controls=["a photo of a cat"],
+                         quality=LaplacianSharpness(2.0))
+    q = same["quality"]  # an unchanged model's samples of an unrelated prompt are the same images: quality kept
+    assert q["status"] == "kept" and q["prompts"][0]["before"] == q["prompts"][0]["after"] and q["samples"] == 2
     targeted = same["verdicts"][0]
     assert targeted["hits_before"] == 1 and targeted["seeds_still"] == [0]
     assert same["overall"]["status"] == "not removed"

@@ -22,7 +22,7 @@ def run_any_verify(cfg):
 
         return run_prompt_verify(cfg)
     default = VerifyConfig()
-    for name in ("paraphrases", "guidance", "sample_steps"):
+    for name in ("paraphrases", "control_prompts", "clip", "guidance", "sample_steps"):
         if getattr(cfg, name) != getattr(default, name):
             raise UserError(f"--{name.replace('_', '-')} applies to prompt verification: pass --prompt, or drop it")
     return run_verify(cfg)

@@ -254,6 +254,9 @@ class PromptUnlearnConfig:
                                                           "verification.json and report.html"})
     paraphrases: str = field(default="", metadata={"help": "text file of reworded prompts (one per line) to verify "
                                                            "beside the token edits generated from the prompt"})
+    control_prompts: str = field(default="", metadata={"help": "text file of unrelated prompts on which the "
+                                                               "verification checks that quality holds (the run's "
+                                                               "quality measure)"})
     method: MethodSpec = field(default_factory=MethodSpec)
     trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(
         steps=35, lr=1e-5, batch_size=1, grad_accum=16, beta1=0.9, weight_decay=1e-2, gradient_checkpointing=True))
@@ -321,8 +324,9 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
     check_outside_model(out, sd.source)
     sd.check_images(tuple(data.images.shape[1:]), f"images in {cfg.data}")
     paraphrases = read_prompts(cfg.paraphrases) if cfg.paraphrases else []
-    for p in [prompt, *paraphrases]:
-        check_prompt_length(sd, p, "the prompt" if p == prompt else f"paraphrase {p!r} in {cfg.paraphrases}")
+    controls = read_prompts(cfg.control_prompts) if cfg.control_prompts else []
+    for p in [prompt, *paraphrases, *controls]:
+        check_prompt_length(sd, p, "the prompt" if p == prompt else f"prompt {p!r}")
     ucfg.validate(int(sd.scheduler.config.num_train_timesteps))
     rule = (MemorisationRule(_load_reference(cfg.reference, sd), cfg.threshold or DEFAULT_THRESHOLD, "reference")
             if cfg.reference else data.rule)
@@ -335,7 +339,7 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
               "kept": len(kept), "forget": len(forget), "quality_measure": quality.check.describe(),
               "memorisation": rule.describe()}
     run = RunDir(out, config, cfg.overwrite)
-    proof = None if cfg.verify == "off" else {"budget": cfg.verify, "paraphrases": paraphrases}
+    proof = None if cfg.verify == "off" else {"budget": cfg.verify, "paraphrases": paraphrases, "controls": controls}
     return unlearn_prompt(sd, kept, forget, method, ucfg, counter, run, device, cfg.log_every, proof)
 
 
@@ -412,6 +416,7 @@ def _prove(sd, unet, counter: MemorisedCounter, run_dir: Path, proof: dict, devi
         v = verify_prompt(sd, unet, counter.prompts["prompt"], counter.rule, budget=proof["budget"],
                           guidance=counter.guidance, sample_steps=counter.steps, seed=counter.seed,
                           batch_size=counter.batch_size, paraphrases=proof["paraphrases"],
+                          controls=proof.get("controls"), quality=counter.quality,
                           log=lambda m: print(m, flush=True))
         print(prompt_summary_line(v), flush=True)
     except KeyboardInterrupt:

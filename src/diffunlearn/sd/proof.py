@@ -116,9 +116,12 @@ class _Sampler:
 
 def verify_prompt(sd, unet_after, prompt: str, rule, *, budget: "str | PromptBudget" = "fast", guidance: float = 7.5,
                   sample_steps: int = 50, seed: int = 0, batch_size: int = 8, paraphrases: list[str] | None = None,
-                  guidance_scales: list[float] | None = None, max_rate: float = MAX_COPY_RATE, log=None) -> dict:
+                  guidance_scales: list[float] | None = None, max_rate: float = MAX_COPY_RATE, log=None,
+                  controls: list[str] | None = None, quality=None) -> dict:
     """Measure whether ``unet_after`` still draws the image ``rule`` recognises for ``prompt``, against ``sd``'s own
-    UNet (the model before). Returns what ``verification.json`` holds (with the targeted seeds' images, base64)."""
+    UNet (the model before). ``controls``: unrelated prompts on which ``quality`` (a measure of
+    :mod:`diffunlearn.sd.quality`) must hold from before to after. Returns what ``verification.json`` holds (with
+    the targeted seeds' images, base64)."""
     from ..images import encode_image
     from .detect import noise_gap_scores
 
@@ -193,6 +196,8 @@ def verify_prompt(sd, unet_after, prompt: str, rule, *, budget: "str | PromptBud
                          if len(probe) > 1 else "")}
     seconds["detect"] = time.time() - t
 
+    quality_result = _control_quality(s, before, unet_after, controls or [], quality, guidance,
+                                      range(b.search_seeds + b.fresh, b.search_seeds + b.fresh + b.per_variant), say)
     verdicts = [targeted, fresh, *variants]
     statuses = [v["status"] for v in verdicts]
     # "removed" rests on the prompt itself: seeds at which the model before drew the image at the prompt's own
@@ -211,16 +216,16 @@ def verify_prompt(sd, unet_after, prompt: str, rule, *, budget: "str | PromptBud
              "reworded prompts or at higher guidance, not at the prompt's own seeds, so nothing shows it removed "
              "there"}[status]
     n_total = b.fresh + len(hits) + 2 * b.per_variant * len(variants)
-    overall = {"status": status,
+    overall = {"status": status, "quality": quality_result["status"],
                "text": f"{words}: {fresh['text']}; targeted: {targeted['text']}; "
                        f"{sum(v['status'] == 'not removed' for v in variants)} of {len(variants)} reworded prompts "
-                       f"and guidance scales still draw it ({n_total} samples after in all)"}
+                       f"and guidance scales still draw it ({n_total} samples after in all); quality on unrelated "
+                       f"prompts: {quality_result['status']}"}
     return {"format": FORMAT, "status": "ok", "kind": "prompt",
             "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "prompt": prompt, "budget": dataclasses.asdict(b), "guidance": guidance, "sample_steps": sample_steps,
             "seed": seed, "memorisation": rule.describe(), "verdicts": verdicts, "detect": detect,
-            "quality": {"status": "not tested", "text": "quality on unrelated prompts is not measured by this "
-                        "verification: the run's quality counts are in summary.json"},
+            "quality": quality_result,
             "overall": overall, "seconds": {k: round(v, 2) for k, v in seconds.items()},
             "seconds_total": round(time.time() - t0, 2),
             "images": {"targeted": {"seeds": show, "before": [encode_image(x) for x in x_before],
@@ -278,13 +283,17 @@ def run_prompt_verify(cfg) -> dict:
                         f"{tuple(before.image_shape)}: verify a model against the one it was unlearned from")
     before.check_images(tuple(data.rule.reference.shape), f"the memorised image of {cfg.data}")
     paraphrases = read_prompts(cfg.paraphrases) if cfg.paraphrases else []
-    for p in [cfg.prompt, *paraphrases]:
-        check_prompt_length(before, p, "the prompt" if p == cfg.prompt else f"paraphrase {p!r}")
+    for p in [cfg.prompt, *paraphrases, *(read_prompts(cfg.control_prompts) if cfg.control_prompts else [])]:
+        check_prompt_length(before, p, "the prompt" if p == cfg.prompt else f"prompt {p!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    from .quality import quality_measure
+
+    controls = read_prompts(cfg.control_prompts) if cfg.control_prompts else []
     result = verify_prompt(before, after.unet, cfg.prompt, data.rule, budget=b, guidance=cfg.guidance,
                            sample_steps=cfg.sample_steps, seed=cfg.seed, paraphrases=paraphrases,
-                           max_rate=cfg.max_copy_rate, log=print)
+                           max_rate=cfg.max_copy_rate, log=print, controls=controls,
+                           quality=quality_measure(cfg.clip, allow_pickle=cfg.allow_pickle) if controls else None)
 
     def write(folder):
         (folder / "config.yaml").write_text(yaml.safe_dump({"command": "verify", **asdict(cfg)}, sort_keys=False))
@@ -295,6 +304,27 @@ def run_prompt_verify(cfg) -> dict:
     print(prompt_summary_line(result))
     print(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME}")
     return result
+
+
+def _control_quality(s: _Sampler, before, after, controls: list[str], quality, guidance: float, idx, say) -> dict:
+    """Mean quality of each unrelated prompt's samples before and after, and whether it holds by the measure's
+    rule; "not tested" without control prompts."""
+    if not controls or quality is None:
+        return {"status": "not tested", "text": "quality on unrelated prompts was not measured (pass "
+                "--control-prompts FILE); the run's quality counts on the prompt itself are in summary.json"}
+    rows = []
+    for p in controls:
+        say(f"verify: quality on {p!r}, {len(idx)} samples before and after ...")
+        qb = float(np.mean(quality(s.draw(before, p, idx, guidance)[1])))
+        qa = float(np.mean(quality(s.draw(after, p, idx, guidance)[1])))
+        rows.append({"prompt": p, "before": round(qb, 6), "after": round(qa, 6),
+                     "holds": bool(quality.check.holds(qa, qb))})
+    broken = [r["prompt"] for r in rows if not r["holds"]]
+    return {"status": "degraded" if broken else "kept", "measure": quality.name, "rule": quality.check.describe(),
+            "prompts": rows, "samples": len(idx),
+            "text": (f"{quality.name} on {len(rows)} unrelated prompt(s), {len(idx)} samples each before and after: "
+                     + (f"degraded on {', '.join(map(repr, broken))}" if broken else
+                        f"kept ({quality.check.describe()})"))}
 
 
 def prompt_summary_line(v: dict) -> str:

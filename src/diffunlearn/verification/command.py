@@ -59,6 +59,10 @@ class VerifyConfig:
                                                       "of `prompt build` whose rule says what is memorised)"})
     paraphrases: str = field(default="", metadata={"help": "with --prompt: text file of reworded prompts to verify "
                                                            "beside the generated token edits"})
+    control_prompts: str = field(default="", metadata={"help": "with --prompt: text file of unrelated prompts on "
+                                                               "which quality must hold before -> after"})
+    clip: str = field(default="", metadata={"help": "with --prompt and --control-prompts: local CLIP directory for "
+                                                    "CLIP-IQA (default: the weight-free sharpness proxy)"})
     guidance: float = field(default=7.5, metadata={"help": "with --prompt: classifier-free guidance scale"})
     sample_steps: int = field(default=50, metadata={"help": "with --prompt: DDIM sampling steps"})
 
