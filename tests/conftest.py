@@ -65,6 +65,9 @@ def snapshot(path) -> dict:
 #: test's parameters), marked ``slow``: ``pytest -m "not slow"`` is the fast tier of a change's inner loop; CI and
 #: the README's command run everything. A new test that takes seconds belongs here.
 SLOW = {
+    "test_faults.py::test_deletion_requests_killed_at_a_random_point_resume_to_the_same_model_and_ledger",
+    "test_latent.py::test_sequential_requests_on_a_latent_model_train_on_latents_like_a_single_request",
+    "test_classcond.py::test_deletion_requests_on_a_class_conditional_model_condition_every_row_on_its_label",
     "test_api.py::test_readme_api_example",
     "test_bench_instance.py::test_bench_table_strip_reference_and_resume",
     "test_bench_instance.py::test_retrain_row_uses_the_shipped_recipe",

@@ -312,3 +312,29 @@ def test_siss_at_lambda_0_or_1_refuses_differing_labels():
             unlearn(m, kept, forget, make_method("siss", lam=lam), TrainerConfig(steps=1, batch_size=2), labels=labels)
     same = (torch.full((12,), 2), torch.full((3,), 2))  # one class everywhere: the unconditional weights, any lambda
     unlearn(m, kept, forget, make_method("siss", lam=0.0), TrainerConfig(steps=1, batch_size=2), labels=same)
+
+
+def test_deletion_requests_on_a_class_conditional_model_condition_every_row_on_its_label(tmp_path):
+    """``--requests`` on a class-conditional model: each request trains every row under its own label, as a single
+    request does. One request of class b is bitwise the single ``--forget class=b`` run; two requests chain."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from diffunlearn.cli import main
+
+    from diffunlearn.faults import _class_model  # a tiny model of classes a, b, c and 12 labelled images beside it
+
+    model, data = _class_model(tmp_path), tmp_path / "labelled.npz"
+    (tmp_path / "one.txt").write_text("class=b\n")
+    (tmp_path / "two.txt").write_text("class=b\nclass=c\n")
+    common = ["unlearn", "--model", str(model), "--data", str(data), "--steps", "2", "--batch-size", "4",
+              "--verify", "off"]
+    assert main(common + ["--requests", str(tmp_path / "one.txt"), "--out", str(tmp_path / "seq")]) == 0
+    assert main(common + ["--forget", "class=b", "--out", str(tmp_path / "single")]) == 0
+    name = "model/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tmp_path / "seq" / name)), load_file(str(tmp_path / "single" / name))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert main(common + ["--requests", str(tmp_path / "two.txt"), "--out", str(tmp_path / "seq2")]) == 0
+    entries = [json.loads(x) for x in (tmp_path / "seq2" / "ledger.jsonl").read_text().splitlines()]
+    assert [e["classes"] for e in entries] == [{"b": 4}, {"c": 4}]

@@ -3,7 +3,8 @@ status 2 and no change on disk; runs killed with SIGKILL at random steps resume 
 
 import pytest
 
-from diffunlearn.faults import FAULTS, MID_RUN, check_fault, fail_and_resume_trial, kill_and_resume_trial
+from diffunlearn.faults import (FAULTS, MID_RUN, check_fault, fail_and_resume_trial, kill_and_resume_trial,
+                               requests_kill_and_resume_trial)
 
 
 def test_there_are_at_least_fifteen_cases():
@@ -40,3 +41,11 @@ def test_the_reference_lists_every_case_as_the_suite_runs_it(capsys):
     run_faults(markdown=True)
     table = capsys.readouterr().out.strip()
     assert table in (Path(__file__).parents[1] / "docs" / "reference.md").read_text()
+
+
+def test_deletion_requests_killed_at_a_random_point_resume_to_the_same_model_and_ledger(tmp_path):
+    """``unlearn --requests --resume`` continues after the last finished request: killed inside a request (which
+    runs again from its start) or between saving a request's model and appending its ledger line (which the copy
+    of the ledger inside the model completes), it ends with the uninterrupted run's weights bit for bit and the
+    same chain of removed images and model hashes."""
+    assert requests_kill_and_resume_trial(tmp_path, seed=1) is None

@@ -132,15 +132,26 @@ def test_wrong_image_size_is_one_line_and_writes_nothing(latent_dir, tmp_path, c
     assert not out.exists()
 
 
-def test_sequential_requests_refuse_latent_models(latent_dir, tmp_path, capsys):
-    _, d = latent_dir
-    (tmp_path / "req.txt").write_text("0\n1\n")
-    out = tmp_path / "seq"
-    assert main(["unlearn", "--model", str(d), "--data", str(tmp_path / "x.npy"), "--requests",
-                 str(tmp_path / "req.txt"), "--steps", "1", "--out", str(out)]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "latent models" in err
-    assert not out.exists()
+def test_sequential_requests_on_a_latent_model_train_on_latents_like_a_single_request(latent_dir, tmp_path):
+    """``--requests`` on a latent model: each request trains on the latents (encoded once, cached) and saves the
+    autoencoder unchanged. A requests file with one request is the single request ``--forget`` runs: the same
+    kept set, the same draws, so bitwise the same UNet; a second request chains its ledger line."""
+    from safetensors.torch import load_file
+
+    kind, d = latent_dir
+    (tmp_path / "one.txt").write_text("0\n")
+    (tmp_path / "two.txt").write_text("0\n1\n")
+    common = ["unlearn", "--model", str(d), "--data", str(tmp_path / "x.npy"), "--steps", "2", "--batch-size", "4",
+              "--verify", "off"]
+    assert main(common + ["--requests", str(tmp_path / "one.txt"), "--out", str(tmp_path / "seq")]) == 0
+    assert main(common + ["--forget", "0", "--out", str(tmp_path / "single")]) == 0
+    name = "model/unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(str(tmp_path / "seq" / name)), load_file(str(tmp_path / "single" / name))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert snapshot(tmp_path / "seq" / "model" / kind) == snapshot(d / kind)
+    assert main(common + ["--requests", str(tmp_path / "two.txt"), "--out", str(tmp_path / "seq2")]) == 0
+    lines = (tmp_path / "seq2" / "ledger.jsonl").read_text().splitlines()
+    assert [json.loads(x)["request"] for x in lines] == [1, 2]
 
 
 @pytest.mark.parametrize("kind", ["vqvae", "vae"])

@@ -436,6 +436,56 @@ def kill_and_resume_trial(tmp: Path, seed: int, steps: int = 8) -> str | None:
     return None
 
 
+def requests_kill_and_resume_trial(tmp: Path, seed: int, steps: int = 3) -> str | None:
+    """SIGKILL a run of three deletion requests at a random point (inside a request, or between saving a request's
+    model and appending its ledger line), ``--resume`` it, and compare with an uninterrupted run: the same final
+    weights bit for bit and the same chain of removed images and model hashes."""
+    import torch
+    from safetensors.torch import load_file
+
+    rng = random.Random(seed)
+    (tmp / "requests.txt").write_text("0\n1,2\n3\n")
+    args = ["unlearn", "--model", str(_model(tmp)), "--data", str(_data(tmp)), "--requests", str(tmp / "requests.txt"),
+            "--steps", str(steps), "--batch-size", "2", "--verify", "off", "--seed", "1", "--threads", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    cli = [sys.executable, "-m", "diffunlearn.cli"]
+    ref = tmp / "ref-requests"
+    if not ref.exists():
+        subprocess.run(cli + args + ["--out", str(ref)], check=True, capture_output=True, env=env, timeout=300)
+    run = tmp / f"requests-killed-{seed}"
+    kill_after = rng.randint(1, 3 * steps - 1)  # log lines: one per step of every request
+    proc = subprocess.Popen(cli + args + ["--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        log = run / "log.jsonl"
+        if log.exists() and len(log.read_text().splitlines()) >= kill_after:
+            time.sleep(rng.random() * 0.3)
+            break
+        time.sleep(0.005)
+    if proc.poll() is not None:
+        return "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run(cli + args + ["--out", str(run), "--resume"], capture_output=True, text=True, env=env,
+                          timeout=300)
+    if done.returncode != 0:
+        return f"--resume failed: {done.stderr.strip()[-300:]}"
+    name = "model/unet/diffusion_pytorch_model.safetensors"
+    want, got = load_file(str(ref / name)), load_file(str(run / name))
+    if not all(torch.equal(want[k], got[k]) for k in want):
+        return f"killed after {kill_after} logged steps: resumed weights differ from the uninterrupted run"
+
+    def chain(folder):
+        import json
+
+        return [(e["removed"], e["model_before"], e["model_after"]) for e in
+                map(json.loads, (folder / "ledger.jsonl").read_text().splitlines())]
+    if chain(ref) != chain(run):
+        return f"killed after {kill_after} logged steps: the ledger differs from the uninterrupted run's"
+    return None
+
+
 def _png_folder(tmp: Path, n: int = 20) -> Path:
     from PIL import Image
 
@@ -613,6 +663,11 @@ def run_faults(trials: int = 3, markdown: bool = False) -> int:
             passed, failed = passed + (problem is None), failed + (problem is not None)
             print(f"{'ok  ' if problem is None else 'FAIL'} SIGKILL and --resume, trial {seed + 1}"
                   + (f": {problem}" if problem else ""), flush=True)
+        for seed in range(trials):
+            problem = requests_kill_and_resume_trial(Path(d), seed)
+            passed, failed = passed + (problem is None), failed + (problem is not None)
+            print(f"{'ok  ' if problem is None else 'FAIL'} SIGKILL and --resume of deletion requests, trial "
+                  f"{seed + 1}" + (f": {problem}" if problem else ""), flush=True)
         for kind in MID_RUN:
             for seed in range(trials):
                 problem = fail_and_resume_trial(Path(d), kind, seed)

@@ -28,9 +28,9 @@ import torch
 import yaml
 
 from .data import ImageSet, content_hash, load_data, resolve_forget
-from .labels import class_counts
+from .labels import class_counts, labels_for_model
 from .errors import UserError
-from .ledger import LEDGER_NAME, Ledger, line_hash
+from .ledger import LEDGER_NAME, Ledger, line_hash, read_ledger
 from .metrics.similarity import SIMILARITY_T
 from .models import DiffusionModel
 from .protocols.calibration import AUTO_FRACTION, calibrated
@@ -124,22 +124,29 @@ class Measurement:
 class Evaluator:
     """Measures models on the forgotten images and a fixed reference set, with fixed noise throughout."""
 
-    def __init__(self, cfg: SequentialConfig, trainer: TrainerConfig, reference: torch.Tensor, held_out: bool):
+    def __init__(self, cfg: SequentialConfig, trainer: TrainerConfig, reference: torch.Tensor, held_out: bool,
+                 reference_labels: torch.Tensor | None = None):
         from .metrics.similarity import load_similarity
 
         self.cfg, self.reference, self.held_out = cfg, reference, held_out
+        self.reference_labels = reference_labels
         self.seed, self.batch_size = trainer.seed, trainer.batch_size
         self.backend = load_similarity(cfg.sscd or None)
         self.quality_measure = "denoising-loss/" + ("held-out" if held_out else "kept")
 
-    def measure(self, model: DiffusionModel, images: torch.Tensor) -> Measurement:
+    def measure(self, model: DiffusionModel, images: torch.Tensor, labels: torch.Tensor | None = None
+                ) -> Measurement:
+        """``images`` (and the reference) under ``model``: each under its own class for a class-conditional model
+        (``labels``; the reference's are ``self.reference_labels``), a latent model's loss on their latents."""
         from .metrics.membership import denoising_losses
         from .metrics.similarity import noise_and_denoise_similarity
 
         sim = noise_and_denoise_similarity(model, images, self.backend, self.cfg.similarity_t, self.seed,
-                                           self.batch_size)
-        losses = denoising_losses(model, images, seed=self.seed, batch_size=self.batch_size)
-        ref = denoising_losses(model, self.reference, seed=self.seed, batch_size=self.batch_size)
+                                           self.batch_size, labels=labels)
+        losses = denoising_losses(model, model.encode(images), seed=self.seed, batch_size=self.batch_size,
+                                  labels=labels)
+        ref = denoising_losses(model, model.encode(self.reference), seed=self.seed, batch_size=self.batch_size,
+                               labels=self.reference_labels)
         return Measurement(sim.similarity, sim.scores, sim.denoised, losses, ref)
 
     def metrics(self, m: Measurement, sel: slice) -> dict:
@@ -155,26 +162,44 @@ class Evaluator:
         return out
 
 
-def _reference(held_out, seed: int, data: ImageSet, removed: set[int]) -> tuple[torch.Tensor, bool]:
+def _reference(held_out, seed: int, data: ImageSet, removed: set[int], classes: list[str] | None = None
+               ) -> tuple[torch.Tensor, bool, torch.Tensor | None]:
     """Held-out images (``--held-out``'s, given as ``held_out``, else the data set's own), else images no request
-    removes; at most 256, chosen before any is decoded."""
-    if held_out is not None:
-        images = held_out
-    elif data.held_out is not None:
-        images = data.held_out
+    removes; at most 256, chosen before any is decoded. For a class-conditional model (``classes``: its class
+    names) also their labels as its class indices: the data set's own held-out images with their labels, else kept
+    images (``--held-out`` images carry no labels)."""
+    from .labels import labels_for_model
+
+    labels = None
+    if classes is not None:
+        if held_out is not None:
+            raise UserError("--held-out images carry no class labels, which a class-conditional model needs: drop "
+                            "--held-out (the data set's own held-out images, or kept images, are used)")
+        if data.held_out is not None and data.held_out_labels is not None:
+            images, labels = data.held_out, labels_for_model(data, classes, held_out=True)
+        else:
+            keep = [i for i in range(len(data)) if i not in removed]
+            images, labels = data.images.subset(keep), labels_for_model(data, classes)[keep]
+        held = data.held_out is not None and data.held_out_labels is not None
     else:
-        images = data.images.subset([i for i in range(len(data)) if i not in removed])
-    held = held_out is not None or data.held_out is not None
+        if held_out is not None:
+            images = held_out
+        elif data.held_out is not None:
+            images = data.held_out
+        else:
+            images = data.images.subset([i for i in range(len(data)) if i not in removed])
+        held = held_out is not None or data.held_out is not None
     if len(images) > QUALITY_IMAGES:
         g = torch.Generator().manual_seed(seed)
-        return images[torch.randperm(len(images), generator=g)[:QUALITY_IMAGES].sort().values], held
-    return images[:], held
+        pick = torch.randperm(len(images), generator=g)[:QUALITY_IMAGES].sort().values
+        return images[pick], held, None if labels is None else labels[pick]
+    return images[:], held, labels
 
 
 def _check(cfg) -> None:
-    if cfg.resume or cfg.trainer.checkpoint_every > 0:
-        raise UserError("--resume and --checkpoint-every do not apply to --requests: each request's model is saved "
-                        "with its ledger line, so a killed run keeps every finished request")
+    if cfg.trainer.checkpoint_every > 0:
+        raise UserError("--checkpoint-every does not apply to --requests: each request's model is saved with its "
+                        "ledger line, and --resume continues after the last finished request")
     if cfg.forget != "default":
         raise UserError("--forget does not apply with --requests: list the items to forget in the requests file")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -183,6 +208,67 @@ def _check(cfg) -> None:
         raise UserError("pass --out: the run directory to create")
     if not cfg.model:
         raise UserError("pass --model: a diffusers model directory")
+
+
+def _record_of(entry: dict) -> dict:
+    """A request's line of ``summary.json`` from its ledger entry."""
+    before, after = entry["metrics_before"], entry["metrics_after"]
+    return {"request": entry["request"], "count": entry["count"], "similarity_before": before["similarity_mean"],
+            "similarity_after": after["similarity_mean"], "quality_before": before["quality"],
+            "quality_after": after["quality"], "membership_auc_before": before.get("membership_auc"),
+            "membership_auc_after": after.get("membership_auc"), "seconds": entry["seconds"]}
+
+
+def cache_dir_of(cfg) -> str | None:
+    return cfg.cache_dir or None
+
+
+def _resumed(out: Path, base: DiffusionModel, requests: list[list[int]], data: ImageSet
+             ) -> tuple[int, DiffusionModel]:
+    """How many requests the run in ``out`` finished, and the model they left. A run killed between saving a
+    request's model and appending its ledger line is completed from the copy of the ledger inside the model."""
+    from .ledger import verify_ledger
+    from .models import load_model, state_hash
+
+    path = out / LEDGER_NAME
+    if path.is_file() and read_ledger(path).torn:  # a kill inside the append: the model's copy holds the line
+        whole = read_ledger(path).lines
+        path.write_bytes(b"".join(line + b"\n" for line in whole))
+    lines = path.read_bytes().splitlines() if path.is_file() else []
+    if not (out / "model").is_dir():
+        if lines:
+            raise UserError(f"{out} has ledger lines but no model/: start again with --overwrite")
+        return 0, base
+    model = load_model(out / "model")
+    inside = (out / "model" / LEDGER_NAME).read_bytes().splitlines()
+    if inside[:len(lines)] != lines or len(inside) > len(lines) + 1:
+        raise UserError(f"the ledger of {out} and the one inside its model disagree: start again with --overwrite")
+    if len(inside) == len(lines) + 1:  # killed after the model was saved, before its line was appended
+        Ledger(path).append(inside[-1])
+    read = read_ledger(path)
+    verify_ledger(read, state_hash(model.unet))
+    for e, idx in zip(read.entries, requests):
+        if [r["sha256"] for r in e["removed"]] != [content_hash(data.images[i]) for i in idx]:
+            raise UserError(f"request {e['request']} of the run in {out} removed other images than the requests "
+                            "file names now: resume with the same requests, or start again with --overwrite")
+    return len(read.entries), model
+
+
+def _keep_log_of_requests(out: Path, done: int) -> None:
+    """The log of a resumed run keeps the lines of the finished requests only (the unfinished one runs again)."""
+    import json
+
+    log = out / "log.jsonl"
+    if log.is_file():
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        def request_of(line):
+            try:
+                return int(json.loads(line)["request"])
+            except (ValueError, KeyError, TypeError):
+                return None  # a line torn by a kill
+
+        keep = [line for line in lines if (request_of(line) or done + 1) <= done]
+        log.write_text("".join(line + "\n" for line in keep))
 
 
 def run_sequential(cfg) -> dict:
@@ -199,43 +285,58 @@ def run_sequential(cfg) -> dict:
     trainer.validate()
     specs = read_requests(seq.requests)
     out = Path(cfg.out)
-    prepare_out_dir(out, cfg.overwrite)
+    if not cfg.resume:
+        prepare_out_dir(out, cfg.overwrite)
     model = base = load_model(cfg.model, allow_pickle=cfg.allow_pickle, variant=cfg.variant or None)
-    if model.codec is not None:
-        raise UserError("--requests does not support latent models (vqvae/ or vae/) yet: run one request at a time")
-    if model.conditional:
-        raise UserError("--requests does not support class-conditional models yet: run one request at a time")
     trainer.validate(model.num_train_timesteps)
     if not 0 <= seq.similarity_t <= model.num_train_timesteps:
         raise UserError(f"--similarity-t must lie in [0, {model.num_train_timesteps}], got {seq.similarity_t}")
     check_outside_model(out, model.source)
     data = load_data(cfg.data, cfg.cache_dir or None)
-    model.check_data(data.shape, "data")
+    model.check_images(data.shape, "data")
     held_out = load_data(seq.held_out, cfg.cache_dir or None).images if seq.held_out else None
     if held_out is not None:
-        model.check_data(tuple(held_out.shape[1:]), "held-out")
+        model.check_images(tuple(held_out.shape[1:]), "held-out")
     requests = resolve_requests(specs, data)
     order = [i for idx in requests for i in idx]
-    reference, held = _reference(held_out, trainer.seed, data, set(order))
-    evaluator = Evaluator(seq, trainer, reference, held)  # loads SSCD: a bad file fails before anything is written
+    reference, held, reference_labels = _reference(held_out, trainer.seed, data, set(order),
+                                                   model.classes if model.conditional else None)
+    # loads SSCD: a bad file fails before anything is written
+    evaluator = Evaluator(seq, trainer, reference, held, reference_labels)
+    labels = labels_for_model(data, model.classes) if model.conditional else None  # as the model's class indices
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
     stack = data.images[order]
+    stack_labels = None if labels is None else labels[order]
     ends = [sum(len(r) for r in requests[:k + 1]) for k in range(len(requests))]
+    # a latent model trains on latents, encoded once into the cache; a pixel model on the images themselves
+    encoded = model.encode(data.images, "data", cache_dir_of(cfg))
 
-    run = RunDir(out, {"command": "unlearn", **to_dict(cfg), "requests_list": specs}, cfg.overwrite)
+    config = {"command": "unlearn", **to_dict(cfg), "requests_list": specs}
+    done, model = _resumed(out, model, requests, data) if cfg.resume else (0, model)
+    if done == len(requests):
+        raise UserError(f"every request of {seq.requests} is already done in {out}: nothing to resume")
+    if cfg.resume:
+        _keep_log_of_requests(out, done)
+    run = RunDir(out, config, cfg.overwrite, resume_from=10**12 if cfg.resume else None)
     ledger = Ledger(out / LEDGER_NAME)
     hash_before = state_hash(model.unet)
-    model_in = {"dir": model.source, "sha256": hash_before}
-    measured = evaluator.measure(model, stack[:ends[0]])
-    strips, records = [], []
-    removed_so_far: set[int] = set()
+    model_in = {"dir": base.source, "sha256": state_hash(base.unet)}
+    first_end = ends[min(done, len(requests) - 1)]
+    measured = evaluator.measure(model, stack[:first_end], None if stack_labels is None else stack_labels[:first_end])
+    strips, records = [], [_record_of(e) for e in read_ledger(out / LEDGER_NAME).entries] if done else []
+    removed_so_far: set[int] = {i for idx in requests[:done] for i in idx}
     for k, idx in enumerate(requests, 1):
+        if k <= done:
+            continue
         first = ends[k - 2] if k > 1 else 0
         sel = slice(first, ends[k - 1])
         before = evaluator.metrics(measured, sel)
         removed_so_far.update(idx)
-        kept = data.images.subset([i for i in range(len(data)) if i not in removed_so_far])  # lazy: decoded per step
+        keep = [i for i in range(len(data)) if i not in removed_so_far]
+        kept = encoded.subset(keep)  # lazy: decoded per step
+        forget = encoded.subset(idx)
+        request_labels = None if labels is None else (labels[keep], labels[idx])
         names = [data.names[i] for i in idx]
         print(f"request {k}/{len(requests)}: removing {len(idx)} images ({', '.join(names[:5])}"
               f"{', ...' if len(names) > 5 else ''}); {len(kept)} kept", flush=True)
@@ -247,16 +348,18 @@ def run_sequential(cfg) -> dict:
                 print(f"  step {rec['step']}/{trainer.steps} {losses}", flush=True)
 
         t0 = time.time()
-        spec, calibration = calibrated(model, kept, data.images[idx], cfg.method, trainer.batch_size, AUTO_FRACTION,
-                                       trainer.seed)
+        spec, calibration = calibrated(model, kept, forget, cfg.method, trainer.batch_size, AUTO_FRACTION,
+                                       trainer.seed, labels=request_labels)
         method = spec.build()
         if calibration:
             print(f"  scaling_norm auto = {calibration['scaling_norm']:.4g} ({AUTO_FRACTION:.0%} of ||G_x|| at this "
                   "request's model)", flush=True)
-        new = unlearn(model, kept, data.images[idx], method, trainer, log=log)
+        new = unlearn(model, kept, forget, method, trainer, log=log, labels=request_labels)
         seconds = time.time() - t0
         t1 = time.time()
-        previous, measured = measured, evaluator.measure(new, stack[:ends[min(k, len(requests) - 1)]])
+        upto = ends[min(k, len(requests) - 1)]
+        previous, measured = measured, evaluator.measure(new, stack[:upto],
+                                                         None if stack_labels is None else stack_labels[:upto])
         after = evaluator.metrics(measured, sel)
         so_far = evaluator.metrics(measured, slice(0, ends[k - 1]))
         after["forgotten_so_far"] = {"count": ends[k - 1],
@@ -273,17 +376,16 @@ def run_sequential(cfg) -> dict:
         save_model(new, run.model_dir, extra_files={LEDGER_NAME: ledger.contents(line)}, overwrite=True)
         ledger.append(line)
         strips.append((sel, previous.denoised[sel], measured.denoised[sel]))
-        records.append({"request": k, "count": len(idx), "similarity_before": before["similarity_mean"],
-                        "similarity_after": after["similarity_mean"], "quality_before": before["quality"],
-                        "quality_after": after["quality"], "membership_auc_before": before.get("membership_auc"),
-                        "membership_auc_after": after.get("membership_auc"), "seconds": round(seconds, 3)})
+        records.append(_record_of({"request": k, "count": len(idx), "metrics_before": before,
+                                   "metrics_after": after, "seconds": round(seconds, 3)}))
         print(f"request {k} done in {seconds:.1f} s: similarity ({before['similarity']}) "
               f"{before['similarity_mean']:.3f} -> {after['similarity_mean']:.3f}, {evaluator.quality_measure} "
               f"{before['quality']:.4g} -> {after['quality']:.4g}; model {hash_after[:12]} saved, ledger line {k} "
               "written", flush=True)
         model, hash_before = new, hash_after
 
-    # strips.png: per forgotten image, the original, its reconstruction before its request, right after it, at the end
+    # strips.png: per forgotten image, the original, its reconstruction before its request, right after it, at the
+    # end (for the requests this invocation ran: a resumed run has no reconstructions of the earlier ones)
     tiles = [torch.stack([stack[sel][j], b[j], a[j], measured.denoised[sel][j]])
              for sel, b, a in strips for j in range(len(b))][:STRIP_IMAGES]
     save_grid(torch.cat(tiles), out / "strips.png", ncol=4, labels=["original", "before its request", "after it",
@@ -291,7 +393,8 @@ def run_sequential(cfg) -> dict:
     summary = {"command": "unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
                "steps": trainer.steps, "requests": len(requests), "forget": len(order), "kept": len(data) - len(order),
                "similarity": evaluator.backend.name, "quality_measure": evaluator.quality_measure,
-               "per_request": records, "ledger": str(out / LEDGER_NAME), "ledger_head": line_hash(ledger.lines[-1]),
+               "per_request": records, "resumed_after_request": done or None,
+               "ledger": str(out / LEDGER_NAME), "ledger_head": line_hash(ledger.lines[-1]),
                "model_in": model_in,
                "model_out": {"dir": str(run.model_dir), "sha256": hash_before}, "model": model_summary(model)}
     run.finish(summary)

@@ -106,6 +106,8 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     if cfg.sequential.requests:
         from ..sequential import run_sequential
 
+        if cfg.resume and cfg.out:
+            _check_resumable(Path(cfg.out), cfg)
         return run_sequential(cfg)
     method, trainer = cfg.method.build(allow_auto=True), cfg.trainer  # an 'auto' setting is measured below
     if not cfg.out:
