@@ -126,3 +126,15 @@ def test_report_to_tensorboard_logs_every_term_and_samples(capsys, model_dir, da
     numeric = {k for k, v in log[0].items() if k != "step" and isinstance(v, (int, float))}
     assert numeric <= tags["scalars"], numeric - tags["scalars"]
     assert "samples" in tags["images"]
+
+
+def test_an_option_of_another_command_is_named_as_such(capsys):
+    """A flag that exists, but for another command, is not suggested as its own correction: the line says which
+    command takes it; a misspelt flag still gets the nearest option of the command used."""
+    from diffunlearn.cli import main
+
+    assert main(["unlearn", "--samples", "40"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "it is an option of diffunlearn" in err and "verify" in err and "did you mean --samples" not in err
+    assert main(["unlearn", "--stpes", "4"]) == 2
+    assert "did you mean --steps?" in capsys.readouterr().err

@@ -97,8 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         flag = next((x for x in extra if x.startswith("-")), extra[0])
-        close = difflib.get_close_matches(flag.split("=")[0], sorted(_options(parser)), n=1)
-        hint = f": did you mean {close[0]}?" if close else " (see --help)"
+        name = flag.split("=")[0]
+        subs = {k: v for a in parser._actions if isinstance(a, argparse._SubParsersAction)
+                for k, v in a.choices.items()}
+        own = _options(subs[args.command]) if args.command in subs else _options(parser)
+        elsewhere = sorted(k for k, sub in subs.items() if name in _options(sub))
+        close = difflib.get_close_matches(name, sorted(own), n=1)
+        if elsewhere and name not in own:
+            hint = f": it is an option of diffunlearn {' / '.join(elsewhere)}, not of {args.command} (see --help)"
+        else:
+            hint = f": did you mean {close[0]}?" if close else " (see --help)"
         print(f"error: diffunlearn {args.command}: unrecognized argument {flag}{hint}", file=sys.stderr)
         return 2
     try:
