@@ -282,5 +282,5 @@ def test_training_and_the_sequential_reference_decode_only_what_they_use(tmp_pat
     monkeypatch.setattr(seq, "QUALITY_IMAGES", 8)
     data = load_data(str(tmp_path / "imgs"))
     start = counted()
-    images, held = seq._reference(None, 0, data, {0, 1})  # no --held-out
-    assert counted() - start == 8 and images.shape == (8, 1, 8, 8) and not held
+    images, held, labels = seq._reference(None, 0, data, {0, 1})  # no --held-out, an unconditional model
+    assert counted() - start == 8 and images.shape == (8, 1, 8, 8) and not held and labels is None
