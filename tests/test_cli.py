@@ -138,8 +138,7 @@ def test_scaling_norm_auto_is_the_papers_rule_measured_at_the_input_model(model_
     """``--scaling-norm auto`` measures 10% of ||G_x|| at the input model on the run's own data (the paper's rule),
     records the measurement, keeps ``auto`` in config.yaml (so --resume measures it again, identically), and trains
     exactly as the run given that number by hand: the final weights are bitwise equal."""
-    import torch
-    from safetensors.torch import load_file
+    from diffunlearn.faults import same_unet
 
     base = ["unlearn", "--model", str(model_dir), "--data", str(data_file), "--forget", "0,1", "--steps", "2",
             "--batch-size", "4", "--verify", "off"]
@@ -150,9 +149,7 @@ def test_scaling_norm_auto_is_the_papers_rule_measured_at_the_input_model(model_
     assert summary["hyperparameters"]["scaling_norm"] == calib["scaling_norm"]
     assert yaml.safe_load((tmp_path / "auto" / "config.yaml").read_text())["method"]["scaling_norm"] == "auto"
     assert main(base + ["--scaling-norm", repr(calib["scaling_norm"]), "--out", str(tmp_path / "hand")]) == 0
-    name = "model/unet/diffusion_pytorch_model.safetensors"
-    a, b = load_file(str(tmp_path / "auto" / name)), load_file(str(tmp_path / "hand" / name))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_unet(tmp_path / "auto", tmp_path / "hand")
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:  # only settings measured at the model take 'auto'
         main(base + ["--lambda", "auto", "--out", str(tmp_path / "bad")])

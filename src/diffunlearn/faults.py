@@ -395,90 +395,78 @@ def check_fault(fault: Fault, tmp: Path) -> str | None:
     return None
 
 
-def kill_and_resume_trial(tmp: Path, seed: int, steps: int = 8) -> str | None:
-    """SIGKILL a run after a random logged step, ``--resume`` it, and compare with an uninterrupted run bit for bit."""
+def same_unet(a: Path, b: Path) -> bool:
+    """Whether the run directories ``a`` and ``b`` saved bitwise the same UNet weights."""
     import torch
     from safetensors.torch import load_file
 
-    rng = random.Random(seed)
-    args = _base(tmp, "--steps", str(steps), "--checkpoint-every", "1", "--seed", "1", "--threads", "1")
-    args = [a for a in args if a not in ("--out", str(tmp / "out"))]
+    name = "model/unet/diffusion_pytorch_model.safetensors"
+    want, got = load_file(str(a / name)), load_file(str(b / name))
+    return want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def _kill_then_resume(args: list[str], ref: Path, run: Path, kill_after: int, rng: random.Random, jitter: float,
+                      model_forbidden: bool = False) -> str | None:
+    """Run ``args`` uninterrupted into ``ref`` (once), then into ``run``, SIGKILL it once its log has
+    ``kill_after`` lines (plus up to ``jitter`` seconds drawn from ``rng``), and ``--resume`` it; None when the resume
+    succeeded. ``model_forbidden``: a model directory must not exist at the kill (a single run writes it only at the
+    end)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cli = [sys.executable, "-m", "diffunlearn.cli"]
-    ref = tmp / "ref"
     if not ref.exists():
         subprocess.run(cli + args + ["--out", str(ref)], check=True, capture_output=True, env=env, timeout=300)
-    run = tmp / f"killed-{seed}"
-    kill_after = rng.randint(1, steps - 2)
     proc = subprocess.Popen(cli + args + ["--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         log = run / "log.jsonl"
         if log.exists() and len(log.read_text().splitlines()) >= kill_after:
-            time.sleep(rng.random() * 0.05)
+            time.sleep(rng.random() * jitter)
             break
         time.sleep(0.005)
     if proc.poll() is not None:
         return "the run ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    if (run / "model").exists():
+    if model_forbidden and (run / "model").exists():
         return "a model directory existed before the run completed"
     done = subprocess.run(cli + args + ["--out", str(run), "--resume"], capture_output=True, text=True, env=env,
                           timeout=300)
-    if done.returncode != 0:
-        return f"--resume failed: {done.stderr.strip()[-300:]}"
-    name = "model/unet/diffusion_pytorch_model.safetensors"
-    want, got = load_file(str(ref / name)), load_file(str(run / name))
-    if not all(torch.equal(want[k], got[k]) for k in want):
-        return f"killed after step {kill_after}: resumed weights differ from the uninterrupted run"
-    return None
+    return None if done.returncode == 0 else f"--resume failed: {done.stderr.strip()[-300:]}"
+
+
+def kill_and_resume_trial(tmp: Path, seed: int, steps: int = 8) -> str | None:
+    """SIGKILL a run after a random logged step, ``--resume`` it, and compare with an uninterrupted run bit for bit."""
+    args = _base(tmp, "--steps", str(steps), "--checkpoint-every", "1", "--seed", "1", "--threads", "1")
+    args = [a for a in args if a not in ("--out", str(tmp / "out"))]
+    rng = random.Random(seed)
+    kill_after = rng.randint(1, steps - 2)
+    run = tmp / f"killed-{seed}"
+    problem = _kill_then_resume(args, tmp / "ref", run, kill_after, rng, 0.05, model_forbidden=True)
+    if problem is None and not same_unet(tmp / "ref", run):
+        problem = f"killed after step {kill_after}: resumed weights differ from the uninterrupted run"
+    return problem
 
 
 def requests_kill_and_resume_trial(tmp: Path, seed: int, steps: int = 3) -> str | None:
     """SIGKILL a run of three deletion requests at a random point (inside a request, or between saving a request's
     model and appending its ledger line), ``--resume`` it, and compare with an uninterrupted run: the same final
     weights bit for bit and the same chain of removed images and model hashes."""
-    import torch
-    from safetensors.torch import load_file
+    import json
 
-    rng = random.Random(seed)
     (tmp / "requests.txt").write_text("0\n1,2\n3\n")
     args = ["unlearn", "--model", str(_model(tmp)), "--data", str(_data(tmp)), "--requests", str(tmp / "requests.txt"),
             "--steps", str(steps), "--batch-size", "2", "--verify", "off", "--seed", "1", "--threads", "1"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cli = [sys.executable, "-m", "diffunlearn.cli"]
-    ref = tmp / "ref-requests"
-    if not ref.exists():
-        subprocess.run(cli + args + ["--out", str(ref)], check=True, capture_output=True, env=env, timeout=300)
-    run = tmp / f"requests-killed-{seed}"
+    rng = random.Random(seed)
     kill_after = rng.randint(1, 3 * steps - 1)  # log lines: one per step of every request
-    proc = subprocess.Popen(cli + args + ["--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        log = run / "log.jsonl"
-        if log.exists() and len(log.read_text().splitlines()) >= kill_after:
-            time.sleep(rng.random() * 0.3)
-            break
-        time.sleep(0.005)
-    if proc.poll() is not None:
-        return "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    done = subprocess.run(cli + args + ["--out", str(run), "--resume"], capture_output=True, text=True, env=env,
-                          timeout=300)
-    if done.returncode != 0:
-        return f"--resume failed: {done.stderr.strip()[-300:]}"
-    name = "model/unet/diffusion_pytorch_model.safetensors"
-    want, got = load_file(str(ref / name)), load_file(str(run / name))
-    if not all(torch.equal(want[k], got[k]) for k in want):
+    ref, run = tmp / "ref-requests", tmp / f"requests-killed-{seed}"
+    problem = _kill_then_resume(args, ref, run, kill_after, rng, 0.3)
+    if problem is not None:
+        return problem
+    if not same_unet(ref, run):
         return f"killed after {kill_after} logged steps: resumed weights differ from the uninterrupted run"
 
     def chain(folder):
-        import json
-
         return [(e["removed"], e["model_before"], e["model_after"]) for e in
                 map(json.loads, (folder / "ledger.jsonl").read_text().splitlines())]
     if chain(ref) != chain(run):
@@ -595,9 +583,6 @@ def _cli(argv: list[str]) -> tuple[int, str]:
 def fail_and_resume_trial(tmp: Path, kind: str, seed: int, steps: int = 6) -> str | None:
     """Inject ``kind`` at a random step of a run over a folder of PNGs, check the one line and the checkpoint it keeps,
     undo the cause, ``--resume`` with the same command, and compare with an uninterrupted run bit for bit."""
-    import torch
-    from safetensors.torch import load_file
-
     k = random.Random(seed).randint(2, steps - 1)
     folder = _png_folder(tmp)
     # no periodic checkpoints, except where a checkpoint's own write is the fault: what --resume continues from is
@@ -635,9 +620,7 @@ def fail_and_resume_trial(tmp: Path, kind: str, seed: int, steps: int = 6) -> st
     rc, msg = _cli(args + ["--out", str(run), "--resume"])
     if rc != 0:
         return f"step {k}: --resume failed: {msg.strip()[-300:]}"
-    name = "model/unet/diffusion_pytorch_model.safetensors"
-    want, got = load_file(str(ref / name)), load_file(str(run / name))
-    if not all(torch.equal(want[c], got[c]) for c in want):
+    if not same_unet(ref, run):
         return f"step {k}: resumed weights differ from the uninterrupted run"
     return None
 

@@ -9,6 +9,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -180,21 +181,30 @@ def step_printer(log, steps: int, every: int = 1):
     return on_step
 
 
-def _step_of(line: str) -> int | None:
+def _record(line: str) -> dict | None:
+    """A log line's record with its integer ``step`` (and ``request``, if any), or None for a line torn by a kill."""
     try:
-        return int(json.loads(line)["step"])
+        rec = json.loads(line)
+        rec["step"] = int(rec["step"])
+        if "request" in rec:
+            rec["request"] = int(rec["request"])
+        return rec
     except (ValueError, KeyError, TypeError):
-        return None  # a line torn by a kill
+        return None
 
 
 class RunDir:
     """Creates the run directory and writes its files; the model goes to ``<out>/model``."""
 
-    def __init__(self, out: str | Path, config: dict, overwrite: bool = False, resume_from: int | None = None):
+    def __init__(self, out: str | Path, config: dict, overwrite: bool = False, resume_from: int | None = None,
+                 keep: Callable[[dict], bool] | None = None):
         """``resume_from``: continue an existing run whose state is that of step ``resume_from`` (the log keeps only
-        the steps up to it); otherwise create the directory (replacing it only with ``overwrite``)."""
+        the steps up to it); ``keep``: continue one whose log keeps the records ``keep`` accepts (deletion requests:
+        those of the finished requests); otherwise create the directory (replacing it only with ``overwrite``)."""
         self.path = Path(out)
-        if resume_from is None:
+        if keep is None and resume_from is not None:
+            keep = lambda rec: rec["step"] <= resume_from  # noqa: E731
+        if keep is None:
             prepare_out_dir(out, overwrite)
             if overwrite and self.path.is_dir():
                 import shutil
@@ -205,8 +215,8 @@ class RunDir:
         else:
             log = self.path / "log.jsonl"
             lines = log.read_text().splitlines() if log.exists() else []
-            keep = [line for line in lines if _step_of(line) is not None and _step_of(line) <= resume_from]
-            log.write_text("".join(line + "\n" for line in keep))
+            kept = [line for line in lines if (rec := _record(line)) is not None and keep(rec)]
+            log.write_text("".join(line + "\n" for line in kept))
         self._log = open(self.path / "log.jsonl", "a", buffering=1)
         self.started = time.time()
 

@@ -219,10 +219,6 @@ def _record_of(entry: dict) -> dict:
             "membership_auc_after": after.get("membership_auc"), "seconds": entry["seconds"]}
 
 
-def cache_dir_of(cfg) -> str | None:
-    return cfg.cache_dir or None
-
-
 def _resumed(out: Path, base: DiffusionModel, requests: list[list[int]], data: ImageSet
              ) -> tuple[int, DiffusionModel]:
     """How many requests the run in ``out`` finished, and the model they left. A run killed between saving a
@@ -252,23 +248,6 @@ def _resumed(out: Path, base: DiffusionModel, requests: list[list[int]], data: I
             raise UserError(f"request {e['request']} of the run in {out} removed other images than the requests "
                             "file names now: resume with the same requests, or start again with --overwrite")
     return len(read.entries), model
-
-
-def _keep_log_of_requests(out: Path, done: int) -> None:
-    """The log of a resumed run keeps the lines of the finished requests only (the unfinished one runs again)."""
-    import json
-
-    log = out / "log.jsonl"
-    if log.is_file():
-        lines = [line for line in log.read_text().splitlines() if line.strip()]
-        def request_of(line):
-            try:
-                return int(json.loads(line)["request"])
-            except (ValueError, KeyError, TypeError):
-                return None  # a line torn by a kill
-
-        keep = [line for line in lines if (request_of(line) or done + 1) <= done]
-        log.write_text("".join(line + "\n" for line in keep))
 
 
 def run_sequential(cfg) -> dict:
@@ -310,15 +289,15 @@ def run_sequential(cfg) -> dict:
     stack_labels = None if labels is None else labels[order]
     ends = [sum(len(r) for r in requests[:k + 1]) for k in range(len(requests))]
     # a latent model trains on latents, encoded once into the cache; a pixel model on the images themselves
-    encoded = model.encode(data.images, "data", cache_dir_of(cfg))
+    encoded = model.encode(data.images, "data", cfg.cache_dir or None)
 
     config = {"command": "unlearn", **to_dict(cfg), "requests_list": specs}
     done, model = _resumed(out, model, requests, data) if cfg.resume else (0, model)
     if done == len(requests):
         raise UserError(f"every request of {seq.requests} is already done in {out}: nothing to resume")
-    if cfg.resume:
-        _keep_log_of_requests(out, done)
-    run = RunDir(out, config, cfg.overwrite, resume_from=10**12 if cfg.resume else None)
+    # a resumed run's log keeps the finished requests' lines only: the unfinished request runs again
+    run = RunDir(out, config, cfg.overwrite,
+                 keep=(lambda rec: rec.get("request", done + 1) <= done) if cfg.resume else None)
     ledger = Ledger(out / LEDGER_NAME)
     hash_before = state_hash(model.unet)
     model_in = {"dir": base.source, "sha256": state_hash(base.unet)}

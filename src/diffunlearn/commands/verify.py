@@ -12,19 +12,28 @@ def run_report(run_dir: str, out: str | None = None) -> int:
     return 0
 
 
+#: the options of one kind of verification only: given for the other kind they are refused, not ignored
+PROMPT_ONLY = ("paraphrases", "control_prompts", "clip", "guidance", "sample_steps")
+IMAGE_ONLY = ("forget", "reference", "held_out", "audit", "audit_lr", "audit_batch_size", "sscd", "similarity_t",
+              "samples")
+
+
 def run_any_verify(cfg):
     """``verify``: a prompt deletion of a Stable Diffusion model with ``--prompt``, else a deletion of images."""
     from ..errors import UserError
     from ..verification.command import VerifyConfig, run_verify
 
+    default = VerifyConfig()
+    given = [k for k in (IMAGE_ONLY if cfg.prompt else PROMPT_ONLY) if getattr(cfg, k) != getattr(default, k)]
+    flags = ", ".join("--" + k.replace("_", "-") for k in given)
+    if given and cfg.prompt:
+        raise UserError(f"{flags} apply to image deletions, not to --prompt: drop them")
+    if given:
+        raise UserError(f"{flags} apply to prompt verification: pass --prompt, or drop them")
     if cfg.prompt:
         from ..sd.proof import run_prompt_verify
 
         return run_prompt_verify(cfg)
-    default = VerifyConfig()
-    for name in ("paraphrases", "control_prompts", "clip", "guidance", "sample_steps"):
-        if getattr(cfg, name) != getattr(default, name):
-            raise UserError(f"--{name.replace('_', '-')} applies to prompt verification: pass --prompt, or drop it")
     return run_verify(cfg)
 
 

@@ -251,16 +251,7 @@ def run_prompt_verify(cfg) -> dict:
                        "rule says what is memorised"), ("out", "the directory to write")):
         if not getattr(cfg, name):
             raise UserError(f"pass --{name}: {what}")
-    from ..verification.command import VerifyConfig
-
-    default = VerifyConfig()
-    image_only = ("forget", "reference", "held_out", "audit", "audit_lr", "audit_batch_size", "sscd", "similarity_t",
-                  "samples")
-    given = [k for k in image_only if getattr(cfg, k) != getattr(default, k)]
-    if given:
-        raise UserError(f"{', '.join('--' + k.replace('_', '-') for k in given)} apply to image deletions, not to "
-                        "--prompt: drop them")
-    if cfg.budget == "off":
+    if cfg.budget == "off":  # options of image verification were refused by the command (commands/verify.py)
         raise UserError("--budget off verifies nothing: choose fast or full")
     if cfg.sample_steps < 1 or not cfg.guidance >= 0:
         raise UserError("--sample-steps must be >= 1 and --guidance >= 0")
@@ -283,13 +274,13 @@ def run_prompt_verify(cfg) -> dict:
                         f"{tuple(before.image_shape)}: verify a model against the one it was unlearned from")
     before.check_images(tuple(data.rule.reference.shape), f"the memorised image of {cfg.data}")
     paraphrases = read_prompts(cfg.paraphrases) if cfg.paraphrases else []
-    for p in [cfg.prompt, *paraphrases, *(read_prompts(cfg.control_prompts) if cfg.control_prompts else [])]:
+    controls = read_prompts(cfg.control_prompts) if cfg.control_prompts else []
+    for p in [cfg.prompt, *paraphrases, *controls]:
         check_prompt_length(before, p, "the prompt" if p == cfg.prompt else f"prompt {p!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     from .quality import quality_measure
 
-    controls = read_prompts(cfg.control_prompts) if cfg.control_prompts else []
     result = verify_prompt(before, after.unet, cfg.prompt, data.rule, budget=b, guidance=cfg.guidance,
                            sample_steps=cfg.sample_steps, seed=cfg.seed, paraphrases=paraphrases,
                            max_rate=cfg.max_copy_rate, log=print, controls=controls,
