@@ -50,11 +50,13 @@ def test_dry_run_prints_the_resolved_config_with_overrides(capsys, tmp_path):
 @pytest.mark.parametrize("name", [m for m in METHODS if m != "retrain"])
 def test_the_preset_works_with_every_method(capsys, name):
     """``--method`` naming another method than the preset replaces the preset's method block: that method's own
-    defaults apply, and the preset's trainer settings stay."""
+    defaults apply (unlearn's: a strength that can be measured at the model is ``auto``), and the preset's trainer
+    settings stay. The preset's own method keeps the preset's settings (the paper's scaling_norm 5)."""
     rc, out, err = _run(capsys, "unlearn", "--config", "mnist-tshirt", "--method", name, "--dry-run")
     assert rc == 0, err
     resolved = yaml.safe_load(out)
-    assert resolved["method"] == {"name": name, **make_method(name).hyperparameters()}
+    measured = {"scaling_norm": "auto"} if name == "siss-nois" else {}
+    assert resolved["method"] == {"name": name, **make_method(name).hyperparameters(), **measured}
     assert resolved["trainer"]["steps"] == 300 and resolved["trainer"]["lr"] == 5e-5
 
 

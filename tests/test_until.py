@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,8 +108,6 @@ def test_until_removed_end_to_end_exits_3_when_not_removed(capsys, tmp_path, mon
     summary.json and the model card, the verification written."""
     model = save_model(tiny_model(), tmp_path / "base")
     rng = torch.Generator().manual_seed(0)
-    import numpy as np
-
     data = tmp_path / "d.npz"
     np.savez(data, images=(torch.rand((30, 8, 8), generator=rng) * 255).to(torch.uint8).numpy())
     out = tmp_path / "run"
@@ -120,7 +119,8 @@ def test_until_removed_end_to_end_exits_3_when_not_removed(capsys, tmp_path, mon
     monkeypatch.setattr(core, "verify", counted)  # the loop's confirmation
     monkeypatch.setattr(command, "verify", counted)  # the run's own verification after saving
     rc = main(["unlearn", "--model", str(model), "--data", str(data), "--forget", "0,1", "--method", "naive",
-               "--steps", "4", "--batch-size", "4", "--until", "removed", "--check-every", "4", "--threads", "1",
+               "--max-steps", "4", "--batch-size", "4", "--until", "removed", "--check-every", "4",
+               "--check-seeds", "1", "--threads", "1",
                "--out", str(out)])
     assert rc == 3, capsys.readouterr().err
     s = json.loads((out / "summary.json").read_text())
@@ -134,7 +134,7 @@ def test_until_removed_end_to_end_exits_3_when_not_removed(capsys, tmp_path, mon
 
 @pytest.mark.parametrize("case,args,words", [
     ("verify-off", ["--until", "removed", "--verify", "off"], "drop --verify off"),
-    ("interval", ["--until", "removed", "--check-every", "50", "--steps", "10"], "larger than --steps 10"),
+    ("interval", ["--until", "removed", "--check-every", "50", "--max-steps", "10"], "larger than --max-steps 10"),
     ("outcome", ["--until", "gone"], "--until must be 'removed'"),
     ("zero", ["--until", "removed", "--check-every", "0"], "--check-every must be >= 1"),
 ])
@@ -146,3 +146,75 @@ def test_bad_until_settings_give_one_line_and_write_nothing(capsys, tmp_path, mo
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and words in err
     assert not (tmp_path / "u").exists() and snapshot(model_dir) == before
+
+
+def test_requests_until_removed_runs_one_loop_per_request(capsys, tmp_path, monkeypatch):
+    """``--requests`` with ``--until removed``: each request runs its own loop against the images still in the data
+    (an earlier request's images are neither reference images nor A's neighbours any more) and stops at its first
+    confirmed check, with the weights of a fixed run of that many steps; its outcome is in its ledger line, and the
+    first request not removed sets the exit status (3)."""
+    import numpy as np
+
+    import diffunlearn.verification.command as command
+    import diffunlearn.verification.core as core
+
+    model = save_model(tiny_model(), tmp_path / "base")
+    rng = torch.Generator().manual_seed(0)
+    data = tmp_path / "d.npz"
+    np.savez(data, images=(torch.rand((30, 8, 8), generator=rng) * 255).to(torch.uint8).numpy())
+    (tmp_path / "two.txt").write_text("0,1\n2\n")
+    (tmp_path / "one.txt").write_text("0,1\n")
+    seen = []
+
+    def fake_verify(after, view, idx, **k):  # removed at the first confirmation only (request 1's first check)
+        seen.append((len(view), view.images[idx]))
+        return {"overall": {"status": "removed" if len(seen) == 1 else "not removed"}}
+
+    monkeypatch.setattr(core, "targeted_seeds", lambda *a, **k: ({}, []))  # no search: every check confirms
+    monkeypatch.setattr(core, "verify", fake_verify)
+    monkeypatch.setattr(loop_mod, "quality_verdict", lambda m, v, label=None: {"status": "kept"})
+    monkeypatch.setattr(command, "verify_run", lambda *a, **k: None)
+    common = ["unlearn", "--model", str(model), "--data", str(data), "--method", "naive", "--batch-size", "4",
+              "--threads", "1"]
+    rc = main(common + ["--requests", str(tmp_path / "two.txt"), "--until", "removed", "--max-steps", "4",
+                        "--check-every", "2", "--out", str(tmp_path / "loop")])
+    assert rc == 3, capsys.readouterr().err
+    first, second = [json.loads(line) for line in (tmp_path / "loop" / "ledger.jsonl").read_text().splitlines()]
+    assert (first["until"]["outcome"], first["until"]["stopped_at"]) == ("removed", 2)
+    assert second["until"]["outcome"] == "not removed" and [c["step"] for c in second["until"]["checks"]] == [2, 4]
+    images = torch.as_tensor(np.load(data)["images"]).float() / 127.5 - 1
+    assert seen[0][0] == 30 and torch.allclose(seen[0][1][:, 0], images[[0, 1]])
+    assert seen[1][0] == 28 and torch.allclose(seen[1][1][:, 0], images[[2]])  # request 1's images are gone
+    s = json.loads((tmp_path / "loop" / "summary.json").read_text())
+    assert s["exit_status"] == 3 and [r["until"]["outcome"] for r in s["per_request"]] == ["removed", "not removed"]
+    assert main(common + ["--requests", str(tmp_path / "one.txt"), "--steps", "2", "--verify", "off",
+                          "--out", str(tmp_path / "fixed")]) == 0
+    fixed = json.loads((tmp_path / "fixed" / "ledger.jsonl").read_text())
+    assert first["model_after"] == fixed["model_after"]
+
+
+@pytest.mark.parametrize("budget_hits_clean", [False, True])
+def test_a_check_redraws_the_budget_search_hits_first_and_the_rest_only_when_those_are_clean(monkeypatch,
+                                                                                            budget_hits_clean):
+    """The gate: seeds of the budget's own search (below its ``search_seeds``) are drawn again first; the larger
+    search's other hits only when none of those draws A, so a check while A is still drawn costs the budget's
+    targeted test alone; a confirmation needs every hit clean."""
+    import diffunlearn.verification.generation as generation
+
+    lp, callback = _loop(monkeypatch, every=2, removed_at=2)
+    lp.hits, lp.first = [3, 9, 600, 700], 2
+    drawn = []
+
+    def fake_draw(model, items, indices, *a, **k):
+        drawn.append(list(indices))
+        copy = not budget_hits_clean and indices[0] < TEST.search_seeds
+        return np.full((len(indices), len(items)), 0.0 if copy else np.inf, dtype=np.float32), None
+
+    monkeypatch.setattr(generation, "draw_distances", fake_draw)
+    _run(2, callback)
+    check = lp.checks[0]
+    if budget_hits_clean:
+        assert drawn == [[3, 9], [600, 700]] and check["targeted_drawn"] == 4 and lp.outcome == "removed"
+    else:
+        assert drawn == [[3, 9]] and check["targeted_drawn"] == 2 and check["targeted_still"] == 2
+        assert lp.outcome == "not removed" and "verification" not in check

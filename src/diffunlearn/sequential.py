@@ -210,13 +210,29 @@ def _check(cfg) -> None:
         raise UserError("pass --model: a diffusers model directory")
 
 
+def _without(data: ImageSet, gone: set[int], idx: list[int]) -> tuple[ImageSet, list[int]]:
+    """``data`` without the images of earlier requests (they are no longer kept, so they are neither reference
+    images nor the other images that set A's near-copy distance), and ``idx`` as positions in it."""
+    if not gone:
+        return data, list(idx)
+    keep = [i for i in range(len(data)) if i not in gone]
+    where = {i: j for j, i in enumerate(keep)}
+    view = ImageSet(data.images.subset(keep), [data.names[i] for i in keep], held_out=data.held_out,
+                    source=data.source, meta=data.meta,
+                    labels=None if data.labels is None else data.labels[keep], classes=data.classes,
+                    held_out_labels=data.held_out_labels)
+    return view, [where[i] for i in idx]
+
+
 def _record_of(entry: dict) -> dict:
     """A request's line of ``summary.json`` from its ledger entry."""
     before, after = entry["metrics_before"], entry["metrics_after"]
     return {"request": entry["request"], "count": entry["count"], "similarity_before": before["similarity_mean"],
             "similarity_after": after["similarity_mean"], "quality_before": before["quality"],
             "quality_after": after["quality"], "membership_auc_before": before.get("membership_auc"),
-            "membership_auc_after": after.get("membership_auc"), "seconds": entry["seconds"]}
+            "membership_auc_after": after.get("membership_auc"), "seconds": entry["seconds"],
+            **({"until": {k: entry["until"][k] for k in ("outcome", "exit_status", "stopped_at", "model_is_step")}}
+               if "until" in entry else {})}
 
 
 def _resumed(out: Path, base: DiffusionModel, requests: list[list[int]], data: ImageSet
@@ -333,7 +349,15 @@ def run_sequential(cfg) -> dict:
         if calibration:
             print(f"  scaling_norm auto = {calibration['scaling_norm']:.4g} ({AUTO_FRACTION:.0%} of ||G_x|| at this "
                   "request's model)", flush=True)
-        new = unlearn(model, kept, forget, method, trainer, log=log, labels=request_labels)
+        loop = None
+        if cfg.until:  # this request's own closed loop, against the images still in the data
+            from .verification.loop import UntilRemoved
+
+            view, view_idx = _without(data, removed_so_far - set(idx), idx)
+            loop = UntilRemoved(model, view, view_idx, budget=cfg.verify, check_every=cfg.check_every,
+                                seed=trainer.seed, gate_seeds=cfg.check_seeds, held_out=held_out,
+                                cache_dir=cfg.cache_dir or None, log=lambda m: print(f"  {m}", flush=True))
+        new = unlearn(model, kept, forget, method, trainer, log=log, labels=request_labels, callback=loop)
         seconds = time.time() - t0
         t1 = time.time()
         upto = ends[min(k, len(requests) - 1)]
@@ -350,13 +374,17 @@ def run_sequential(cfg) -> dict:
                  "kept": len(kept), "method": method.name,
                  "settings": {**method.hyperparameters(), **{s: getattr(trainer, s) for s in SETTINGS}},
                  "metrics_before": before, "metrics_after": after, "seconds": round(seconds, 3),
-                 "metrics_seconds": round(time.time() - t1, 3), "model_before": hash_before, "model_after": hash_after}
+                 "metrics_seconds": round(time.time() - t1, 3), "model_before": hash_before, "model_after": hash_after,
+                 **({"until": loop.summary()} if loop is not None else {})}
         line = ledger.next_line(entry)
         save_model(new, run.model_dir, extra_files={LEDGER_NAME: ledger.contents(line)}, overwrite=True)
         ledger.append(line)
         strips.append((sel, previous.denoised[sel], measured.denoised[sel]))
         records.append(_record_of({"request": k, "count": len(idx), "metrics_before": before,
-                                   "metrics_after": after, "seconds": round(seconds, 3)}))
+                                   "metrics_after": after, "seconds": round(seconds, 3),
+                                   **({"until": entry["until"]} if loop is not None else {})}))
+        if loop is not None:
+            print(f"  {loop.line()}", flush=True)
         print(f"request {k} done in {seconds:.1f} s: similarity ({before['similarity']}) "
               f"{before['similarity_mean']:.3f} -> {after['similarity_mean']:.3f}, {evaluator.quality_measure} "
               f"{before['quality']:.4g} -> {after['quality']:.4g}; model {hash_after[:12]} saved, ledger line {k} "
@@ -376,6 +404,9 @@ def run_sequential(cfg) -> dict:
                "ledger": str(out / LEDGER_NAME), "ledger_head": line_hash(ledger.lines[-1]),
                "model_in": model_in,
                "model_out": {"dir": str(run.model_dir), "sha256": hash_before}, "model": model_summary(model)}
+    if cfg.until:  # the first request that was not removed sets the exit status
+        summary["exit_status"] = next((r["until"]["exit_status"] for r in records
+                                       if r.get("until", {}).get("exit_status")), 0)
     run.finish(summary)
     print(f"saved {run.model_dir} with {LEDGER_NAME}; strips.png: original | before | after its request | at the end")
     if cfg.verify != "off":  # every request's model and ledger line are saved: a failed verification is recorded

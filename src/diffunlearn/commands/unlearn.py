@@ -49,15 +49,26 @@ class UnlearnConfig:
                                                          "~/.cache/diffunlearn)"})
     until: str = field(default="", metadata={"help": "'removed': check the model every --check-every steps and stop "
                                                      "at the first step whose deletion the --verify budget confirms "
-                                                     "(--steps is then the most steps it takes); exit status 0 "
-                                                     "removed, 3 not removed within --steps, 4 stopped by the "
+                                                     "(--max-steps is the most steps it takes); exit status 0 "
+                                                     "removed, 3 not removed within --max-steps, 4 stopped by the "
                                                      "quality guard"})
     check_every: int = field(default=50, metadata={"help": "with --until removed: steps between checks (each draws "
                                                            "the targeted seeds again and the loss of A and the "
                                                            "reference images)"})
+    max_steps: int = field(default=1000, metadata={"help": "with --until removed: the most steps the loop takes "
+                                                          "(it replaces --steps)"})
+    check_seeds: int = field(default=2048, metadata={"help": "with --until removed: seeds searched once under the "
+                                                            "model before; a check confirms with the verification "
+                                                            "only when none of the seeds at which that model drew A "
+                                                            "draws it any more (at least the --verify budget's "
+                                                            "search)"})
     method: MethodSpec = field(default_factory=MethodSpec)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sequential: SequentialConfig = field(default_factory=SequentialConfig)
+
+    def __post_init__(self):
+        # one default for any model: a strength that can be measured at the input model is, unless it is set
+        self.method = self.method.measured_by_default()
 
     def validate(self) -> None:
         from ..tracking import check_report_to
@@ -70,10 +81,13 @@ class UnlearnConfig:
         check_options(self.verify, self.audit)
         from ..verification.loop import check_until
 
-        check_until(self.until, self.verify, self.check_every, self.trainer.steps)
-        if self.until and self.sequential.requests:
-            raise UserError("--until removed runs one deletion request: drop --requests, or run each request with "
-                            "its own --until removed")
+        if self.until:
+            if self.trainer.steps not in (TrainerConfig.steps, self.max_steps):
+                raise UserError("--until removed decides the steps itself: pass --max-steps N (the most steps it "
+                                f"may take, default {UnlearnConfig.max_steps}) instead of --steps")
+            self.trainer.steps = self.max_steps
+        check_until(self.until, self.verify, self.check_every, self.max_steps if self.until else self.trainer.steps,
+                    self.check_seeds)
         if self.until and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise UserError("--until removed checks the model in one process: start the run without accelerate "
                             "launch")
@@ -187,7 +201,8 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         from ..verification.loop import UntilRemoved
 
         loop = UntilRemoved(model, data, forget_idx, budget=cfg.verify, check_every=cfg.check_every, seed=trainer.seed,
-                            cache_dir=cfg.cache_dir or None, log=lambda m: print(m, flush=True))
+                            gate_seeds=cfg.check_seeds, cache_dir=cfg.cache_dir or None,
+                            log=lambda m: print(m, flush=True))
 
     def callback(step, unet):
         if tracker is not None:

@@ -94,6 +94,16 @@ class MethodSpec:
                             "at the input model before the run; pass a number to use the method here")
         return make_method(self.name, **{k: (1.0 if v == AUTO else v) for k, v in self.params.items()})
 
+    def measured_by_default(self) -> "MethodSpec":
+        """This block with every setting that may be measured at the model (``auto``, e.g. SISS's ``scaling_norm``)
+        and was not set here set to ``auto``: the ``unlearn`` command's default, one setting for any model. A fixed
+        ``superfactor`` replaces norm-fixing, so it keeps ``scaling_norm`` unmeasured."""
+        if self.name not in METHODS or self.params.get("superfactor") is not None:
+            return self
+        free = {f.name: AUTO for f in dataclasses.fields(METHODS[self.name])
+                if f.metadata.get("auto") and self.params.get(f.name) is None}
+        return MethodSpec(self.name, {**self.params, **free}) if free else self
+
     def to_dict(self) -> dict:
         """The block as it would be written in YAML, with every hyperparameter resolved (defaults included; an
         ``auto`` setting stays ``auto``)."""

@@ -29,7 +29,8 @@ class SubtractedGradients:
 
     scaling_norm: float | None = field(default=5.0, metadata={
         "help": "norm the NegGrad gradient is fixed to, or 'auto': 10%% of ||G_x|| measured at the input model on "
-                "this run's data (the paper's rule, per model)", "auto": True})
+                "this run's data (the paper's rule, per model). The unlearn command's default is auto; "
+                "the class's default is 5.0, the paper's MNIST value", "auto": True})
     superfactor: float | None = field(default=None, metadata={"help": "fixed NegGrad multiplier "
                                                                       "instead of norm-fixing"})
     norm_refresh: int = field(default=1, metadata={"help": "take both gradients every k-th step only, reusing ||G_a|| "

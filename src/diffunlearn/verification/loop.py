@@ -1,9 +1,10 @@
 """Unlearning until the verdict holds (``unlearn --until removed``): a trainer callback that checks the model every
 ``check_every`` steps and stops the run at the first step whose deletion verifies.
 
-Each check is cheap: the targeted seeds of the generation test (the seeds at which the model before draws A, searched
-once and cached) drawn again under the current model, and the denoising loss of A and of the reference images. When
-no targeted seed draws A any more, the full verification at the run's budget confirms it (the verdicts of
+Each check is cheap: the targeted seeds (the seeds among the first ``gate_seeds``, 2,048 by default, at which the model
+before draws A; searched once and cached) drawn again under the current model, those of the budget's own search
+first and the rest only when those are clean, and the denoising loss of A and of the reference images. When no
+targeted seed draws A any more, the verification at the run's budget confirms it (the verdicts of
 :func:`diffunlearn.verification.verify`); the run stops at the first confirmed check, and that model is saved.
 
 The quality guard: the reference images' loss is judged at every check against the model before
@@ -20,7 +21,7 @@ that record again from its first check.
 from __future__ import annotations
 
 import time
-
+from dataclasses import replace
 
 from ..errors import UserError
 from ..models import DiffusionModel
@@ -31,7 +32,11 @@ OUTCOMES = {"removed": 0, "not removed": 3, "stopped by the quality guard": 4}
 UNTIL_CHOICES = ("", "removed")
 
 
-def check_until(until: str, verify_: str, check_every: int, steps: int) -> None:
+#: seeds searched under the model before for the checks' gate (the full budget's search)
+GATE_SEEDS = 2048
+
+
+def check_until(until: str, verify_: str, check_every: int, steps: int, gate_seeds: int = GATE_SEEDS) -> None:
     """Bad ``--until`` settings fail before anything runs."""
     if until not in UNTIL_CHOICES:
         raise UserError(f"--until must be 'removed' (or left out), got {until!r}")
@@ -42,15 +47,17 @@ def check_until(until: str, verify_: str, check_every: int, steps: int) -> None:
     if check_every < 1:
         raise UserError(f"--check-every must be >= 1, got {check_every}")
     if check_every > steps:
-        raise UserError(f"--check-every {check_every} is larger than --steps {steps}: no check would run; lower "
-                        "--check-every or raise --steps (the most steps the loop may take)")
+        raise UserError(f"--check-every {check_every} is larger than --max-steps {steps}: no check would run; "
+                        "lower --check-every or raise --max-steps (the most steps the loop may take)")
+    if gate_seeds < 1:
+        raise UserError(f"--check-seeds must be >= 1, got {gate_seeds}")
 
 
 class UntilRemoved:
     """``callback(step, unet) -> bool`` for :func:`diffunlearn.trainer.unlearn`: True stops the run."""
 
     def __init__(self, before: DiffusionModel, data, forget_idx: list[int], *, budget: str = "fast",
-                 check_every: int = 50, seed: int = 0, held_out=None, cache_dir=None,
+                 check_every: int = 50, seed: int = 0, gate_seeds: int = GATE_SEEDS, held_out=None, cache_dir=None,
                  similarity_t: int = SIMILARITY_T, max_copy_rate: float = MAX_COPY_RATE, log=None):
         from .core import _as_imageset, _other_images, build_subjects, check_budget, targeted_seeds
         from .measures import measure_model
@@ -67,8 +74,15 @@ class UntilRemoved:
                                b.neighbour_pool, seed)
         _, self.thresholds = near_copy_thresholds(self.subjects.forget, others)
         s = self.subjects
-        self.say(f"until removed: targeted search, {b.search_seeds} seeds under the model before ...")
-        _, self.hits = targeted_seeds(before, s, self.thresholds, b, seed, cache_dir)
+        # the gate: the seeds at which the model before drew A, over at least the budget's own search (a search
+        # extends the budget's: its first seeds are the budget's); a check redraws the budget's first and the rest
+        # only when those are clean, so an early check costs what the budget's targeted test costs
+        gate = replace(b, search_seeds=max(b.search_seeds, int(gate_seeds)))
+        self.say(f"until removed: targeted search, {gate.search_seeds} seeds under the model before ...")
+        _, hits = targeted_seeds(before, s, self.thresholds, gate, seed, cache_dir)
+        self.hits = [i for i in hits if i < b.search_seeds] + [i for i in hits if i >= b.search_seeds]
+        self.first = sum(1 for i in hits if i < b.search_seeds)
+        self.gate_seeds = gate.search_seeds
         # the loss of A and the reference images, as verify measures it (the same (t, eps) pairs)
         self._losses = lambda m: measure_model(m, s, None, similarity_t, seed, parts=("loss",)).values
         self.ref_before = self._losses(before)["loss_ref"].numpy()
@@ -97,11 +111,15 @@ class UntilRemoved:
         from .generation import draw_distances
 
         model, s, b = self.model(unet), self.subjects, self.budget
-        d, _ = draw_distances(model, s.forget, self.hits, b.sampler, b.sample_steps, self.seed, s.sample_labels_of)
-        still = int(copy_hits(d, self.thresholds).sum()) if self.hits else 0
+        still, drawn = 0, 0
+        for part in (self.hits[:self.first], self.hits[self.first:]):
+            if still or not part:
+                continue
+            d, _ = draw_distances(model, s.forget, part, b.sampler, b.sample_steps, self.seed, s.sample_labels_of)
+            still, drawn = int(copy_hits(d, self.thresholds).sum()), drawn + len(part)
         losses = self._losses(model)
         q = quality_verdict("loss", {"before": self.ref_before, "after": losses["loss_ref"].numpy()})
-        check = {"step": step, "targeted_still": still, "targeted_of": len(self.hits),
+        check = {"step": step, "targeted_still": still, "targeted_drawn": drawn, "targeted_of": len(self.hits),
                  "loss_a": float(losses["loss_a"].mean()), "loss_reference": float(losses["loss_ref"].mean()),
                  "quality": q["status"]}
         stop = False
@@ -124,7 +142,8 @@ class UntilRemoved:
             self._good = (step, {k: v.detach().clone() for k, v in unet.state_dict().items()})
         check["seconds"] = round(time.time() - t0, 2)
         self.checks.append(check)
-        self.say(f"until removed: step {step}: {still}/{len(self.hits)} targeted seeds draw A, quality {q['status']}"
+        self.say(f"until removed: step {step}: {still} of {drawn} targeted seeds drawn again draw A "
+                 f"({len(self.hits)} in all), quality {q['status']}"
                  + (f", verification {check['verification']}" if "verification" in check else "")
                  + (f": {self.outcome}" if stop else ""))
         return stop
@@ -151,7 +170,8 @@ class UntilRemoved:
         restored = next((c["restored_step"] for c in self.checks if "restored_step" in c), None)
         return {"outcome": self.outcome, "exit_status": OUTCOMES[self.outcome], "stopped_at": self.stopped_at,
                 "model_is_step": restored if restored is not None else self.stopped_at,
-                "check_every": self.every, "targeted_seeds": len(self.hits), "budget": self.budget.name,
+                "check_every": self.every, "targeted_seeds": len(self.hits), "gate_seeds": self.gate_seeds,
+                "budget": self.budget.name,
                 "checks": self.checks}
 
     def line(self) -> str:
