@@ -130,6 +130,9 @@ def test_until_removed_end_to_end_exits_3_when_not_removed(capsys, tmp_path, mon
     assert v["overall"]["status"] == s["until"]["checks"][0]["verification"] and len(calls) == 1
     assert (out / "verification.json").is_file() and "not removed" in (out / "model" / "README.md").read_text()
     assert "until removed: not removed within the step budget" in capsys.readouterr().out
+    report = (out / "report.html").read_text()  # the report shows the loop: its checks, where and why it ended
+    assert "Unlearning until removed" in report and "not removed within the step budget (1 checks)" in report
+    assert report.count("<tr><td>4</td>") == 1
 
 
 @pytest.mark.parametrize("case,args,words", [

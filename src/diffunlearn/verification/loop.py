@@ -23,6 +23,8 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import numpy as np
+
 from ..errors import UserError
 from ..models import DiffusionModel
 from ..metrics.similarity import SIMILARITY_T
@@ -121,7 +123,8 @@ class UntilRemoved:
         q = quality_verdict("loss", {"before": self.ref_before, "after": losses["loss_ref"].numpy()})
         check = {"step": step, "targeted_still": still, "targeted_drawn": drawn, "targeted_of": len(self.hits),
                  "loss_a": float(losses["loss_a"].mean()), "loss_reference": float(losses["loss_ref"].mean()),
-                 "quality": q["status"]}
+                 "loss_reference_band": [float(v) for v in np.percentile(losses["loss_ref"].numpy(), [5, 95])],
+                 "quality": q["status"], **{f"quality_{k}": q.get(k) for k in ("worse_by", "stderr", "limit")}}
         stop = False
         if q["status"] == Status.DEGRADED.value:
             stop = self._guard(unet, check)

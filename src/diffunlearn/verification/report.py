@@ -243,6 +243,76 @@ def _curves(log: list[dict] | None) -> str:
         _img(Image.open(io.BytesIO(buf.getvalue())), "loss and gradient-norm curves")
 
 
+def _until(until: dict | None) -> str:
+    """The closed loop of ``unlearn --until removed``: each check's measures over the steps, where it stopped and
+    why."""
+    checks = (until or {}).get("checks") or []
+    if not checks:
+        return ""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    steps = [c["step"] for c in checks]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax = axes[0]
+    ax.plot(steps, [c["targeted_still"] for c in checks], "o-", label="still draw A", lw=1.4)
+    ax.plot(steps, [c.get("targeted_drawn", c["targeted_of"]) for c in checks], "x:", label="drawn again", lw=1)
+    for c in checks:
+        if "verification" in c:
+            ax.annotate(c["verification"], (c["step"], c["targeted_still"]), textcoords="offset points",
+                        xytext=(0, 8), ha="center", fontsize=7)
+    ax.set_title(f"targeted seeds ({until.get('targeted_seeds')} of {until.get('gate_seeds', '?')} searched)",
+                 fontsize=10)
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    band = [c.get("loss_reference_band") for c in checks]
+    if all(band):
+        ax.fill_between(steps, [b[0] for b in band], [b[1] for b in band], alpha=.25,
+                        label="reference images (5-95%)")
+    ax.plot(steps, [c["loss_a"] for c in checks], "o-", label="A", lw=1.4)
+    ax.plot(steps, [c["loss_reference"] for c in checks], "-", label="reference mean", lw=1)
+    ax.set_title("denoising loss", fontsize=10)
+    ax.legend(fontsize=8)
+    ax = axes[2]
+    worse = [c.get("quality_worse_by") for c in checks]
+    if all(w is not None for w in worse):
+        err = [2 * (c.get("quality_stderr") or 0) for c in checks]
+        ax.errorbar(steps, worse, yerr=err, fmt="o-", lw=1.4, label="worse by (+- 2 s.e.)")
+        ax.plot(steps, [c.get("quality_limit") for c in checks], "r--", lw=1, label="degraded above")
+        ax.legend(fontsize=8)
+    ax.set_title("quality: reference images' loss vs before", fontsize=10)
+    stop = until.get("stopped_at")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(alpha=.3)
+        if stop:
+            ax.axvline(stop, color="k", lw=.8, ls=":")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    why = {"removed": f"stopped at step {stop}: the {until.get('budget')} verification confirmed the removal",
+           "not removed": f"not removed within the step budget ({len(checks)} checks)",
+           "stopped by the quality guard": f"stopped at step {stop} by the quality guard; the saved model is step "
+                                           f"{until.get('model_is_step')}'s, whose quality held"}
+    rows = [[str(c["step"]), f"{c['targeted_still']} / {c.get('targeted_drawn', c['targeted_of'])}",
+             _fmt(c["loss_a"], ".4g"), _fmt(c["loss_reference"], ".4g"), c["quality"],
+             c.get("verification", ""), _fmt(c.get("seconds"), ".1f")] for c in checks]
+    return (f"<h2>Unlearning until removed</h2><p class='note'>A check every {until.get('check_every')} steps: "
+            f"<b>{_e(why.get(until.get('outcome'), until.get('outcome')))}</b>. Each check draws the targeted seeds "
+            "again (the budget's first; the rest only when those are clean) and measures the denoising loss of A "
+            "and of the reference images; only a check with no targeted seed drawing A is confirmed by the "
+            "verification.</p>"
+            + _img(Image.open(io.BytesIO(buf.getvalue())), "checks of the closed loop")
+            + _table(["step", "targeted still / drawn", "loss A", "loss reference", "quality", "verification",
+                      "seconds"], rows))
+
+
 def _audit(a: dict | None) -> str:
     if not a:
         return ""
@@ -373,7 +443,7 @@ def render(run_dir: str | Path) -> str:
         parts += [_removed(v), _settings(config, summary, v), _verdict_table(v), _strips(v), _audit(v.get("audit"))]
     else:
         parts.append(_settings(config, summary, v))
-    parts += [_curves(log), _ledger(ledger)]
+    parts += [_until((summary or {}).get("until")), _curves(log), _ledger(ledger)]
     if v and v.get("status") == "ok" and v.get("kind") != "prompt":
         parts.append(_method_notes(v))
     parts.append("<p class='note'>Written by diffunlearn; this page loads nothing from the network.</p></body></html>")
