@@ -365,3 +365,17 @@ def test_stale_norm_cosine_diagnostic_matches_a_direct_computation():
     want = float(torch.dot(exact, stale) / (exact.norm() * stale.norm()))
     assert stats["cos_norm_1_steps_old"] == pytest.approx(want, rel=1e-12)
     assert "cos_norm_5_steps_old" not in stats
+
+
+def test_the_measured_scaling_norm_is_the_whole_steps_gradient_however_it_is_split():
+    """``--scaling-norm auto`` measures ||G_x|| of the optimiser step's whole batch: differentiated a micro-batch
+    at a time (gradient accumulation, several processes) it is the same norm as in one pass."""
+    from diffunlearn.methods import MethodSpec
+    from diffunlearn.protocols.calibration import calibrate_scaling_norm
+
+    kept, forget = random_sets(n_kept=12, n_forget=3, seed=5)
+    spec = MethodSpec("siss", {"scaling_norm": "auto"})
+    whole = calibrate_scaling_norm(tiny_model(), kept, forget, spec, 8, 0.1, seed=0)
+    split = calibrate_scaling_norm(tiny_model(), kept, forget, spec, 8, 0.1, seed=0, micro=3)
+    assert split["grad_norm_x"] == pytest.approx(whole["grad_norm_x"], rel=1e-5)
+    assert whole["scaling_norm"] == pytest.approx(0.1 * whole["grad_norm_x"])

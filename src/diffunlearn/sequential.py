@@ -343,8 +343,8 @@ def run_sequential(cfg) -> dict:
                 print(f"  step {rec['step']}/{trainer.steps} {losses}", flush=True)
 
         t0 = time.time()
-        spec, calibration = calibrated(model, kept, forget, cfg.method, trainer.batch_size, AUTO_FRACTION,
-                                       trainer.seed, labels=request_labels)
+        spec, calibration = calibrated(model, kept, forget, cfg.method, trainer.batch_size * trainer.grad_accum,
+                                       AUTO_FRACTION, trainer.seed, labels=request_labels, micro=trainer.batch_size)
         method = spec.build()
         if calibration:
             print(f"  scaling_norm auto = {calibration['scaling_norm']:.4g} ({AUTO_FRACTION:.0%} of ||G_x|| at this "

@@ -159,8 +159,11 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     if cfg.method.auto:  # --scaling-norm auto: the paper's rule measured at the input model on this run's data
         from ..protocols.calibration import AUTO_FRACTION, calibrated
 
-        spec, calibration = calibrated(model, kept, forget, cfg.method, trainer.batch_size, AUTO_FRACTION,
-                                       trainer.seed, labels=labels)
+        # at the optimiser step's whole batch, a micro-batch at a time: the same norm however the step is split
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+        spec, calibration = calibrated(model, kept, forget, cfg.method,
+                                       trainer.batch_size * trainer.grad_accum * processes, AUTO_FRACTION,
+                                       trainer.seed, labels=labels, micro=trainer.batch_size)
         method = spec.build()
         if labels is not None:
             method.check_labels(*labels)
