@@ -54,7 +54,7 @@ def test_demo_runs_leaves_the_shipped_model_untouched_and_reuses_its_stored_eval
 
     base_dir = shipped / "mnist-tshirt-base"
     weights = state_hash(load_model(base_dir / "model").unet)
-    kw = dict(steps=2, n_samples=20, sample_steps=2, nll_probes=1, nll_tol=1e-3)
+    kw = dict(until="", steps=2, verify="off", n_samples=20, sample_steps=2, nll_probes=1, nll_tol=1e-3)
     res = run_demo(DemoConfig(out=str(tmp_path / "a"), **kw))
     assert state_hash(load_model(base_dir / "model").unet) == weights
     for side in ("before", "after"):

@@ -1,16 +1,17 @@
-"""``diffunlearn demo``: unlearn the T-shirt from the shipped MNIST T-Shirt model with SISS and show the effect.
+"""``diffunlearn demo``: unlearn the T-shirt from the shipped MNIST T-Shirt model and show that it is gone.
 
-Runs the paper's MNIST settings (SISS lambda 0.5, norm-fixed scaling_norm 5, AdamW 5e-5, batch 64) on the shipped
-base model for 200 steps instead of the paper's 300: on this model the T-shirt's NLL reaches the retrained model's by
-step 200 (the decay curve of ``bench mnist-tshirt``), and 200 steps keep the demo under 15 minutes on 2 CPU cores
-(300 steps took 15 min 49 s; ``--steps 300``). Then it prints the before/after table (T-shirt rate, T-shirt NLL,
-classifier IS/FID) and saves ``before_after.png``: the same seeded samples from both models, one above the other.
+Runs ``diffunlearn unlearn``'s default command on the shipped base model (SISS lambda 0.5, the NegGrad norm measured
+at the model, AdamW 5e-5, batch 64) with the closed loop: a check every 50 steps, at most 1,000, stopping at the
+first step whose deletion the fast verification confirms (on this model at seed 0: step 600). Then it evaluates both
+models, prints the before/after table (T-shirt rate, T-shirt NLL, classifier IS/FID) beside the verdict, and saves
+``before_after.png``: the same seeded samples from both models, one above the other. The run directory is an
+``unlearn`` run directory (model, verification.json, report.html with the loop's checks) plus the demo's files.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,7 +22,13 @@ from .errors import UserError
 @dataclass
 class DemoConfig:
     out: str = field(default="runs/demo", metadata={"help": "run directory to create"})
-    steps: int = field(default=200, metadata={"help": "SISS steps (the paper: 300)"})
+    until: str = field(default="removed", metadata={"help": "'removed': unlearn until the verification confirms the "
+                                                            "deletion (at most --max-steps); '' runs --steps steps"})
+    max_steps: int = field(default=1000, metadata={"help": "with --until removed: the most steps"})
+    check_every: int = field(default=50, metadata={"help": "with --until removed: steps between checks"})
+    steps: int = field(default=300, metadata={"help": "without --until: SISS steps (the paper: 300)"})
+    verify: str = field(default="fast", metadata={"help": "verification budget: fast, full or off (not with "
+                                                          "--until removed)"})
     n_samples: int = field(default=256, metadata={"help": "samples per model for the T-shirt rate, IS and FID"})
     sample_steps: int = field(default=50, metadata={"help": "DDPM sampling steps"})
     nll_probes: int = field(default=2, metadata={"help": "Hutchinson probes for the T-shirt NLL"})
@@ -36,33 +43,28 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from .data import load_data, resolve_forget, split_kept
+    from .commands.unlearn import UnlearnConfig, run_unlearn
     from .evaluate import EvalConfig, evaluate
-    from .protocols.mnist_tshirt import MnistTshirtProtocol, masked
-    from .models import load_model, save_model
+    from .models import load_model
     from .pretrained import pretrained_dir
-    from .runs import RunDir, prepare_out_dir, write_json
+    from .protocols.mnist_tshirt import MnistTshirtProtocol, masked
+    from .runs import write_json
     from .sampling import save_grid
-    from .config import build_config, load_yaml, to_dict
-    from .methods import MethodSpec
-    from .trainer import TrainerConfig, unlearn
+    from .trainer import TrainerConfig
 
     if cfg.steps < 1 or cfg.n_samples < 10:
         raise UserError("--steps must be >= 1 and --n-samples >= 10")
-    prepare_out_dir(cfg.out, cfg.overwrite)
+    ucfg = UnlearnConfig(model="mnist-tshirt-base", data="mnist-tshirt", forget="default", out=cfg.out,
+                         overwrite=cfg.overwrite, verify=cfg.verify, until=cfg.until, max_steps=cfg.max_steps,
+                         check_every=cfg.check_every, log_every=25,
+                         trainer=TrainerConfig(steps=cfg.max_steps if cfg.until else cfg.steps, seed=cfg.seed,
+                                               threads=cfg.threads))
+    ucfg.validate()  # every setting is checked before anything runs
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_all = time.time()
     base = load_model(pretrained_dir("mnist-tshirt-base") / "model")
     protocol = MnistTshirtProtocol.load()
-    data = load_data("mnist-tshirt")
-    kept, forget = split_kept(data, resolve_forget("default", data))
-    preset = load_yaml("mnist-tshirt")  # the paper's settings: the demo runs the shipped preset, fewer steps
-    spec = MethodSpec.resolve(preset["method"], None, MethodSpec(), "mnist-tshirt")
-    ucfg = build_config(TrainerConfig, raw={**preset["trainer"], "steps": cfg.steps, "seed": cfg.seed},
-                        where="mnist-tshirt")
-    run = RunDir(cfg.out, {"command": "demo", **asdict(cfg), "method": spec.to_dict(), "trainer": to_dict(ucfg)},
-                 cfg.overwrite)
     ecfg = EvalConfig(n_samples=cfg.n_samples, sample_steps=cfg.sample_steps, nll_probes=cfg.nll_probes,
                       nll_tol=cfg.nll_tol, seed=0)
     key = before_key(base, ecfg)
@@ -75,21 +77,16 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"[1/3] evaluating the shipped base model ({cfg.n_samples} samples, NLL of the T-shirt) ...", flush=True)
         before, s_before = evaluate(base, protocol, ecfg)
         s_before = s_before[shown_indices(before["_is_target"])]
-    save_before(Path(cfg.out), key, before, s_before)
-    print(f"[2/3] SISS (lambda {spec.to_dict()['lam']}, scaling_norm {spec.to_dict()['scaling_norm']}), "
-          f"{cfg.steps} steps of batch {ucfg.batch_size} ...", flush=True)
+    print("[2/3] unlearning with unlearn's defaults (SISS, the NegGrad norm measured at the model)"
+          + (f", until the {cfg.verify} verification confirms the deletion (a check every {cfg.check_every} steps, "
+             f"at most {cfg.max_steps}) ..." if cfg.until else f", {cfg.steps} steps ..."), flush=True)
     t0 = time.time()
-
-    def log(rec):
-        run.log(rec)
-        if rec["step"] % 25 == 0 or rec["step"] == cfg.steps:
-            print(f"  step {rec['step']}/{cfg.steps}  loss_x {rec['loss_x']:.1f}  loss_a {rec['loss_a']:.1f}  "
-                  f"||G_x|| {rec['grad_norm_x']:.1f}  ||G_a|| {rec['grad_norm_a']:.1f}", flush=True)
-
-    after_model = unlearn(base, kept, forget, spec.build(), ucfg, log=log)
+    summary = run_unlearn(ucfg)
     unlearn_s = time.time() - t0
-    save_model(after_model, run.model_dir)
+    out = Path(cfg.out)
+    save_before(out, key, before, s_before)
     print("[3/3] evaluating the unlearned model ...", flush=True)
+    after_model = load_model(out / "model")
     after, s_after = evaluate(after_model, protocol, ecfg)
     before_target = before.pop("_is_target")
     idx = shown_indices(before_target)  # s_before holds exactly these samples (see save_before)
@@ -97,18 +94,36 @@ def run_demo(cfg: DemoConfig) -> dict:
     after_target = after.pop("_is_target")
     after_tiles = masked(s_after[idx], [after_target[i] for i in idx], cfg.show_forgotten)
     before["reused_stored_evaluation"] = stored is not None
-    save_grid(torch.cat([before_tiles, after_tiles]), Path(cfg.out) / "before_after.png", ncol=16,
+    save_grid(torch.cat([before_tiles, after_tiles]), out / "before_after.png", ncol=16,
               title="top two rows: before; bottom two rows: after SISS (the same seeds)")
-    table = demo_table(before, after, unlearn_s, cfg)
-    (Path(cfg.out) / "results.md").write_text(table)
-    write_json(Path(cfg.out) / "metrics.json", {"before": before, "after": after, "unlearn_seconds": unlearn_s})
-    run.finish({"command": "demo", "before": before, "after": after, "unlearn_seconds": round(unlearn_s, 1)})
+    steps = (summary.get("until") or {}).get("model_is_step") or summary["steps"]
+    verdict = _verdict(summary)
+    table = demo_table(before, after, unlearn_s, steps) + f"\n{verdict}\n"
+    (out / "results.md").write_text(table)
+    write_json(out / "metrics.json", {"before": before, "after": after, "unlearn_seconds": unlearn_s,
+                                      "steps": steps, "verdict": verdict})
     print("\n" + table)
-    print(f"picture: {Path(cfg.out) / 'before_after.png'} (top two rows before, bottom two after; grey tiles are "
+    print(f"picture: {out / 'before_after.png'} (top two rows before, bottom two after; grey tiles are "
           f"samples that reproduced the T-shirt"
-          f"{'' if cfg.show_forgotten else ', hidden: --show-forgotten shows them'})")
+          f"{'' if cfg.show_forgotten else ', hidden: --show-forgotten shows them'}); report: {out / 'report.html'}")
     print(f"total {time.time() - t_all:.0f} s")
-    return {"before": before, "after": after}
+    return {"before": before, "after": after, "steps": steps, "verdict": verdict,
+            **({"exit_status": summary["exit_status"]} if "exit_status" in summary else {})}
+
+
+def _verdict(summary: dict) -> str:
+    """The verification's headline as one sentence (or why there is none)."""
+    import json
+
+    v = summary.get("verification")
+    if not v:
+        return "Not verified (--verify off)."
+    if v.get("status") != "ok":
+        return f"Verification {v.get('status')}: {v.get('error')}."
+    text = json.loads(Path(v["file"]).read_text())["overall"]["text"]
+    until = summary.get("until")
+    return (f"Verification: **{v['overall']}**" + (f" (unlearned until removed: {until['outcome']})" if until else "")
+            + f". {text}")
 
 
 BEFORE_FILE = "demo-before.json"
@@ -159,7 +174,7 @@ def load_before(folder: Path, key: dict):
     return record["metrics"], pixels / 127.5 - 1.0
 
 
-def demo_table(before: dict, after: dict, unlearn_s: float, cfg: DemoConfig) -> str:
+def demo_table(before: dict, after: dict, unlearn_s: float, steps: int) -> str:
     def row(name, m):
         r, nll = m["tshirt_rate"], m["tshirt_nll"]
         return (f"| {name} | {r['count']}/{r['n']} = {100 * r['rate']:.2f}% ({100 * r['ci95'][0]:.2f}–"
@@ -170,5 +185,5 @@ def demo_table(before: dict, after: dict, unlearn_s: float, cfg: DemoConfig) -> 
         "| model | T-shirt rate (95% CI) ↓ | T-shirt NLL, bits/dim ↑ | classifier IS ↑ | classifier FID ↓ |",
         "|---|---|---|---|---|",
         row("before (shipped base)", before),
-        row(f"after SISS, {cfg.steps} steps ({unlearn_s:.0f} s)", after),
+        row(f"after SISS, {steps} steps ({unlearn_s:.0f} s with its checks and verification)", after),
     ]) + "\n"

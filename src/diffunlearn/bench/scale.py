@@ -126,7 +126,9 @@ def training_bytes(params: int, grad_buffers: int, optimizer: str, frozen: int, 
 
 def build_rows(cfg: ScaleConfig, paths: dict, counts: dict) -> list[Row]:
     """Every row's real command line and memory estimate."""
-    out, t = Path(cfg.out), ["--threads", str(cfg.threads)]
+    # the rows time steps and forwards; a deletion's verification is costed on its own (verify --help, the
+    # verify-ladder's cost.py), so the unlearning rows do not verify
+    out, t, nv = Path(cfg.out), ["--threads", str(cfg.threads)], ["--verify", "off"]
     p_ddpm, p_sd = counts["ddpm-unet"]["parameters"], counts["sd-unet"]["parameters"]
     frozen = counts["sd-vae"]["parameters"] + counts["sd-text-encoder"]["parameters"]
     data_bytes = 4 * 3 * paths["image_size"] ** 2 * cfg.n  # the in-memory loader holds X as float32
@@ -137,7 +139,7 @@ def build_rows(cfg: ScaleConfig, paths: dict, counts: dict) -> list[Row]:
     rows = [
         Row("ddpm unlearn", "ddpm", ["unlearn", "--model", ddpm, "--data", paths["data"], "--forget", "0", *siss_celeba,
                                      "--grad-accum", str(cfg.grad_accum), "--steps", str(cfg.steps),
-                                     "--checkpoint-every", "0", *t, "--out", str(runs / "ddpm-unlearn")],
+                                     "--checkpoint-every", "0", *t, *nv, "--out", str(runs / "ddpm-unlearn")],
             "step", runs / "ddpm-unlearn",
             training_bytes(p_ddpm, 3 if cfg.grad_accum > 1 else 2, "adamw", 0, ACTIVATIONS["ddpm"]) + data_bytes,
             f"SISS lambda 0.5, scaling norm 500, lr 5e-6, batch 1 x {cfg.grad_accum}, gradient checkpointing"),
@@ -152,7 +154,7 @@ def build_rows(cfg: ScaleConfig, paths: dict, counts: dict) -> list[Row]:
     ]
     unlearn = ["prompt", "unlearn", "--model", sd, "--data", paths["sd_data"], "--steps", str(cfg.sd_steps),
                "--batch-size", "1", "--grad-accum", "1", "--eval-every", "0", "--eval-samples", "1", "--sample-steps",
-               "2", "--sample-batch-size", "1", "--device", "cpu", "--method", "siss", *t]
+               "2", "--sample-batch-size", "1", "--device", "cpu", "--method", "siss", *t, *nv]
     for name, extra, buffers, opt, note in (
             ("sd prompt unlearn", [], 2, "adamw", "SISS (scaling norm 750), fp32 AdamW, gradient checkpointing"),
             ("sd prompt unlearn 8-bit superfactor", ["--optimizer", "adamw8bit", "--superfactor", "0.05"], 1,
@@ -171,7 +173,7 @@ def build_rows(cfg: ScaleConfig, paths: dict, counts: dict) -> list[Row]:
     rows.append(Row("ddpm unlearn --requests", "ddpm",
                     ["unlearn", "--model", ddpm, "--data", paths["data"], "--requests", paths["requests"],
                      "--held-out", paths["held_out"], "--similarity-t", "1", *siss_celeba, "--steps",
-                     str(cfg.request_steps), "--grad-accum", str(cfg.request_grad_accum), *t,
+                     str(cfg.request_steps), "--grad-accum", str(cfg.request_grad_accum), *t, *nv,
                      "--out", str(runs / "ddpm-requests")],
                     "step", runs / "ddpm-requests",
                     training_bytes(p_ddpm, 2, "adamw", p_ddpm, ACTIVATIONS["ddpm"]) + data_bytes,

@@ -81,7 +81,9 @@ class UntilRemoved:
         # only when those are clean, so an early check costs what the budget's targeted test costs
         gate = replace(b, search_seeds=max(b.search_seeds, int(gate_seeds)))
         self.say(f"until removed: targeted search, {gate.search_seeds} seeds under the model before ...")
+        t0 = time.time()
         _, hits = targeted_seeds(before, s, self.thresholds, gate, seed, cache_dir)
+        self.search_seconds = round(time.time() - t0, 2)  # near 0 when the search is in the cache
         self.hits = [i for i in hits if i < b.search_seeds] + [i for i in hits if i >= b.search_seeds]
         self.first = sum(1 for i in hits if i < b.search_seeds)
         self.gate_seeds = gate.search_seeds
@@ -174,6 +176,7 @@ class UntilRemoved:
         return {"outcome": self.outcome, "exit_status": OUTCOMES[self.outcome], "stopped_at": self.stopped_at,
                 "model_is_step": restored if restored is not None else self.stopped_at,
                 "check_every": self.every, "targeted_seeds": len(self.hits), "gate_seeds": self.gate_seeds,
+                "search_seconds": self.search_seconds,
                 "budget": self.budget.name,
                 "checks": self.checks}
 
