@@ -65,26 +65,36 @@ def test_a_run_stopped_at_a_check_has_the_weights_of_a_run_of_that_many_steps(mo
     assert lp.summary()["exit_status"] == 0
 
 
-def test_a_loop_interrupted_and_resumed_decides_and_ends_as_an_uninterrupted_one(monkeypatch, tmp_path):
-    """Killed after step 5 (checkpoint at 4), resumed: the checks at 6 and 8 decide as before and the run stops at
-    8 with the weights of an uninterrupted 8-step run."""
+@pytest.mark.parametrize("ending", ["removed", "quality guard"])
+def test_a_loop_interrupted_and_resumed_decides_and_ends_as_an_uninterrupted_one(monkeypatch, tmp_path, ending):
+    """Killed after step 5 (checkpoint at 4, which keeps the loop's state), resumed: the checks at 6 and 8 decide as
+    an uninterrupted run's do, the record holds every check, and the run ends with the uninterrupted run's weights:
+    stopped at 8 (removed), or by the quality guard at 6 with step 4's weights, the last checked whose quality
+    held before the restart (which only the checkpoint's copy of the loop's state can give back)."""
     from diffunlearn.trainer import Checkpointer
 
-    lp, callback = _loop(monkeypatch, every=2, removed_at=8)
+    when, stop, weights = ({"removed_at": 8}, 8, 8) if ending == "removed" else ({"degraded_at": 6}, 6, 4)
+    ref, ref_callback = _loop(monkeypatch, every=2, **when)
+    uninterrupted = _run(20, ref_callback)
+    lp, callback = _loop(monkeypatch, every=2, **when)
 
     def killed(step, unet):
         if step == 5:
             raise KeyboardInterrupt
         return callback(step, unet)
 
-    ckpt = Checkpointer(tmp_path / "checkpoint.pt")
+    ckpt = Checkpointer(tmp_path / "checkpoint.pt", extra=lp)
     with pytest.raises(KeyboardInterrupt):
         _run(20, killed, ckpt)
     assert ckpt.last_step() == 4
-    lp2, callback2 = _loop(monkeypatch, every=2, removed_at=8)
+    lp2, callback2 = _loop(monkeypatch, every=2, **when)
+    ckpt.extra = lp2
     resumed = _run(20, callback2, ckpt)
-    assert [c["step"] for c in lp2.checks] == [6, 8] and lp2.outcome == "removed" and lp2.stopped_at == 8
-    assert state_hash(resumed.unet) == state_hash(_run(8).unet)
+    strip = lambda checks: [{k: v for k, v in c.items() if k != "seconds"} for c in checks]  # noqa: E731
+    assert strip(lp2.checks) == strip(ref.checks) and [c["step"] for c in lp2.checks] == list(range(2, stop + 1, 2))
+    assert lp2.summary() == {**ref.summary(), "checks": lp2.checks, "search_seconds": lp2.search_seconds}
+    assert lp2.stopped_at == stop and lp2.summary()["model_is_step"] == weights
+    assert state_hash(resumed.unet) == state_hash(uninterrupted.unet) == state_hash(_run(weights).unet)
 
 
 def test_the_quality_guard_restores_the_last_checked_weights_whose_quality_held(monkeypatch):

@@ -377,9 +377,12 @@ class Checkpointer:
     any moment leaves either the previous checkpoint or the new one, never a torn file. Loaded with
     ``weights_only=True`` (tensors and numbers only; it is our own file, but no code can run from it either way)."""
 
-    def __init__(self, path):
+    def __init__(self, path, extra=None):
         self.path = Path(path)
         self.final = False  # the restored checkpoint holds the finished weights only (save_final)
+        #: an object whose ``state_dict()`` is saved with every checkpoint and given back to its
+        #: ``load_state_dict`` on restore (the closed loop of ``--until removed``: its checks and decisions)
+        self.extra = extra
 
     def exists(self) -> bool:
         return self.path.is_file()
@@ -407,14 +410,18 @@ class Checkpointer:
     def save(self, step: int, unet, opt, generator: torch.Generator, method: Method) -> None:
         state = {"format": CHECKPOINT_FORMAT, "step": step,
                  "model": {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()},
-                 "optimizer": opt.state_dict(), "generator": generator.get_state(), "method": method.state_dict()}
+                 "optimizer": opt.state_dict(), "generator": generator.get_state(), "method": method.state_dict(),
+                 **self._extra()}
         self._write(state)
+
+    def _extra(self) -> dict:
+        return {"extra": self.extra.state_dict()} if self.extra is not None else {}
 
     def save_final(self, step: int, unet) -> None:
         """The trained weights alone, when the model directory could not be written: ``--resume`` then writes the
         model without training again."""
         self._write({"format": CHECKPOINT_FORMAT, "step": step, "final": True,
-                     "model": {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}})
+                     "model": {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()}, **self._extra()})
 
     def _write(self, state: dict) -> None:
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -450,6 +457,8 @@ class Checkpointer:
                 opt.load_state_dict(state["optimizer"])
                 generator.set_state(state["generator"])
                 method.load_state_dict(state.get("method", {}))
+            if self.extra is not None and "extra" in state:
+                self.extra.load_state_dict(state["extra"])
         except (RuntimeError, KeyError, ValueError, TypeError) as e:
             raise UserError(f"checkpoint {self.path} does not fit this run ({_first_line(e)}): it was "
                             "written for another model or method; start the run again with --overwrite") from None

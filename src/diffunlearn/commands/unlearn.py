@@ -206,6 +206,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         loop = UntilRemoved(model, data, forget_idx, budget=cfg.verify, check_every=cfg.check_every, seed=trainer.seed,
                             gate_seeds=cfg.check_seeds, cache_dir=cfg.cache_dir or None,
                             log=lambda m: print(m, flush=True))
+        checkpoint.extra = loop  # a checkpoint keeps the loop's checks and decisions
 
     def callback(step, unet):
         if tracker is not None:

@@ -13,9 +13,9 @@ and the last checked model whose quality held (the model before, at the first ch
 outcome says so. Outcomes: ``removed`` (exit status 0), ``not removed`` within the step budget (3), ``stopped by the
 quality guard`` (4).
 
-Every check is a function of the weights at its step and of fixed seeds, so a run resumed from a checkpoint makes the
-same decisions as an uninterrupted one. The model whose quality held last is kept in memory; a resumed run starts
-that record again from its first check.
+Every check is a function of the weights at its step and of fixed seeds, and a checkpoint keeps the loop's checks,
+its outcome and the last checked weights whose quality held (:meth:`UntilRemoved.state_dict`), so a run resumed from
+a checkpoint makes the same decisions, and records the same checks, as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -161,6 +161,18 @@ class UntilRemoved:
         self.outcome, self.stopped_at = "stopped by the quality guard", check["step"]
         check["restored_step"] = step
         return True
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the loop, so that a resumed run decides as an uninterrupted one: its checks,
+        its outcome so far and the last checked weights whose quality held (what the quality guard restores)."""
+        good_step, good = self._good if self._good is not None else (-1, {})
+        return {"checks": self.checks, "outcome": self.outcome, "stopped_at": self.stopped_at,
+                "good_step": good_step, "good": good}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.checks = list(state.get("checks", []))
+        self.outcome, self.stopped_at = state.get("outcome", "not removed"), state.get("stopped_at")
+        self._good = (int(state["good_step"]), dict(state["good"])) if state.get("good_step", -1) >= 0 else None
 
     def result_for(self, final_step: int) -> dict | None:
         """A verification of the model the run ends with, when a check already made one (the confirmed removal, or
