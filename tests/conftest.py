@@ -66,6 +66,9 @@ def snapshot(path) -> dict:
 #: the README's command run everything. A new test that takes seconds belongs here.
 SLOW = {
     "test_faults.py::test_deletion_requests_killed_at_a_random_point_resume_to_the_same_model_and_ledger",
+    "test_faults.py::test_an_until_removed_run_killed_at_a_random_point_resumes_to_the_same_model_and_decisions",
+    "test_until.py::test_requests_until_removed_runs_one_loop_per_request",
+    "test_harness.py::test_no_import_circles_between_files_or_between_folders",
     "test_latent.py::test_sequential_requests_on_a_latent_model_train_on_latents_like_a_single_request",
     "test_classcond.py::test_deletion_requests_on_a_class_conditional_model_condition_every_row_on_its_label",
     "test_api.py::test_readme_api_example",

@@ -49,3 +49,11 @@ def test_deletion_requests_killed_at_a_random_point_resume_to_the_same_model_and
     of the ledger inside the model completes), it ends with the uninterrupted run's weights bit for bit and the
     same chain of removed images and model hashes."""
     assert requests_kill_and_resume_trial(tmp_path, seed=1) is None
+
+
+def test_an_until_removed_run_killed_at_a_random_point_resumes_to_the_same_model_and_decisions(tmp_path):
+    """``unlearn --until removed --resume`` after a SIGKILL (mostly inside a check: the checks are most of the
+    run's time) ends with the uninterrupted run's weights bit for bit and the same checks, decisions and outcome."""
+    from diffunlearn.faults import until_kill_and_resume_trial
+
+    assert until_kill_and_resume_trial(tmp_path, seed=0) is None

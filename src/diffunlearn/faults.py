@@ -406,15 +406,17 @@ def same_unet(a: Path, b: Path) -> bool:
 
 
 def _kill_then_resume(args: list[str], ref: Path, run: Path, kill_after: int, rng: random.Random, jitter: float,
-                      model_forbidden: bool = False) -> str | None:
+                      model_forbidden: bool = False, exits: tuple[int, ...] = (0,)) -> str | None:
     """Run ``args`` uninterrupted into ``ref`` (once), then into ``run``, SIGKILL it once its log has
     ``kill_after`` lines (plus up to ``jitter`` seconds drawn from ``rng``), and ``--resume`` it; None when the resume
     succeeded. ``model_forbidden``: a model directory must not exist at the kill (a single run writes it only at the
-    end)."""
+    end). ``exits``: the exit statuses of a finished run (``--until removed``'s outcomes are statuses)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     cli = [sys.executable, "-m", "diffunlearn.cli"]
     if not ref.exists():
-        subprocess.run(cli + args + ["--out", str(ref)], check=True, capture_output=True, env=env, timeout=300)
+        first = subprocess.run(cli + args + ["--out", str(ref)], capture_output=True, text=True, env=env, timeout=300)
+        if first.returncode not in exits:
+            return f"the uninterrupted run failed: {first.stderr.strip()[-300:]}"
     proc = subprocess.Popen(cli + args + ["--out", str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=env)
     deadline = time.time() + 240
@@ -432,7 +434,7 @@ def _kill_then_resume(args: list[str], ref: Path, run: Path, kill_after: int, rn
         return "a model directory existed before the run completed"
     done = subprocess.run(cli + args + ["--out", str(run), "--resume"], capture_output=True, text=True, env=env,
                           timeout=300)
-    return None if done.returncode == 0 else f"--resume failed: {done.stderr.strip()[-300:]}"
+    return None if done.returncode in exits else f"--resume failed: {done.stderr.strip()[-300:]}"
 
 
 def kill_and_resume_trial(tmp: Path, seed: int, steps: int = 8) -> str | None:
@@ -446,6 +448,35 @@ def kill_and_resume_trial(tmp: Path, seed: int, steps: int = 8) -> str | None:
     if problem is None and not same_unet(tmp / "ref", run):
         problem = f"killed after step {kill_after}: resumed weights differ from the uninterrupted run"
     return problem
+
+
+def until_kill_and_resume_trial(tmp: Path, seed: int, steps: int = 4) -> str | None:
+    """SIGKILL an ``--until removed`` run at a random point (most of its time goes to the checks, so mostly inside
+    one), ``--resume`` it, and compare with an uninterrupted run: the same final weights bit for bit and the same
+    checks, decisions and outcome."""
+    import json
+
+    args = _base(tmp, "--checkpoint-every", "1", "--seed", "1", "--threads", "1", "--method", "naive")
+    args = [a for a in args if a not in ("--out", str(tmp / "out"))]
+    i = args.index("--steps")
+    args[i:i + 2] = ["--max-steps", str(steps)]
+    i = args.index("--verify")
+    args[i:i + 2] = ["--verify", "fast", "--until", "removed", "--check-every", "2", "--check-seeds", "1"]
+    rng = random.Random(seed)
+    kill_after = rng.randint(1, steps - 1)
+    ref, run = tmp / "ref-until", tmp / f"until-killed-{seed}"
+    problem = _kill_then_resume(args, ref, run, kill_after, rng, 1.0, model_forbidden=True, exits=(0, 3, 4))
+    if problem is not None:
+        return problem
+    if not same_unet(ref, run):
+        return f"killed after step {kill_after}: resumed weights differ from the uninterrupted run"
+
+    def loop(folder):
+        u = json.loads((folder / "summary.json").read_text())["until"]
+        return u["outcome"], [{k: v for k, v in c.items() if k != "seconds"} for c in u["checks"]]
+    if loop(ref) != loop(run):
+        return f"killed after step {kill_after}: the loop's checks or outcome differ from the uninterrupted run's"
+    return None
 
 
 def requests_kill_and_resume_trial(tmp: Path, seed: int, steps: int = 3) -> str | None:
@@ -650,6 +681,11 @@ def run_faults(trials: int = 3, markdown: bool = False) -> int:
             problem = requests_kill_and_resume_trial(Path(d), seed)
             passed, failed = passed + (problem is None), failed + (problem is not None)
             print(f"{'ok  ' if problem is None else 'FAIL'} SIGKILL and --resume of deletion requests, trial "
+                  f"{seed + 1}" + (f": {problem}" if problem else ""), flush=True)
+        for seed in range(trials):
+            problem = until_kill_and_resume_trial(Path(d), seed)
+            passed, failed = passed + (problem is None), failed + (problem is not None)
+            print(f"{'ok  ' if problem is None else 'FAIL'} SIGKILL and --resume of --until removed, trial "
                   f"{seed + 1}" + (f": {problem}" if problem else ""), flush=True)
         for kind in MID_RUN:
             for seed in range(trials):
