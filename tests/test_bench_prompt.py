@@ -111,7 +111,7 @@ def test_success_is_zero_memorised_at_the_end_with_quality_holding_throughout():
     """The paper's rule per run (``success_report``) and the benchmark's rate over seeds (``success_rate``): 0 of 16
     at the last count and quality within the band at every count; a single count outside the band, or one memorised
     sample left, is a failure."""
-    from diffunlearn.protocols.prompt import success_rate, success_report
+    from diffunlearn.sd.protocol import success_rate, success_report
     from diffunlearn.sd.quality import LaplacianSharpness
 
     check = LaplacianSharpness(band=2.0).check

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from diffunlearn.data import ImageSet, load_data, resolve_forget
-from diffunlearn.labels import split_labels
+from diffunlearn.data.labels import split_labels
 from diffunlearn.diffusion import predict_noise
 from diffunlearn.errors import UserError
 from diffunlearn.methods import METHODS, make_method

@@ -203,3 +203,85 @@ def test_library_modules_never_import_the_command_line():
                 continue
             bad += [f"{rel}: {n}" for n in names if {"cli", "commands"} & set(n.split("."))]
     assert not bad, bad
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Every module of the package -> the package modules it imports, at module top or inside a function (an
+    import inside a function still ties the two modules together)."""
+    root = Path(__file__).resolve().parents[1] / "src"
+    modules = {}
+    for path in (root / "diffunlearn").rglob("*.py"):
+        parts = list(path.relative_to(root).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        name = ".".join(parts[:-1] if is_pkg else parts)
+        modules[name] = (path, name if is_pkg else name.rsplit(".", 1)[0])
+    graph = {name: set() for name in modules}
+    for name, (path, pkg) in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = pkg.split(".")[:len(pkg.split(".")) - node.level + 1]
+                    base = ".".join(up + ([base] if base else []))
+                targets = [f"{base}.{a.name}" for a in node.names] + [base]
+            else:
+                continue
+            for t in targets:
+                while t and t not in modules:  # a name imported from a module: the module
+                    t = t.rpartition(".")[0]
+                if t and t != name:
+                    graph[name].add(t)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one node (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in list(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles_between_files_or_between_folders():
+    """No module imports, directly or through others, a module that imports it, counting imports inside functions;
+    and the same between folders (each sub-package, or top-level module, as one node). A package's face
+    (``__init__``) re-exporting its own modules is not a circle of the folder. The CLI drivers (faults.py,
+    bench/scale_probe.py) run the command line in a child process and are left out."""
+    graph = {k: v for k, v in _import_graph().items() if not k.endswith(("faults", "scale_probe"))}
+    assert _cycles({k: {t for t in v if not (k.count(".") and t.startswith(k + "."))} for k, v in graph.items()}) == []
+
+    def folder(m):
+        parts = m.split(".")
+        return ".".join(parts[:2])
+
+    folders: dict[str, set[str]] = {}
+    for k, v in graph.items():
+        folders.setdefault(folder(k), set()).update(folder(t) for t in v if folder(t) != folder(k))
+    assert _cycles(folders) == []
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the search itself

@@ -48,8 +48,8 @@ def test_demo_runs_leaves_the_shipped_model_untouched_and_reuses_its_stored_eval
     seeded per image, NLL probes by a fixed seed), so the demo may store it beside the shipped model and reuse it. The
     stored numbers must equal a fresh evaluation, --recompute-before must evaluate again (and get the same numbers),
     and a different setting or different weights must not find the stored evaluation."""
-    from diffunlearn.demo import BEFORE_FILE, DemoConfig, before_key, load_before, run_demo
-    from diffunlearn.evaluate import EvalConfig
+    from diffunlearn.commands.demo import BEFORE_FILE, DemoConfig, before_key, load_before, run_demo
+    from diffunlearn.commands.evaluate import EvalConfig
     from diffunlearn.models import load_model, state_hash
 
     base_dir = shipped / "mnist-tshirt-base"
@@ -127,7 +127,7 @@ def test_bench_writes_table_plots_and_resumes(shipped, tmp_path):
 def test_demo_picture_shows_every_seed_that_reproduced_the_forgotten_image():
     """The picture's tiles are chosen by index: the base model's hits (up to half the tiles) and then the first other
     indices, sorted. Samples are seeded per index, so before and after show the same seeds."""
-    from diffunlearn.demo import shown_indices
+    from diffunlearn.commands.demo import shown_indices
 
     hits = [3, 40, 41, 200]
     is_target = [i in hits for i in range(256)]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import snapshot, tiny_model
-from diffunlearn.arrays import FileImages, NumpyImages
+from diffunlearn.data.arrays import FileImages, NumpyImages
 from diffunlearn.data import content_hash, load_data, resolve_forget, split_kept, to_model_space
 from diffunlearn.errors import UserError
 from diffunlearn.methods import make_method
@@ -140,7 +140,7 @@ def test_arrays_are_mapped_not_loaded(tmp_path):
     """An .npy is memory-mapped; an .npz stored without compression is mapped in place (no copy written); a
     compressed one is decompressed once into the cache; a float .npy is range-checked by a chunked pass. All equal
     the in-memory conversion."""
-    from diffunlearn.cache import cache_dir
+    from diffunlearn.data.cache import cache_dir
 
     px = _pixels(9, channels=3)
     want = to_model_space(px, "memory")
@@ -185,7 +185,7 @@ def test_chunked_nearest_neighbours_equal_brute_force(monkeypatch):
     """ReTrack's neighbour search over chunks of kept images gives the brute-force k nearest (ties to the lower
     index), for a tensor and for a lazy array, however small the chunks."""
     import diffunlearn.methods.retrack as rt
-    from diffunlearn.arrays import TensorImages
+    from diffunlearn.data.arrays import TensorImages
 
     g = torch.Generator().manual_seed(0)
     kept = torch.rand((50, 1, 4, 4), generator=g)
@@ -265,7 +265,7 @@ def test_training_and_the_sequential_reference_decode_only_what_they_use(tmp_pat
     request removes) decodes those 8 images alone."""
     import diffunlearn.sequential as seq
     from diffunlearn.models import load_model
-    from diffunlearn.train import TrainConfig, train
+    from diffunlearn.scratch import TrainConfig, train
 
     pixels = _pixels(20)
     names = _folder(tmp_path / "imgs", pixels)

@@ -1,8 +1,8 @@
 """diffunlearn: remove training datapoints from a trained diffusion model without retraining it."""
 
-from .arrays import ImageArray
+from .data.arrays import ImageArray
 from .data import ImageSet, load_data, resolve_forget, split_kept
-from .labels import unlearning_labels
+from .data.labels import unlearning_labels
 from .errors import UserError
 from .methods import METHODS, Method, MethodSpec, make_method
 from .models import DiffusionModel, load_model, save_model

@@ -16,14 +16,15 @@ from .errors import UserError
 # command -> (help, module, config dataclass, function run with the config)
 CONFIG_COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "train": ("train a base DDPM on X, or the retrain gold standard on X \\ A (with --forget)",
-              "train", "TrainConfig", "train"),
+              "commands.train", "TrainConfig", "train"),
     "unlearn": ("remove A from a trained model by a deletion fine-tuning method", "commands.unlearn", "UnlearnConfig",
                 "run_unlearn"),
-    "sample": ("sample a PNG grid and an .npy of images, seeded per image", "sample", "SampleConfig", "run_sample"),
-    "eval": ("the MNIST T-Shirt metrics of one model (T-shirt rate, NLL, classifier IS/FID)", "evaluate",
+    "sample": ("sample a PNG grid and an .npy of images, seeded per image", "commands.sample", "SampleConfig",
+               "run_sample"),
+    "eval": ("the MNIST T-Shirt metrics of one model (T-shirt rate, NLL, classifier IS/FID)", "commands.evaluate",
              "EvalConfig", "run_eval"),
-    "demo": ("unlearn the T-shirt from the shipped MNIST model with SISS; before/after table", "demo", "DemoConfig",
-             "run_demo"),
+    "demo": ("unlearn the T-shirt from the shipped MNIST model with SISS; before/after table",
+             "commands.demo", "DemoConfig", "run_demo"),
 }
 
 

@@ -5,8 +5,9 @@ A model directory that also holds ``vqvae/`` (a ``VQModel``, the ``LDMPipeline``
 Everything that trains or measures the UNet then works in latent space; only two places cross the autoencoder:
 
 - loading data for unlearning (``run_unlearn``): images are encoded once, so the trainer only ever sees latents. A
-  data set on disk (an :class:`~diffunlearn.arrays.ImageArray`) is encoded chunk by chunk into a memory-mapped
-  ``.npy`` in the cache folder (:mod:`diffunlearn.cache`), keyed by the autoencoder's weight hash and the data set's
+  data set on disk (an :class:`~diffunlearn.data.arrays.ImageArray`) is encoded chunk by chunk into a
+  memory-mapped ``.npy`` in the cache folder (:mod:`diffunlearn.data.cache`), keyed by the autoencoder's weight hash
+  and the data set's
   identity, after checking that it fits on the disk: later runs on the same data and autoencoder read it back, and
   no process holds the latents in memory. Images given as a tensor (the Python API) are encoded in memory, cached in
   the codec by the SHA-256 of the batch;
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arrays import ImageArray, NumpyImages
+from .data.arrays import ImageArray, NumpyImages
 from .errors import UserError
 from .safeload import check_finite, check_weights
 
@@ -124,7 +125,7 @@ class LatentCodec:
     def encode_to_disk(self, images: ImageArray, cache: str | os.PathLike | None = None) -> NumpyImages:
         """The latents of every image, encoded once in chunks of ``batch_size`` into a cached ``.npy`` (float32) and
         read back through a memory map. Stops with a UserError, before writing, when the file would not fit."""
-        from .cache import entry, ensure_free_space, locked, publish
+        from .data.cache import entry, ensure_free_space, locked, publish
 
         h, w = images.shape[-2] // self.downsample, images.shape[-1] // self.downsample
         shape = (len(images), self.latent_channels, h, w)

@@ -104,7 +104,7 @@ class DiffusionModel:
 
     def class_index(self, name: str) -> int:
         """The index of a class given by name (or by its index written as a number)."""
-        from .labels import class_index
+        from .data.labels import class_index
 
         i = class_index(self.classes, name)
         if i is None:

@@ -55,7 +55,7 @@ def sample_labels(model: DiffusionModel, n: int, labels=None, start: int = 0, in
     if labels is None:
         numbers = torch.arange(start, start + n) if indices is None else torch.as_tensor(list(indices))
         return (numbers % len(model.classes)).long()
-    from .labels import check_model_labels
+    from .data.labels import check_model_labels
 
     y = torch.as_tensor(labels, dtype=torch.long).flatten()
     return check_model_labels(y.expand(n) if len(y) == 1 else y, model.classes, n, "sample")

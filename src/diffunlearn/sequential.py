@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from .data import ImageSet, content_hash, load_data, resolve_forget
-from .labels import class_counts, labels_for_model
+from .data.labels import class_counts, labels_for_model
 from .errors import UserError
 from .ledger import LEDGER_NAME, Ledger, line_hash, read_ledger
 from .metrics.similarity import SIMILARITY_T
@@ -168,7 +168,7 @@ def _reference(held_out, seed: int, data: ImageSet, removed: set[int], classes: 
     removes; at most 256, chosen before any is decoded. For a class-conditional model (``classes``: its class
     names) also their labels as its class indices: the data set's own held-out images with their labels, else kept
     images (``--held-out`` images carry no labels)."""
-    from .labels import labels_for_model
+    from .data.labels import labels_for_model
 
     labels = None
     if classes is not None:

@@ -4,7 +4,7 @@ Each optimiser step draws all its rows at once from one seeded generator (pairs 
 and the method's own randomness), then splits them over processes and micro-batches. So the update does not depend
 on how a global batch is split: batch 1 x accumulation 8 equals batch 8 x accumulation 1, and two processes equal
 one. Only then are images fetched: each process fetches its own rows' images alone, from memory or from disk through
-a DataLoader with ``data_workers`` processes (:mod:`diffunlearn.loader`), so nothing else is decoded. How the
+a DataLoader with ``data_workers`` processes (:mod:`diffunlearn.data.loader`), so nothing else is decoded. How the
 gradients of a method's loss terms become one update is the method's own (``Method.backward`` per micro-batch,
 ``Method.finish`` per step); the loop never names a term or a method. The final gradient is clipped and AdamW steps.
 The input model is never modified: the loop trains a copy.
@@ -24,9 +24,9 @@ from typing import Callable
 
 import torch
 
-from .arrays import as_tensor_or_lazy
+from .data.arrays import as_tensor_or_lazy
 from .diffusion import sample_timesteps
-from .loader import RowFetcher
+from .data.loader import RowFetcher
 from .errors import RunFailed, UserError
 from .methods import Context, Method, StepBatch
 from .methods.base import GradStep
@@ -100,7 +100,7 @@ class RowSampler:
 
     ``rows(n)`` draws a step's indices and randomness (the generator's only use); ``fetch`` then gets the images of
     the rows a process keeps, so under several processes each decodes only its own share. ``kept`` and ``forget``
-    are tensors or lazy :class:`~diffunlearn.arrays.ImageArray` (read through a DataLoader with ``workers``)."""
+    are tensors or lazy :class:`~diffunlearn.data.arrays.ImageArray` (read through a DataLoader with ``workers``)."""
 
     def __init__(self, kept, forget, method: Method, t_min: int, t_max: int, seed: int, workers: int = 0,
                  labels: tuple[torch.Tensor, torch.Tensor] | None = None):
@@ -205,7 +205,7 @@ def check_labels(model: DiffusionModel, labels, n_kept: int, n_forget: int):
     if labels is None:
         raise UserError("the model is class-conditional but the data has no class labels: give labelled data (class "
                         "subfolders, or a 'labels' array in the .npz)")
-    from .labels import check_model_labels
+    from .data.labels import check_model_labels
 
     return tuple(check_model_labels(y, model.classes, n, what)
                  for y, n, what in zip(labels, (n_kept, n_forget), ("kept", "forget")))

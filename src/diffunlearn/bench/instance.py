@@ -105,7 +105,7 @@ def _retrain(setup: InstanceSetup, target: int, run_dir: Path) -> tuple[object, 
 
     from ..data import load_data
     from ..models import load_model
-    from ..train import TrainConfig, train
+    from ..scratch import TrainConfig, train
 
     recipe = Path(setup.model_dir).parent / "config.yaml"
     if not recipe.is_file():

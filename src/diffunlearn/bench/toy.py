@@ -121,7 +121,7 @@ def _evaluator(cfg: ToyBenchConfig, abar: torch.Tensor, retrain_dir: str | None)
 
 
 def _train_job(cfg: ToyBenchConfig, out: str, forget: str) -> dict:
-    from ..train import TrainConfig, train
+    from ..scratch import TrainConfig, train
 
     torch.set_num_threads(1)
     tc = TrainConfig(data="toy-digits", forget=forget, out=out, arch=cfg.arch, steps=cfg.base_steps,

@@ -64,7 +64,7 @@ BENCHMARKS: dict = {
               _config_setup("speed", "SpeedConfig", "run_speed_bench")),
     "prompt": ("a memorised prompt (the paper's Stable Diffusion protocol) on the shipped CPU replica prompt-digits: "
                "success and memorised count per method, on the prompt and a variant",
-               _config_setup("prompt", "PromptBenchConfig", "run_prompt_bench")),
+               _config_setup("sd_prompt", "PromptBenchConfig", "run_prompt_bench")),
     "memory": ("peak memory of unlearning runs on folders of 1,000 and 4,000 256x256 PNGs (streamed from disk)",
                _config_setup("memory", "MemoryBenchConfig", "run_memory_bench")),
     "scale": ("real-size models (DDPM CelebA-HQ 256, Stable Diffusion v1.4 shapes, random weights) through the real "

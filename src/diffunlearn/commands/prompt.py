@@ -7,11 +7,12 @@ from ..config import config_command
 
 #: subcommand -> (help, module under diffunlearn.sd, config dataclass, function run with the config)
 PROMPT_COMMANDS = {
-    "build": ("generate images for a prompt and label them memorised (forget) or not (keep)", "prompt",
+    "build": ("generate images for a prompt and label them memorised (forget) or not (keep)", "workflows",
               "PromptBuildConfig", "run_build"),
     "unlearn": ("unlearn a prompt's memorised images from a Stable Diffusion UNet, counting memorised samples",
-                "prompt", "PromptUnlearnConfig", "run_prompt_unlearn"),
-    "score": ("count memorised samples for a prompt, with their quality", "prompt", "PromptScoreConfig", "run_score"),
+                "workflows", "PromptUnlearnConfig", "run_prompt_unlearn"),
+    "score": ("count memorised samples for a prompt, with their quality", "workflows", "PromptScoreConfig",
+              "run_score"),
     "train-replica": ("train the CPU replica: a tiny pixel-space text-conditional model in which one prompt mostly "
                       "reproduces a training digit", "replica", "ReplicaTrainConfig", "train_replica"),
 }

@@ -109,10 +109,10 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     uninterrupted run.
     """
     from ..config import to_dict
-    from ..cache import cache_dir, check_outside
-    from ..arrays import check_decodes
+    from ..data.cache import cache_dir, check_outside
+    from ..data.arrays import check_decodes
     from ..data import load_data, resolve_forget, split_images
-    from ..labels import class_counts, unlearning_labels
+    from ..data.labels import class_counts, unlearning_labels
     from ..models import load_model, model_summary, save_model, state_hash
     from ..runs import RunDir, check_outside_model, check_space, prepare_out_dir, step_printer
 

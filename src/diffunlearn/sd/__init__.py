@@ -10,7 +10,7 @@ ordinary trainer and methods unlearn it unchanged, in VAE latent space. The piec
 - :mod:`.detect`: Wen et al. (2024)'s text-conditional noise magnitude, which flags memorised prompts
   (``diffunlearn detect``);
 - :mod:`.prompt`: what ``diffunlearn prompt build|unlearn|score`` run (counting and success:
-  :mod:`diffunlearn.protocols.prompt`; the command line: :mod:`diffunlearn.commands.prompt`);
+  :mod:`diffunlearn.sd.protocol`; the command line: :mod:`diffunlearn.commands.prompt`);
 - :mod:`.replica`: ``diffunlearn prompt train-replica``, the CPU replica of a memorised prompt (a tiny pixel-space
   text-conditional model without a VAE, shipped as ``prompt-digits``; ``diffunlearn bench prompt`` runs on it).
 

@@ -285,7 +285,7 @@ def train_replica(cfg: ReplicaTrainConfig) -> dict:
     from ..diffusion import gamma_sigma, sample_timesteps
     from ..models import state_hash
     from ..runs import RunDir, prepare_out_dir
-    from ..train import train_loop
+    from ..scratch import train_loop
     from .memorisation import save_image
     from .pipeline import load_sd, require_transformers
 

@@ -90,7 +90,7 @@ def relearn_audit(models: dict, measured: dict[str, Measured], subjects: Subject
     attacks = {"kept": kept, "neighbours": kept[near]}
     kept_y = None
     if models["after"].conditional:  # the attacks fine-tune on images with their own labels
-        from ..labels import labels_for_model
+        from ..data.labels import labels_for_model
 
         kept_y = labels_for_model(data, models["after"].classes)[mask]
     attack_labels = {"kept": kept_y, "neighbours": None if kept_y is None else kept_y[near]}

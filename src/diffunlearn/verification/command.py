@@ -122,7 +122,7 @@ def run_verify(cfg: VerifyConfig) -> dict:
     if held is not None:
         models["after"].check_images(tuple(held.shape[1:]), "held-out")
         if models["after"].conditional:  # a class-conditional model measures each image under its own class
-            from ..labels import labels_for_model
+            from ..data.labels import labels_for_model
 
             held_y = labels_for_model(held_set, models["after"].classes)
     if cfg.threads:

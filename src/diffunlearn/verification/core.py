@@ -79,7 +79,7 @@ def labelled_reference(data: ImageSet, forget_idx: list[int], classes: list[str]
     images of those classes (``held_out`` with ``held_out_labels`` as the model's class indices, else the data set's
     own), else kept images of those classes (``reference_idx``, else a seeded sample). Returns the images, their
     description, their labels and the labels of A (as the model's indices)."""
-    from ..labels import labels_for_model
+    from ..data.labels import labels_for_model
 
     labels = labels_for_model(data, classes)
     wanted = set(labels[forget_idx].tolist())

@@ -25,7 +25,7 @@ from ..data import content_hash
 from ..metrics.rates import pixel_distances
 
 SEARCH_BATCH = 64
-SEARCH_KIND = "verify-search"  # the cache folder of searches (diffunlearn.cache.entry)
+SEARCH_KIND = "verify-search"  # the cache folder of searches (diffunlearn.data.cache.entry)
 
 
 def model_fingerprint(model) -> str:
@@ -63,7 +63,7 @@ def search(model, model_hash: str, items: torch.Tensor, n: int, sampler: str, st
            log=None) -> dict:
     """The model before's distances to A at seeds ``0 .. n-1`` (cached; resumed batch by batch). Returns ``{seeds,
     distances (n, U), cached: seeds found in the cache, path}``."""
-    from ..cache import entry, locked
+    from ..data.cache import entry, locked
 
     key = search_key(model_hash, items, labels, sampler, steps, seed, model_fingerprint(model))
     path = entry(SEARCH_KIND, key, cache)
@@ -87,7 +87,7 @@ def search(model, model_hash: str, items: torch.Tensor, n: int, sampler: str, st
 
 def _save(path: Path, arr: np.ndarray) -> None:
     """Write the search so far atomically (the cache's own fsync-and-rename)."""
-    from ..cache import publish
+    from ..data.cache import publish
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npy")
     np.save(tmp, arr)
@@ -97,7 +97,7 @@ def _save(path: Path, arr: np.ndarray) -> None:
 def searched_so_far(model_hash: str, items: torch.Tensor, labels, sampler: str, steps: int, seed: int,
                     cache=None, schedule: str = "") -> int:
     """How many seeds of a search are in the cache (0 when none): what an interrupted verification keeps."""
-    from ..cache import entry
+    from ..data.cache import entry
 
     path = entry(SEARCH_KIND, search_key(model_hash, items, labels, sampler, steps, seed, schedule), cache)
     try:

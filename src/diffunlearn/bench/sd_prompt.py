@@ -1,5 +1,5 @@
 """``diffunlearn bench prompt``: the SISS paper's Stable Diffusion protocol (section 5.3;
-:mod:`diffunlearn.protocols.prompt`) on the shipped CPU replica ``prompt-digits``, a tiny pixel-space
+:mod:`diffunlearn.sd.protocol`) on the shipped CPU replica ``prompt-digits``, a tiny pixel-space
 text-conditional model in which one prompt mostly reproduces a training digit and a variant prompt only sometimes
 (see :mod:`diffunlearn.sd.replica` and the model's README.md).
 
@@ -104,9 +104,9 @@ class _Session:
     """Everything loaded once for all cells: the model, the data set's latents, the counter of memorised samples."""
 
     def __init__(self, cfg: PromptBenchConfig, rep: dict, sd, root: Path):
-        from ..protocols.prompt import MemorisedCounter
+        from ..sd.protocol import MemorisedCounter
         from ..sd.memorisation import read_prompt_data
-        from ..sd.prompt import prompt_latents
+        from ..sd.workflows import prompt_latents
         from ..sd.quality import quality_measure
 
         self.cfg, self.rep, self.sd = cfg, rep, sd
@@ -129,7 +129,7 @@ class _Session:
         from ..config import to_dict
         from ..protocols.calibration import with_scaling_norm
         from ..runs import RunDir
-        from ..sd.prompt import prompt_method, unlearn_prompt
+        from ..sd.workflows import prompt_method, unlearn_prompt
 
         row, seed = cell.row, cell.key
         spec = with_scaling_norm(row.method, calib["scaling_norm"]) if row.auto else row.method
@@ -176,11 +176,11 @@ def _progress(r: dict) -> None:
 
 def run_prompt_bench(cfg: PromptBenchConfig) -> dict:
     from ..protocols.calibration import with_scaling_norm
-    from ..protocols.prompt import data_quality, reference_distance, resolve_replica
+    from ..sd.protocol import data_quality, reference_distance, resolve_replica
     from ..sd.memorisation import RULE_FILE, load_image
     from ..runs import check_outside_model
     from ..sd.pipeline import load_sd, require_transformers
-    from ..sd.prompt import build_data, prompt_method
+    from ..sd.workflows import build_data, prompt_method
 
     _validate(cfg)
     require_transformers()
@@ -233,7 +233,7 @@ def run_prompt_bench(cfg: PromptBenchConfig) -> dict:
 
 def _summarise(cells: list[dict]) -> dict:
     """One row: the success rate over seeds on each prompt, the memorised counts, quality and the mean curves."""
-    from ..protocols.prompt import success_rate
+    from ..sd.protocol import success_rate
 
     cells = sorted(cells, key=lambda c: c["seed"])
     row = {"method": cells[0]["method"], "hyperparameters": cells[0]["hyperparameters"],

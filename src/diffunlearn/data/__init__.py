@@ -1,8 +1,8 @@
 """Data sets and the SPEC strings that name them.
 
-A data set's images are an :class:`~diffunlearn.arrays.ImageArray` of shape (N, C, H, W): float32 in [-1, 1] (model
+A data set's images are an :class:`~diffunlearn.data.arrays.ImageArray` of shape (N, C, H, W): float32 in [-1, 1] (model
 space) whenever indexed, each with a name. Images on disk stay there (decoded only when indexed; see
-:mod:`diffunlearn.arrays` and :mod:`diffunlearn.sources`), the small built-in sets are held in memory.
+:mod:`diffunlearn.data.arrays` and :mod:`diffunlearn.data.sources`), the small built-in sets are held in memory.
 A data SPEC is one of:
 
 - a folder of images (PNG, JPEG, ...), searched recursively: names are the relative paths (``cls_a/img_001.png``),
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from .arrays import ImageArray, TensorImages, to_nchw, uint8_to_unit, unit_to_model
-from .errors import UserError
+from ..errors import UserError
 from .labels import check_labels, folder_labels, forget_classes
 
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
@@ -50,7 +50,7 @@ LIST_SUFFIXES = (".txt", ".lst")
 @dataclass
 class ImageSet:
     """Images in model space with one name each, plus the built-in forget set and held-out images if any. ``images``
-    may be given as a tensor (it is then held as :class:`~diffunlearn.arrays.TensorImages`)."""
+    may be given as a tensor (it is then held as :class:`~diffunlearn.data.arrays.TensorImages`)."""
 
     images: ImageArray
     names: list[str]
@@ -289,7 +289,7 @@ def _parse_options(text: str) -> dict[str, str]:
 def load_data(spec: str, cache_dir: str | None = None) -> ImageSet:
     """Resolve a data SPEC (folder, ``@list.txt``, .npy/.npz, or built-in name with options) to an :class:`ImageSet`.
     Nothing is decoded: files are checked from their headers, arrays are memory-mapped. ``cache_dir`` receives a
-    compressed ``.npz``'s decompressed array (see :mod:`diffunlearn.cache`)."""
+    compressed ``.npz``'s decompressed array (see :mod:`diffunlearn.data.cache`)."""
     from .sources import npz_labels, open_folder, open_list, open_npy, open_npz
 
     if not spec:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def check_labels(labels, classes, n: int, source: str) -> tuple[torch.Tensor, list[str]]:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .protocols.mnist_tshirt import MnistTshirtProtocol, masked
-from .sampling import SAMPLE_BATCH
+from ..errors import UserError
+from ..protocols.mnist_tshirt import MnistTshirtProtocol, masked
+from ..sampling import SAMPLE_BATCH
 
 
 @dataclass
@@ -44,9 +44,9 @@ def evaluate(model, protocol: MnistTshirtProtocol, cfg: EvalConfig, progress: bo
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from .models import load_model
-    from .runs import RunDir, prepare_out_dir, write_json
-    from .sampling import check_sampler, save_grid
+    from ..models import load_model
+    from ..runs import RunDir, prepare_out_dir, write_json
+    from ..sampling import check_sampler, save_grid
 
     if cfg.preset != "mnist-tshirt":
         raise UserError(f"unknown evaluation preset {cfg.preset!r}: known is mnist-tshirt")

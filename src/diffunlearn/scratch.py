@@ -14,12 +14,12 @@ from typing import Callable
 
 import torch
 
-from .arrays import as_tensor_or_lazy
+from .data.arrays import as_tensor_or_lazy
 from .data import load_data, resolve_forget, split_kept
-from .labels import require_labels, split_labels
+from .data.labels import require_labels, split_labels
 from .diffusion import ddpm_loss, sample_timesteps
 from .errors import UserError
-from .loader import RowFetcher
+from .data.loader import RowFetcher
 from .models import DiffusionModel, build_scheduler, build_unet, model_summary, save_model
 from .runs import RunDir
 from .tracking import Progress

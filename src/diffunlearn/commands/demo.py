@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass
@@ -43,14 +43,14 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from .commands.unlearn import UnlearnConfig, run_unlearn
+    from .unlearn import UnlearnConfig, run_unlearn
     from .evaluate import EvalConfig, evaluate
-    from .models import load_model
-    from .pretrained import pretrained_dir
-    from .protocols.mnist_tshirt import MnistTshirtProtocol, masked
-    from .runs import write_json
-    from .sampling import save_grid
-    from .trainer import TrainerConfig
+    from ..models import load_model
+    from ..pretrained import pretrained_dir
+    from ..protocols.mnist_tshirt import MnistTshirtProtocol, masked
+    from ..runs import write_json
+    from ..sampling import save_grid
+    from ..trainer import TrainerConfig
 
     if cfg.steps < 1 or cfg.n_samples < 10:
         raise UserError("--steps must be >= 1 and --n-samples >= 10")
@@ -132,8 +132,8 @@ BEFORE_FILE = "demo-before.json"
 def before_key(model, ecfg) -> dict:
     """What the base model's evaluation depends on: its weights and the evaluation settings (sampling is seeded per
     image and the NLL by its own seed, so the same key gives the same numbers)."""
-    from .metrics.nll import NLL_SOLVER
-    from .models import state_hash
+    from ..metrics.nll import NLL_SOLVER
+    from ..models import state_hash
 
     return {"weights_sha256": state_hash(model.unet), "n_samples": ecfg.n_samples, "sample_steps": ecfg.sample_steps,
             "nll_probes": ecfg.nll_probes, "nll_tol": ecfg.nll_tol, "seed": ecfg.seed, "nll_solver": NLL_SOLVER}
@@ -153,7 +153,7 @@ def save_before(folder: Path, key: dict, metrics: dict, samples: torch.Tensor) -
     (``samples`` holds the samples at ``shown_indices(metrics["_is_target"])``, in that order)."""
     import json
 
-    from .data import to_uint8
+    from ..data import to_uint8
 
     record = {"key": key, "metrics": metrics, "shown_indices": shown_indices(metrics["_is_target"]),
               "shown_samples_uint8": to_uint8(samples).tolist()}

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .arrays import ImageArray, as_tensor_or_lazy
-from .errors import UserError
+from ..errors import UserError
 
 
 class _Failed:

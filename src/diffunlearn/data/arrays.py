@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 #: images per chunk when an array is walked through in order (``chunks``, ``load``)
 CHUNK = 256

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .arrays import CHUNK, FileImages, NumpyImages, bomb_message, file_stamp
-from .errors import UserError
+from ..errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 #: PIL modes read as one grey channel (a palette image too, when every palette entry is grey)

@@ -93,8 +93,8 @@ def resolve_replica(model: str, prompt: str = "", variant: str = "", label: str 
     """The model directory, the replica's description (``replica.json`` beside or above it; {} if none) and the
     settings that follow from it (given values win; sampling defaults DDIM 50 steps, guidance 7.5)."""
     from ..pretrained import available, pretrained_dir
-    from ..sd.pipeline import resolve_sd_dir
-    from ..sd.replica import REPLICA_FILE
+    from .pipeline import resolve_sd_dir
+    from .replica import REPLICA_FILE
 
     p = Path(model)
     if not p.exists() and model in available():
@@ -130,7 +130,7 @@ def data_quality(quality, data) -> dict:
 def reference_distance(replica: dict, data_dir: Path) -> float | None:
     """RMS pixel distance between a data set's reference (the medoid of A) and the replica's real training image: how
     well the labelling found the memorised image (0 = it is the training image)."""
-    from ..sd.memorisation import REFERENCE_FILE, load_image, pixel_features, rms_distance
+    from .memorisation import REFERENCE_FILE, load_image, pixel_features, rms_distance
 
     if not replica.get("memorised_image"):
         return None

@@ -7,7 +7,7 @@ SISS lambda 0.5, scaling_norm 750, gradient checkpointing), and call the run a s
 memorised at the end while quality holds throughout (CLIP-IQA >= 0.35). Fully memorised prompts leave no X \\ A, so
 the paper builds the data from a *modified*, partially memorised prompt (tokens added or deleted by hand) and reports
 success on it and on the original prompt; ``--original-prompt`` does the latter. The counting and the success rule
-are :mod:`diffunlearn.protocols.prompt`.
+are :mod:`diffunlearn.sd.protocol`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import yaml
 
 from ..errors import UserError
 from ..methods import MethodSpec, make_method
-from ..protocols.prompt import MemorisedCounter, evaluate_prompt
+from .protocol import MemorisedCounter, evaluate_prompt
 from ..runs import atomic_dir, check_outside_model
 from ..trainer import TrainerConfig
 from .memorisation import DEFAULT_THRESHOLD, LABELS_FILE, REFERENCE_FILE, RULE_FILE

@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
 
 #: room kept free beyond an entry's size (file-system metadata, other writers)
 MARGIN = 64 * 2 ** 20
