@@ -32,8 +32,8 @@ CONFIG_COMMANDS: dict[str, tuple[str, str, str, str]] = {
 EXAMPLES = {
     "train": "diffunlearn train --data mnist-tshirt --forget default --out runs/retrain"
              "   # the gold standard on X \\ A",
-    "unlearn": "diffunlearn unlearn --model instance-base --data instance-digits --forget 7 --method siss \\\n"
-               "    --lambda 0.5 --scaling-norm 1.5 --lr 1e-3 --batch-size 32 --steps 60 --out runs/forget-7\n"
+    "unlearn": "diffunlearn unlearn --model instance-base --data instance-digits --forget 7 --until removed "
+               "--out runs/forget-7\n"
                "diffunlearn unlearn --config mnist-tshirt --method naive --out runs/naive   # a preset, another method",
     "sample": "diffunlearn sample --model runs/forget-7 --n 64 --out runs/samples",
     "eval": "diffunlearn eval --model runs/naive --preset mnist-tshirt --out runs/eval",
