@@ -18,6 +18,24 @@ import yaml
 from .errors import UserError
 
 
+#: the settings that many commands share, declared once (help, default); a config declares one with
+#: ``threads: int = run_field("threads")`` and may change its default, or its help where the command means more
+RUN_FIELDS: dict[str, tuple[str, object]] = {
+    "threads": ("CPU threads for torch (0: torch's default)", 0),
+    "allow_pickle": ("allow loading pickle weights (.bin/.ckpt): only for files you trust", False),
+    "overwrite": ("replace a non-empty output directory", False),
+    "cache_dir": ("folder for cached latents of latent models and decompressed .npz arrays (default: "
+                  "$DIFFUNLEARN_CACHE or ~/.cache/diffunlearn)", ""),
+}
+
+
+def run_field(name: str, default=dataclasses.MISSING, help: str | None = None):
+    """A dataclass field for a shared setting of :data:`RUN_FIELDS`: one help text and default for every command."""
+    text, value = RUN_FIELDS[name]
+    return dataclasses.field(default=value if default is dataclasses.MISSING else default,
+                             metadata={"help": help or text})
+
+
 def unwrap_optional(kind):
     args = [a for a in typing.get_args(kind) if a is not type(None)]
     return args[0] if typing.get_origin(kind) in (typing.Union, type(int | None)) and len(args) == 1 else kind

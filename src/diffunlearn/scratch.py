@@ -23,6 +23,7 @@ from .data.loader import RowFetcher
 from .models import DiffusionModel, build_scheduler, build_unet, model_summary, save_model
 from .runs import RunDir
 from .tracking import Progress
+from .config import run_field
 
 
 @dataclass
@@ -45,12 +46,12 @@ class TrainConfig:
     ema_max_decay: float = field(default=0.9999, metadata={"help": "EMA decay ceiling (inv_gamma 1, power 0.75)"})
     timesteps: int = field(default=1000, metadata={"help": "diffusion steps T (linear betas 1e-4..0.02)"})
     seed: int = field(default=0, metadata={"help": "random seed: same seed, same weights"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    threads: int = run_field("threads")
     data_workers: int = field(default=2, metadata={"help": "processes that decode a step's images from disk (0: this "
                                                            "process decodes them; in-memory data never uses them)"})
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (GPU)"})
     log_every: int = field(default=50, metadata={"help": "log a line every N steps"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
+    overwrite: bool = run_field("overwrite")
 
 
 def ema_decay(step: int, max_decay: float, inv_gamma: float = 1.0, power: float = 0.75) -> float:

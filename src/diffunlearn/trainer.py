@@ -32,6 +32,7 @@ from .methods import Context, Method, StepBatch
 from .methods.base import GradStep
 from .models import DiffusionModel
 from .optim import check_optimizer, make_optimizer
+from .config import run_field
 
 
 @dataclass
@@ -53,7 +54,7 @@ class TrainerConfig:
     seed: int = field(default=0, metadata={"help": "random seed: same seed, same weights"})
     mixed_precision: str = field(default="no", metadata={"help": "no, fp16 or bf16 (GPU)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "trade compute for memory (large UNets)"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    threads: int = run_field("threads")
     checkpoint_every: int = field(default=-1, metadata={"help": "write a resumable checkpoint every N steps (0: never; "
                                                                 "-1: every 10 minutes of wall time)"})
     data_workers: int = field(default=2, metadata={"help": "processes that decode a step's images from disk (0: this "

@@ -20,6 +20,7 @@ import torch
 from ..errors import UserError
 from .harness import Cell, aggregate, check_bench_dir, command_line, load_rows, open_bench_dir, pm, run_cells, \
     select, stat, write_results
+from ..config import run_field
 
 PRESET = "bench/class"
 REFERENCES = ("pretrained", "retrain")
@@ -56,7 +57,7 @@ class ClassBenchConfig:
     guidance: float = field(default=1.0, metadata={"help": "conditional: classifier-free guidance scale"})
     measure_images: int = field(default=128, metadata={"help": "training images per class group for the noise KL "
                                                                "and membership"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    threads: int = run_field("threads")
 
 
 def _run_cell(cell: Cell, cfg: ClassBenchConfig, protocol, base, retrain) -> dict:

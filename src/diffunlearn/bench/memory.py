@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..config import run_field
 
 #: the goal: peak memory at the largest size within this many MB of the peak at the smallest
 GOAL_MB = 150
@@ -46,7 +47,7 @@ class MemoryBenchConfig:
     data_workers: int = field(default=2, metadata={"help": "data-loader worker processes of each run"})
     threads: int = field(default=1, metadata={"help": "CPU threads for torch in each run"})
     seed: int = field(default=0, metadata={"help": "seed of the images and the UNet"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
+    overwrite: bool = run_field("overwrite")
 
     def size_list(self) -> list[int]:
         try:

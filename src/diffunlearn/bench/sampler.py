@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..config import run_field
 
 
 @dataclass
@@ -25,8 +26,8 @@ class SamplerBenchConfig:
     samplers: str = field(default="ddpm:50,dpm++:12,dpm++:20,dpm++sde:20",
                           metadata={"help": "comma list of SAMPLER:STEPS; the first is the reference"})
     batch_size: int = field(default=64, metadata={"help": "images per forward pass"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
+    threads: int = run_field("threads")
+    overwrite: bool = run_field("overwrite")
 
 
 def parse_samplers(spec: str) -> list[tuple[str, int]]:

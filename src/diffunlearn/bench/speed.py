@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
+from ..config import run_field
 
 # label -> (method, hyperparameters)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -50,7 +51,7 @@ class SpeedConfig:
     steps: int = field(default=4, metadata={"help": "steps per run (the first is warm-up)"})
     rounds: int = field(default=3, metadata={"help": "interleaved rounds over all methods"})
     memory: bool = field(default=True, metadata={"help": "also measure peak memory (one process per method)"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    threads: int = run_field("threads")
     matmul_size: int = field(default=2048, metadata={"help": "n of the n x n float32 matrix product that measures "
                                                              "the machine's attainable GFLOP/s"})
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..config import run_field
 
 
 @dataclass
@@ -35,11 +36,11 @@ class DemoConfig:
     nll_tol: float = field(default=1e-5, metadata={"help": "RK45 rtol = atol of the NLL solve "
                                                            "(the specification: 1e-5)"})
     seed: int = field(default=0, metadata={"help": "unlearning seed"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    threads: int = run_field("threads")
     show_forgotten: bool = field(default=False, metadata={"help": "show the T-shirt samples in the picture"})
     recompute_before: bool = field(default=False, metadata={"help": "evaluate the shipped base model again instead "
                                                                     "of reusing its stored evaluation"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
+    overwrite: bool = run_field("overwrite")
 
 
 def run_demo(cfg: DemoConfig) -> dict:

@@ -11,6 +11,7 @@ import torch
 from ..errors import UserError
 from ..protocols.mnist_tshirt import MnistTshirtProtocol, masked
 from ..sampling import SAMPLE_BATCH
+from ..config import run_field
 
 
 @dataclass
@@ -31,9 +32,9 @@ class EvalConfig:
                                                                     "(larger on a GPU)"})
     bf16: bool = field(default=False, metadata={"help": "sample under bfloat16 autocast: ~1.8x faster on CPUs with "
                                                         "bf16 units, slightly different metrics"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    threads: int = run_field("threads")
     show_forgotten: bool = field(default=False, metadata={"help": "show samples that reproduce the forgotten image"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
+    overwrite: bool = run_field("overwrite")
 
 
 def evaluate(model, protocol: MnistTshirtProtocol, cfg: EvalConfig, progress: bool = False

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..sampling import SAMPLE_BATCH
+from ..config import run_field
 
 
 @dataclass
@@ -29,9 +30,9 @@ class SampleConfig:
                                                  "every class in turn)"})
     guidance: float = field(default=1.0, metadata={"help": "class-conditional model: classifier-free guidance scale "
                                                    "(1: the conditional model alone, 0: unconditional)"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
-    allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickle weights (.bin/.ckpt)"})
+    threads: int = run_field("threads")
+    overwrite: bool = run_field("overwrite")
+    allow_pickle: bool = run_field("allow_pickle")
 
 
 def run_sample(cfg: SampleConfig) -> dict:

@@ -10,6 +10,7 @@ from ..errors import RunFailed, UserError
 from ..methods import MethodSpec
 from ..sequential import SequentialConfig
 from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed, unlearn
+from ..config import run_field
 
 
 @dataclass
@@ -20,12 +21,12 @@ class UnlearnConfig:
     model: str = field(default="", metadata={"help": "diffusers model directory, a run directory holding model/, or a "
                                                      "shipped model's name"})
     data: str = field(default="", metadata={"help": "data SPEC for X: image folder, .npy/.npz, or a built-in name"})
-    forget: str = field(default="default", metadata={"help": "forget SPEC for A: indices, names, @file, or 'default'"})
+    forget: str = field(default="default", metadata={"help": "forget SPEC for A: indices, names, paths, @file, "
+                                                            "class=NAME (a labelled data set's class), or 'default'"})
     out: str = field(default="", metadata={"help": "run directory to create"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a non-empty output directory"})
+    overwrite: bool = run_field("overwrite")
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
-    allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickle weights (.bin/.ckpt): only for "
-                                                                "files you trust"})
+    allow_pickle: bool = run_field("allow_pickle")
     variant: str = field(default="", metadata={"help": "load weights saved as a variant, e.g. fp16 "
                                                        "(diffusion_pytorch_model.fp16.safetensors)"})
     log_every: int = field(default=1, metadata={"help": "print a progress line every N steps (the JSONL log has "
@@ -44,9 +45,7 @@ class UnlearnConfig:
                                                              "without it files are listed and their headers read, "
                                                              "and a file whose pixels do not decode is found when a "
                                                              "step first draws it"})
-    cache_dir: str = field(default="", metadata={"help": "folder for cached latents of latent models and decompressed "
-                                                         ".npz arrays (default: $DIFFUNLEARN_CACHE or "
-                                                         "~/.cache/diffunlearn)"})
+    cache_dir: str = run_field("cache_dir")
     until: str = field(default="", metadata={"help": "'removed': check the model every --check-every steps and stop "
                                                      "at the first step whose deletion the --verify budget confirms "
                                                      "(--max-steps is the most steps it takes); exit status 0 "

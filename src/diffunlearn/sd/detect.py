@@ -18,6 +18,7 @@ import torch
 from ..errors import UserError
 from ..sampling import image_generators, initial_noise
 from .pipeline import StableDiffusion
+from ..config import run_field
 
 
 @torch.no_grad()
@@ -52,9 +53,9 @@ class DetectConfig:
     seed: int = field(default=0, metadata={"help": "seed of the starting noises"})
     batch_size: int = field(default=8, metadata={"help": "noises per UNet batch"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
-    allow_pickle: bool = field(default=False, metadata={"help": "allow pickle weights: only for files you trust"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing --out file"})
+    threads: int = run_field("threads")
+    allow_pickle: bool = run_field("allow_pickle")
+    overwrite: bool = run_field("overwrite", help="replace an existing --out file")
 
 
 def read_prompts(path: str) -> list[str]:

@@ -42,6 +42,7 @@ import torch
 
 from ..errors import UserError
 from .memorisation import memorisation_rates  # noqa: F401 (part of this module's API)
+from ..config import run_field
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATE = "a handwritten digit {}"
@@ -243,9 +244,9 @@ class ReplicaTrainConfig:
                                                           "this scale, each costing --samples per duplicated caption"})
     threshold: float = field(default=0.15, metadata={"help": "memorised iff RMS pixel distance to the training "
                                                              "image <= this"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
+    threads: int = run_field("threads")
     log_every: int = field(default=250, metadata={"help": "log a line every N steps"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a previous run directory"})
+    overwrite: bool = run_field("overwrite", help="replace a previous run directory")
 
 
 def _validate(cfg: ReplicaTrainConfig) -> None:

@@ -28,6 +28,7 @@ from ..runs import atomic_dir, check_outside_model
 from ..trainer import TrainerConfig
 from .memorisation import DEFAULT_THRESHOLD, LABELS_FILE, REFERENCE_FILE, RULE_FILE
 from .pipeline import pick_device
+from ..config import run_field
 
 #: the paper's Stable Diffusion hyperparameters where they differ from a method's own defaults
 SD_METHOD_DEFAULTS = {"siss": {"scaling_norm": 750.0}, "siss-nois": {"scaling_norm": 750.0},
@@ -78,10 +79,9 @@ class PromptBuildConfig:
                                                                     f"{DEFAULT_THRESHOLD})"})
     batch_size: int = field(default=8, metadata={"help": "images per sampling batch (does not change the images)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
-    allow_pickle: bool = field(default=False, metadata={"help": "allow pickle weights (.bin/.ckpt): only for files "
-                                                                "you trust"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a folder written by an earlier build"})
+    threads: int = run_field("threads")
+    allow_pickle: bool = run_field("allow_pickle")
+    overwrite: bool = run_field("overwrite", help="replace a folder written by an earlier build")
 
 
 def run_build(cfg: PromptBuildConfig) -> dict:
@@ -170,8 +170,8 @@ class PromptScoreConfig:
     out: str = field(default="", metadata={"help": "also write the result as JSON here"})
     batch_size: int = field(default=8, metadata={"help": "images per sampling batch"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
-    allow_pickle: bool = field(default=False, metadata={"help": "allow pickle weights: only for files you trust"})
+    threads: int = run_field("threads")
+    allow_pickle: bool = run_field("allow_pickle")
 
 
 def _rule_for(data: str, reference: str, threshold: float | None, sd):
@@ -246,8 +246,8 @@ class PromptUnlearnConfig:
     sample_batch_size: int = field(default=8, metadata={"help": "images per sampling batch"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda (sampling; training follows Accelerate)"})
     log_every: int = field(default=1, metadata={"help": "print a progress line every N steps"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a previous run directory"})
-    allow_pickle: bool = field(default=False, metadata={"help": "allow pickle weights: only for files you trust"})
+    overwrite: bool = run_field("overwrite", help="replace a previous run directory")
+    allow_pickle: bool = run_field("allow_pickle")
     verify: str = field(default="fast", metadata={"help": "verify the deletion after saving: fast (400 fresh samples, "
                                                           "512 searched seeds, 64 per reworded prompt and guidance "
                                                           "scale), full (2,048 / 2,048 / 256) or off; writes "

@@ -17,6 +17,7 @@ from .core import failure, summary_line, verify
 from .measures import BUDGETS
 from .report import REPORT_NAME, VERIFICATION_NAME, write_report
 from .verdicts import MAX_COPY_RATE
+from ..config import run_field
 
 VERIFY_CHOICES = ("fast", "full", "off")
 
@@ -51,9 +52,9 @@ class VerifyConfig:
                                                     "weight-free pixel cosine)"})
     similarity_t: int = field(default=SIMILARITY_T, metadata={"help": "noise-and-denoise: noise to this step"})
     seed: int = field(default=0, metadata={"help": "seed of every measure's noise, the samples and the reference"})
-    threads: int = field(default=0, metadata={"help": "CPU threads for torch (0: torch's default)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace a previous verification directory"})
-    allow_pickle: bool = field(default=False, metadata={"help": "allow loading pickle weights: trusted files only"})
+    threads: int = run_field("threads")
+    overwrite: bool = run_field("overwrite", help="replace a previous verification directory")
+    allow_pickle: bool = run_field("allow_pickle")
     prompt: str = field(default="", metadata={"help": "verify a Stable Diffusion prompt deletion instead: the prompt "
                                                       "(--model and --before are SD directories, --data the folder "
                                                       "of `prompt build` whose rule says what is memorised)"})

@@ -197,8 +197,8 @@ class UntilRemoved:
         if self.outcome == "removed":
             return f"until removed: removed at step {s['stopped_at']}, confirmed by the {s['budget']} verification"
         if self.outcome == "not removed":
-            return (f"until removed: not removed within the step budget ({len(self.checks)} checks); raise --steps "
-                    "or the method's strength (e.g. --scaling-norm)")
+            return (f"until removed: not removed within the step budget ({len(self.checks)} checks); raise "
+                    "--max-steps or the method's strength (e.g. --scaling-norm)")
         return (f"until removed: stopped by the quality guard at step {s['stopped_at']} (the reference images' loss "
                 f"degraded); the saved model is the one of step {s['model_is_step']}, whose quality held")
 
