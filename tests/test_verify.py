@@ -534,6 +534,30 @@ def test_verify_help_states_what_each_budget_resolves(capsys):
     assert e.value.code == 0 and "below 0.92%" in out and "below 0.18%" in out and "--max-copy-rate" in out
 
 
+def test_a_search_shipped_beside_a_model_is_used_for_its_own_key_only(tmp_path, monkeypatch):
+    """A shipped model may carry its search (``pretrained/<name>/verify-search/<key>.npy``): a search with that key
+    (the same weights, A, sampler, steps and seed) reads it instead of drawing, a longer one draws only the seeds
+    past it, and any other key draws everything."""
+    import diffunlearn.pretrained as pretrained
+    from diffunlearn.verification import generation
+
+    model, (_, items) = tiny_model(seed=0), random_sets(n_forget=2, seed=4)
+    h = "h" * 64
+    direct, _ = generation.draw_distances(model, items, list(range(12)), "dpm++sde", 2, 0)
+    key = generation.search_key(h, items, None, "dpm++sde", 2, 0, generation.model_fingerprint(model))
+    (tmp_path / "shipped" / "m" / "verify-search").mkdir(parents=True)
+    np.save(tmp_path / "shipped" / "m" / "verify-search" / f"{key}.npy", direct[:10])
+    monkeypatch.setattr(pretrained, "pretrained_root", lambda: tmp_path / "shipped")
+    drawn = []
+    real = generation.draw_distances
+    monkeypatch.setattr(generation, "draw_distances", lambda *a, **k: (drawn.append(a[2]), real(*a, **k))[1])
+    found = generation.search(model, h, items, 12, "dpm++sde", 2, 0, cache=tmp_path / "cache")
+    assert found["cached"] == 10 and drawn == [[10, 11]] and np.array_equal(found["distances"][:10], direct[:10])
+    assert np.allclose(found["distances"][10:], direct[10:], rtol=1e-5)  # drawn in another batch: the last bits
+    other = generation.search(model, "g" * 64, items, 12, "dpm++sde", 2, 0, cache=tmp_path / "cache")
+    assert other["cached"] == 0 and drawn[1:] == [list(range(12))]
+
+
 def test_each_fresh_block_draws_seeds_no_other_block_or_the_search_drew():
     data = _data()
     model = tiny_model(seed=0)
