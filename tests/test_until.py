@@ -231,3 +231,34 @@ def test_a_check_redraws_the_budget_search_hits_first_and_the_rest_only_when_tho
     else:
         assert drawn == [[3, 9]] and check["targeted_drawn"] == 2 and check["targeted_still"] == 2
         assert lp.outcome == "not removed" and "verification" not in check
+
+
+def test_the_loops_fresh_samples_lie_past_every_seed_its_gate_searched(monkeypatch):
+    """A clean fresh block bounds the copy rate only if its seeds were never searched: with a gate of G seeds the
+    confirmations and the run's final verification draw blocks that start at or past seed G."""
+    lp, callback = _loop(monkeypatch, every=2)
+    b, blocks = lp.budget, []
+    monkeypatch.setattr("diffunlearn.verification.core.verify",
+                        lambda *a, **k: (blocks.append(k["fresh_block"]), {"overall": {"status": "not removed"}})[1])
+    lp.gate_seeds, lp.fresh_from = 2048, loop_mod.fresh_blocks_after(b, 2048)
+    _run(4, callback)
+    assert blocks == [lp.fresh_from + 1, lp.fresh_from + 2]  # each confirmation its own block past the gate
+    assert b.search_seeds + lp.fresh_from * b.samples >= 2048
+    for gate in (b.search_seeds, b.search_seeds + 1, 2048, 5000):
+        first = loop_mod.fresh_blocks_after(b, gate)
+        assert b.search_seeds + first * b.samples >= gate  # the first seed of the first block
+        assert first == 0 or b.search_seeds + (first - 1) * b.samples < gate  # and no block is skipped needlessly
+
+
+def test_a_fixed_superfactor_keeps_the_scaling_norm_unmeasured(capsys):
+    """unlearn's default measures SISS's scaling norm; a fixed --superfactor replaces norm-fixing, so nothing is
+    measured; --max-steps without --until is an error that says what to pass."""
+    import yaml
+
+    assert main(["unlearn", "--model", "m", "--data", "d", "--out", "o", "--dry-run"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["method"]["scaling_norm"] == "auto"
+    assert main(["unlearn", "--model", "m", "--data", "d", "--out", "o", "--superfactor", "0.1", "--dry-run"]) == 0
+    method = yaml.safe_load(capsys.readouterr().out)["method"]
+    assert method["superfactor"] == 0.1 and method["scaling_norm"] != "auto"
+    assert main(["unlearn", "--model", "m", "--data", "d", "--out", "o", "--max-steps", "50"]) == 2
+    assert "--max-steps applies with --until removed" in capsys.readouterr().err

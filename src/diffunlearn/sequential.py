@@ -47,7 +47,8 @@ class SequentialConfig:
     """Sequential deletion requests: applied in turn, each for the trainer's steps, with a ledger."""
 
     requests: str = field(default="", metadata={"help": "file of deletion requests applied in turn, each for --steps "
-                                                        "steps (one forget SPEC per line, or a YAML list); writes "
+                                                        "steps, or with --until removed until its own loop confirms "
+                                                        "it (one forget SPEC per line, or a YAML list); writes "
                                                         "ledger.jsonl"})
     held_out: str = field(default="", metadata={"help": "with --requests: data SPEC of images never trained on "
                                                         "(membership AUC, quality loss); default: the data set's own"})
@@ -321,6 +322,11 @@ def run_sequential(cfg) -> dict:
     measured = evaluator.measure(model, stack[:first_end], None if stack_labels is None else stack_labels[:first_end])
     strips, records = [], [_record_of(e) for e in read_ledger(out / LEDGER_NAME).entries] if done else []
     removed_so_far: set[int] = {i for idx in requests[:done] for i in idx}
+    fresh_from = 0  # the final verification's fresh seeds lie past every request's gate search
+    if cfg.until:
+        from .verification.loop import fresh_blocks_after
+
+        fresh_from = fresh_blocks_after(cfg.verify, cfg.check_seeds)
     for k, idx in enumerate(requests, 1):
         if k <= done:
             continue
@@ -354,10 +360,13 @@ def run_sequential(cfg) -> dict:
             from .verification.loop import UntilRemoved
 
             view, view_idx = _without(data, removed_so_far - set(idx), idx)
+            # held-out images without labels cannot be the reference of a class-conditional model: the kept are
             loop = UntilRemoved(model, view, view_idx, budget=cfg.verify, check_every=cfg.check_every,
-                                seed=trainer.seed, gate_seeds=cfg.check_seeds, held_out=held_out,
+                                seed=trainer.seed, gate_seeds=cfg.check_seeds,
+                                held_out=None if model.conditional else held_out,
                                 cache_dir=cfg.cache_dir or None, log=lambda m: print(f"  {m}", flush=True))
         new = unlearn(model, kept, forget, method, trainer, log=log, labels=request_labels, callback=loop)
+        fresh_from = max(fresh_from, loop.fresh_from if loop is not None else 0)
         seconds = time.time() - t0
         t1 = time.time()
         upto = ends[min(k, len(requests) - 1)]
@@ -415,5 +424,5 @@ def run_sequential(cfg) -> dict:
         summary["verification"] = verify_run(
             out, base, model, data, order, cfg.verify, held_out=held_out, sscd=seq.sscd or None,
             seed=trainer.seed, similarity_t=seq.similarity_t,
-            audit=audit_settings(cfg.audit, trainer.lr, trainer.batch_size, trainer.seed))
+            audit=audit_settings(cfg.audit, trainer.lr, trainer.batch_size, trainer.seed), fresh_block=fresh_from)
     return summary

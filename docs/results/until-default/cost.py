@@ -5,7 +5,8 @@
 Measures, in this one process's session and at one thread, the seconds per step of SISS (unlearn's defaults) and of
 training (the shipped models' own recipes), two rounds interleaved so that both see the same machine; then reads the
 until-removed runs in RUNS_DIR (MNIST T-Shirt, run.sh) and INSTANCE_RUNS_DIR (instance-base, defaults-instance's
-run.py) and prints what each way to a deletion costs, in seconds at one thread and as a ratio to the loop.
+run.py) and prints what each way to a deletion costs, in seconds at one thread and as a ratio to the loop. The
+timings are kept in RUNS_DIR/cost-timings.json: a second call makes the table again from them.
 """
 
 import json
@@ -58,12 +59,17 @@ def loop_runs(folder: Path) -> list[dict]:
 def main():
     runs = [Path(a) for a in sys.argv[1:]]
     names = ["mnist", "instance"][:len(runs)]
-    with tempfile.TemporaryDirectory() as tmp:
-        times = {(n, kind): [] for n in names for kind in ("siss", "train")}
-        for k in range(ROUNDS):
-            for n in names:
-                for kind in ("siss", "train"):
-                    times[n, kind].append(step_seconds(Path(tmp), n, kind, k))
+    saved = runs[0] / "cost-timings.json"  # the timings of an earlier call, so the table can be made again
+    if saved.is_file():
+        times = {tuple(k.split(":")): v for k, v in json.loads(saved.read_text()).items()}
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            times = {(n, kind): [] for n in names for kind in ("siss", "train")}
+            for k in range(ROUNDS):
+                for n in names:
+                    for kind in ("siss", "train"):
+                        times[n, kind].append(step_seconds(Path(tmp), n, kind, k))
+        saved.write_text(json.dumps({f"{n}:{kind}": v for (n, kind), v in times.items()}, indent=1))
     print("| model | run | outcome | steps | training s | checks s (% of training) | confirming verification s | "
           "gate search s | loop total s | fixed 300 s | fixed 600 s | retrain s | retrain / loop |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -97,7 +97,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     before["reused_stored_evaluation"] = stored is not None
     save_grid(torch.cat([before_tiles, after_tiles]), out / "before_after.png", ncol=16,
               title="top two rows: before; bottom two rows: after SISS (the same seeds)")
-    steps = (summary.get("until") or {}).get("model_is_step") or summary["steps"]
+    steps = (summary.get("until") or {}).get("model_is_step")
+    steps = summary["steps"] if steps is None else steps
     verdict = _verdict(summary)
     table = demo_table(before, after, unlearn_s, steps) + f"\n{verdict}\n"
     (out / "results.md").write_text(table)

@@ -85,6 +85,9 @@ class UnlearnConfig:
                 raise UserError("--until removed decides the steps itself: pass --max-steps N (the most steps it "
                                 f"may take, default {UnlearnConfig.max_steps}) instead of --steps")
             self.trainer.steps = self.max_steps
+        elif self.max_steps != UnlearnConfig.max_steps:
+            raise UserError("--max-steps applies with --until removed: add --until removed, or pass --steps N for a "
+                            "fixed number of steps")
         check_until(self.until, self.verify, self.check_every, self.max_steps if self.until else self.trainer.steps,
                     self.check_seeds)
         if self.until and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -169,6 +172,8 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         print(f"scaling_norm auto = {calibration['scaling_norm']:.4g}: {AUTO_FRACTION:.0%} of ||G_x|| = "
               f"{calibration['grad_norm_x']:.4g} measured at the input model", flush=True)
     needs = space_needed(model, trainer)
+    if cfg.until and "checkpoints" in needs:  # each checkpoint also holds the loop's last weights whose quality held
+        needs["checkpoints"] += 2 * needs["model"]
     if cfg.resume and Checkpointer(out / "checkpoint.pt").holds_final():
         needs = {"model": needs["model"]}  # training is done: only the model is left to write
     check_space(out, needs)
@@ -270,7 +275,8 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         summary["verification"] = verify_run(out, model, new, data, forget_idx, cfg.verify, seed=trainer.seed,
                                              result=loop.result_for(trainer.steps) if loop is not None else None,
                                              audit=audit_settings(cfg.audit, trainer.lr, trainer.batch_size,
-                                                                  trainer.seed), cache_dir=cfg.cache_dir or None)
+                                                                  trainer.seed), cache_dir=cfg.cache_dir or None,
+                                             fresh_block=loop.fresh_from if loop is not None else 0)
         if summary["verification"] and summary["verification"]["status"] == "ok":
             _card_with_verification(out, card, summary.get("until"))
     return summary
@@ -330,7 +336,9 @@ def _check_resumable(out: Path, cfg: UnlearnConfig) -> None:
     old = flatten(yaml.safe_load((out / "config.yaml").read_text()) or {})
     defaults = flatten(to_dict(UnlearnConfig()))  # a run started before an option existed used its default
     new = flatten(to_dict(cfg))
-    diff = [k for k, v in new.items() if k not in RESUME_IGNORES and old.get(k, defaults.get(k)) != v]
+    # with --until removed the verification budget makes the loop's decisions: it must stay what it was
+    ignores = [k for k in RESUME_IGNORES if not (cfg.until and k == "verify")]
+    diff = [k for k, v in new.items() if k not in ignores and old.get(k, defaults.get(k)) != v]
     if diff:
         raise UserError(f"--resume needs the same settings as the run in {out}; these differ: "
                         f"{', '.join(_flag(k) for k in diff)}")

@@ -98,10 +98,12 @@ class MethodSpec:
         """This block with every setting that may be measured at the model (``auto``, e.g. SISS's ``scaling_norm``)
         and was not set here set to ``auto``: the ``unlearn`` command's default, one setting for any model. A fixed
         ``superfactor`` replaces norm-fixing, so it keeps ``scaling_norm`` unmeasured."""
-        if self.name not in METHODS or self.params.get("superfactor") is not None:
+        if self.name not in METHODS:
             return self
-        free = {f.name: AUTO for f in dataclasses.fields(METHODS[self.name])
-                if f.metadata.get("auto") and self.params.get(f.name) is None}
+        measurable = {f.name for f in dataclasses.fields(METHODS[self.name]) if f.metadata.get("auto")}
+        if self.params.get("superfactor") is not None:  # a default 'auto' set before the superfactor was given goes
+            return MethodSpec(self.name, {k: v for k, v in self.params.items() if not (k in measurable and v == AUTO)})
+        free = {k: AUTO for k in measurable if self.params.get(k) is None}
         return MethodSpec(self.name, {**self.params, **free}) if free else self
 
     def to_dict(self) -> dict:

@@ -154,13 +154,15 @@ def run_verify(cfg: VerifyConfig) -> dict:
 
 def verify_run(run_dir: str | Path, before, after, data, forget_idx, budget: str = "fast", *, held_out=None,
                sscd: str | None = None, seed: int = 0, similarity_t: int = SIMILARITY_T, audit=None,
-               log=print, cache_dir: str | None = None, result: dict | None = None) -> dict | None:
+               log=print, cache_dir: str | None = None, result: dict | None = None, fresh_block: int = 0
+               ) -> dict | None:
     """Verify a finished run and write ``verification.json`` and ``report.html`` into ``run_dir``.
 
     The model is already saved when this runs: whatever happens here (an exception, non-finite outputs, Ctrl-C)
     leaves it in place; ``verification.json`` then records the error (status ``failed`` or ``interrupted``) and the
     report says what is missing. Ctrl-C is re-raised after recording. ``result``: a verification of ``after``
-    already made, recorded as it is. Returns the result's headline, or None when ``budget`` is ``off``."""
+    already made, recorded as it is. ``fresh_block``: the block of fresh seeds to draw (past seeds an ``--until
+    removed`` gate searched). Returns the result's headline, or None when ``budget`` is ``off``."""
     if budget == "off":
         return None
     run_dir = Path(run_dir)
@@ -170,7 +172,8 @@ def verify_run(run_dir: str | Path, before, after, data, forget_idx, budget: str
     else:
         try:
             result = verify(after, data, forget_idx, before=before, held_out=held_out, budget=budget, sscd=sscd,
-                            seed=seed, similarity_t=similarity_t, audit=audit, log=log, cache_dir=cache_dir)
+                            seed=seed, similarity_t=similarity_t, audit=audit, log=log, cache_dir=cache_dir,
+                            fresh_block=fresh_block)
         except KeyboardInterrupt:
             result = failure("interrupted", "verification was interrupted (Ctrl-C) before it finished; missing: "
                                             "every verdict. The targeted search keeps the seeds it finished in the "

@@ -51,8 +51,16 @@ def check_until(until: str, verify_: str, check_every: int, steps: int, gate_see
     if check_every > steps:
         raise UserError(f"--check-every {check_every} is larger than --max-steps {steps}: no check would run; "
                         "lower --check-every or raise --max-steps (the most steps the loop may take)")
-    if gate_seeds < 1:
-        raise UserError(f"--check-seeds must be >= 1, got {gate_seeds}")
+    if not 1 <= gate_seeds <= 100_000:
+        raise UserError(f"--check-seeds must lie in [1, 100000], got {gate_seeds}")
+
+
+def fresh_blocks_after(budget, gate_seeds: int) -> int:
+    """The first block of fresh seeds past a gate's search of ``gate_seeds`` seeds (at least the budget's own)."""
+    from .core import check_budget
+
+    b = check_budget(budget)
+    return -(-max(0, int(gate_seeds) - b.search_seeds) // b.samples)
 
 
 class UntilRemoved:
@@ -87,6 +95,9 @@ class UntilRemoved:
         self.hits = [i for i in hits if i < b.search_seeds] + [i for i in hits if i >= b.search_seeds]
         self.first = sum(1 for i in hits if i < b.search_seeds)
         self.gate_seeds = gate.search_seeds
+        # fresh seeds must never have been searched: the blocks of fresh samples start after the gate's seeds (the
+        # run's own final verification draws block ``fresh_from``, each confirmation one of the 63 after it)
+        self.fresh_from = fresh_blocks_after(b, gate_seeds)
         # the loss of A and the reference images, as verify measures it (the same (t, eps) pairs)
         self._losses = lambda m: measure_model(m, s, None, similarity_t, seed, parts=("loss",)).values
         self.ref_before = self._losses(before)["loss_ref"].numpy()
@@ -136,7 +147,7 @@ class UntilRemoved:
             confirmations = sum(1 for c in self.checks if "verification" in c)
             result = verify(model, self.data, self.idx, before=self.before, held_out=self.held_out, budget=b,
                             seed=self.seed, similarity_t=self.similarity_t, max_copy_rate=self.max_copy_rate,
-                            cache_dir=self.cache_dir, fresh_block=1 + confirmations % 63)
+                            cache_dir=self.cache_dir, fresh_block=self.fresh_from + 1 + confirmations % 63)
             check["verification"] = result["overall"]["status"]
             self.last_verified = (step, result)
             if result["overall"]["status"] == Status.REMOVED.value:
@@ -144,7 +155,7 @@ class UntilRemoved:
             elif result["overall"]["status"] == Status.DEGRADED.value:
                 stop = self._guard(unet, check)
         if not stop and q["status"] == Status.KEPT.value:  # only weights whose quality was shown kept
-            self._good = (step, {k: v.detach().clone() for k, v in unet.state_dict().items()})
+            self._good = (step, {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()})
         check["seconds"] = round(time.time() - t0, 2)
         self.checks.append(check)
         self.say(f"until removed: step {step}: {still} of {drawn} targeted seeds drawn again draw A "
@@ -203,4 +214,4 @@ class UntilRemoved:
                 f"degraded); the saved model is the one of step {s['model_is_step']}, whose quality held")
 
 
-__all__ = ["UntilRemoved", "OUTCOMES", "UNTIL_CHOICES", "check_until"]
+__all__ = ["UntilRemoved", "OUTCOMES", "UNTIL_CHOICES", "check_until", "fresh_blocks_after"]
