@@ -22,3 +22,12 @@ def test_readme_api_example(tmp_path, data_file):
     assert load_model(tmp_path / "out" / "model").sample_shape == (1, 8, 8)
     result = verify(new, data, resolve_forget("img-03", data), before=model)  # what verification.json holds
     assert result["status"] == "ok" and set(result["models"]) >= {"before", "after"}
+    from diffunlearn import UntilRemoved
+
+    loop = UntilRemoved(model, data, resolve_forget("img-03", data), check_every=2, gate_seeds=1)
+    again = unlearn(model, kept, forget, make_method("siss", lam=0.5, scaling_norm=5.0),
+                    TrainerConfig(steps=2, lr=5e-5, batch_size=4), callback=loop)
+    # a random model never showed A, so nothing can be shown removed: the loop ran every step and says so
+    assert [c["step"] for c in loop.checks] == [2] and loop.outcome == "not removed"
+    assert loop.summary()["exit_status"] == 3 and "not removed within the step budget" in loop.line()
+    assert torch.equal(again.unet.conv_in.weight, new.unet.conv_in.weight)  # the same 2 steps, whatever the loop

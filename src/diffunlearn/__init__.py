@@ -9,8 +9,10 @@ from .models import DiffusionModel, load_model, save_model
 from .sampling import ddpm_sample
 from .trainer import TrainerConfig, unlearn
 from .verification import verify, write_report
+from .verification.loop import UntilRemoved
 
 __version__ = "0.1.0"
-__all__ = ["DiffusionModel", "ImageArray", "ImageSet", "METHODS", "Method", "MethodSpec", "TrainerConfig", "UserError",
+__all__ = ["DiffusionModel", "ImageArray", "ImageSet", "METHODS", "Method", "MethodSpec", "TrainerConfig",
+           "UntilRemoved", "UserError",
            "ddpm_sample", "load_data", "load_model", "make_method", "resolve_forget", "save_model", "split_kept",
            "unlearn", "unlearning_labels", "verify", "write_report"]
