@@ -285,3 +285,38 @@ def test_no_import_circles_between_files_or_between_folders():
         folders.setdefault(folder(k), set()).update(folder(t) for t in v if folder(t) != folder(k))
     assert _cycles(folders) == []
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the search itself
+
+
+#: modules that run a command and print what it shows (the command layer, the benchmark drivers, the prompt
+#: workflows, detect's score table, the ledger's table, the fault suite, --dry-run, the classifier's own main)
+PRINTS = ("commands/", "bench/", "cli.py", "faults.py", "sd/workflows.py", "sd/detect.py", "ledger.py", "config.py",
+          "metrics/classifier.py")
+
+
+def test_library_modules_report_through_the_logger_not_print(capsys):
+    """Every other module reports through the ``diffunlearn`` logger (``console.logger``), whose handler writes to
+    the stdout of the moment, and which a program embedding the library can silence."""
+    import logging
+
+    from diffunlearn.console import logger
+
+    root = Path(__file__).resolve().parents[1] / "src" / "diffunlearn"
+    printing = []
+    for path in root.rglob("*.py"):
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(PRINTS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print":
+                printing.append(f"{rel}:{node.lineno}")
+    assert printing == []
+    logger("diffunlearn.some.module").info("a line")
+    assert capsys.readouterr().out == "a line\n"
+    top = logging.getLogger("diffunlearn")
+    level = top.level
+    top.setLevel(logging.WARNING)
+    try:
+        logger("diffunlearn.some.module").info("not shown")
+        assert capsys.readouterr().out == ""
+    finally:
+        top.setLevel(level)

@@ -14,6 +14,9 @@ from typing import Callable
 import yaml
 
 from .errors import UserError
+from .console import logger
+
+say = logger(__name__).info
 
 
 def atomic_dir(out: str | Path, write) -> Path:
@@ -176,7 +179,7 @@ def step_printer(log, steps: int, every: int = 1):
         log(rec)
         line = progress.line(rec["step"], rec, [k for k in rec if k.startswith("loss_")] + ["grad_norm", "seconds"])
         if line:
-            print(line, flush=True)
+            say(line)
 
     return on_step
 

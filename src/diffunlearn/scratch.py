@@ -24,6 +24,9 @@ from .models import DiffusionModel, build_scheduler, build_unet, model_summary, 
 from .runs import RunDir
 from .tracking import Progress
 from .config import run_field
+from .console import logger
+
+say = logger(__name__).info
 
 
 @dataclass
@@ -111,7 +114,7 @@ def train_loop(unet: torch.nn.Module, draw: Callable, batch_loss: Callable, run:
             run.log(rec)
             line = progress.line(step + 1, rec, ["loss", "grad_norm", "lr"])
             if line:
-                print(line, flush=True)
+                say(line)
     return ema.to("cpu"), rec
 
 
@@ -187,6 +190,6 @@ def train(cfg: TrainConfig) -> dict:
                "train_seconds": round(time.time() - t0, 1), "model": model_summary(out_model),
                "model_dir": str(run.model_dir)}
     run.finish(summary)
-    print(f"saved {run.model_dir} (trained on {kept_what}: {len(images)} images, {cfg.steps} steps, "
-          f"{summary['train_seconds']:.0f} s)")
+    say(f"saved {run.model_dir} (trained on {kept_what}: {len(images)} images, {cfg.steps} steps, "
+        f"{summary['train_seconds']:.0f} s)")
     return summary

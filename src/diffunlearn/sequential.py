@@ -35,6 +35,9 @@ from .metrics.similarity import SIMILARITY_T
 from .models import DiffusionModel
 from .protocols.calibration import AUTO_FRACTION, calibrated
 from .trainer import TrainerConfig, unlearn
+from .console import logger
+
+say = logger(__name__).info
 
 QUALITY_IMAGES = 256
 STRIP_IMAGES = 64
@@ -339,22 +342,22 @@ def run_sequential(cfg) -> dict:
         forget = encoded.subset(idx)
         request_labels = None if labels is None else (labels[keep], labels[idx])
         names = [data.names[i] for i in idx]
-        print(f"request {k}/{len(requests)}: removing {len(idx)} images ({', '.join(names[:5])}"
-              f"{', ...' if len(names) > 5 else ''}); {len(kept)} kept", flush=True)
+        say(f"request {k}/{len(requests)}: removing {len(idx)} images ({', '.join(names[:5])}"
+            f"{', ...' if len(names) > 5 else ''}); {len(kept)} kept")
 
         def log(rec, k=k):
             run.log({"request": k, **rec})
             if rec["step"] % max(1, cfg.log_every) == 0 or rec["step"] == trainer.steps:
                 losses = " ".join(f"{n}={v:.4g}" for n, v in rec.items() if n.startswith("loss_"))
-                print(f"  step {rec['step']}/{trainer.steps} {losses}", flush=True)
+                say(f"  step {rec['step']}/{trainer.steps} {losses}")
 
         t0 = time.time()
         spec, calibration = calibrated(model, kept, forget, cfg.method, trainer.batch_size * trainer.grad_accum,
                                        AUTO_FRACTION, trainer.seed, labels=request_labels, micro=trainer.batch_size)
         method = spec.build()
         if calibration:
-            print(f"  scaling_norm auto = {calibration['scaling_norm']:.4g} ({AUTO_FRACTION:.0%} of ||G_x|| at this "
-                  "request's model)", flush=True)
+            say(f"  scaling_norm auto = {calibration['scaling_norm']:.4g} ({AUTO_FRACTION:.0%} of ||G_x|| at this "
+                "request's model)")
         loop = None
         if cfg.until:  # this request's own closed loop, against the images still in the data
             from .verification.loop import UntilRemoved
@@ -364,7 +367,7 @@ def run_sequential(cfg) -> dict:
             loop = UntilRemoved(model, view, view_idx, budget=cfg.verify, check_every=cfg.check_every,
                                 seed=trainer.seed, gate_seeds=cfg.check_seeds,
                                 held_out=None if model.conditional else held_out,
-                                cache_dir=cfg.cache_dir or None, log=lambda m: print(f"  {m}", flush=True))
+                                cache_dir=cfg.cache_dir or None, log=lambda m: say(f"  {m}"))
         new = unlearn(model, kept, forget, method, trainer, log=log, labels=request_labels, callback=loop)
         fresh_from = max(fresh_from, loop.fresh_from if loop is not None else 0)
         seconds = time.time() - t0
@@ -393,11 +396,11 @@ def run_sequential(cfg) -> dict:
                                    "metrics_after": after, "seconds": round(seconds, 3),
                                    **({"until": entry["until"]} if loop is not None else {})}))
         if loop is not None:
-            print(f"  {loop.line()}", flush=True)
-        print(f"request {k} done in {seconds:.1f} s: similarity ({before['similarity']}) "
-              f"{before['similarity_mean']:.3f} -> {after['similarity_mean']:.3f}, {evaluator.quality_measure} "
-              f"{before['quality']:.4g} -> {after['quality']:.4g}; model {hash_after[:12]} saved, ledger line {k} "
-              "written", flush=True)
+            say(f"  {loop.line()}")
+        say(f"request {k} done in {seconds:.1f} s: similarity ({before['similarity']}) "
+            f"{before['similarity_mean']:.3f} -> {after['similarity_mean']:.3f}, {evaluator.quality_measure} "
+            f"{before['quality']:.4g} -> {after['quality']:.4g}; model {hash_after[:12]} saved, ledger line {k} "
+            "written")
         model, hash_before = new, hash_after
 
     # strips.png: per forgotten image, the original, its reconstruction before its request, right after it, at the
@@ -417,7 +420,7 @@ def run_sequential(cfg) -> dict:
         summary["exit_status"] = next((r["until"]["exit_status"] for r in records
                                        if r.get("until", {}).get("exit_status")), 0)
     run.finish(summary)
-    print(f"saved {run.model_dir} with {LEDGER_NAME}; strips.png: original | before | after its request | at the end")
+    say(f"saved {run.model_dir} with {LEDGER_NAME}; strips.png: original | before | after its request | at the end")
     if cfg.verify != "off":  # every request's model and ledger line are saved: a failed verification is recorded
         from .verification.command import audit_settings, verify_run
 

@@ -34,6 +34,9 @@ import torch
 from ..errors import UserError
 from ..metrics.rates import binomial_ci
 from ..verification.verdicts import MAX_COPY_RATE, samples_for_rate
+from ..console import logger
+
+say = logger(__name__).info
 
 FORMAT = "diffunlearn-prompt-verification/1"
 
@@ -292,8 +295,8 @@ def run_prompt_verify(cfg) -> dict:
         write_report(folder)
 
     atomic_dir(out, write)
-    print(prompt_summary_line(result))
-    print(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME}")
+    say(prompt_summary_line(result))
+    say(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME}")
     return result
 
 

@@ -20,6 +20,9 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..console import logger
+
+say = logger(__name__).info
 
 
 def evaluate_prompt(sd, unet, prompt_embeds, uncond, rule, quality, n: int, seed: int, steps: int, guidance: float,
@@ -75,8 +78,7 @@ class MemorisedCounter:
             self.curves[key].append(rec)
             with open(self.out / "memorised.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            print(f"step {step}: {res['memorised']}/{res['of']} memorised ({key}), quality {res['quality']:.4g}",
-                  flush=True)
+            say(f"step {step}: {res['memorised']}/{res['of']} memorised ({key}), quality {res['quality']:.4g}")
             if step == 0 or step == self.last:
                 save_grid(images, self.out / f"samples_{key}_{'before' if step == 0 else 'after'}.png")
 

@@ -43,6 +43,9 @@ import torch
 from ..errors import UserError
 from .memorisation import memorisation_rates  # noqa: F401 (part of this module's API)
 from ..config import run_field
+from ..console import logger
+
+say = logger(__name__).info
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATE = "a handwritten digit {}"
@@ -346,9 +349,9 @@ def train_replica(cfg: ReplicaTrainConfig) -> dict:
                    "evaluation": evaluation, "evaluation_seconds": round(time.time() - t1, 1)}
         run.finish(summary)
         d = evaluation["detect"]
-        print(f"detect: ROC AUC of the {len(data.memorised_prompts)} memorised captions against captions trained "
-              f"once {d['auc_vs_trained_once']:.3f}, against unseen captions {d['auc_vs_unseen']:.3f}")
-        print(f"saved {run.model_dir} ({train_seconds:.0f} s of training)")
+        say(f"detect: ROC AUC of the {len(data.memorised_prompts)} memorised captions against captions trained "
+            f"once {d['auc_vs_trained_once']:.3f}, against unseen captions {d['auc_vs_unseen']:.3f}")
+        say(f"saved {run.model_dir} ({train_seconds:.0f} s of training)")
         return summary
     save_image(data.memorised, run.path / MEMORISED_FILE)
     replica = {"prompt": PROMPT, "variant": VARIANT, "memorised_image": MEMORISED_FILE,
@@ -366,9 +369,9 @@ def train_replica(cfg: ReplicaTrainConfig) -> dict:
                "memorisation_seconds": round(time.time() - t1, 1), "replica": replica}
     run.finish(summary)
     for k, r in rates.items():
-        print(f"{k} {r['prompt']!r}: {r['memorised']}/{r['of']} samples reproduce the training image "
-              f"({r['rate']:.0%}; median distance {r['median_distance']:.3f})")
-    print(f"saved {run.model_dir} ({train_seconds:.0f} s of training)")
+        say(f"{k} {r['prompt']!r}: {r['memorised']}/{r['of']} samples reproduce the training image "
+            f"({r['rate']:.0%}; median distance {r['median_distance']:.3f})")
+    say(f"saved {run.model_dir} ({train_seconds:.0f} s of training)")
     return summary
 
 

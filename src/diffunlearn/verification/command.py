@@ -18,6 +18,9 @@ from .measures import BUDGETS
 from .report import REPORT_NAME, VERIFICATION_NAME, write_report
 from .verdicts import MAX_COPY_RATE
 from ..config import run_field
+from ..console import logger
+
+say = logger(__name__).info
 
 VERIFY_CHOICES = ("fast", "full", "off")
 
@@ -133,7 +136,7 @@ def run_verify(cfg: VerifyConfig) -> dict:
         result = verify(models["after"], data, forget_idx, before=models.get("before"),
                         retrained=models.get("retrained"), held_out=held, held_out_labels=held_y, budget=budget,
                         sscd=cfg.sscd or None,
-                        seed=cfg.seed, similarity_t=cfg.similarity_t, audit=audit, log=print,
+                        seed=cfg.seed, similarity_t=cfg.similarity_t, audit=audit, log=say,
                         max_copy_rate=cfg.max_copy_rate)
         error = None
     except FloatingPointError as e:  # a model with non-finite outputs: a finding, recorded like a result
@@ -145,16 +148,16 @@ def run_verify(cfg: VerifyConfig) -> dict:
 
     atomic_dir(out, write)
     if error:
-        print(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME} (verification failed)")
+        say(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME} (verification failed)")
         raise UserError(error)
-    print(summary_line(result))
-    print(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME}")
+    say(summary_line(result))
+    say(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME}")
     return result
 
 
 def verify_run(run_dir: str | Path, before, after, data, forget_idx, budget: str = "fast", *, held_out=None,
                sscd: str | None = None, seed: int = 0, similarity_t: int = SIMILARITY_T, audit=None,
-               log=print, cache_dir: str | None = None, result: dict | None = None, fresh_block: int = 0
+               log=say, cache_dir: str | None = None, result: dict | None = None, fresh_block: int = 0
                ) -> dict | None:
     """Verify a finished run and write ``verification.json`` and ``report.html`` into ``run_dir``.
 
