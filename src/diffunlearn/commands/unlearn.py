@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
+from ..cards import unlearning_card
+from ..config import flatten, run_field, to_dict
+from ..data import content_hash, load_data, resolve_forget, split_images
+from ..data.arrays import check_decodes
+from ..data.cache import cache_dir, check_outside
+from ..data.labels import class_counts, unlearning_labels
 from ..errors import RunFailed, UserError
-from ..methods import MethodSpec
-from ..sequential import SequentialConfig
+from ..methods import MethodSpec, flag_of
+from ..models import load_model, model_summary, save_model, state_hash
+from ..protocols.calibration import AUTO_FRACTION, calibrated
+from ..runs import RunDir, check_outside_model, check_space, prepare_out_dir, read_json, step_printer
+from ..sampling import ddpm_sample
+from ..sequential import SequentialConfig, run_sequential
+from ..tracking import Tracker, check_report_to
 from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed, unlearn
-from ..config import run_field
+from ..verification.command import audit_settings, check_options, verify_run
+from ..verification.loop import UntilRemoved, check_until
+from ..verification.report import VERIFICATION_NAME
 
 
 @dataclass
 class UnlearnConfig:
     """The ``unlearn`` command's settings by concern: run I/O here, then the ``method`` block, the ``trainer`` block
     and the ``sequential`` block (deletion requests)."""
-
     model: str = field(default="", metadata={"help": "diffusers model directory, a run directory holding model/, or a "
                                                      "shipped model's name"})
     data: str = field(default="", metadata={"help": "data SPEC for X: image folder, .npy/.npz, or a built-in name"})
@@ -70,15 +87,11 @@ class UnlearnConfig:
         self.method = self.method.measured_by_default()
 
     def validate(self) -> None:
-        from ..tracking import check_report_to
-        from ..verification.command import check_options
-
         self.method.build(allow_auto=True)
         self.trainer.validate()
         self.sequential.validate()
         check_report_to(self.report_to)
         check_options(self.verify, self.audit)
-        from ..verification.loop import check_until
 
         if self.until:
             if self.trainer.steps not in (TrainerConfig.steps, self.max_steps):
@@ -110,18 +123,8 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     ``--out`` continues from its last checkpoint (its settings must match) and ends with the same weights as an
     uninterrupted run.
     """
-    from ..config import to_dict
-    from ..data.cache import cache_dir, check_outside
-    from ..data.arrays import check_decodes
-    from ..data import load_data, resolve_forget, split_images
-    from ..data.labels import class_counts, unlearning_labels
-    from ..models import load_model, model_summary, save_model, state_hash
-    from ..runs import RunDir, check_outside_model, check_space, prepare_out_dir, step_printer
-
     cfg.validate()
     if cfg.sequential.requests:
-        from ..sequential import run_sequential
-
         if cfg.resume and cfg.out:
             _check_resumable(Path(cfg.out), cfg)
         return run_sequential(cfg)
@@ -159,7 +162,6 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     hash_before = state_hash(model.unet)
     calibration = None
     if cfg.method.auto:  # --scaling-norm auto: the paper's rule measured at the input model on this run's data
-        from ..protocols.calibration import AUTO_FRACTION, calibrated
 
         # at the optimiser step's whole batch, a micro-batch at a time: the same norm however the step is split
         processes = int(os.environ.get("WORLD_SIZE", "1"))
@@ -185,7 +187,6 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         config = {"command": "unlearn", **to_dict(cfg), "data_fingerprint": fingerprint}
         run = RunDir(out, config, cfg.overwrite, resume_from=checkpoint.last_step() or 0 if cfg.resume else None)
     acc.wait_for_everyone()
-    from ..tracking import Tracker
 
     tracker = Tracker(cfg.report_to, out, config) if cfg.report_to != "none" and acc.is_main_process else None
     last: dict = {}
@@ -205,8 +206,6 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         _log_samples(tracker, model, 0)
     loop = None
     if cfg.until:
-        from ..verification.loop import UntilRemoved
-
         loop = UntilRemoved(model, data, forget_idx, budget=cfg.verify, check_every=cfg.check_every, seed=trainer.seed,
                             gate_seeds=cfg.check_seeds, cache_dir=cfg.cache_dir or None,
                             log=lambda m: print(m, flush=True))
@@ -249,9 +248,6 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         summary["until"] = loop.summary()
         summary["exit_status"] = summary["until"]["exit_status"]
     if acc.is_main_process:
-        from ..cards import unlearning_card
-        from ..data import content_hash
-
         removed = [{"name": data.names[i], "sha256": content_hash(data.images[i])} for i in forget_idx]
 
         def card(verification=None):
@@ -268,7 +264,6 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         checkpoint.path.unlink(missing_ok=True)
     acc.wait_for_everyone()
     if acc.is_main_process:  # the model is saved: a failed verification is recorded, the model stays
-        from ..verification.command import audit_settings, verify_run
 
         if loop is not None:
             print(loop.line(), flush=True)
@@ -285,8 +280,6 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
 def _keep_trained(e: OSError, checkpoint: Checkpointer, new, step: int, out: Path) -> None:
     """The model directory could not be written (the partial one is gone): keep the trained weights as a final
     checkpoint, which ``--resume`` turns into the model without training again, and say so in one line."""
-    import errno
-
     full = e.errno in (errno.ENOSPC, errno.EDQUOT)
     cause = "disk full" if full else f"cannot write ({e.strerror or e})"
     fix = "free space" if full else "fix the cause"
@@ -304,9 +297,6 @@ def _keep_trained(e: OSError, checkpoint: Checkpointer, new, step: int, out: Pat
 
 def _card_with_verification(out: Path, card, until: dict | None = None) -> None:
     """The model card again, now with the verification's verdicts (the figures are in verification.json)."""
-    from ..runs import read_json
-    from ..verification.report import VERIFICATION_NAME
-
     result = read_json(out / VERIFICATION_NAME)
     lines = [f"**{result['overall']['status']}**: {result['overall']['text']}", ""]
     if until:
@@ -325,9 +315,6 @@ def _card_with_verification(out: Path, card, until: dict | None = None) -> None:
 
 
 def _check_resumable(out: Path, cfg: UnlearnConfig) -> None:
-    import yaml
-
-    from ..config import flatten, to_dict
 
     if not (out / "config.yaml").is_file():
         raise UserError(f"nothing to resume in {out}: no config.yaml (start the run without --resume)")
@@ -347,17 +334,11 @@ def _check_resumable(out: Path, cfg: UnlearnConfig) -> None:
 def data_fingerprint(data, forget_idx: list[int]) -> str:
     """What a resumed run must see again: the data set's size and names, and the content of every item of A (a file
     removed or replaced since would make the resumed steps unlearn another set)."""
-    import hashlib
-    import json
-
-    from ..data import content_hash
-
     spec = {"n": len(data), "names": list(data.names), "forget": [content_hash(data.images[i]) for i in forget_idx]}
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()
 
 
 def _check_same_data(out: Path, fingerprint: str) -> None:
-    import yaml
 
     old = (yaml.safe_load((out / "config.yaml").read_text()) or {}).get("data_fingerprint")
     if old is not None and old != fingerprint:
@@ -368,8 +349,6 @@ def _check_same_data(out: Path, fingerprint: str) -> None:
 
 def _flag(key: str) -> str:
     """The command-line flag of a dotted config key (``trainer.lr`` -> ``--lr``)."""
-    from ..methods import flag_of
-
     if key == "method.name":
         return "--method"
     block, _, leaf = key.rpartition(".")
@@ -377,7 +356,6 @@ def _flag(key: str) -> str:
 
 
 def _log_samples(tracker, model, step: int) -> None:
-    from ..sampling import ddpm_sample
 
     device = next(model.unet.parameters()).device  # sample where the UNet trains; never move it
     tracker.log_images("samples", ddpm_sample(model, 8, steps=20, seed=0, batch_size=8, device=device), step)
