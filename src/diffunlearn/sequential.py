@@ -27,15 +27,20 @@ from pathlib import Path
 import torch
 import yaml
 
+from .config import to_dict
+from .console import logger
 from .data import ImageSet, content_hash, load_data, resolve_forget
 from .data.labels import class_counts, labels_for_model
 from .errors import UserError
-from .ledger import LEDGER_NAME, Ledger, line_hash, read_ledger
-from .metrics.similarity import SIMILARITY_T
-from .models import DiffusionModel
+from .ledger import LEDGER_NAME, Ledger, line_hash, read_ledger, verify_ledger
+from .metrics.membership import denoising_losses, loss_auc
+from .metrics.similarity import SIMILARITY_T, load_similarity, noise_and_denoise_similarity
+from .models import DiffusionModel, load_model, model_summary, save_model, state_hash
 from .protocols.calibration import AUTO_FRACTION, calibrated
+from .runs import RunDir, check_outside_model, prepare_out_dir
+from .sampling import save_grid
 from .trainer import TrainerConfig, unlearn
-from .console import logger
+from .verification.loop import UntilRemoved, fresh_blocks_after
 
 say = logger(__name__).info
 
@@ -48,7 +53,6 @@ SETTINGS = ("steps", "lr", "batch_size", "grad_accum", "beta1", "beta2", "weight
 @dataclass
 class SequentialConfig:
     """Sequential deletion requests: applied in turn, each for the trainer's steps, with a ledger."""
-
     requests: str = field(default="", metadata={"help": "file of deletion requests applied in turn, each for --steps "
                                                         "steps, or with --until removed until its own loop confirms "
                                                         "it (one forget SPEC per line, or a YAML list); writes "
@@ -117,7 +121,6 @@ def resolve_requests(specs: list[str], data: ImageSet) -> list[list[int]]:
 @dataclass
 class Measurement:
     """One model's metrics on a stack of forgotten images (request order) and on the quality reference."""
-
     similarity: str
     scores: torch.Tensor
     denoised: torch.Tensor
@@ -130,8 +133,6 @@ class Evaluator:
 
     def __init__(self, cfg: SequentialConfig, trainer: TrainerConfig, reference: torch.Tensor, held_out: bool,
                  reference_labels: torch.Tensor | None = None):
-        from .metrics.similarity import load_similarity
-
         self.cfg, self.reference, self.held_out = cfg, reference, held_out
         self.reference_labels = reference_labels
         self.seed, self.batch_size = trainer.seed, trainer.batch_size
@@ -142,9 +143,6 @@ class Evaluator:
                 ) -> Measurement:
         """``images`` (and the reference) under ``model``: each under its own class for a class-conditional model
         (``labels``; the reference's are ``self.reference_labels``), a latent model's loss on their latents."""
-        from .metrics.membership import denoising_losses
-        from .metrics.similarity import noise_and_denoise_similarity
-
         sim = noise_and_denoise_similarity(model, images, self.backend, self.cfg.similarity_t, self.seed,
                                            self.batch_size, labels=labels)
         losses = denoising_losses(model, model.encode(images), seed=self.seed, batch_size=self.batch_size,
@@ -155,8 +153,6 @@ class Evaluator:
 
     def metrics(self, m: Measurement, sel: slice) -> dict:
         """The record of the images ``sel`` of the stack ``m`` was measured on."""
-        from .metrics.membership import loss_auc
-
         scores = m.scores[sel]
         out = {"similarity": m.similarity, "similarity_t": self.cfg.similarity_t,
                "similarity_mean": float(scores.mean()), "similarity_per_image": [round(float(s), 6) for s in scores],
@@ -172,8 +168,6 @@ def _reference(held_out, seed: int, data: ImageSet, removed: set[int], classes: 
     removes; at most 256, chosen before any is decoded. For a class-conditional model (``classes``: its class
     names) also their labels as its class indices: the data set's own held-out images with their labels, else kept
     images (``--held-out`` images carry no labels)."""
-    from .data.labels import labels_for_model
-
     labels = None
     if classes is not None:
         if held_out is not None:
@@ -243,9 +237,6 @@ def _resumed(out: Path, base: DiffusionModel, requests: list[list[int]], data: I
              ) -> tuple[int, DiffusionModel]:
     """How many requests the run in ``out`` finished, and the model they left. A run killed between saving a
     request's model and appending its ledger line is completed from the copy of the ledger inside the model."""
-    from .ledger import verify_ledger
-    from .models import load_model, state_hash
-
     path = out / LEDGER_NAME
     if path.is_file() and read_ledger(path).torn:  # a kill inside the append: the model's copy holds the line
         whole = read_ledger(path).lines
@@ -273,11 +264,6 @@ def _resumed(out: Path, base: DiffusionModel, requests: list[list[int]], data: I
 def run_sequential(cfg) -> dict:
     """Apply the deletion requests of ``cfg.sequential.requests`` in turn; write the run directory and its ledger.
     ``cfg`` holds the run's I/O (model, data, out, ...), its ``method`` block, ``trainer`` and ``sequential``."""
-    from .config import to_dict
-    from .models import load_model, model_summary, save_model, state_hash
-    from .runs import RunDir, check_outside_model, prepare_out_dir
-    from .sampling import save_grid
-
     _check(cfg)
     seq, trainer = cfg.sequential, cfg.trainer
     method = cfg.method.build(allow_auto=True)  # an 'auto' setting is measured at each request's model
@@ -327,8 +313,6 @@ def run_sequential(cfg) -> dict:
     removed_so_far: set[int] = {i for idx in requests[:done] for i in idx}
     fresh_from = 0  # the final verification's fresh seeds lie past every request's gate search
     if cfg.until:
-        from .verification.loop import fresh_blocks_after
-
         fresh_from = fresh_blocks_after(cfg.verify, cfg.check_seeds)
     for k, idx in enumerate(requests, 1):
         if k <= done:
@@ -360,7 +344,6 @@ def run_sequential(cfg) -> dict:
                 "request's model)")
         loop = None
         if cfg.until:  # this request's own closed loop, against the images still in the data
-            from .verification.loop import UntilRemoved
 
             view, view_idx = _without(data, removed_so_far - set(idx), idx)
             # held-out images without labels cannot be the reference of a class-conditional model: the kept are
