@@ -665,34 +665,25 @@ def run_faults(trials: int = 3, markdown: bool = False) -> int:
         for kind, expect in MID_RUN.items():
             print(f"| {kind} | `{expect}` |")
         return 0
-    passed = failed = 0
+    problems: list[str | None] = []
+
+    def tally(name: str, problem: str | None) -> None:
+        problems.append(problem)
+        print(f"{'ok  ' if problem is None else 'FAIL'} {name}" + (f": {problem}" if problem else ""), flush=True)
+
     for f in FAULTS:
         with tempfile.TemporaryDirectory() as d:
-            problem = check_fault(f, Path(d))
-        passed, failed = passed + (problem is None), failed + (problem is not None)
-        print(f"{'ok  ' if problem is None else 'FAIL'} {f.name}" + (f": {problem}" if problem else ""), flush=True)
+            tally(f.name, check_fault(f, Path(d)))
     with tempfile.TemporaryDirectory() as d:
-        for seed in range(trials):
-            problem = kill_and_resume_trial(Path(d), seed)
-            passed, failed = passed + (problem is None), failed + (problem is not None)
-            print(f"{'ok  ' if problem is None else 'FAIL'} SIGKILL and --resume, trial {seed + 1}"
-                  + (f": {problem}" if problem else ""), flush=True)
-        for seed in range(trials):
-            problem = requests_kill_and_resume_trial(Path(d), seed)
-            passed, failed = passed + (problem is None), failed + (problem is not None)
-            print(f"{'ok  ' if problem is None else 'FAIL'} SIGKILL and --resume of deletion requests, trial "
-                  f"{seed + 1}" + (f": {problem}" if problem else ""), flush=True)
-        for seed in range(trials):
-            problem = until_kill_and_resume_trial(Path(d), seed)
-            passed, failed = passed + (problem is None), failed + (problem is not None)
-            print(f"{'ok  ' if problem is None else 'FAIL'} SIGKILL and --resume of --until removed, trial "
-                  f"{seed + 1}" + (f": {problem}" if problem else ""), flush=True)
-        for kind in MID_RUN:
+        trials_of = [("SIGKILL and --resume", kill_and_resume_trial),
+                     ("SIGKILL and --resume of deletion requests", requests_kill_and_resume_trial),
+                     ("SIGKILL and --resume of --until removed", until_kill_and_resume_trial)]
+        trials_of += [(f"{kind}, then --resume", lambda tmp, seed, kind=kind: fail_and_resume_trial(tmp, kind, seed))
+                      for kind in MID_RUN]
+        for name, trial in trials_of:
             for seed in range(trials):
-                problem = fail_and_resume_trial(Path(d), kind, seed)
-                passed, failed = passed + (problem is None), failed + (problem is not None)
-                print(f"{'ok  ' if problem is None else 'FAIL'} {kind}, then --resume, trial {seed + 1}"
-                      + (f": {problem}" if problem else ""), flush=True)
-    print(f"{passed} passed, {failed} failed")
+                tally(f"{name}, trial {seed + 1}", trial(Path(d), seed))
+    failed = sum(p is not None for p in problems)
+    print(f"{len(problems) - failed} passed, {failed} failed")
     return 1 if failed else 0
 

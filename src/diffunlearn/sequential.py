@@ -311,9 +311,8 @@ def run_sequential(cfg) -> dict:
     measured = evaluator.measure(model, stack[:first_end], None if stack_labels is None else stack_labels[:first_end])
     strips, records = [], [_record_of(e) for e in read_ledger(out / LEDGER_NAME).entries] if done else []
     removed_so_far: set[int] = {i for idx in requests[:done] for i in idx}
-    fresh_from = 0  # the final verification's fresh seeds lie past every request's gate search
-    if cfg.until:
-        fresh_from = fresh_blocks_after(cfg.verify, cfg.check_seeds)
+    # the final verification's fresh seeds lie past the seeds every request's gate searched (one budget and gate)
+    fresh_from = fresh_blocks_after(cfg.verify, cfg.check_seeds) if cfg.until else 0
     for k, idx in enumerate(requests, 1):
         if k <= done:
             continue
@@ -344,7 +343,6 @@ def run_sequential(cfg) -> dict:
                 "request's model)")
         loop = None
         if cfg.until:  # this request's own closed loop, against the images still in the data
-
             view, view_idx = _without(data, removed_so_far - set(idx), idx)
             # held-out images without labels cannot be the reference of a class-conditional model: the kept are
             loop = UntilRemoved(model, view, view_idx, budget=cfg.verify, check_every=cfg.check_every,
@@ -352,7 +350,6 @@ def run_sequential(cfg) -> dict:
                                 held_out=None if model.conditional else held_out,
                                 cache_dir=cfg.cache_dir or None, log=lambda m: say(f"  {m}"))
         new = unlearn(model, kept, forget, method, trainer, log=log, labels=request_labels, callback=loop)
-        fresh_from = max(fresh_from, loop.fresh_from if loop is not None else 0)
         seconds = time.time() - t0
         t1 = time.time()
         upto = ends[min(k, len(requests) - 1)]

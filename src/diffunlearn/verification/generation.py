@@ -96,9 +96,8 @@ def shipped_search(key: str) -> np.ndarray | None:
     from ..pretrained import pretrained_root
 
     root = pretrained_root()
-    for path in sorted(root.glob(f"*/{SEARCH_KIND}/{key}.npy")) if root.is_dir() else []:
-        return np.load(path)
-    return None
+    found = sorted(root.glob(f"*/{SEARCH_KIND}/{key}.npy")) if root.is_dir() else []
+    return np.load(found[0]) if found else None
 
 
 def _save(path: Path, arr: np.ndarray) -> None:

@@ -90,10 +90,9 @@ class UntilRemoved:
         gate = replace(b, search_seeds=max(b.search_seeds, int(gate_seeds)))
         self.say(f"until removed: targeted search, {gate.search_seeds} seeds under the model before ...")
         t0 = time.time()
-        _, hits = targeted_seeds(before, s, self.thresholds, gate, seed, cache_dir)
+        _, self.hits = targeted_seeds(before, s, self.thresholds, gate, seed, cache_dir)  # in seed order
         self.search_seconds = round(time.time() - t0, 2)  # near 0 when the search is in the cache
-        self.hits = [i for i in hits if i < b.search_seeds] + [i for i in hits if i >= b.search_seeds]
-        self.first = sum(1 for i in hits if i < b.search_seeds)
+        self.first = sum(1 for i in self.hits if i < b.search_seeds)  # hits[:first]: the budget's own search
         self.gate_seeds = gate.search_seeds
         # fresh seeds must never have been searched: the blocks of fresh samples start after the gate's seeds (the
         # run's own final verification draws block ``fresh_from``, each confirmation one of the 63 after it)
