@@ -208,10 +208,11 @@ def run_speed_bench(cfg: SpeedConfig) -> dict:
     plain = float(np.median(times["plain (naive)"]))
     rows = {}
     for label, ts in times.items():
-        q1, med, q3 = np.percentile(ts, [25, 50, 75])
+        q1, med, q3 = (float(q) for q in np.percentile(ts, [25, 50, 75]))
+        q1, q3 = min(q1, med), max(q3, med)  # interpolation rounds: keep the quartiles ordered around the median
         gflops = flops[label] / float(med) / 1e9
         rows[label] = {"seconds_per_step": float(med), "iqr": [float(q1), float(q3)], "relative": float(med) / plain,
-                       "mean": float(np.mean(ts)), "slowest": float(np.max(ts)), "n": len(ts),
+                       "mean": min(float(np.mean(ts)), float(np.max(ts))), "slowest": float(np.max(ts)), "n": len(ts),
                        "gflop_per_step": flops[label] / 1e9, "gflops": gflops,
                        "share_of_attainable": gflops / attainable, "peak_mb": mem.get(label),
                        "memory_relative": (mem[label] / mem["plain (naive)"]
