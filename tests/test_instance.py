@@ -271,6 +271,53 @@ def test_a_run_killed_mid_request_leaves_whole_chained_lines(files, tmp_path):
     assert main(["ledger", str(out / "model")]) == 0
 
 
+def test_a_request_interrupted_part_way_resumes_from_its_checkpoint_to_the_uninterrupted_weights(
+        capsys, files, tmp_path, monkeypatch):
+    """Requests are trained on the single request's path, checkpoints included: interrupted at step 3 of request 2
+    (of 3 steps), ``--resume`` keeps request 1, continues request 2 from its checkpoint of step 2 (not from its
+    start), and ends with the weights, ledger chain and log of a run never interrupted; the checkpoint is gone once
+    the request's model and line are saved."""
+    import diffunlearn.trainer as trainer_mod
+
+    reqs = tmp_path / "requests.txt"
+    reqs.write_text("0\n1,2\n")
+    argv = ["unlearn", "--model", files / "base", "--data", files / "faces", "--requests", reqs, "--method", "naive",
+            "--steps", "3", "--batch-size", "4", "--similarity-t", str(SIM_T), "--checkpoint-every", "1"]
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    assert _run(capsys, *argv, "--out", ref)[0] == 0
+    real, calls = trainer_mod._step, [0]
+
+    def interrupted(step, *a, **k):
+        calls[0] += 1
+        if calls[0] == 6:  # request 2, step 3
+            raise KeyboardInterrupt
+        return real(step, *a, **k)
+
+    monkeypatch.setattr(trainer_mod, "_step", interrupted)
+    assert main([str(a) for a in [*argv, "--out", out, "--verify", "off"]]) != 0
+    assert "continue from the checkpoint of step 2" in capsys.readouterr().out
+    assert len((out / "ledger.jsonl").read_text().splitlines()) == 1 and (out / "checkpoint-request-2.pt").is_file()
+    monkeypatch.setattr(trainer_mod, "_step", real)
+    rc, _, err = _run(capsys, *argv, "--out", out, "--resume")
+    assert rc == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_after_request"] == 1 and summary["resumed_at_step"] == 2
+    want = load_model(ref / "model").unet.state_dict()
+    got = load_model(out / "model").unet.state_dict()
+    assert all(torch.equal(want[k], got[k]) for k in want)
+
+    def chain(run):
+        return [(e["removed"], e["model_before"], e["model_after"]) for e in
+                map(json.loads, (run / "ledger.jsonl").read_text().splitlines())]
+    assert chain(ref) == chain(out)
+
+    def steps(run):
+        return [(r["request"], r["step"], r["loss_x"]) for r in
+                map(json.loads, (run / "log.jsonl").read_text().splitlines())]
+    assert steps(out) == steps(ref)
+    assert not list(out.glob("checkpoint-request-*.pt"))
+
+
 def test_bad_requests_are_one_line_errors_and_write_nothing(capsys, files, tmp_path):
     """Overlapping requests, a request removing everything, an unknown name, a missing SSCD file, or an option of
     the sequential mode without --requests: each a one-line error (exit 2) with nothing written to --out."""

@@ -263,7 +263,7 @@ def test_training_and_the_sequential_reference_decode_only_what_they_use(tmp_pat
     """``diffunlearn train`` on a folder decodes batch x steps images and trains the same weights as on the same
     pixels in an .npy; the sequential requests' quality reference (at most QUALITY_IMAGES, here 8, of the images no
     request removes) decodes those 8 images alone."""
-    import diffunlearn.sequential as seq
+    import diffunlearn.commands.requests as seq
     from diffunlearn.models import load_model
     from diffunlearn.scratch import TrainConfig, train
 

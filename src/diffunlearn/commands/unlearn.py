@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -20,15 +19,15 @@ from ..data.labels import class_counts, unlearning_labels
 from ..errors import RunFailed, UserError
 from ..methods import MethodSpec, flag_of
 from ..models import load_model, model_summary, save_model, state_hash
-from ..protocols.calibration import AUTO_FRACTION, calibrated
 from ..runs import RunDir, check_outside_model, check_space, prepare_out_dir, read_json, step_printer
 from ..sampling import ddpm_sample
-from ..sequential import SequentialConfig, run_sequential
 from ..tracking import Tracker, check_report_to
-from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed, unlearn
+from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed
 from ..verification.command import audit_settings, check_options, verify_run
 from ..verification.loop import UntilRemoved, check_until
 from ..verification.report import VERIFICATION_NAME
+from .deletion import keep_trained, train_request
+from .requests import SequentialConfig, run_sequential
 
 
 @dataclass
@@ -128,7 +127,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         if cfg.resume and cfg.out:
             _check_resumable(Path(cfg.out), cfg)
         return run_sequential(cfg)
-    method, trainer = cfg.method.build(allow_auto=True), cfg.trainer  # an 'auto' setting is measured below
+    method, trainer = cfg.method.build(allow_auto=True), cfg.trainer  # an 'auto' setting is measured when trained
     if not cfg.out:
         raise UserError("pass --out: the run directory to create")
     if not cfg.model:
@@ -160,19 +159,6 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     # a latent model's images are encoded here, once, into the on-disk cache; the trainer sees only latents
     kept, forget = split_images(model.encode(data.images, "data", cfg.cache_dir or None), forget_idx)
     hash_before = state_hash(model.unet)
-    calibration = None
-    if cfg.method.auto:  # --scaling-norm auto: the paper's rule measured at the input model on this run's data
-
-        # at the optimiser step's whole batch, a micro-batch at a time: the same norm however the step is split
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
-        spec, calibration = calibrated(model, kept, forget, cfg.method,
-                                       trainer.batch_size * trainer.grad_accum * processes, AUTO_FRACTION,
-                                       trainer.seed, labels=labels, micro=trainer.batch_size)
-        method = spec.build()
-        if labels is not None:
-            method.check_labels(*labels)
-        print(f"scaling_norm auto = {calibration['scaling_norm']:.4g}: {AUTO_FRACTION:.0%} of ||G_x|| = "
-              f"{calibration['grad_norm_x']:.4g} measured at the input model", flush=True)
     needs = space_needed(model, trainer)
     if cfg.until and "checkpoints" in needs:  # each checkpoint also holds the loop's last weights whose quality held
         needs["checkpoints"] += 2 * needs["model"]
@@ -217,15 +203,10 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         return loop(step, unet) if loop is not None else False
 
     try:
-        new = unlearn(model, kept, forget, method, trainer, log=step_printer(record, trainer.steps, cfg.log_every),
-                      checkpoint=checkpoint, callback=callback if tracker is not None or loop is not None else None,
-                      labels=labels)
-    except KeyboardInterrupt:
-        step = checkpoint.last_step()
-        print(f"interrupted after step {last.get('step', 0)}: " + (
-            f"rerun the same command with --resume to continue from the checkpoint of step {step}" if step else
-            "no checkpoint was written yet (--checkpoint-every N writes one every N steps)"), flush=True)
-        raise
+        # an 'auto' strength is measured here, at the input model on this run's data
+        trained = train_request(model, kept, forget, cfg.method, trainer, labels=labels, checkpoint=checkpoint,
+                                log=step_printer(record, trainer.steps, cfg.log_every),
+                                callback=callback if tracker is not None or loop is not None else None)
     except UserError as e:
         # bad input found late with nothing trained: a run directory this command created goes (nothing is lost);
         # one that trained steps stays, with its log (and error.txt)
@@ -236,6 +217,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
     finally:
         if tracker is not None:
             tracker.finish()
+    new, method, calibration = trained.model, trained.method, trained.calibration
     summary = {"command": "unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
                **({"scaling_norm_calibration": calibration} if calibration else {}),
                "steps": trainer.steps, "kept": len(kept), "forget": len(forget_idx),
@@ -258,7 +240,7 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         try:
             save_model(new, run.model_dir, extra_files={"README.md": card()}, overwrite=True)  # the run's own folder
         except OSError as e:
-            _keep_trained(e, checkpoint, new, last.get("step") or trainer.steps, out)
+            keep_trained(e, checkpoint, new, last.get("step") or trainer.steps, run.model_dir)
         run.finish(summary)
         print(f"saved {run.model_dir}")
         checkpoint.path.unlink(missing_ok=True)
@@ -275,24 +257,6 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         if summary["verification"] and summary["verification"]["status"] == "ok":
             _card_with_verification(out, card, summary.get("until"))
     return summary
-
-
-def _keep_trained(e: OSError, checkpoint: Checkpointer, new, step: int, out: Path) -> None:
-    """The model directory could not be written (the partial one is gone): keep the trained weights as a final
-    checkpoint, which ``--resume`` turns into the model without training again, and say so in one line."""
-    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
-    cause = "disk full" if full else f"cannot write ({e.strerror or e})"
-    fix = "free space" if full else "fix the cause"
-    try:
-        checkpoint.save_final(step, new.unet)
-        raise UserError(f"{cause} while writing the model to {out / 'model'}: the trained weights are kept in "
-                        f"{checkpoint.path} (step {step}); {fix} and rerun the same command with --resume") from None
-    except OSError:
-        kept = checkpoint.last_step()
-    then = (f"--resume continues from the checkpoint of step {kept}" if kept else
-            "nothing is kept, so the run must start again (--overwrite)")
-    raise UserError(f"{cause} while writing the model to {out / 'model'}, and the trained weights could not be kept "
-                    f"either: {fix}; {then}") from None
 
 
 def _card_with_verification(out: Path, card, until: dict | None = None) -> None:

@@ -18,7 +18,6 @@ model that was saved, and the model directory always carries the ledger of exact
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,20 +26,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from .config import to_dict
-from .console import logger
-from .data import ImageSet, content_hash, load_data, resolve_forget
-from .data.labels import class_counts, labels_for_model
-from .errors import UserError
-from .ledger import LEDGER_NAME, Ledger, line_hash, read_ledger, verify_ledger
-from .metrics.membership import denoising_losses, loss_auc
-from .metrics.similarity import SIMILARITY_T, load_similarity, noise_and_denoise_similarity
-from .models import DiffusionModel, load_model, model_summary, save_model, state_hash
-from .protocols.calibration import AUTO_FRACTION, calibrated
-from .runs import RunDir, check_outside_model, prepare_out_dir
-from .sampling import save_grid
-from .trainer import TrainerConfig, unlearn
-from .verification.loop import UntilRemoved, fresh_blocks_after
+from ..config import to_dict
+from ..console import logger
+from ..data import ImageSet, content_hash, load_data, resolve_forget
+from ..data.labels import class_counts, labels_for_model
+from ..errors import UserError
+from ..ledger import LEDGER_NAME, Ledger, line_hash, read_ledger, verify_ledger
+from ..metrics.membership import denoising_losses, loss_auc
+from ..metrics.similarity import SIMILARITY_T, load_similarity, noise_and_denoise_similarity
+from ..models import DiffusionModel, load_model, model_summary, save_model, state_hash
+from ..runs import RunDir, check_outside_model, check_space, prepare_out_dir
+from ..sampling import save_grid
+from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed
+from ..verification.loop import UntilRemoved, fresh_blocks_after
+from .deletion import keep_trained, train_request
 
 say = logger(__name__).info
 
@@ -195,17 +194,17 @@ def _reference(held_out, seed: int, data: ImageSet, removed: set[int], classes: 
 
 
 def _check(cfg) -> None:
-    if cfg.trainer.checkpoint_every > 0:
-        raise UserError("--checkpoint-every does not apply to --requests: each request's model is saved with its "
-                        "ledger line, and --resume continues after the last finished request")
     if cfg.forget != "default":
         raise UserError("--forget does not apply with --requests: list the items to forget in the requests file")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("--requests runs in one process: start it without accelerate launch")
     if not cfg.out:
         raise UserError("pass --out: the run directory to create")
     if not cfg.model:
         raise UserError("pass --model: a diffusers model directory")
+
+
+def checkpoint_of(out: Path, k: int) -> Path:
+    """Where request ``k``'s training state is checkpointed (removed once its model and ledger line are saved)."""
+    return out / f"checkpoint-request-{k}.pt"
 
 
 def _without(data: ImageSet, gone: set[int], idx: list[int]) -> tuple[ImageSet, list[int]]:
@@ -263,14 +262,21 @@ def _resumed(out: Path, base: DiffusionModel, requests: list[list[int]], data: I
 
 def run_sequential(cfg) -> dict:
     """Apply the deletion requests of ``cfg.sequential.requests`` in turn; write the run directory and its ledger.
-    ``cfg`` holds the run's I/O (model, data, out, ...), its ``method`` block, ``trainer`` and ``sequential``."""
+    ``cfg`` holds the run's I/O (model, data, out, ...), its ``method`` block, ``trainer`` and ``sequential``.
+
+    Each request is trained by :func:`~diffunlearn.commands.deletion.train_request`, the path of a single request:
+    under ``accelerate launch`` every process trains it and the main process measures and writes; with
+    ``--checkpoint-every`` (or the default of one checkpoint every 10 minutes) a request killed part-way continues
+    from its last checkpoint on ``--resume``, and ends with the weights of a run that was never killed."""
     _check(cfg)
     seq, trainer = cfg.sequential, cfg.trainer
-    method = cfg.method.build(allow_auto=True)  # an 'auto' setting is measured at each request's model
+    cfg.method.build(allow_auto=True)  # an 'auto' setting is measured at each request's model
     trainer.validate()
     specs = read_requests(seq.requests)
     out = Path(cfg.out)
-    if not cfg.resume:
+    acc = accelerator(trainer.mixed_precision)
+    main = acc.is_main_process
+    if not cfg.resume and main:
         prepare_out_dir(out, cfg.overwrite)
     model = base = load_model(cfg.model, allow_pickle=cfg.allow_pickle, variant=cfg.variant or None)
     trainer.validate(model.num_train_timesteps)
@@ -296,29 +302,48 @@ def run_sequential(cfg) -> dict:
     ends = [sum(len(r) for r in requests[:k + 1]) for k in range(len(requests))]
     # a latent model trains on latents, encoded once into the cache; a pixel model on the images themselves
     encoded = model.encode(data.images, "data", cfg.cache_dir or None)
+    needs = space_needed(model, trainer)
+    needs["model"] *= 2  # a request's model is written beside the previous one before replacing it
+    if cfg.until and "checkpoints" in needs:  # each checkpoint also holds the loop's last weights whose quality held
+        needs["checkpoints"] += needs["model"]
+    check_space(out, needs)
 
     config = {"command": "unlearn", **to_dict(cfg), "requests_list": specs}
-    done, model = _resumed(out, model, requests, data) if cfg.resume else (0, model)
+    acc.wait_for_everyone()  # every process has validated before anything is written
+    done, model = _resumed(out, model, requests, data) if cfg.resume and main else (0, model)
+    acc.wait_for_everyone()
+    if cfg.resume and not main:  # the main process has completed a torn ledger: read what it left
+        done, model = _resumed(out, model, requests, data)
     if done == len(requests):
         raise UserError(f"every request of {seq.requests} is already done in {out}: nothing to resume")
-    # a resumed run's log keeps the finished requests' lines only: the unfinished request runs again
+    for k in range(1, done + 1):  # a kill after a request's model and line were saved leaves its checkpoint
+        if main:
+            checkpoint_of(out, k).unlink(missing_ok=True)
+    resume_step = (Checkpointer(checkpoint_of(out, done + 1)).last_step() or 0) if cfg.resume else 0
+    if resume_step:
+        say(f"request {done + 1} continues from the checkpoint of step {resume_step}")
+    # a resumed run's log keeps the finished requests' lines and the unfinished one's up to its checkpoint
     run = RunDir(out, config, cfg.overwrite,
-                 keep=(lambda rec: rec.get("request", done + 1) <= done) if cfg.resume else None)
+                 keep=(lambda rec: rec.get("request", done + 1) <= done
+                       or (rec.get("request") == done + 1 and rec["step"] <= resume_step)) if cfg.resume else None
+                 ) if main else None
     ledger = Ledger(out / LEDGER_NAME)
     hash_before = state_hash(model.unet)
     model_in = {"dir": base.source, "sha256": state_hash(base.unet)}
     first_end = ends[min(done, len(requests) - 1)]
-    measured = evaluator.measure(model, stack[:first_end], None if stack_labels is None else stack_labels[:first_end])
+    measured = (evaluator.measure(model, stack[:first_end], None if stack_labels is None else stack_labels[:first_end])
+                if main else None)
     strips, records = [], [_record_of(e) for e in read_ledger(out / LEDGER_NAME).entries] if done else []
     removed_so_far: set[int] = {i for idx in requests[:done] for i in idx}
     # the final verification's fresh seeds lie past the seeds every request's gate searched (one budget and gate)
     fresh_from = fresh_blocks_after(cfg.verify, cfg.check_seeds) if cfg.until else 0
+    method = None
     for k, idx in enumerate(requests, 1):
         if k <= done:
             continue
         first = ends[k - 2] if k > 1 else 0
         sel = slice(first, ends[k - 1])
-        before = evaluator.metrics(measured, sel)
+        before = evaluator.metrics(measured, sel) if main else None
         removed_so_far.update(idx)
         keep = [i for i in range(len(data)) if i not in removed_so_far]
         kept = encoded.subset(keep)  # lazy: decoded per step
@@ -335,12 +360,6 @@ def run_sequential(cfg) -> dict:
                 say(f"  step {rec['step']}/{trainer.steps} {losses}")
 
         t0 = time.time()
-        spec, calibration = calibrated(model, kept, forget, cfg.method, trainer.batch_size * trainer.grad_accum,
-                                       AUTO_FRACTION, trainer.seed, labels=request_labels, micro=trainer.batch_size)
-        method = spec.build()
-        if calibration:
-            say(f"  scaling_norm auto = {calibration['scaling_norm']:.4g} ({AUTO_FRACTION:.0%} of ||G_x|| at this "
-                "request's model)")
         loop = None
         if cfg.until:  # this request's own closed loop, against the images still in the data
             view, view_idx = _without(data, removed_so_far - set(idx), idx)
@@ -349,39 +368,52 @@ def run_sequential(cfg) -> dict:
                                 seed=trainer.seed, gate_seeds=cfg.check_seeds,
                                 held_out=None if model.conditional else held_out,
                                 cache_dir=cfg.cache_dir or None, log=lambda m: say(f"  {m}"))
-        new = unlearn(model, kept, forget, method, trainer, log=log, labels=request_labels, callback=loop)
+        checkpoint = Checkpointer(checkpoint_of(out, k), extra=loop)
+        trained = train_request(model, kept, forget, cfg.method, trainer, labels=request_labels,
+                                checkpoint=checkpoint, log=log, callback=loop)
+        new, method = trained.model, trained.method
         seconds = time.time() - t0
-        t1 = time.time()
-        upto = ends[min(k, len(requests) - 1)]
-        previous, measured = measured, evaluator.measure(new, stack[:upto],
-                                                         None if stack_labels is None else stack_labels[:upto])
-        after = evaluator.metrics(measured, sel)
-        so_far = evaluator.metrics(measured, slice(0, ends[k - 1]))
-        after["forgotten_so_far"] = {"count": ends[k - 1],
-                                     **{n: so_far[n] for n in ("similarity_mean", "membership_auc") if n in so_far}}
         hash_after = state_hash(new.unet)
-        entry = {"time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                 "removed": [{"index": i, "name": data.names[i], "sha256": content_hash(data.images[i])} for i in idx],
-                 "count": len(idx), **({"classes": by_class} if (by_class := class_counts(data, idx)) else {}),
-                 "kept": len(kept), "method": method.name,
-                 "settings": {**method.hyperparameters(), **{s: getattr(trainer, s) for s in SETTINGS}},
-                 "metrics_before": before, "metrics_after": after, "seconds": round(seconds, 3),
-                 "metrics_seconds": round(time.time() - t1, 3), "model_before": hash_before, "model_after": hash_after,
-                 **({"until": loop.summary()} if loop is not None else {})}
-        line = ledger.next_line(entry)
-        save_model(new, run.model_dir, extra_files={LEDGER_NAME: ledger.contents(line)}, overwrite=True)
-        ledger.append(line)
-        strips.append((sel, previous.denoised[sel], measured.denoised[sel]))
-        records.append(_record_of({"request": k, "count": len(idx), "metrics_before": before,
-                                   "metrics_after": after, "seconds": round(seconds, 3),
-                                   **({"until": entry["until"]} if loop is not None else {})}))
-        if loop is not None:
-            say(f"  {loop.line()}")
-        say(f"request {k} done in {seconds:.1f} s: similarity ({before['similarity']}) "
-            f"{before['similarity_mean']:.3f} -> {after['similarity_mean']:.3f}, {evaluator.quality_measure} "
-            f"{before['quality']:.4g} -> {after['quality']:.4g}; model {hash_after[:12]} saved, ledger line {k} "
-            "written")
+        if main:
+            t1 = time.time()
+            upto = ends[min(k, len(requests) - 1)]
+            previous, measured = measured, evaluator.measure(new, stack[:upto],
+                                                             None if stack_labels is None else stack_labels[:upto])
+            after = evaluator.metrics(measured, sel)
+            so_far = evaluator.metrics(measured, slice(0, ends[k - 1]))
+            after["forgotten_so_far"] = {"count": ends[k - 1],
+                                         **{n: so_far[n] for n in ("similarity_mean", "membership_auc") if n in so_far}}
+            entry = {"time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                     "removed": [{"index": i, "name": data.names[i], "sha256": content_hash(data.images[i])}
+                                 for i in idx],
+                     "count": len(idx), **({"classes": by_class} if (by_class := class_counts(data, idx)) else {}),
+                     "kept": len(kept), "method": method.name,
+                     "settings": {**method.hyperparameters(), **{s: getattr(trainer, s) for s in SETTINGS}},
+                     "metrics_before": before, "metrics_after": after, "seconds": round(seconds, 3),
+                     "metrics_seconds": round(time.time() - t1, 3), "model_before": hash_before,
+                     "model_after": hash_after, **({"until": loop.summary()} if loop is not None else {})}
+            line = ledger.next_line(entry)
+            try:
+                save_model(new, run.model_dir, extra_files={LEDGER_NAME: ledger.contents(line)}, overwrite=True)
+            except OSError as e:  # the previous request's model and ledger stay as they were
+                keep_trained(e, checkpoint, new, (loop.stopped_at if loop is not None else None) or trainer.steps,
+                             run.model_dir)
+            ledger.append(line)
+            checkpoint.path.unlink(missing_ok=True)
+            strips.append((sel, previous.denoised[sel], measured.denoised[sel]))
+            records.append(_record_of({"request": k, "count": len(idx), "metrics_before": before,
+                                       "metrics_after": after, "seconds": round(seconds, 3),
+                                       **({"until": entry["until"]} if loop is not None else {})}))
+            if loop is not None:
+                say(f"  {loop.line()}")
+            say(f"request {k} done in {seconds:.1f} s: similarity ({before['similarity']}) "
+                f"{before['similarity_mean']:.3f} -> {after['similarity_mean']:.3f}, {evaluator.quality_measure} "
+                f"{before['quality']:.4g} -> {after['quality']:.4g}; model {hash_after[:12]} saved, ledger line {k} "
+                "written")
+        acc.wait_for_everyone()  # the next request starts once this one's model and ledger line are saved
         model, hash_before = new, hash_after
+    if not main:
+        return {}
 
     # strips.png: per forgotten image, the original, its reconstruction before its request, right after it, at the
     # end (for the requests this invocation ran: a resumed run has no reconstructions of the earlier ones)
@@ -393,8 +425,9 @@ def run_sequential(cfg) -> dict:
                "steps": trainer.steps, "requests": len(requests), "forget": len(order), "kept": len(data) - len(order),
                "similarity": evaluator.backend.name, "quality_measure": evaluator.quality_measure,
                "per_request": records, "resumed_after_request": done or None,
+               **({"resumed_at_step": resume_step} if resume_step else {}),
                "ledger": str(out / LEDGER_NAME), "ledger_head": line_hash(ledger.lines[-1]),
-               "model_in": model_in,
+               "model_in": model_in, "processes": acc.num_processes,
                "model_out": {"dir": str(run.model_dir), "sha256": hash_before}, "model": model_summary(model)}
     if cfg.until:  # the first request that was not removed sets the exit status
         summary["exit_status"] = next((r["until"]["exit_status"] for r in records
@@ -402,7 +435,7 @@ def run_sequential(cfg) -> dict:
     run.finish(summary)
     say(f"saved {run.model_dir} with {LEDGER_NAME}; strips.png: original | before | after its request | at the end")
     if cfg.verify != "off":  # every request's model and ledger line are saved: a failed verification is recorded
-        from .verification.command import audit_settings, verify_run
+        from ..verification.command import audit_settings, verify_run
 
         summary["verification"] = verify_run(
             out, base, model, data, order, cfg.verify, held_out=held_out, sscd=seq.sscd or None,
