@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffunlearn.models import DiffusionModel, build_scheduler, build_unet, save_model
+from diffunlearn.model import DiffusionModel, build_scheduler, build_unet, save_model
 
 torch.set_num_threads(1)  # tiny models gain nothing from threads, and oversubscribed threads stall
 

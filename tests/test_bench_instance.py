@@ -11,7 +11,7 @@ import yaml
 
 from conftest import tiny_model
 from diffunlearn.errors import UserError
-from diffunlearn.models import save_model
+from diffunlearn.model import save_model
 
 ROWS = "pretrained,siss-lambda0.5,naive"
 FAST = dict(targets=2, rows=ROWS, steps=2, batch_size=4, similarity_t=6, nll_probes=1, nll_tol=1e-2,
@@ -46,7 +46,7 @@ def test_bench_table_strip_reference_and_resume(shipped, tmp_path, monkeypatch):
     from diffunlearn.data import load_data
     from diffunlearn.metrics.membership import denoising_losses, loss_auc
     from diffunlearn.metrics.similarity import noise_and_denoise_similarity
-    from diffunlearn.models import load_model
+    from diffunlearn.model import load_model
 
     cfg = _cfg(tmp_path)
     res = run_instance_bench(cfg)
@@ -159,7 +159,7 @@ def test_shipped_instance_base_memorises_its_training_digits():
     """The real shipped model (README.md: 0.997 on all 64 training digits, 0.860 on 128 held-out ones at t = 100)."""
     from diffunlearn.data import load_data
     from diffunlearn.metrics.similarity import noise_and_denoise_similarity
-    from diffunlearn.models import load_model
+    from diffunlearn.model import load_model
     from diffunlearn.pretrained import pretrained_dir
 
     root = pretrained_dir("instance-base")

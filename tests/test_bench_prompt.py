@@ -213,7 +213,7 @@ def test_shipped_replica_matches_its_record():
     but some (measured: 12 and 5)."""
     import yaml
 
-    from diffunlearn.models import state_hash
+    from diffunlearn.model import state_hash
     from diffunlearn.pretrained import pretrained_dir
     from diffunlearn.sd.memorisation import load_image
     from diffunlearn.sd.replica import ReplicaTrainConfig

@@ -59,7 +59,7 @@ def test_a_row_runs_in_a_child_process_with_units_flops_and_peak_memory(model_di
     of the second are those of one forward at batch 2, counted independently here, and the peak RSS is the child's."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from diffunlearn.models import load_model
+    from diffunlearn.model import load_model
 
     cfg = ScaleConfig(out=str(tmp_path / "bench"), threads=1)
     row = Row("ddpm sample", "ddpm", ["sample", "--model", str(model_dir), "--n", "2", "--steps", "3", "--batch-size",

@@ -9,13 +9,13 @@ import torch
 
 from diffunlearn.data import ImageSet, load_data, resolve_forget
 from diffunlearn.data.labels import split_labels
-from diffunlearn.diffusion import predict_noise
+from diffunlearn.model.schedule import predict_noise
 from diffunlearn.errors import UserError
 from diffunlearn.methods import METHODS, make_method
 from diffunlearn.methods.siss import labelled_weights
 from diffunlearn.methods.weights import importance_weights, log_density_gap
-from diffunlearn.models import DiffusionModel, build_scheduler, build_unet, load_model, save_model
-from diffunlearn.sampling import ddpm_sample, guided_noise
+from diffunlearn.model import DiffusionModel, build_scheduler, build_unet, load_model, save_model
+from diffunlearn.model.sampling import ddpm_sample, guided_noise
 from diffunlearn.trainer import TrainerConfig, unlearn
 
 K = 3  # classes of the tiny model (embeddings: 3 classes + the null class)

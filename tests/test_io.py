@@ -10,8 +10,8 @@ from conftest import random_sets, tiny_model
 from diffunlearn.data import load_data, resolve_forget, to_model_space
 from diffunlearn.errors import UserError
 from diffunlearn.methods import make_method
-from diffunlearn.models import load_model, save_model, state_hash
-from diffunlearn.sampling import ddpm_sample
+from diffunlearn.model import load_model, save_model, state_hash
+from diffunlearn.model.sampling import ddpm_sample
 from diffunlearn.trainer import TrainerConfig, unlearn
 
 

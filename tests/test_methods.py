@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import random_sets, tiny_model
-from diffunlearn.diffusion import ddpm_loss
+from diffunlearn.model.schedule import ddpm_loss
 from diffunlearn.methods import METHODS, Context, make_method
 from diffunlearn.methods.base import GradStep, global_norm
 from diffunlearn.methods.retrack import nearest_kept

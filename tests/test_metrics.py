@@ -17,7 +17,7 @@ from diffunlearn.metrics.classifier import (DomainClassifier, classifier_fid, cl
 from diffunlearn.metrics.membership import denoising_losses, membership_auc, membership_draws
 from diffunlearn.metrics.nll import nll_bits_per_dim, rademacher_probe
 from diffunlearn.metrics.rates import binomial_ci, target_rate
-from diffunlearn.models import DiffusionModel, build_scheduler
+from diffunlearn.model import DiffusionModel, build_scheduler
 
 LN2 = math.log(2.0)
 SHAPE = (1, 4, 4)
@@ -227,7 +227,7 @@ def test_nll_traced_network_and_shared_forward_give_the_eager_numbers():
     result equals the eager solve's, and the traced network's parameters stay the model's own (unchanged)."""
     from conftest import tiny_model
     from diffunlearn.metrics.nll import _network
-    from diffunlearn.models import state_hash
+    from diffunlearn.model import state_hash
 
     model = tiny_model(seed=3)
     before = state_hash(model.unet)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from diffunlearn.models import save_model
+from diffunlearn.model import save_model
 
 
 @pytest.fixture
@@ -50,7 +50,7 @@ def test_demo_runs_leaves_the_shipped_model_untouched_and_reuses_its_stored_eval
     and a different setting or different weights must not find the stored evaluation."""
     from diffunlearn.commands.demo import BEFORE_FILE, DemoConfig, before_key, load_before, run_demo
     from diffunlearn.commands.evaluate import EvalConfig
-    from diffunlearn.models import load_model, state_hash
+    from diffunlearn.model import load_model, state_hash
 
     base_dir = shipped / "mnist-tshirt-base"
     weights = state_hash(load_model(base_dir / "model").unet)
@@ -143,9 +143,9 @@ def test_demo_picture_shows_every_seed_that_reproduced_the_forgotten_image():
 def tshirt_is_sample5(shipped, monkeypatch):
     """The protocol's T-shirt replaced by the stand-in base model's sample 5 (2 DDPM steps), so the base model draws
     at least one T-shirt."""
-    from diffunlearn.models import load_model
+    from diffunlearn.model import load_model
     from diffunlearn.protocols.mnist_tshirt import MnistTshirtProtocol
-    from diffunlearn.sampling import ddpm_sample
+    from diffunlearn.model.sampling import ddpm_sample
 
     base = load_model(shipped / "mnist-tshirt-base" / "model")
     real = MnistTshirtProtocol.load()
@@ -223,9 +223,9 @@ def test_decay_curve_draws_with_the_benchmark_sampler(shipped):
     """A decay-curve point counts the samples the evaluation's sampler draws (seeds 10,000 + i): with the T-shirt set
     to DPM-Solver++ SDE sample 0, that sampler's curve point finds it at distance 0, as the full count does."""
     from diffunlearn.metrics.rates import target_rate
-    from diffunlearn.models import load_model
+    from diffunlearn.model import load_model
     from diffunlearn.protocols.mnist_tshirt import MnistTshirtProtocol
-    from diffunlearn.sampling import ddpm_sample
+    from diffunlearn.model.sampling import ddpm_sample
 
     base = load_model(shipped / "mnist-tshirt-base" / "model")
     real = MnistTshirtProtocol.load()

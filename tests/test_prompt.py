@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 from conftest import snapshot  # noqa: E402
 from diffunlearn.cli import main  # noqa: E402
 from diffunlearn.errors import UserError  # noqa: E402
-from diffunlearn.models import state_hash  # noqa: E402
+from diffunlearn.model import state_hash  # noqa: E402
 from diffunlearn.sd.detect import noise_gap_scores  # noqa: E402
 from diffunlearn.sd.memorisation import label_images, read_prompt_data, rms_distance, pixel_features  # noqa: E402
 from diffunlearn.sd.pipeline import FixedPromptUNet, guided_noise, load_sd  # noqa: E402
@@ -262,7 +262,7 @@ def test_detection_score_is_the_text_conditional_noise_gap(sd):
     and unconditional predictions coincide), positive otherwise, and equal to a direct computation."""
     scores, t = noise_gap_scores(sd, ["", PROMPT], seeds=3, steps=50, batch_size=2)
     assert scores[0] == 0 and scores[1] > 0 and t == 981
-    from diffunlearn.sampling import image_generators, initial_noise
+    from diffunlearn.model.sampling import image_generators, initial_noise
 
     x = initial_noise(sd.latent_shape, image_generators(0, range(3)))
     with torch.no_grad():

@@ -24,7 +24,7 @@ def run_dir(tmp_path_factory):
     import numpy as np
 
     from conftest import tiny_model
-    from diffunlearn.models import save_model
+    from diffunlearn.model import save_model
 
     root = tmp_path_factory.mktemp("report")
     model = save_model(tiny_model(), root / "base")
@@ -91,7 +91,7 @@ def test_sequential_requests_report_their_ledger_and_a_run_without_verification_
     import numpy as np
 
     from conftest import tiny_model
-    from diffunlearn.models import save_model
+    from diffunlearn.model import save_model
 
     model = save_model(tiny_model(), tmp_path / "base")
     rng = np.random.default_rng(1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from diffunlearn.models import DiffusionModel, build_scheduler
-from diffunlearn.sampling import ddpm_sample
+from diffunlearn.model import DiffusionModel, build_scheduler
+from diffunlearn.model.sampling import ddpm_sample
 
 
 @pytest.mark.parametrize("sampler,steps", [("ddpm", 50), ("dpm++", 20), ("dpm++sde", 30)])
@@ -15,7 +15,7 @@ def test_every_sampler_lands_on_the_data_of_an_ideal_denoiser(sampler, steps):
     of the two images: the ODE and SDE solvers of DPM-Solver++ and ancestral DDPM alike."""
     from types import SimpleNamespace
 
-    from diffunlearn.ideal import IdealDenoiser
+    from diffunlearn.model.ideal import IdealDenoiser
 
     g = torch.Generator().manual_seed(0)
     data = torch.rand((2, 1, 4, 4), generator=g) * 1.6 - 0.8
@@ -28,7 +28,7 @@ def test_every_sampler_lands_on_the_data_of_an_ideal_denoiser(sampler, steps):
 
 
 def test_dpm_solver_images_do_not_depend_on_the_batch():
-    from diffunlearn.models import build_unet
+    from diffunlearn.model import build_unet
 
     torch.manual_seed(0)
     m = DiffusionModel(build_unet("tiny", 8, 1), build_scheduler())

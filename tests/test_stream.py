@@ -15,7 +15,7 @@ from diffunlearn.data.arrays import FileImages, NumpyImages
 from diffunlearn.data import content_hash, load_data, resolve_forget, split_kept, to_model_space
 from diffunlearn.errors import UserError
 from diffunlearn.methods import make_method
-from diffunlearn.models import state_hash
+from diffunlearn.model import state_hash
 from diffunlearn.trainer import RowSampler, TrainerConfig, unlearn
 
 
@@ -238,7 +238,7 @@ def test_a_cache_that_does_not_fit_or_sits_in_the_data_stops_before_writing(tmp_
     from collections import namedtuple
 
     from diffunlearn.cli import main
-    from diffunlearn.models import save_model
+    from diffunlearn.model import save_model
     from test_latent import _latent_model
 
     faces = _latent_folder(tmp_path)
@@ -264,7 +264,7 @@ def test_training_and_the_sequential_reference_decode_only_what_they_use(tmp_pat
     pixels in an .npy; the sequential requests' quality reference (at most QUALITY_IMAGES, here 8, of the images no
     request removes) decodes those 8 images alone."""
     import diffunlearn.commands.requests as seq
-    from diffunlearn.models import load_model
+    from diffunlearn.model import load_model
     from diffunlearn.scratch import TrainConfig, train
 
     pixels = _pixels(20)

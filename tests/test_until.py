@@ -13,7 +13,7 @@ import torch
 from conftest import random_sets, snapshot, tiny_model
 from diffunlearn import ImageSet, TrainerConfig, make_method, unlearn
 from diffunlearn.cli import main
-from diffunlearn.models import save_model, state_hash
+from diffunlearn.model import save_model, state_hash
 from diffunlearn.verification import BUDGETS, loop as loop_mod
 
 TEST = BUDGETS["fast"].__class__(**{**BUDGETS["fast"].describe(), "name": "test", "search_seeds": 16,

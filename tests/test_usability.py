@@ -11,7 +11,7 @@ import yaml
 from conftest import tiny_model
 from diffunlearn.cli import main
 from diffunlearn.errors import UserError
-from diffunlearn.models import load_model, save_model, state_hash
+from diffunlearn.model import load_model, save_model, state_hash
 
 
 def _run(capsys, *argv):

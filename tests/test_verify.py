@@ -16,7 +16,7 @@ from diffunlearn.data import ImageSet, content_hash
 from diffunlearn.metrics.membership import denoising_losses, loss_auc
 from diffunlearn.metrics.rates import pixel_distances
 from diffunlearn.metrics.similarity import noise_and_denoise, noise_and_denoise_similarity
-from diffunlearn.models import save_model
+from diffunlearn.model import save_model
 from diffunlearn.verification import BUDGETS, AuditSettings, verify
 from diffunlearn.verification.audit import parse_audit, recovered
 from diffunlearn.verification.verdicts import (MIN_REFERENCE, NEAR_COPY_FRACTION, REMOVED, Status, copy_hits,
@@ -351,7 +351,7 @@ def test_search_is_cached_resumed_and_equal_to_drawing_the_same_seeds(tmp_path, 
 def test_a_model_that_still_draws_a_is_not_removed_and_its_targeted_seeds_are_shown():
     """A is made of the model's own samples at seeds 3 and 5 (so it draws them exactly): the unchanged model
     redraws both targeted seeds and is 'not removed' on generation; the report shows those seeds."""
-    from diffunlearn.sampling import ddpm_sample
+    from diffunlearn.model.sampling import ddpm_sample
 
     model = tiny_model(seed=0)
     drawn = ddpm_sample(model, 0, TEST.sample_steps, 0, sampler=TEST.sampler, indices=[3, 5])
@@ -481,7 +481,7 @@ def test_unlearn_writes_verification_and_report(capsys, model_dir, data_file, tm
 def test_a_failed_verification_keeps_the_model_and_records_the_error(capsys, monkeypatch, model_dir, data_file,
                                                                     tmp_path, error):
     import diffunlearn.verification.core as core
-    from diffunlearn.models import load_model
+    from diffunlearn.model import load_model
 
     def fail(*a, **k):
         raise error
@@ -517,7 +517,7 @@ def test_non_finite_outputs_are_recorded_not_raised(capsys, data_file, tmp_path)
 def test_save_grid_upscales_and_labels(tmp_path):
     from PIL import Image
 
-    from diffunlearn.sampling import save_grid
+    from diffunlearn.model.sampling import save_grid
 
     _, images = random_sets(n_forget=4)
     save_grid(images, tmp_path / "a.png")

@@ -5,8 +5,8 @@ from .data import ImageSet, load_data, resolve_forget, split_kept
 from .data.labels import unlearning_labels
 from .errors import UserError
 from .methods import METHODS, Method, MethodSpec, make_method
-from .models import DiffusionModel, load_model, save_model
-from .sampling import ddpm_sample
+from .model import DiffusionModel, load_model, save_model
+from .model.sampling import ddpm_sample
 from .trainer import TrainerConfig, unlearn
 from .verification import verify, write_report
 from .verification.loop import UntilRemoved

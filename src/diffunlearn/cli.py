@@ -68,14 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: _module("faults").run_faults(a.trials, a.markdown))
     p = sub.add_parser("ledger", help="print a deletion ledger as a table and verify its hash chain and model hash")
     p.add_argument("dir", help="a run or model directory written by `unlearn --requests`, or a ledger.jsonl file")
-    p.set_defaults(func=lambda a: _module("ledger").run_ledger(a.dir))
+    p.set_defaults(func=lambda a: _module("commands.ledger").run_ledger(a.dir))
     for name, (help_, setup) in COMMANDS.items():
         setup(sub.add_parser(name, help=help_))
     return parser
 
 
 def _version() -> str:
-    from .cards import tool_version
+    from .runs.cards import tool_version
 
     return tool_version()
 

@@ -33,7 +33,7 @@ class Fault:
 def _model(tmp: Path) -> Path:
     import torch
 
-    from .models import DiffusionModel, build_scheduler, build_unet, save_model
+    from .model import DiffusionModel, build_scheduler, build_unet, save_model
 
     if not (tmp / "model" / "model_index.json").exists():
         torch.manual_seed(0)
@@ -57,7 +57,7 @@ def _class_model(tmp: Path) -> Path:
     """A tiny class-conditional model (classes a, b, c and the null class) and labelled data beside it."""
     import torch
 
-    from .models import DiffusionModel, build_scheduler, build_unet, save_model
+    from .model import DiffusionModel, build_scheduler, build_unet, save_model
 
     if not (tmp / "cmodel" / "model_index.json").exists():
         torch.manual_seed(0)
@@ -150,7 +150,7 @@ def _no_space_left(_tmp: Path | None = None):
     def full(*_, **__):
         raise OSError(errno.ENOSPC, "No space left on device", "diffusion_pytorch_model.safetensors")
 
-    with mock.patch("diffunlearn.models._write_pipeline", side_effect=full):
+    with mock.patch("diffunlearn.model._write_pipeline", side_effect=full):
         yield
 
 

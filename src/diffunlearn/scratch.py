@@ -17,10 +17,10 @@ import torch
 from .data.arrays import as_tensor_or_lazy
 from .data import load_data, resolve_forget, split_kept
 from .data.labels import require_labels, split_labels
-from .diffusion import ddpm_loss, sample_timesteps
+from .model.schedule import ddpm_loss, sample_timesteps
 from .errors import UserError
 from .data.loader import RowFetcher
-from .models import DiffusionModel, build_scheduler, build_unet, model_summary, save_model
+from .model import DiffusionModel, build_scheduler, build_unet, model_summary, save_model
 from .runs import RunDir
 from .tracking import Progress
 from .config import run_field
@@ -182,7 +182,7 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         fetcher.close()
     out_model = DiffusionModel(ema, model.scheduler, classes=classes)
-    from .cards import training_card
+    from .runs.cards import training_card
 
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "overwrite", "threads", "log_every")}
     save_model(out_model, run.model_dir, extra_files={"README.md": training_card(kept_what, len(images), settings)})

@@ -25,12 +25,12 @@ from typing import Callable
 import torch
 
 from .data.arrays import as_tensor_or_lazy
-from .diffusion import sample_timesteps
+from .model.schedule import sample_timesteps
 from .data.loader import RowFetcher
 from .errors import RunFailed, UserError
 from .methods import Context, Method, StepBatch
 from .methods.base import GradStep
-from .models import DiffusionModel
+from .model import DiffusionModel
 from .optim import check_optimizer, make_optimizer
 from .config import run_field
 

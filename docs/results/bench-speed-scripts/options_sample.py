@@ -4,8 +4,8 @@ import sys, time, statistics, traceback, copy
 import torch
 torch.set_num_threads(1)
 from diffunlearn.bench.speed import _load, _count_cpu_attention
-from diffunlearn.sampling import ddpm_sample
-import diffunlearn.sampling as S
+from diffunlearn.model.sampling import ddpm_sample
+import diffunlearn.model.sampling as S
 from torch.utils.flop_counter import FlopCounterMode
 
 model = _load("mnist-tshirt-base")

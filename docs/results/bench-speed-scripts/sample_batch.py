@@ -3,7 +3,7 @@
 import time, statistics, torch
 torch.set_num_threads(1)
 from diffunlearn.bench.speed import _load
-from diffunlearn.sampling import ddpm_sample
+from diffunlearn.model.sampling import ddpm_sample
 model = _load("mnist-tshirt-base")
 N, STEPS = 256, 10
 ddpm_sample(model, 64, steps=2, batch_size=64)

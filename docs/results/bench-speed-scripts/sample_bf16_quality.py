@@ -3,7 +3,7 @@
 import time, torch
 torch.set_num_threads(1)
 from diffunlearn.bench.speed import _load
-from diffunlearn.sampling import ddpm_sample
+from diffunlearn.model.sampling import ddpm_sample
 from diffunlearn.commands.evaluate import MnistTshirtProtocol
 model = _load("mnist-tshirt-base"); proto = MnistTshirtProtocol.load()
 N = 256

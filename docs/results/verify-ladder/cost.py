@@ -13,7 +13,7 @@ import time
 import torch
 
 from diffunlearn.bench.scale_models import ddpm_unet
-from diffunlearn.models import build_unet
+from diffunlearn.model import build_unet
 from diffunlearn.verification import BUDGETS
 
 torch.set_num_threads(1)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from diffunlearn import TrainerConfig, load_data, load_model, make_method, resolve_forget, save_model, split_kept, unlearn
-from diffunlearn.models import DiffusionModel
+from diffunlearn.model import DiffusionModel
 
 POWER = Path(__file__).resolve().parents[1] / "bench-mnist-tshirt-power" / "cells"
 ROWS = {  # name: (method, params, seed, steps, batch, save at, power-table cell)

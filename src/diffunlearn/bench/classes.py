@@ -63,7 +63,7 @@ class ClassBenchConfig:
 def _run_cell(cell: Cell, cfg: ClassBenchConfig, protocol, base, retrain) -> dict:
     from ..metrics.classes import weight_distance
     from ..protocols.classes import class_grid
-    from ..sampling import save_grid
+    from ..model.sampling import save_grid
     from ..trainer import TrainerConfig, unlearn
 
     row, seed = cell.row, cell.key
@@ -96,7 +96,7 @@ def _run_cell(cell: Cell, cfg: ClassBenchConfig, protocol, base, retrain) -> dic
 
 
 def _hashes(base, retrain) -> dict:
-    from ..models import state_hash
+    from ..model import state_hash
 
     return {"base": state_hash(base.unet), "retrain": state_hash(retrain.unet) if retrain is not None else None}
 
@@ -191,7 +191,7 @@ def _markdown(rows: dict[str, dict], cfg: ClassBenchConfig) -> str:
 
 
 def run_class_bench(cfg: ClassBenchConfig) -> dict:
-    from ..models import load_model
+    from ..model import load_model
     from ..pretrained import pretrained_dir
     from ..protocols.classes import ClassProtocol
 

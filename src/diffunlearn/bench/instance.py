@@ -93,7 +93,7 @@ def _validate(cfg: InstanceBenchConfig) -> None:
 
 def _setup(cfg: InstanceBenchConfig) -> InstanceSetup:
     """The set-up of this process for ``cfg`` (loaded once per worker, reloaded when the model's weights change)."""
-    from ..models import resolve_model_dir
+    from ..model import resolve_model_dir
 
     model_dir = Path(resolve_model_dir(cfg.model))
     key = (json.dumps(asdict(cfg), sort_keys=True), str(model_dir.resolve()), weights_stamp(model_dir))
@@ -104,7 +104,7 @@ def _retrain(setup: InstanceSetup, target: int, run_dir: Path) -> tuple[object, 
     import yaml
 
     from ..data import load_data
-    from ..models import load_model
+    from ..model import load_model
     from ..scratch import TrainConfig, train
 
     recipe = Path(setup.model_dir).parent / "config.yaml"

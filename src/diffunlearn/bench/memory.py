@@ -128,7 +128,7 @@ def measure(argv: list[str]) -> dict:
 def run_memory_bench(cfg: MemoryBenchConfig) -> dict:
     import torch
 
-    from ..models import DiffusionModel, build_scheduler, save_model
+    from ..model import DiffusionModel, build_scheduler, save_model
     from ..runs import prepare_out_dir, write_json
 
     cfg.validate()

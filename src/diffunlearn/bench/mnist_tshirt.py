@@ -67,7 +67,7 @@ def cell_trainer(cell: Cell, cfg: MnistBenchConfig):
 def cell_model(cell: Cell, cfg: MnistBenchConfig, base, retrain, kept, forget, log: list, callback=None):
     """The model a cell judges: the reference model itself, or the unlearning run of the cell's row with the cell's
     seed (its per-step records appended to ``log``; ``callback(step, model)`` after each step)."""
-    from ..models import DiffusionModel
+    from ..model import DiffusionModel
     from ..trainer import unlearn
 
     ucfg = cell_trainer(cell, cfg)
@@ -110,7 +110,7 @@ def _tracked(r: dict) -> bool:
 def _run_cell(cell: Cell, cfg: MnistBenchConfig, protocol, base, retrain, kept, forget, tracked: list[int] | None
               ) -> dict:
     from ..protocols.mnist_tshirt import masked
-    from ..sampling import save_grid
+    from ..model.sampling import save_grid
 
     row, seed = cell.row, cell.key
     curve, log = [], []
@@ -335,7 +335,7 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict | list[dict]:
     """Run the missing cells and write the table (the rows' summaries are returned); with ``look``, look at the named
     cells instead, with the directory's own settings (their records are returned)."""
     from ..data import load_data, resolve_forget, split_kept
-    from ..models import load_model
+    from ..model import load_model
     from ..pretrained import pretrained_dir
     from ..protocols.mnist_tshirt import MnistTshirtProtocol
 
@@ -343,7 +343,7 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict | list[dict]:
         cfg = _directory_settings(cfg)
     preset = load_rows(cfg.preset, REFERENCES)[0]
     rows = select(preset, cfg.rows)
-    from ..sampling import check_sampler
+    from ..model.sampling import check_sampler
 
     check_sampler(cfg.sampler)
     if cfg.seeds < 1 or cfg.n_samples < 10 or cfg.steps_scale <= 0:

@@ -31,7 +31,7 @@ class SamplerBenchConfig:
 
 
 def parse_samplers(spec: str) -> list[tuple[str, int]]:
-    from ..sampling import SAMPLERS
+    from ..model.sampling import SAMPLERS
 
     out = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -47,10 +47,10 @@ def parse_samplers(spec: str) -> list[tuple[str, int]]:
 def run_sampler_bench(cfg: SamplerBenchConfig) -> dict:
     from ..data import to_uint8
     from ..metrics.rates import paired_hits
-    from ..models import load_model
+    from ..model import load_model
     from ..protocols.mnist_tshirt import MnistTshirtProtocol
     from ..runs import RunDir, prepare_out_dir
-    from ..sampling import ddpm_sample, save_grid
+    from ..model.sampling import ddpm_sample, save_grid
 
     samplers = parse_samplers(cfg.samplers)
     if cfg.n_samples < 10 or cfg.batch_size < 1:

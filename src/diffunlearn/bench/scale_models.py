@@ -106,7 +106,7 @@ def write_ddpm(folder: Path, seed: int = 0, quick: bool = False) -> Path:
     """A ``DDPMPipeline`` directory of ``google/ddpm-celebahq-256``'s shape with seeded random weights."""
     from diffusers import DDPMScheduler
 
-    from ..models import DiffusionModel, save_model
+    from ..model import DiffusionModel, save_model
 
     sched = DDPMScheduler(**_args(published()["ddpm-celebahq-256"]["scheduler"]["config"]))
     return save_model(DiffusionModel(_seeded(ddpm_unet, seed, quick), sched), folder)

@@ -59,7 +59,7 @@ class SpeedConfig:
 def _load(spec: str):
     import torch
 
-    from ..models import DiffusionModel, build_scheduler, build_unet, load_model, resolve_model_dir
+    from ..model import DiffusionModel, build_scheduler, build_unet, load_model, resolve_model_dir
 
     if spec.startswith("arch:"):
         torch.manual_seed(0)

@@ -134,7 +134,7 @@ def _train_job(cfg: ToyBenchConfig, out: str, forget: str) -> dict:
 
 
 def _method_job(cfg: ToyBenchConfig, row: Row, base_dir: str, retrain_dir: str, out_dir: str | None) -> dict:
-    from ..models import load_model, save_model
+    from ..model import load_model, save_model
     from ..protocols.calibration import calibrated
     from ..trainer import TrainerConfig, unlearn
 
@@ -250,7 +250,7 @@ def run_toy_bench(out_dir: str | Path, seed: int = 0, quick: bool = False, overw
 
 
 def _abar(model_dir: str) -> torch.Tensor:
-    from ..models import load_model
+    from ..model import load_model
 
     return load_model(model_dir).alphas_cumprod()
 

@@ -95,7 +95,7 @@ def save_counted(folder: Path, stem: str, samples, numbers: list[int], distances
     """``stem.npy`` (uint8 pixels) and ``stem.png`` (a grid labelled with each sample's number and distance) of the
     samples counted as the T-shirt (a public Fashion-MNIST image: showing its copies is the point of looking)."""
     from ..data import to_uint8
-    from ..sampling import save_grid
+    from ..model.sampling import save_grid
 
     np.save(Path(folder) / f"{stem}.npy", to_uint8(samples))
     save_grid(samples, Path(folder) / f"{stem}.png", ncol=8,
@@ -120,7 +120,7 @@ def look_cells(cfg, rows: dict, protocol, rebuild) -> list[dict]:
     """Look at each cell of ``cfg.look`` (see the module); ``rebuild(cell, log)`` returns the cell's model, appending
     its training run's per-step records to ``log``."""
     from ..metrics.rates import target_rate
-    from ..sampling import ddpm_sample
+    from ..model.sampling import ddpm_sample
 
     root = Path(cfg.out)
     todo = []
@@ -168,7 +168,7 @@ def counted_overview(root: Path, results: list[dict], path: Path) -> Path | None
     when no method cell kept any."""
     import torch
 
-    from ..images import save_png, stack, tiles
+    from ..runs.images import save_png, stack, tiles
 
     parts = []
     for r in results:

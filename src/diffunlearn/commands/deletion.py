@@ -21,7 +21,7 @@ import torch
 from ..console import logger
 from ..errors import UserError
 from ..methods import Method, MethodSpec
-from ..models import DiffusionModel
+from ..model import DiffusionModel
 from ..protocols.calibration import AUTO_FRACTION, calibrated
 from ..trainer import Checkpointer, TrainerConfig, unlearn
 

@@ -46,11 +46,11 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig) -> dict:
     from .unlearn import UnlearnConfig, run_unlearn
     from .evaluate import EvalConfig, evaluate
-    from ..models import load_model
+    from ..model import load_model
     from ..pretrained import pretrained_dir
     from ..protocols.mnist_tshirt import MnistTshirtProtocol, masked
     from ..runs import write_json
-    from ..sampling import save_grid
+    from ..model.sampling import save_grid
     from ..trainer import TrainerConfig
 
     if cfg.steps < 1 or cfg.n_samples < 10:
@@ -135,7 +135,7 @@ def before_key(model, ecfg) -> dict:
     """What the base model's evaluation depends on: its weights and the evaluation settings (sampling is seeded per
     image and the NLL by its own seed, so the same key gives the same numbers)."""
     from ..metrics.nll import NLL_SOLVER
-    from ..models import state_hash
+    from ..model import state_hash
 
     return {"weights_sha256": state_hash(model.unet), "n_samples": ecfg.n_samples, "sample_steps": ecfg.sample_steps,
             "nll_probes": ecfg.nll_probes, "nll_tol": ecfg.nll_tol, "seed": ecfg.seed, "nll_solver": NLL_SOLVER}

@@ -10,7 +10,7 @@ import torch
 
 from ..errors import UserError
 from ..protocols.mnist_tshirt import MnistTshirtProtocol, masked
-from ..sampling import SAMPLE_BATCH
+from ..model.sampling import SAMPLE_BATCH
 from ..config import run_field
 
 
@@ -45,9 +45,9 @@ def evaluate(model, protocol: MnistTshirtProtocol, cfg: EvalConfig, progress: bo
 
 
 def run_eval(cfg: EvalConfig) -> dict:
-    from ..models import load_model
+    from ..model import load_model
     from ..runs import RunDir, prepare_out_dir, write_json
-    from ..sampling import check_sampler, save_grid
+    from ..model.sampling import check_sampler, save_grid
 
     if cfg.preset != "mnist-tshirt":
         raise UserError(f"unknown evaluation preset {cfg.preset!r}: known is mnist-tshirt")

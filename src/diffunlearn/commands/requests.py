@@ -12,7 +12,7 @@ After each request the run measures, with the model before and after it:
   them (:mod:`diffunlearn.metrics.membership`).
 
 After each request the model is saved (atomically) to ``<out>/model`` with the ledger so far inside it, then the
-request's line is appended to ``<out>/ledger.jsonl`` (:mod:`diffunlearn.ledger`). So every ledger line describes a
+request's line is appended to ``<out>/ledger.jsonl`` (:mod:`diffunlearn.runs.ledger`). So every ledger line describes a
 model that was saved, and the model directory always carries the ledger of exactly its own history.
 """
 
@@ -31,12 +31,12 @@ from ..console import logger
 from ..data import ImageSet, content_hash, load_data, resolve_forget
 from ..data.labels import class_counts, labels_for_model
 from ..errors import UserError
-from ..ledger import LEDGER_NAME, Ledger, line_hash, read_ledger, verify_ledger
+from ..runs.ledger import LEDGER_NAME, Ledger, line_hash, read_ledger, verify_ledger
 from ..metrics.membership import denoising_losses, loss_auc
 from ..metrics.similarity import SIMILARITY_T, load_similarity, noise_and_denoise_similarity
-from ..models import DiffusionModel, load_model, model_summary, save_model, state_hash
+from ..model import DiffusionModel, load_model, model_summary, save_model, state_hash
 from ..runs import RunDir, check_outside_model, check_space, prepare_out_dir
-from ..sampling import save_grid
+from ..model.sampling import save_grid
 from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed
 from ..verification.loop import UntilRemoved, fresh_blocks_after
 from .deletion import keep_trained, train_request

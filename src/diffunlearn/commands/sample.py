@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import UserError
-from ..sampling import SAMPLE_BATCH
+from ..model.sampling import SAMPLE_BATCH
 from ..config import run_field
 
 
@@ -39,9 +39,9 @@ def run_sample(cfg: SampleConfig) -> dict:
     import torch
 
     from ..data import to_uint8
-    from ..models import load_model
+    from ..model import load_model
     from ..runs import RunDir, prepare_out_dir
-    from ..sampling import check_guidance, check_sampler, ddpm_sample, save_grid
+    from ..model.sampling import check_guidance, check_sampler, ddpm_sample, save_grid
 
     if cfg.n < 1 or cfg.steps < 1 or cfg.batch_size < 1:
         raise UserError("--n, --steps and --batch-size must be at least 1")
@@ -86,7 +86,7 @@ def class_labels(model, spec: str, n: int):
     classes taken in turn, or every class in turn when none is named."""
     import torch
 
-    from ..sampling import sample_labels
+    from ..model.sampling import sample_labels
 
     if not spec:
         return sample_labels(model, n)  # None for an unconditional model; else every class in turn

@@ -16,7 +16,7 @@ from typing import ClassVar
 
 import torch
 
-from ..diffusion import gamma_sigma, predict_noise, sum_sq
+from ..model.schedule import gamma_sigma, predict_noise, sum_sq
 from ..errors import UserError
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..diffusion import predict_noise, sum_sq
+from ..model.schedule import predict_noise, sum_sq
 from ..errors import UserError
 from .base import Method, Terms, ddpm_terms, global_norm
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..diffusion import predict_noise, sum_sq
+from ..model.schedule import predict_noise, sum_sq
 from ..errors import UserError
 from .base import Method, Terms, check_range
 from .weights import drop_negligible

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from ..models import DiffusionModel
+from ..model import DiffusionModel
 from .membership import mean_over_draws
 from .rates import binomial_ci, rate_summary
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..diffusion import gamma_sigma, predict_noise, sum_sq
+from ..model.schedule import gamma_sigma, predict_noise, sum_sq
 from ..errors import UserError
-from ..models import DiffusionModel
+from ..model import DiffusionModel
 
 
 @dataclass
@@ -32,7 +32,7 @@ def membership_draws(n_draws: int, seed: int, shape: tuple[int, ...], t_min: int
                      ) -> list[tuple[int, torch.Tensor]]:
     """The ``(t_j, eps_j)`` pairs every image is scored with: ``t_j`` uniform on ``[t_min, t_max]``, ``eps_j`` standard
     normal of one image's ``shape``, both from a generator seeded by ``(seed, j)``."""
-    from ..sampling import image_generators
+    from ..model.sampling import image_generators
 
     draws = []
     for g in image_generators(seed, range(int(n_draws))):

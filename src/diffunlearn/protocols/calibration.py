@@ -14,7 +14,7 @@ import torch
 
 from ..methods import Context, MethodSpec
 from ..methods.base import global_norm
-from ..models import DiffusionModel
+from ..model import DiffusionModel
 from ..trainer import RowSampler
 
 

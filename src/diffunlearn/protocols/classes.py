@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampling import SAMPLE_BATCH
+from ..model.sampling import SAMPLE_BATCH
 
 
 @dataclass
@@ -83,7 +83,7 @@ class ClassProtocol:
         """Every measure of one model (see the module docstring); returns metrics, samples and their labels."""
         from ..metrics.classes import class_accuracy, class_rate, predicted_classes
         from ..metrics.classifier import classifier_fid
-        from ..sampling import ddpm_sample
+        from ..model.sampling import ddpm_sample
 
         t0 = time.time()
         c = self.forget_class

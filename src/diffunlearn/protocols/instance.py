@@ -65,7 +65,7 @@ class InstanceSetup:
     @classmethod
     def load(cls, cfg: InstanceSettings) -> "InstanceSetup":
         from ..data import load_data
-        from ..models import load_model, resolve_model_dir
+        from ..model import load_model, resolve_model_dir
 
         model_dir = resolve_model_dir(cfg.model)
         model = load_model(model_dir)
@@ -170,7 +170,7 @@ class Strip:
 
     def record(self, step: int, unet) -> None:
         from ..metrics.similarity import noise_and_denoise
-        from ..models import DiffusionModel
+        from ..model import DiffusionModel
 
         cfg = self.setup.cfg
         d = noise_and_denoise(DiffusionModel(unet, self.scheduler), self.forget, cfg.similarity_t,

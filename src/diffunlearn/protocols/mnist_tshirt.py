@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..sampling import SAMPLE_BATCH
+from ..model.sampling import SAMPLE_BATCH
 
 
 @dataclass
@@ -66,7 +66,7 @@ class MnistTshirtProtocol:
                  ) -> tuple[dict, torch.Tensor]:
         """Every metric of one model (sample ``i`` seeded by ``(seed, i)``), and the samples; ``_is_target`` marks
         the samples that reproduce the T-shirt."""
-        from ..sampling import ddpm_sample
+        from ..model.sampling import ddpm_sample
 
         t0 = time.time()
         samples = ddpm_sample(model, n_samples, sample_steps, seed, batch_size, bf16=bf16, progress=progress,
@@ -86,7 +86,7 @@ class MnistTshirtProtocol:
         with one probe."""
         from ..metrics.nll import nll_bits_per_dim
         from ..metrics.rates import target_rate
-        from ..sampling import ddpm_sample
+        from ..model.sampling import ddpm_sample
 
         if tracked is None:
             samples = ddpm_sample(model, n_samples, sample_steps, seed=10_000, sampler=sampler)

@@ -2,7 +2,7 @@
 
 The data are ``toy-digits``: 240 real 8x8 digits plus 16 copies of one more '7' (the forget set A). X \\ A is a small
 finite set, so the ideal denoiser of X \\ A (the Bayes-optimal noise prediction a perfect retrain would converge to,
-:mod:`diffunlearn.ideal`) is known in closed form, and so is the ideal denoiser of X (a perfect base model). Every
+:mod:`diffunlearn.model.ideal`) is known in closed form, and so is the ideal denoiser of X (a perfect base model). Every
 model is evaluated on fixed probes:
 
 - *near A*: ``gamma_t a + sigma_t eps`` for a in A; *elsewhere*: ``gamma_t x + sigma_t eps`` for x in X \\ A, on a grid
@@ -69,8 +69,8 @@ class ProbeSet:
 def make_probes(clean: torch.Tensor, all_x: torch.Tensor, kept: torch.Tensor, alphas_cumprod: torch.Tensor,
                 timesteps, per_t: int, generator: torch.Generator) -> ProbeSet:
     """``per_t`` probes ``gamma_t c + sigma_t eps`` per timestep, cycling through the clean images ``clean``."""
-    from ..diffusion import gamma_sigma
-    from ..ideal import ideal_eps
+    from ..model.schedule import gamma_sigma
+    from ..model.ideal import ideal_eps
 
     xs, ts, es = [], [], []
     for t in timesteps:
@@ -87,7 +87,7 @@ def make_probes(clean: torch.Tensor, all_x: torch.Tensor, kept: torch.Tensor, al
 
 @torch.no_grad()
 def predict(unet, x_t: torch.Tensor, t: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    from ..diffusion import predict_noise
+    from ..model.schedule import predict_noise
 
     unet.eval()
     return torch.cat([predict_noise(unet, x_t[i:i + batch], t[i:i + batch]).double()
@@ -152,7 +152,7 @@ class ToyEvaluator:
         self.loss_eps = torch.randn((cfg.loss_draws, *kept.shape[1:]), generator=g)
         self.ref_near = self.ref_else = None
         if reference_dir:
-            from ..models import load_model
+            from ..model import load_model
 
             ref = load_model(reference_dir)
             self.ref_near = predict(ref.unet, self.near.x_t, self.near.t)
@@ -168,8 +168,8 @@ class ToyEvaluator:
         return out
 
     def evaluate(self, model) -> dict:
-        from ..diffusion import gamma_sigma, predict_noise
-        from ..sampling import ddpm_sample
+        from ..model.schedule import gamma_sigma, predict_noise
+        from ..model.sampling import ddpm_sample
 
         cfg, t0 = self.cfg, time.time()
         unet = model.unet.eval()

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..sampling import image_generators, initial_noise
+from ..model.sampling import image_generators, initial_noise
 from .pipeline import StableDiffusion
 from ..config import run_field
 

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from ..models import DiffusionModel
-from ..safeload import PICKLE_SUFFIXES, check_finite, check_weights
-from ..sampling import initial_noise, seeded_batches
+from ..model import DiffusionModel
+from ..runs.safeload import PICKLE_SUFFIXES, check_finite, check_weights
+from ..model.sampling import initial_noise, seeded_batches
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 OPTIONAL = ("vae",)  # no VAE: a pixel-space model (identity codec)

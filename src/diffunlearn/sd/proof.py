@@ -125,7 +125,7 @@ def verify_prompt(sd, unet_after, prompt: str, rule, *, budget: "str | PromptBud
     UNet (the model before). ``controls``: unrelated prompts on which ``quality`` (a measure of
     :mod:`diffunlearn.sd.quality`) must hold from before to after. Returns what ``verification.json`` holds (with
     the targeted seeds' images, base64)."""
-    from ..images import encode_image
+    from ..runs.images import encode_image
     from .detect import noise_gap_scores
 
     say = log or (lambda _msg: None)

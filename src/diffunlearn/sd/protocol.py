@@ -69,7 +69,7 @@ class MemorisedCounter:
         self.out, self.last, self.curves = Path(out), last, {k: [] for k in self.prompts}
 
     def count(self, step: int, unet) -> None:
-        from ..sampling import save_grid
+        from ..model.sampling import save_grid
 
         for key, emb in self.embeds.items():
             res, images = evaluate_prompt(self.sd, unet, emb, self.uncond, self.rule, self.quality, self.n, self.seed,

@@ -74,7 +74,7 @@ class ClipIQA:
         require_transformers()
         from transformers import CLIPModel, CLIPTokenizer
 
-        from ..safeload import check_weights
+        from ..runs.safeload import check_weights
 
         path = Path(folder)
         if not path.is_dir():

@@ -167,7 +167,7 @@ def build_unet(size: int = 8, channels: int = 3):
 
 
 def build_scheduler():
-    from ..models import build_scheduler as ddpm
+    from ..model import build_scheduler as ddpm
 
     return ddpm(1000)  # linear betas 1e-4..0.02, epsilon prediction, clip_sample (pixel space)
 
@@ -286,8 +286,8 @@ def write_sd_dir(folder: Path, unet, text, tok) -> Path:
 
 def train_replica(cfg: ReplicaTrainConfig) -> dict:
     """Train the replica and measure how often each prompt reproduces the memorised image."""
-    from ..diffusion import gamma_sigma, sample_timesteps
-    from ..models import state_hash
+    from ..model.schedule import gamma_sigma, sample_timesteps
+    from ..model import state_hash
     from ..runs import RunDir, prepare_out_dir
     from ..scratch import train_loop
     from .memorisation import save_image

@@ -116,7 +116,7 @@ def build_data(sd, prompt: str, out: Path, n: int, seed: int, sample_steps: int,
                reference: torch.Tensor | None, threshold: float | None, batch_size: int, config: dict) -> dict:
     """``n`` images of ``prompt`` (image ``i`` from the noise of generator ``(seed, i)``), labelled memorised or not
     (by distance to ``reference``, else by k-means), written atomically to ``out`` with ``config`` as the record."""
-    from ..sampling import save_grid
+    from ..model.sampling import save_grid
     from .memorisation import label_images, save_image, write_labels
 
     t0 = time.time()
@@ -362,9 +362,9 @@ def unlearn_prompt(sd, kept: torch.Tensor, forget: torch.Tensor, method, trainer
     summary (the paper's success per prompt) to ``run``. ``proof`` (``{"budget", "paraphrases"}``): then verify the
     deletion (:func:`diffunlearn.sd.proof.verify_prompt`) into ``verification.json`` and ``report.html``. ``sd`` is
     not modified."""
-    from ..models import state_hash
+    from ..model import state_hash
     from ..runs import step_printer
-    from ..sampling import save_grid
+    from ..model.sampling import save_grid
     from ..trainer import unlearn
     from .pipeline import save_sd
 

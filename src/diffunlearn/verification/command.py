@@ -103,7 +103,7 @@ def run_verify(cfg: VerifyConfig) -> dict:
     import torch
 
     from ..data import load_data, resolve_forget
-    from ..models import load_model
+    from ..model import load_model
     from ..runs import atomic_dir, prepare_out_dir
     from .core import check_budget, check_models
 

@@ -12,7 +12,7 @@ import torch
 from ..data import ImageSet, content_hash
 from ..errors import UserError
 from ..metrics.similarity import SIMILARITY_T
-from ..models import DiffusionModel
+from ..model import DiffusionModel
 from .measures import BUDGETS, Budget, Measured, Subjects, get_budget, measure_model, measure_spaces
 from .verdicts import (MAX_COPY_RATE, NEAR_COPY_FRACTION, REMOVED, copy_hits, forget_verdict, generation_verdict,
                        near_copy_thresholds, overall, quality_verdict, samples_for_rate, span)
@@ -45,7 +45,7 @@ def check_models(models: dict[str, DiffusionModel], shape: tuple[int, ...]) -> N
 
 
 def _codec_identity(m: DiffusionModel) -> tuple | None:
-    from ..safeload import state_hash
+    from ..runs.safeload import state_hash
 
     return None if m.codec is None else (m.codec.kind, tuple(m.sample_shape), state_hash(m.codec.module))
 
@@ -132,7 +132,7 @@ def _check_forget(data: ImageSet, forget_idx) -> list[int]:
 
 
 def _encode(images: torch.Tensor) -> list[str]:
-    from ..images import encode_image
+    from ..runs.images import encode_image
 
     return [encode_image(x) for x in images]
 
@@ -262,7 +262,7 @@ def check_budget(budget: str | Budget, max_copy_rate: float = MAX_COPY_RATE, sam
         if int(samples) < 1:
             raise UserError(f"--samples must be >= 1, got {samples}")
         b = dataclasses.replace(b, samples=int(samples))
-    from ..sampling import SEED_STRIDE
+    from ..model.sampling import SEED_STRIDE
 
     if b.search_seeds + 64 * b.samples > SEED_STRIDE:
         raise UserError(f"--samples {b.samples}: 64 blocks of that many fresh samples after {b.search_seeds} searched "
@@ -365,7 +365,7 @@ def generation_test(models: dict, s: Subjects, others: torch.Tensor, b: Budget, 
 def targeted_seeds(before: DiffusionModel, s: Subjects, thresholds, b: Budget, seed: int, cache=None
                    ) -> tuple[dict, list[int]]:
     """The model before's search over ``b.search_seeds`` seeds (cached) and the seeds at which it drew a near-copy."""
-    from ..models import state_hash
+    from ..model import state_hash
     from .generation import search
 
     found = search(before, state_hash(before.unet), s.forget, b.search_seeds, b.sampler, b.sample_steps, seed,
@@ -415,7 +415,7 @@ def _assemble(measured: dict[str, Measured], s: Subjects, counts: dict, ref_info
     per_model["after"]["seconds"].update({f"generation_{k}": t for k, t in gen["verdict"]["seconds"].items()})
     strip = counts["strip_items"]
     first = [s.item_of.index(u) for u in range(strip)]  # the first item of A showing each distinct image
-    from ..models import state_hash
+    from ..model import state_hash
 
     gi = gen["images"]
     targeted = gi.get("targeted")

@@ -7,7 +7,7 @@
 - :func:`draw_distances`: a model's samples at chosen seed numbers (the targeted seeds, or fresh seeds never
   searched: ``N ..``), with their distances to A's items.
 
-Sample ``i`` always uses generator ``(seed, i)`` (:func:`diffunlearn.sampling.ddpm_sample`), so a seed drawn again
+Sample ``i`` always uses generator ``(seed, i)`` (:func:`diffunlearn.model.sampling.ddpm_sample`), so a seed drawn again
 under another model starts from the same noise.
 """
 
@@ -49,7 +49,7 @@ def draw_distances(model, items: torch.Tensor, indices: list[int], sampler: str,
                    labels_of=None, keep: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
     """Samples of ``model`` at seed numbers ``indices``; returns their distances (len(indices), len(items)) to the
     items of A and, with ``keep``, the samples themselves. ``labels_of(indices)``: the class of each sample."""
-    from ..sampling import ddpm_sample
+    from ..model.sampling import ddpm_sample
 
     if not indices:
         return np.zeros((0, len(items)), dtype=np.float32), (items[:0] if keep else None)

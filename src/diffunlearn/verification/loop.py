@@ -26,7 +26,7 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import UserError
-from ..models import DiffusionModel
+from ..model import DiffusionModel
 from ..metrics.similarity import SIMILARITY_T
 from .verdicts import MAX_COPY_RATE, Status, copy_hits, near_copy_thresholds, quality_verdict
 

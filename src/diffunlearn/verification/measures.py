@@ -24,7 +24,7 @@ import torch
 
 from ..data import content_hash
 from ..errors import UserError
-from ..models import DiffusionModel
+from ..model import DiffusionModel
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def _table(head: list[str], rows: list[list[str]], raw: bool = False) -> str:
 
 
 def _img(pil, alt: str) -> str:
-    from ..images import data_uri
+    from ..runs.images import data_uri
 
     return f'<div class="fig"><img alt="{_e(alt)}" src="{data_uri(pil)}"></div>'
 
@@ -82,7 +82,7 @@ def _read_optional(path: Path, kind: str):
 
 
 def _removed(v: dict) -> str:
-    from ..images import decode_image, tiles
+    from ..runs.images import decode_image, tiles
 
     f = v["forget"]
     rows = [[str(i["index"]), i["name"], i["sha256"]] for i in f["items"][:50]]
@@ -171,7 +171,7 @@ def _verdict_table(v: dict) -> str:
 
 
 def _strips(v: dict) -> str:
-    from ..images import decode_image, stack, strip
+    from ..runs.images import decode_image, stack, strip
 
     ims = v.get("images", {})
     originals = [decode_image(x) for x in ims.get("forget", [])]
@@ -199,7 +199,7 @@ def _strips(v: dict) -> str:
         pics = [decode_image(x) for x in tg["before"]] + [decode_image(x) for x in tg["after"]]
         names = [f"seed {s} before: {d:.2f}" for s, d in zip(tg["seeds"], tg["distance_before"])] + \
             [f"seed {s} after: {d:.2f}" for s, d in zip(tg["seeds"], tg["distance_after"])]
-        from ..images import tiles
+        from ..runs.images import tiles
 
         out += ("<h2>Targeted seeds</h2><p class='note'>Seeds at which the model before drew a near-copy of A (top "
                 "row) and what the unlearned model draws from the same seeds (bottom row); numbers: L2 distance to "
@@ -356,7 +356,7 @@ def _ledger(entries: list[dict] | None) -> str:
 
 def _prompt_parts(v: dict) -> str:
     """A prompt deletion's verdicts, and its samples before and after at the seeds that drew the image before."""
-    from ..images import decode_image, tiles
+    from ..runs.images import decode_image, tiles
 
     rows = []
     for d in v["verdicts"]:

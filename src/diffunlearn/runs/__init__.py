@@ -13,8 +13,8 @@ from typing import Callable
 
 import yaml
 
-from .errors import UserError
-from .console import logger
+from ..errors import UserError
+from ..console import logger
 
 say = logger(__name__).info
 
@@ -171,7 +171,7 @@ def write_json(path: Path, obj, indent: int = 2) -> None:
 def step_printer(log, steps: int, every: int = 1):
     """A trainer ``log`` callback: passes every step's record to ``log`` and prints a progress line (loss terms,
     gradient norm, seconds) every ``every`` steps and at the last of ``steps``."""
-    from .tracking import Progress
+    from ..tracking import Progress
 
     progress = Progress(steps, every)
 

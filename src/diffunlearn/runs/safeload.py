@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 

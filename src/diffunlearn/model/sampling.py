@@ -7,8 +7,8 @@ import copy
 
 import torch
 
-from .diffusion import predict_noise
-from .models import DiffusionModel
+from .schedule import predict_noise
+from . import DiffusionModel
 
 #: images per forward pass: on CPU 64 took about 20% less CPU time than 256 (and than 1024) for bitwise the same images
 #: (docs/results/bench-speed.md); on a GPU pass a larger batch.
@@ -46,7 +46,7 @@ def sample_labels(model: DiffusionModel, n: int, labels=None, start: int = 0, in
     one per sample), or by default the classes in turn (sample ``i`` gets class ``(start + i) mod K``, or with
     ``indices`` sample number ``indices[j]`` gets class ``indices[j] mod K``). None for an unconditional model, which
     takes no labels."""
-    from .errors import UserError
+    from ..errors import UserError
 
     if not model.conditional:
         if labels is not None:
@@ -55,7 +55,7 @@ def sample_labels(model: DiffusionModel, n: int, labels=None, start: int = 0, in
     if labels is None:
         numbers = torch.arange(start, start + n) if indices is None else torch.as_tensor(list(indices))
         return (numbers % len(model.classes)).long()
-    from .data.labels import check_model_labels
+    from ..data.labels import check_model_labels
 
     y = torch.as_tensor(labels, dtype=torch.long).flatten()
     return check_model_labels(y.expand(n) if len(y) == 1 else y, model.classes, n, "sample")
@@ -74,7 +74,7 @@ def guided_noise(unet, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
 
 
 def check_guidance(model: DiffusionModel, guidance: float) -> None:
-    from .errors import UserError
+    from ..errors import UserError
 
     if not guidance >= 0:
         raise UserError(f"--guidance must be >= 0 (1: plain conditional sampling), got {guidance}")
@@ -91,7 +91,7 @@ SAMPLERS = ("ddpm", "dpm++", "dpm++sde")
 
 
 def check_sampler(sampler: str) -> None:
-    from .errors import UserError
+    from ..errors import UserError
 
     if sampler not in SAMPLERS:
         raise UserError(f"unknown sampler {sampler!r}: choose {', '.join(SAMPLERS)}")
@@ -174,7 +174,7 @@ def ddpm_sample(model: DiffusionModel, n: int, steps: int = 50, seed: int = 0, b
 def save_grid(images: torch.Tensor, path, ncol: int | None = None, labels: list[str] | None = None,
               title: str | None = None) -> None:
     """Save model-space images as one PNG grid, tiles upscaled (nearest neighbour) so the grid is at least 256 px
-    wide, with a label under each tile and a title above when given (:mod:`diffunlearn.images`)."""
-    from .images import grid, save_png
+    wide, with a label under each tile and a title above when given (:mod:`diffunlearn.runs.images`)."""
+    from ..runs.images import grid, save_png
 
     save_png(grid(images, ncol, labels, title), path)

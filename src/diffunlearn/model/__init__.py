@@ -3,7 +3,8 @@
 A model directory is what ``DDPMPipeline.save_pretrained`` writes (``model_index.json``, ``unet/``, ``scheduler/``);
 a bare ``UNet2DModel`` folder (``config.json`` + weights) with an optional ``scheduler_config.json`` also loads.
 A directory that also holds ``vqvae/`` (VQModel, the ``LDMPipeline`` layout) or ``vae/`` (AutoencoderKL) is a latent
-model: it loads with a :class:`diffunlearn.latent.LatentCodec` attached, and saving copies the autoencoder unchanged.
+model: it loads with a :class:`~diffunlearn.model.latent.LatentCodec` attached, and saving copies the autoencoder
+unchanged.
 Weights are read from safetensors only unless ``allow_pickle`` is set; nothing is ever fetched from a hub.
 """
 
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .safeload import check_finite, check_weights, state_hash  # noqa: F401 (state_hash: part of this module's API)
+from ..errors import UserError
+from ..runs.safeload import check_finite, check_weights, state_hash  # noqa: F401 (state_hash: part of the API)
 
 
 # name -> UNet2DModel keyword arguments (sample_size and channels are filled in from the data)
@@ -75,7 +76,7 @@ class DiffusionModel:
     unet: torch.nn.Module
     scheduler: object
     source: str = ""
-    #: a latent model's autoencoder (:class:`diffunlearn.latent.LatentCodec`); None for a pixel-space model
+    #: a latent model's autoencoder (:class:`diffunlearn.model.latent.LatentCodec`); None for a pixel-space model
     codec: object = None
     #: a class-conditional model's class names, one per class index (None: unconditional)
     classes: list[str] | None = None
@@ -104,7 +105,7 @@ class DiffusionModel:
 
     def class_index(self, name: str) -> int:
         """The index of a class given by name (or by its index written as a number)."""
-        from .data.labels import class_index
+        from ..data.labels import class_index
 
         i = class_index(self.classes, name)
         if i is None:
@@ -147,7 +148,8 @@ class DiffusionModel:
 
     def encode(self, images, what: str = "data", cache: str | os.PathLike | None = None):
         """Images -> the UNet's space: checked and returned as they are, or a latent model's latents (cached: in
-        memory for a tensor, in the ``cache`` folder on disk for an image array; see :mod:`diffunlearn.latent`)."""
+        memory for a tensor, in the ``cache`` folder on disk for an image array; see
+        :mod:`diffunlearn.model.latent`)."""
         self.check_images(tuple(images.shape[1:]), what)
         return images if self.codec is None else self.codec.encode(images, cache)
 
@@ -158,7 +160,7 @@ class DiffusionModel:
 
 def resolve_model_dir(path: str | os.PathLike) -> str:
     """A shipped model's name, a run directory (holding ``model/``) or a model directory -> the model directory."""
-    from .pretrained import available, pretrained_dir
+    from ..pretrained import available, pretrained_dir
 
     p = Path(path)
     if not p.exists() and str(path) in available():
@@ -251,7 +253,7 @@ def save_model(model: DiffusionModel, out: str | os.PathLike, extra_files: dict[
                overwrite: bool = False) -> Path:
     """Save as a ``DDPMPipeline`` directory (safetensors), atomically: written beside ``out`` and renamed into place.
     An existing ``out`` is replaced only with ``overwrite=True`` (and then kept until the new one is complete)."""
-    from .runs import atomic_dir
+    from ..runs import atomic_dir
 
     if Path(out).exists() and not overwrite:
         raise UserError(f"{out} exists: choose another folder, or pass overwrite=True to replace it")

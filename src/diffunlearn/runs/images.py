@@ -41,7 +41,7 @@ def to_pil(image: torch.Tensor | np.ndarray):
     """One model-space image (C, H, W) in [-1, 1], or uint8 (H, W[, C]), as a greyscale or RGB PIL image."""
     from PIL import Image
 
-    from .data import to_uint8
+    from ..data import to_uint8
 
     if isinstance(image, torch.Tensor):
         arr = to_uint8(image[None])[0]

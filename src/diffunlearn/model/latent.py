@@ -1,7 +1,7 @@
 """Latent (unconditional) diffusion models: a UNet that denoises autoencoder latents, as in diffusers' ``LDMPipeline``.
 
 A model directory that also holds ``vqvae/`` (a ``VQModel``, the ``LDMPipeline`` layout) or ``vae/`` (an
-``AutoencoderKL``) loads with a :class:`LatentCodec` attached to its :class:`~diffunlearn.models.DiffusionModel`.
+``AutoencoderKL``) loads with a :class:`LatentCodec` attached to its :class:`~diffunlearn.model.DiffusionModel`.
 Everything that trains or measures the UNet then works in latent space; only two places cross the autoencoder:
 
 - loading data for unlearning (``run_unlearn``): images are encoded once, so the trainer only ever sees latents. A
@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data.arrays import ImageArray, NumpyImages
-from .errors import UserError
-from .safeload import check_finite, check_weights
+from ..data.arrays import ImageArray, NumpyImages
+from ..errors import UserError
+from ..runs.safeload import check_finite, check_weights
 
 #: folder name -> diffusers class name
 CODEC_FOLDERS = {"vqvae": "VQModel", "vae": "AutoencoderKL"}
@@ -114,7 +114,7 @@ class LatentCodec:
 
     def cache_key(self, images: ImageArray) -> str:
         """What the latents of ``images`` depend on: the autoencoder's weights and scaling, and the images."""
-        from .safeload import state_hash
+        from ..runs.safeload import state_hash
 
         if self._weights_hash is None:
             self._weights_hash = state_hash(self.module)
@@ -125,7 +125,7 @@ class LatentCodec:
     def encode_to_disk(self, images: ImageArray, cache: str | os.PathLike | None = None) -> NumpyImages:
         """The latents of every image, encoded once in chunks of ``batch_size`` into a cached ``.npy`` (float32) and
         read back through a memory map. Stops with a UserError, before writing, when the file would not fit."""
-        from .data.cache import entry, ensure_free_space, locked, publish
+        from ..data.cache import entry, ensure_free_space, locked, publish
 
         h, w = images.shape[-2] // self.downsample, images.shape[-1] // self.downsample
         shape = (len(images), self.latent_channels, h, w)

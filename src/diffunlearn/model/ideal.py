@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .diffusion import gamma_sigma
+from .schedule import gamma_sigma
 
 
 def _as_timesteps(t, n: int) -> torch.Tensor:
