@@ -7,7 +7,7 @@ from conftest import tiny_model
 
 def test_readme_api_example(tmp_path, data_file):
     from diffunlearn import (TrainerConfig, load_data, load_model, make_method, resolve_forget, save_model,
-                             split_kept, unlearn, verify)
+                             Status, split_kept, unlearn, verify)
 
     save_model(tiny_model(), tmp_path / "ddpm")
     model = load_model(tmp_path / "ddpm")
@@ -20,8 +20,9 @@ def test_readme_api_example(tmp_path, data_file):
     save_model(new, tmp_path / "out" / "model")
     assert [r["step"] for r in logs] == [1, 2]
     assert load_model(tmp_path / "out" / "model").sample_shape == (1, 8, 8)
-    result = verify(new, data, resolve_forget("img-03", data), before=model)  # what verification.json holds
-    assert result["status"] == "ok" and set(result["models"]) >= {"before", "after"}
+    result = verify(new, data, resolve_forget("img-03", data), before=model)  # to_dict(): verification.json
+    assert result.ok and set(result.record["models"]) >= {"before", "after"}
+    assert result.overall.status in set(Status) and result.verdict("generation").figures["fresh"]["n"] > 0
     from diffunlearn import UntilRemoved
 
     loop = UntilRemoved(model, data, resolve_forget("img-03", data), check_every=2, gate_seeds=1)

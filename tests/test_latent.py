@@ -174,7 +174,7 @@ def test_verify_takes_latent_measures_in_latent_space_and_compares_decoded_pixel
     images = torch.rand((12, 3, IMAGE, IMAGE), generator=torch.Generator().manual_seed(0)) * 2 - 1
     budget = dataclasses.replace(BUDGETS["fast"], name="test", search_seeds=8, samples=380, sample_steps=2,
                                  similarity_steps=2, nll_items=1, nll_reference=2, nll_tol=0.1)
-    r = verify(after, images, [0, 1], before=before, budget=budget, similarity_t=0, max_copy_rate=0.01)
+    r = verify(after, images, [0, 1], before=before, budget=budget, similarity_t=0, max_copy_rate=0.01).to_dict()
     assert r["status"] == "ok" and r["spaces"]["loss"].startswith(f"latent space of the model's {kind}")
     assert r["spaces"]["generation"].startswith("pixel space") and "latent" in r["definitions"]["nll"]
     ref = r["reference"]["indices"]

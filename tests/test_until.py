@@ -14,7 +14,7 @@ from conftest import random_sets, snapshot, tiny_model
 from diffunlearn import ImageSet, TrainerConfig, make_method, unlearn
 from diffunlearn.cli import main
 from diffunlearn.model import save_model, state_hash
-from diffunlearn.verification import BUDGETS, loop as loop_mod
+from diffunlearn.verification import BUDGETS, Outcome, Overall, Status, Verification, loop as loop_mod
 
 TEST = BUDGETS["fast"].__class__(**{**BUDGETS["fast"].describe(), "name": "test", "search_seeds": 16,
                                     "samples": 400, "sample_steps": 2})
@@ -31,6 +31,11 @@ def _run(steps: int, callback=None, checkpoint=None):
     return unlearn(tiny_model(), kept, forget, make_method("naive"), cfg, callback=callback, checkpoint=checkpoint)
 
 
+def _verified(status: Status) -> Verification:
+    """A finished verification whose overall decision is ``status`` (no measure behind it)."""
+    return Verification(Outcome.OK, overall=Overall(status, status, f"{status.value} (replaced)"))
+
+
 def _loop(monkeypatch, every: int, removed_at: int | None = None, degraded_at: int | None = None):
     """The loop on the tiny model, its verification and quality verdict replaced by ones that change at given steps
     (the decisions under test are the loop's, not the measures')."""
@@ -38,7 +43,7 @@ def _loop(monkeypatch, every: int, removed_at: int | None = None, degraded_at: i
     real_q = loop_mod.quality_verdict
 
     def fake_verify(model, *a, **k):
-        return {"overall": {"status": "removed" if state["step"] == removed_at else "not removed"}}
+        return _verified(Status.REMOVED if state["step"] == removed_at else Status.NOT_REMOVED)
 
     def fake_quality(measure, vals, label=None):
         q = real_q(measure, vals, label)
@@ -181,7 +186,7 @@ def test_requests_until_removed_runs_one_loop_per_request(capsys, tmp_path, monk
 
     def fake_verify(after, view, idx, **k):  # removed at the first confirmation only (request 1's first check)
         seen.append((len(view), view.images[idx]))
-        return {"overall": {"status": "removed" if len(seen) == 1 else "not removed"}}
+        return _verified(Status.REMOVED if len(seen) == 1 else Status.NOT_REMOVED)
 
     monkeypatch.setattr(core, "targeted_seeds", lambda *a, **k: ({}, []))  # no search: every check confirms
     monkeypatch.setattr(core, "verify", fake_verify)
@@ -239,7 +244,7 @@ def test_the_loops_fresh_samples_lie_past_every_seed_its_gate_searched(monkeypat
     lp, callback = _loop(monkeypatch, every=2)
     b, blocks = lp.budget, []
     monkeypatch.setattr("diffunlearn.verification.core.verify",
-                        lambda *a, **k: (blocks.append(k["fresh_block"]), {"overall": {"status": "not removed"}})[1])
+                        lambda *a, **k: (blocks.append(k["fresh_block"]), _verified(Status.NOT_REMOVED))[1])
     lp.gate_seeds, lp.fresh_from = 2048, loop_mod.fresh_blocks_after(b, 2048)
     _run(4, callback)
     assert blocks == [lp.fresh_from + 1, lp.fresh_from + 2]  # each confirmation its own block past the gate

@@ -17,7 +17,7 @@ from diffunlearn.metrics.membership import denoising_losses, loss_auc
 from diffunlearn.metrics.rates import pixel_distances
 from diffunlearn.metrics.similarity import noise_and_denoise, noise_and_denoise_similarity
 from diffunlearn.model import save_model
-from diffunlearn.verification import BUDGETS, AuditSettings, verify
+from diffunlearn.verification import BUDGETS, AuditSettings, Verification, verify
 from diffunlearn.verification.audit import parse_audit, recovered
 from diffunlearn.verification.verdicts import (MIN_REFERENCE, NEAR_COPY_FRACTION, REMOVED, Status, copy_hits,
                                                copy_rate_bound, decide_generation, decide_overall, decide_rank,
@@ -358,7 +358,7 @@ def test_a_model_that_still_draws_a_is_not_removed_and_its_targeted_seeds_are_sh
     kept, held = random_sets(n_kept=12, n_forget=10, seed=3)
     data = ImageSet(torch.cat([kept, drawn]), [f"img-{i:02d}" for i in range(12)] + ["drawn-3", "drawn-5"],
                     held_out=held)
-    r = verify(model, data, [12, 13], before=model, budget=TEST, seed=0)
+    r = verify(model, data, [12, 13], before=model, budget=TEST, seed=0).to_dict()
     g = r["verdicts"][3]
     assert {3, 5} <= set(g["targeted"]["hits_before"]) and {3, 5} <= set(g["targeted"]["still_after"])
     assert g["status"] == "not removed" and r["overall"]["deletion"] == "not removed"
@@ -375,15 +375,18 @@ def test_verify_on_tiny_models_measures_every_model_the_same_way():
     data = _data(copies=2)
     forget = [0, 12, 13, 4]  # image 0 and its two copies, and image 4: two distinct images
     model = tiny_model(seed=0)
-    r = verify(tiny_model(seed=1), data, forget, before=model, budget=TEST, seed=0)
-    json.dumps(r)
+    typed = verify(tiny_model(seed=1), data, forget, before=model, budget=TEST, seed=0)
+    r = json.loads(json.dumps(typed.to_dict()))
+    assert Verification.from_dict(r) == typed  # to_dict is the one serialiser, from_dict reads it back
+    assert typed.verdict("loss").status is Status(r["verdicts"][1]["status"]) and typed.line().startswith(
+        f"verification: {typed.overall.status.value}. ")
     assert r["status"] == "ok" and r["forget"]["count"] == 4 and r["forget"]["distinct"] == 2
     assert [i["distinct_row"] for i in r["forget"]["items"]] == [0, 0, 0, 1]
     assert r["forget"]["items"][1]["sha256"] == content_hash(data.images[0])
     assert r["reference"]["kind"] == "held-out" and r["reference"]["count"] == 10
     assert {v["measure"] for v in r["verdicts"]} == {"similarity", "loss", "nll", "generation"}
     assert len(r["measures"]["after"]["loss_a"]) == 2 and len(r["measures"]["after"]["loss_ref"]) == 10
-    same = verify(model, data, forget, before=model, budget=TEST, seed=0)
+    same = verify(model, data, forget, before=model, budget=TEST, seed=0).to_dict()
     for v in same["verdicts"][:3]:
         assert v["forget_mean"]["before"] == v["forget_mean"]["after"], v["measure"]
     g = same["verdicts"][3]  # the same model at the targeted seeds draws what it drew there
@@ -391,7 +394,7 @@ def test_verify_on_tiny_models_measures_every_model_the_same_way():
     assert same["overall"]["deletion"] in ("not removed", "inconclusive")
     assert all(q["status"] == "kept" for q in same["quality"])
     # no held-out images: a seeded sample of kept images, named so
-    kept_ref = verify(model, ImageSet(data.images, data.names), [4], budget=TEST)
+    kept_ref = verify(model, ImageSet(data.images, data.names), [4], budget=TEST).to_dict()
     assert kept_ref["reference"]["kind"] == "kept" and 4 not in kept_ref["reference"]["indices"]
 
 
@@ -399,7 +402,7 @@ def test_relearning_audit_reports_recovered_fractions():
     data = _data()
     before, after = tiny_model(seed=0), tiny_model(seed=1)
     r = verify(after, data, [2], before=before, retrained=tiny_model(seed=2), budget=TEST,
-               audit=AuditSettings(steps=2, batch_size=4, lr=1e-3, knn=3))
+               audit=AuditSettings(steps=2, batch_size=4, lr=1e-3, knn=3)).to_dict()
     a = r["audit"]
     assert [(x["model"], x["attack"]) for x in a["rows"]] == [("after", "kept"), ("after", "neighbours"),
                                                               ("retrained", "kept"), ("retrained", "neighbours")]
@@ -561,6 +564,6 @@ def test_a_search_shipped_beside_a_model_is_used_for_its_own_key_only(tmp_path, 
 def test_each_fresh_block_draws_seeds_no_other_block_or_the_search_drew():
     data = _data()
     model = tiny_model(seed=0)
-    firsts = [verify(model, data, [2], before=model, budget=TEST, fresh_block=k)["verdicts"][3]["fresh"]["first_seed"]
-              for k in (0, 2)]
+    firsts = [verify(model, data, [2], before=model, budget=TEST, fresh_block=k).verdict("generation")
+              .figures["fresh"]["first_seed"] for k in (0, 2)]
     assert firsts == [TEST.search_seeds, TEST.search_seeds + 2 * TEST.samples]

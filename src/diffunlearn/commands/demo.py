@@ -18,6 +18,7 @@ import torch
 
 from ..errors import UserError
 from ..config import run_field
+from ..verification.results import Verification
 
 
 @dataclass
@@ -122,7 +123,7 @@ def _verdict(summary: dict) -> str:
         return "Not verified (--verify off)."
     if v.get("status") != "ok":
         return f"Verification {v.get('status')}: {v.get('error')}."
-    text = json.loads(Path(v["file"]).read_text())["overall"]["text"]
+    text = Verification.from_dict(json.loads(Path(v["file"]).read_text())).overall.text
     until = summary.get("until")
     return (f"Verification: **{v['overall']}**" + (f" (unlearned until removed: {until['outcome']})" if until else "")
             + f". {text}")

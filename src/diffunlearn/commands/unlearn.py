@@ -26,6 +26,7 @@ from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed
 from ..verification.command import audit_settings, check_options, verify_run
 from ..verification.loop import UntilRemoved, check_until
 from ..verification.report import VERIFICATION_NAME
+from ..verification.results import Verification
 from .deletion import keep_trained, train_request
 from .requests import SequentialConfig, run_sequential
 
@@ -261,15 +262,15 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
 
 def _card_with_verification(out: Path, card, until: dict | None = None) -> None:
     """The model card again, now with the verification's verdicts (the figures are in verification.json)."""
-    result = read_json(out / VERIFICATION_NAME)
-    lines = [f"**{result['overall']['status']}**: {result['overall']['text']}", ""]
+    result = Verification.from_dict(read_json(out / VERIFICATION_NAME))
+    lines = [f"**{result.overall.status.value}**: {result.overall.text}", ""]
     if until:
         lines = [f"Unlearned until removed (a check every {until['check_every']} steps): **{until['outcome']}**"
                  + (f" at step {until['stopped_at']}" if until["stopped_at"] else "")
                  + (f"; this model is step {until['model_is_step']}'s" if until["model_is_step"] != until["stopped_at"]
                     else "") + ".", ""] + lines
-    lines += [f"- {v['label']}: {v['status']}. {v['text']}" for v in result.get("verdicts", [])]
-    b = result.get("budget", {})
+    lines += [f"- {v.label}: {v.status.value}. {v.text}" for v in result.verdicts]
+    b = result.budget
     text = "\n".join(lines) + (f"\n\nMeasured by `diffunlearn verify` ({b.get('name', '')} budget: "
                                 f"{b.get('resolves', '')}); the figures and the reference images are in the run's "
                                 "verification.json and report.html.")

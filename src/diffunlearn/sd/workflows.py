@@ -421,10 +421,10 @@ def _prove(sd, unet, counter: MemorisedCounter, run_dir: Path, proof: dict, devi
         print(prompt_summary_line(v), flush=True)
     except KeyboardInterrupt:
         write_json(run_dir / VERIFICATION_NAME, failure("interrupted", "verification was interrupted (Ctrl-C)",
-                                                          started))
+                                                          started).to_dict())
         raise
     except Exception as e:  # noqa: BLE001 - any failure is recorded; the saved model stays
-        v = failure("failed", f"{type(e).__name__}: {e}", started)
+        v = failure("failed", f"{type(e).__name__}: {e}", started).to_dict()
         print(f"the unlearned model is saved, but its verification failed: {v['error']}", flush=True)
     finally:
         sd.unet.to("cpu")

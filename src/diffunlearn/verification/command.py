@@ -13,7 +13,8 @@ import yaml
 from ..errors import UserError
 from ..metrics.similarity import SIMILARITY_T
 from ..runs import write_json
-from .core import failure, summary_line, verify
+from .core import failure, verify
+from .results import Verification
 from .measures import BUDGETS
 from .report import REPORT_NAME, VERIFICATION_NAME, write_report
 from .verdicts import MAX_COPY_RATE
@@ -93,8 +94,8 @@ def check_options(verify_: str, audit: str) -> None:
                         "`diffunlearn verify --audit` on its model afterwards")
 
 
-def _write_results(folder: Path, result: dict) -> None:
-    write_json(folder / VERIFICATION_NAME, result)
+def _write_results(folder: Path, result: Verification) -> None:
+    write_json(folder / VERIFICATION_NAME, result.to_dict())
     write_report(folder)
 
 
@@ -150,14 +151,14 @@ def run_verify(cfg: VerifyConfig) -> dict:
     if error:
         say(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME} (verification failed)")
         raise UserError(error)
-    say(summary_line(result))
+    say(result.line())
     say(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME}")
     return result
 
 
 def verify_run(run_dir: str | Path, before, after, data, forget_idx, budget: str = "fast", *, held_out=None,
                sscd: str | None = None, seed: int = 0, similarity_t: int = SIMILARITY_T, audit=None,
-               log=say, cache_dir: str | None = None, result: dict | None = None, fresh_block: int = 0
+               log=say, cache_dir: str | None = None, result: Verification | None = None, fresh_block: int = 0
                ) -> dict | None:
     """Verify a finished run and write ``verification.json`` and ``report.html`` into ``run_dir``.
 
@@ -186,18 +187,13 @@ def verify_run(run_dir: str | Path, before, after, data, forget_idx, budget: str
         except Exception as e:  # noqa: BLE001 - any failure is recorded; the saved model stays
             result = failure("failed", f"{type(e).__name__}: {e}", started)
     _record(run_dir, result, log)
-    head = {"status": result["status"], "file": str(run_dir / VERIFICATION_NAME),
+    return {**result.headline(), "file": str(run_dir / VERIFICATION_NAME),
             "seconds_with_report": round(time.time() - started, 2)}
-    if result["status"] == "ok":
-        head.update(overall=result["overall"]["status"], seconds=result["seconds"])
-    else:
-        head["error"] = result.get("error")
-    return head
 
 
-def _record(run_dir: Path, result: dict, log) -> None:
+def _record(run_dir: Path, result: Verification, log) -> None:
     try:
-        write_json(run_dir / VERIFICATION_NAME, result)
+        write_json(run_dir / VERIFICATION_NAME, result.to_dict())
     except OSError as e:
         log(f"verification.json could not be written: {e}")
         return
@@ -205,10 +201,10 @@ def _record(run_dir: Path, result: dict, log) -> None:
         write_report(run_dir)
     except Exception as e:  # noqa: BLE001 - the report is a view of files that are already written
         log(f"report.html could not be written ({type(e).__name__}: {e}); `diffunlearn report {run_dir}` retries")
-    if result["status"] == "ok":
-        log(summary_line(result))
+    if result.ok:
+        log(result.line())
         log(f"wrote {run_dir / VERIFICATION_NAME} and {run_dir / REPORT_NAME}")
     else:
-        log(f"the unlearned model is saved in {run_dir / 'model'}, but its verification {result['status']}: "
-            f"{result.get('error')}. verification.json records this; `diffunlearn verify --model {run_dir} ...` "
+        log(f"the unlearned model is saved in {run_dir / 'model'}, but its verification {result.outcome.value}: "
+            f"{result.error}. verification.json records this; `diffunlearn verify --model {run_dir} ...` "
             "measures it again")

@@ -4,7 +4,6 @@ the deletion in words (see :mod:`.measures` for the measures, :mod:`.verdicts` f
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 
 import numpy as np
 import torch
@@ -14,6 +13,7 @@ from ..errors import UserError
 from ..metrics.similarity import SIMILARITY_T
 from ..model import DiffusionModel
 from .measures import BUDGETS, Budget, Measured, Subjects, get_budget, measure_model, measure_spaces
+from .results import Outcome, Overall, Verdict, Verification
 from .verdicts import (MAX_COPY_RATE, NEAR_COPY_FRACTION, REMOVED, copy_hits, forget_verdict, generation_verdict,
                        near_copy_thresholds, overall, quality_verdict, samples_for_rate, span)
 
@@ -154,7 +154,7 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
            held_out: torch.Tensor | None = None, budget: str | Budget = "fast", sscd: str | None = None,
            seed: int = 0, similarity_t: int = SIMILARITY_T, audit=None, log=None,
            held_out_labels: torch.Tensor | None = None, max_copy_rate: float = MAX_COPY_RATE,
-           samples: int | None = None, cache_dir: str | None = None, fresh_block: int = 0) -> dict:
+           samples: int | None = None, cache_dir: str | None = None, fresh_block: int = 0) -> Verification:
     """Measure whether the items ``forget_idx`` of ``data`` (the forget set A) are gone from ``after``.
 
     For every item of A and for reference images (``held_out``, else the data set's own held-out images, else the
@@ -186,7 +186,8 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
     classes (``held_out_labels``: the labels of ``held_out`` as the model's class indices).
 
     ``audit``: ``None``, or :class:`diffunlearn.verification.audit.AuditSettings` (or a step count) to also run the
-    relearning audit. Returns a JSON-ready dict (what ``verification.json`` holds). No model is modified.
+    relearning audit. Returns a :class:`~diffunlearn.verification.results.Verification` (its ``to_dict()`` is what
+    ``verification.json`` holds). No model is modified.
     """
     from ..metrics.similarity import load_similarity
 
@@ -220,12 +221,12 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
         from .audit import AuditSettings, relearn_audit
 
         settings = audit if isinstance(audit, AuditSettings) else AuditSettings(steps=int(audit))
-        status = {v["measure"]: v["status"] for v in result["verdicts"]}
+        status = {v.measure: v.status.value for v in result.verdicts}
         removed = {"similarity": status["similarity"] in REMOVED, "loss": status["loss"] in REMOVED,
                    "membership_auc": status["loss"] in REMOVED}
-        result["audit"] = relearn_audit(models, measured, subjects, data, idx, settings, backend, similarity_t, seed,
+        result.audit = relearn_audit(models, measured, subjects, data, idx, settings, backend, similarity_t, seed,
                                         removed, log=say)
-    result["seconds"] = round(time.time() - t_start, 2)
+    result.seconds = round(time.time() - t_start, 2)
     return result
 
 
@@ -421,11 +422,7 @@ def _assemble(measured: dict[str, Measured], s: Subjects, counts: dict, ref_info
     targeted = gi.get("targeted")
     spaces = measure_spaces(models["after"])
     fresh0 = gen["verdict"]["fresh"]["first_seed"]
-    return {
-        "format": "diffunlearn-verification/2",
-        "status": "ok",
-        "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "budget": {**b.describe(), "resolves": b.resolves(), "fresh_bound": b.fresh_bound()},
+    record = {
         "seed": seed,
         "models": {m: {"source": str(mod.source), "sha256": state_hash(mod.unet)} for m, mod in models.items()},
         "forget": {"count": len(idx), "distinct": len(s.forget),
@@ -453,9 +450,6 @@ def _assemble(measured: dict[str, Measured], s: Subjects, counts: dict, ref_info
         },
         "spaces": spaces,
         "measures": per_model,
-        "verdicts": forget,
-        "quality": quality,
-        "overall": overall(forget, quality),
         "images": {"forget": _encode(s.forget[:strip]), "forget_names": [data.names[idx[k]] for k in first],
                    "denoised": {m: _encode(x.denoised) for m, x in measured.items() if x.denoised is not None},
                    "nearest_sample": {"after": _encode(gi["nearest_fresh"])},
@@ -464,23 +458,17 @@ def _assemble(measured: dict[str, Measured], s: Subjects, counts: dict, ref_info
                        "seeds": targeted["seeds"], "distance_before": targeted["before"],
                        "distance_after": targeted["after"], "before": _encode(targeted["images_before"]),
                        "after": _encode(targeted["images_after"])}},
-        "audit": None,
     }
+    return Verification(Outcome.OK, overall=Overall.from_dict(overall(forget, quality)),
+                        verdicts=[Verdict.from_dict(v) for v in forget],
+                        quality=[Verdict.from_dict(q) for q in quality],
+                        budget={**b.describe(), "resolves": b.resolves(), "fresh_bound": b.fresh_bound()},
+                        record=record)
 
 
-def failure(status: str, error: str, started: float | None = None) -> dict:
-    """What ``verification.json`` holds when verification did not finish."""
-    out = {"format": "diffunlearn-verification/2", "status": status, "error": error,
-           "time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    if started is not None:
-        out["seconds"] = round(time.time() - started, 2)
-    return out
+def failure(status: str, error: str, started: float | None = None) -> Verification:
+    """A verification that did not finish (``failed`` or ``interrupted``), timed from ``started``."""
+    return Verification.failed(status, error, None if started is None else time.time() - started)
 
 
-def summary_line(result: dict) -> str:
-    if result.get("status") != "ok":
-        return f"verification {result.get('status')}: {result.get('error')}"
-    return f"verification: {result['overall']['status']}. {result['overall']['text']}"
-
-
-__all__ = ["verify", "failure", "summary_line", "choose_reference", "check_models", "check_budget"]
+__all__ = ["verify", "failure", "choose_reference", "check_models", "check_budget"]

@@ -28,6 +28,9 @@ import numpy as np
 from ..errors import UserError
 from ..model import DiffusionModel
 from ..metrics.similarity import SIMILARITY_T
+from . import core, generation
+from .measures import measure_model
+from .results import Verification
 from .verdicts import MAX_COPY_RATE, Status, copy_hits, near_copy_thresholds, quality_verdict
 
 OUTCOMES = {"removed": 0, "not removed": 3, "stopped by the quality guard": 4}
@@ -57,9 +60,7 @@ def check_until(until: str, verify_: str, check_every: int, steps: int, gate_see
 
 def fresh_blocks_after(budget, gate_seeds: int) -> int:
     """The first block of fresh seeds past a gate's search of ``gate_seeds`` seeds (at least the budget's own)."""
-    from .core import check_budget
-
-    b = check_budget(budget)
+    b = core.check_budget(budget)
     return -(-max(0, int(gate_seeds) - b.search_seeds) // b.samples)
 
 
@@ -69,18 +70,15 @@ class UntilRemoved:
     def __init__(self, before: DiffusionModel, data, forget_idx: list[int], *, budget: str = "fast",
                  check_every: int = 50, seed: int = 0, gate_seeds: int = GATE_SEEDS, held_out=None, cache_dir=None,
                  similarity_t: int = SIMILARITY_T, max_copy_rate: float = MAX_COPY_RATE, log=None):
-        from .core import _as_imageset, _other_images, build_subjects, check_budget, targeted_seeds
-        from .measures import measure_model
-
-        self.before, self.data = before, _as_imageset(data)
+        self.before, self.data = before, core._as_imageset(data)
         self.idx, self.every, self.seed = list(forget_idx), int(check_every), int(seed)
-        self.budget = check_budget(budget, max_copy_rate)
+        self.budget = core.check_budget(budget, max_copy_rate)
         self.held_out, self.cache_dir, self.similarity_t = held_out, cache_dir, similarity_t
         self.max_copy_rate = max_copy_rate
         self.say = log or (lambda _msg: None)
         b = self.budget
-        self.subjects, _ = build_subjects(before, self.data, self.idx, b, seed, held_out)
-        others = _other_images(self.data, self.idx, held_out if held_out is not None else self.data.held_out,
+        self.subjects, _ = core.build_subjects(before, self.data, self.idx, b, seed, held_out)
+        others = core._other_images(self.data, self.idx, held_out if held_out is not None else self.data.held_out,
                                b.neighbour_pool, seed)
         _, self.thresholds = near_copy_thresholds(self.subjects.forget, others)
         s = self.subjects
@@ -90,7 +88,7 @@ class UntilRemoved:
         gate = replace(b, search_seeds=max(b.search_seeds, int(gate_seeds)))
         self.say(f"until removed: targeted search, {gate.search_seeds} seeds under the model before ...")
         t0 = time.time()
-        _, self.hits = targeted_seeds(before, s, self.thresholds, gate, seed, cache_dir)  # in seed order
+        _, self.hits = core.targeted_seeds(before, s, self.thresholds, gate, seed, cache_dir)  # in seed order
         self.search_seconds = round(time.time() - t0, 2)  # near 0 when the search is in the cache
         self.first = sum(1 for i in self.hits if i < b.search_seeds)  # hits[:first]: the budget's own search
         self.gate_seeds = gate.search_seeds
@@ -103,7 +101,7 @@ class UntilRemoved:
         self.checks: list[dict] = []
         self.outcome, self.result, self.stopped_at = "not removed", None, None
         self._good: tuple[int, dict] | None = None
-        self.last_verified: tuple[int, dict] | None = None  # the last check's verification, and its step
+        self.last_verified: tuple[int, Verification] | None = None  # the last check's verification, and its step
 
     def model(self, unet) -> DiffusionModel:
         b = self.before
@@ -121,15 +119,13 @@ class UntilRemoved:
             unet.to(device)
 
     def _check(self, step: int, unet, t0: float) -> bool:
-        from .core import verify
-        from .generation import draw_distances
-
         model, s, b = self.model(unet), self.subjects, self.budget
         still, drawn = 0, 0
         for part in (self.hits[:self.first], self.hits[self.first:]):
             if still or not part:
                 continue
-            d, _ = draw_distances(model, s.forget, part, b.sampler, b.sample_steps, self.seed, s.sample_labels_of)
+            d, _ = generation.draw_distances(model, s.forget, part, b.sampler, b.sample_steps, self.seed,
+                                             s.sample_labels_of)
             still, drawn = int(copy_hits(d, self.thresholds).sum()), drawn + len(part)
         losses = self._losses(model)
         q = quality_verdict("loss", {"before": self.ref_before, "after": losses["loss_ref"].numpy()})
@@ -144,14 +140,14 @@ class UntilRemoved:
             self.say(f"until removed: step {step}: no targeted seed draws A; confirming with the {b.name} "
                      "verification ...")
             confirmations = sum(1 for c in self.checks if "verification" in c)
-            result = verify(model, self.data, self.idx, before=self.before, held_out=self.held_out, budget=b,
+            result = core.verify(model, self.data, self.idx, before=self.before, held_out=self.held_out, budget=b,
                             seed=self.seed, similarity_t=self.similarity_t, max_copy_rate=self.max_copy_rate,
                             cache_dir=self.cache_dir, fresh_block=self.fresh_from + 1 + confirmations % 63)
-            check["verification"] = result["overall"]["status"]
+            check["verification"] = result.overall.status.value
             self.last_verified = (step, result)
-            if result["overall"]["status"] == Status.REMOVED.value:
+            if result.overall.status is Status.REMOVED:
                 self.outcome, self.result, self.stopped_at, stop = "removed", result, step, True
-            elif result["overall"]["status"] == Status.DEGRADED.value:
+            elif result.overall.status is Status.DEGRADED:
                 stop = self._guard(unet, check)
         if not stop and q["status"] == Status.KEPT.value:  # only weights whose quality was shown kept
             self._good = (step, {k: v.detach().cpu().clone() for k, v in unet.state_dict().items()})
@@ -184,7 +180,7 @@ class UntilRemoved:
         self.outcome, self.stopped_at = state.get("outcome", "not removed"), state.get("stopped_at")
         self._good = (int(state["good_step"]), dict(state["good"])) if state.get("good_step", -1) >= 0 else None
 
-    def result_for(self, final_step: int) -> dict | None:
+    def result_for(self, final_step: int) -> Verification | None:
         """A verification of the model the run ends with, when a check already made one (the confirmed removal, or
         a check at the last step); None when the run must verify its model again."""
         if self.outcome == "removed":

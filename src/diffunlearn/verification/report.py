@@ -13,6 +13,7 @@ import yaml
 
 from ..errors import UserError
 from ..runs import read_json
+from .results import Verification
 
 REPORT_NAME = "report.html"
 VERIFICATION_NAME = "verification.json"
@@ -136,30 +137,30 @@ def _gen_cells(d: dict, roles: list[str]) -> list[str]:
     return [_e(a[k]) for k in roles] + [""] * len(roles)
 
 
-def _verdict_table(v: dict) -> str:
-    roles = [r for r in ("before", "after", "retrained") if r in v["models"]]
+def _verdict_table(v: Verification) -> str:
+    roles = [r for r in ("before", "after", "retrained") if r in v.record["models"]]
     head = ["measure"] + [f"A: {ROLE_WORDS[r]}" for r in roles] + [f"reference: {ROLE_WORDS[r]}" for r in roles] + \
         ["verdict"]
     rows, words = [], []
-    for d in v["verdicts"]:
-        spec = SPECS[d["measure"]]
-        if d["measure"] == "generation":
-            cells = [_e(d["label"])] + _gen_cells(d, roles)
+    for d in v.verdicts:
+        spec, f = SPECS[d.measure], d.figures
+        if d.measure == "generation":
+            cells = [_e(d.label)] + _gen_cells(f, roles)
         else:
-            cells = [_e(d["label"])] + [f"<span class='num'>{_fmt(d['forget_mean'].get(r), spec)}</span>"
-                                        for r in roles]
-            cells += [f"<span class='num'>{_fmt(d['reference_mean'].get(r), spec)}</span>" for r in roles]
-        rows.append(cells + [_pill(d["status"])])
-        words.append(f"<li>{_pill(d['status'])} {_e(d['text'])}</li>")
-    loss = next((d for d in v["verdicts"] if d["measure"] == "loss"), None)
+            cells = [_e(d.label)] + [f"<span class='num'>{_fmt(f['forget_mean'].get(r), spec)}</span>"
+                                     for r in roles]
+            cells += [f"<span class='num'>{_fmt(f['reference_mean'].get(r), spec)}</span>" for r in roles]
+        rows.append(cells + [_pill(d.status.value)])
+        words.append(f"<li>{_pill(d.status.value)} {_e(d.text)}</li>")
+    loss = next((d.figures for d in v.verdicts if d.measure == "loss"), None)
     if loss and loss.get("auc"):
         rows.append(["membership AUC of A (by the loss; 0.5: like the reference)"]
                     + [f"<span class='num'>{_fmt(loss['auc'].get(r), '.2f')}</span>" for r in roles]
                     + [""] * len(roles) + [""])
-    q_rows = [[_e(q["label"])] + [_fmt(q["mean"].get(r), SPECS[q["measure"]]) for r in roles] + [_pill(q["status"])]
-              for q in v["quality"]]
-    q_words = "".join(f"<li>{_pill(q['status'])} {_e(q['text'])}</li>" for q in v["quality"])
-    ref = v["reference"]
+    q_rows = [[_e(q.label)] + [_fmt(q.figures["mean"].get(r), SPECS[q.measure]) for r in roles]
+              + [_pill(q.status.value)] for q in v.quality]
+    q_words = "".join(f"<li>{_pill(q.status.value)} {_e(q.text)}</li>" for q in v.quality)
+    ref = v.record["reference"]
     return ("<h2>Before and after</h2><p class='note'>Means over the items of A and over the reference images: "
             f"{ref['count']} {_e(ref['words'])}. Every verdict compares A with these reference images under the same "
             "model and says what its counts could detect (rules under <i>How this was measured</i>).</p>"
@@ -419,7 +420,10 @@ def render(run_dir: str | Path) -> str:
         raise UserError(f"{root} holds no verification.json, config.yaml or summary.json: pass a run directory "
                         "written by `diffunlearn unlearn` or `diffunlearn verify`")
     status = (v or {}).get("status", "not verified")
-    if status == "ok":
+    if status == "ok" and v.get("kind") != "prompt":  # a prompt deletion's proof has a format of its own
+        overall = Verification.from_dict(v).overall
+        status, text = overall.status.value, overall.text
+    elif status == "ok":
         status, text = v["overall"]["status"], v["overall"]["text"]
     elif v is None:
         text = ("This run has no verification.json: run `diffunlearn verify --model "
@@ -440,7 +444,8 @@ def render(run_dir: str | Path) -> str:
     if v and v.get("status") == "ok" and v.get("kind") == "prompt":
         parts += [_settings(config, summary, None), _prompt_parts(v)]
     elif v and v.get("status") == "ok":
-        parts += [_removed(v), _settings(config, summary, v), _verdict_table(v), _strips(v), _audit(v.get("audit"))]
+        parts += [_removed(v), _settings(config, summary, v), _verdict_table(Verification.from_dict(v)), _strips(v),
+                  _audit(v.get("audit"))]
     else:
         parts.append(_settings(config, summary, v))
     parts += [_until((summary or {}).get("until")), _curves(log), _ledger(ledger)]
