@@ -10,6 +10,7 @@ import yaml
 from conftest import snapshot
 from diffunlearn.cli import main
 from diffunlearn.methods import METHODS, make_method
+from diffunlearn.runs.summary import UnlearnSummary
 
 
 def _run(capsys, *argv):
@@ -35,6 +36,8 @@ def test_unlearn_writes_a_complete_run_directory(capsys, model_dir, data_file, t
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "siss" and summary["forget"] == 2
     assert summary["model_in"]["sha256"] != summary["model_out"]["sha256"]
+    typed = UnlearnSummary.from_dict(summary)  # summary.json is the typed summary's to_dict, read back whole
+    assert {**typed.to_dict(), "wall_seconds": summary["wall_seconds"]} == summary and typed.exit_code == 0
 
 
 def test_dry_run_prints_the_resolved_config_with_overrides(capsys, tmp_path):

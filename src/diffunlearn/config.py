@@ -224,6 +224,8 @@ def config_command(parser: argparse.ArgumentParser, cls, run, section: str | Non
             return 0
         result = run(cfg)
         # a command may end with a documented non-zero status (unlearn --until removed: not removed, quality guard)
-        return int(result.get("exit_status", 0)) if isinstance(result, dict) else 0
+        if isinstance(result, dict):
+            return int(result.get("exit_status") or 0)
+        return int(getattr(result, "exit_code", 0))
 
     parser.set_defaults(func=handler)

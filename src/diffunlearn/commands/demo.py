@@ -18,6 +18,7 @@ import torch
 
 from ..errors import UserError
 from ..config import run_field
+from ..runs.summary import UnlearnSummary
 from ..verification.results import Verification
 
 
@@ -98,8 +99,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     before["reused_stored_evaluation"] = stored is not None
     save_grid(torch.cat([before_tiles, after_tiles]), out / "before_after.png", ncol=16,
               title="top two rows: before; bottom two rows: after SISS (the same seeds)")
-    steps = (summary.get("until") or {}).get("model_is_step")
-    steps = summary["steps"] if steps is None else steps
+    steps = (summary.until or {}).get("model_is_step")
+    steps = summary.steps if steps is None else steps
     verdict = _verdict(summary)
     table = demo_table(before, after, unlearn_s, steps) + f"\n{verdict}\n"
     (out / "results.md").write_text(table)
@@ -111,20 +112,20 @@ def run_demo(cfg: DemoConfig) -> dict:
           f"{'' if cfg.show_forgotten else ', hidden: --show-forgotten shows them'}); report: {out / 'report.html'}")
     print(f"total {time.time() - t_all:.0f} s")
     return {"before": before, "after": after, "steps": steps, "verdict": verdict,
-            **({"exit_status": summary["exit_status"]} if "exit_status" in summary else {})}
+            **({"exit_status": summary.exit_status} if summary.exit_status is not None else {})}
 
 
-def _verdict(summary: dict) -> str:
+def _verdict(summary: UnlearnSummary) -> str:
     """The verification's headline as one sentence (or why there is none)."""
     import json
 
-    v = summary.get("verification")
+    v = summary.verification
     if not v:
         return "Not verified (--verify off)."
     if v.get("status") != "ok":
         return f"Verification {v.get('status')}: {v.get('error')}."
     text = Verification.from_dict(json.loads(Path(v["file"]).read_text())).overall.text
-    until = summary.get("until")
+    until = summary.until
     return (f"Verification: **{v['overall']}**" + (f" (unlearned until removed: {until['outcome']})" if until else "")
             + f". {text}")
 

@@ -36,6 +36,7 @@ from ..metrics.membership import denoising_losses, loss_auc
 from ..metrics.similarity import SIMILARITY_T, load_similarity, noise_and_denoise_similarity
 from ..model import DiffusionModel, load_model, model_summary, save_model, state_hash
 from ..runs import RunDir, check_outside_model, check_space, prepare_out_dir
+from ..runs.summary import RequestsSummary
 from ..model.sampling import save_grid
 from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed
 from ..verification.loop import UntilRemoved, fresh_blocks_after
@@ -260,7 +261,7 @@ def _resumed(out: Path, base: DiffusionModel, requests: list[list[int]], data: I
     return len(read.entries), model
 
 
-def run_sequential(cfg) -> dict:
+def run_sequential(cfg) -> RequestsSummary | None:
     """Apply the deletion requests of ``cfg.sequential.requests`` in turn; write the run directory and its ledger.
     ``cfg`` holds the run's I/O (model, data, out, ...), its ``method`` block, ``trainer`` and ``sequential``.
 
@@ -413,7 +414,7 @@ def run_sequential(cfg) -> dict:
         acc.wait_for_everyone()  # the next request starts once this one's model and ledger line are saved
         model, hash_before = new, hash_after
     if not main:
-        return {}
+        return None
 
     # strips.png: per forgotten image, the original, its reconstruction before its request, right after it, at the
     # end (for the requests this invocation ran: a resumed run has no reconstructions of the earlier ones)
@@ -421,23 +422,24 @@ def run_sequential(cfg) -> dict:
              for sel, b, a in strips for j in range(len(b))][:STRIP_IMAGES]
     save_grid(torch.cat(tiles), out / "strips.png", ncol=4, labels=["original", "before its request", "after it",
                                                                     "at the end"] * (len(tiles)))
-    summary = {"command": "unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
-               "steps": trainer.steps, "requests": len(requests), "forget": len(order), "kept": len(data) - len(order),
-               "similarity": evaluator.backend.name, "quality_measure": evaluator.quality_measure,
-               "per_request": records, "resumed_after_request": done or None,
-               **({"resumed_at_step": resume_step} if resume_step else {}),
-               "ledger": str(out / LEDGER_NAME), "ledger_head": line_hash(ledger.lines[-1]),
-               "model_in": model_in, "processes": acc.num_processes,
-               "model_out": {"dir": str(run.model_dir), "sha256": hash_before}, "model": model_summary(model)}
-    if cfg.until:  # the first request that was not removed sets the exit status
-        summary["exit_status"] = next((r["until"]["exit_status"] for r in records
-                                       if r.get("until", {}).get("exit_status")), 0)
-    run.finish(summary)
+    until_status = next((r["until"]["exit_status"] for r in records if r.get("until", {}).get("exit_status")), 0)
+    summary = RequestsSummary(method=method.name, hyperparameters=method.hyperparameters(), steps=trainer.steps,
+                              requests=len(requests), forget=len(order), kept=len(data) - len(order),
+                              similarity=evaluator.backend.name, quality_measure=evaluator.quality_measure,
+                              per_request=records, resumed_after_request=done or None,
+                              resumed_at_step=resume_step or None, ledger=str(out / LEDGER_NAME),
+                              ledger_head=line_hash(ledger.lines[-1]), model_in=model_in,
+                              processes=acc.num_processes,
+                              model_out={"dir": str(run.model_dir), "sha256": hash_before},
+                              model=model_summary(model),
+                              # the first request that was not removed sets the exit status
+                              exit_status=until_status if cfg.until else None)
+    run.finish(summary.to_dict())
     say(f"saved {run.model_dir} with {LEDGER_NAME}; strips.png: original | before | after its request | at the end")
     if cfg.verify != "off":  # every request's model and ledger line are saved: a failed verification is recorded
         from ..verification.command import audit_settings, verify_run
 
-        summary["verification"] = verify_run(
+        summary.verification = verify_run(
             out, base, model, data, order, cfg.verify, held_out=held_out, sscd=seq.sscd or None,
             seed=trainer.seed, similarity_t=seq.similarity_t,
             audit=audit_settings(cfg.audit, trainer.lr, trainer.batch_size, trainer.seed), fresh_block=fresh_from)

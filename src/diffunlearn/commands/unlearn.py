@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from ..runs.cards import unlearning_card
+from ..runs.summary import RequestsSummary, UnlearnSummary
 from ..config import flatten, run_field, to_dict
 from ..data import content_hash, load_data, resolve_forget, split_images
 from ..data.arrays import check_decodes
@@ -116,7 +117,7 @@ RESUME_IGNORES = ("resume", "overwrite", "check_data", "data_fingerprint", "trai
                   "sample_every", "verify", "audit")
 
 
-def run_unlearn(cfg: UnlearnConfig) -> dict:
+def run_unlearn(cfg: UnlearnConfig) -> UnlearnSummary | RequestsSummary:
     """The ``diffunlearn unlearn`` command: validate everything, then unlearn and write the run directory.
 
     Under ``accelerate launch`` every process runs this; only the main process writes. With ``--resume`` the run in
@@ -219,30 +220,28 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
         if tracker is not None:
             tracker.finish()
     new, method, calibration = trained.model, trained.method, trained.calibration
-    summary = {"command": "unlearn", "method": method.name, "hyperparameters": method.hyperparameters(),
-               **({"scaling_norm_calibration": calibration} if calibration else {}),
-               "steps": trainer.steps, "kept": len(kept), "forget": len(forget_idx),
-               "forget_names": [data.names[i] for i in forget_idx][:50],
-               "forget_classes": class_counts(data, forget_idx),
-               "model_in": {"dir": model.source, "sha256": hash_before},
-               "model_out": {"dir": str(out / "model"), "sha256": state_hash(new.unet)},
-               "processes": acc.num_processes, "last_step": last, "model": model_summary(new)}
-    if loop is not None:
-        summary["until"] = loop.summary()
-        summary["exit_status"] = summary["until"]["exit_status"]
+    until = loop.summary() if loop is not None else None
+    summary = UnlearnSummary(method=method.name, hyperparameters=method.hyperparameters(),
+                             scaling_norm_calibration=calibration, steps=trainer.steps, kept=len(kept),
+                             forget=len(forget_idx), forget_names=[data.names[i] for i in forget_idx][:50],
+                             forget_classes=class_counts(data, forget_idx),
+                             model_in={"dir": model.source, "sha256": hash_before},
+                             model_out={"dir": str(out / "model"), "sha256": state_hash(new.unet)},
+                             processes=acc.num_processes, last_step=last, model=model_summary(new), until=until,
+                             exit_status=until["exit_status"] if until else None)
     if acc.is_main_process:
         removed = [{"name": data.names[i], "sha256": content_hash(data.images[i])} for i in forget_idx]
 
         def card(verification=None):
-            return unlearning_card(summary["model_in"], method.name, method.hyperparameters(), to_dict(trainer),
-                                   removed, len(kept), verification, summary["forget_classes"])
+            return unlearning_card(summary.model_in, method.name, method.hyperparameters(), to_dict(trainer),
+                                   removed, len(kept), verification, summary.forget_classes)
 
         # atomic: the model directory appears only when complete, its model card inside
         try:
             save_model(new, run.model_dir, extra_files={"README.md": card()}, overwrite=True)  # the run's own folder
         except OSError as e:
             keep_trained(e, checkpoint, new, last.get("step") or trainer.steps, run.model_dir)
-        run.finish(summary)
+        run.finish(summary.to_dict())
         print(f"saved {run.model_dir}")
         checkpoint.path.unlink(missing_ok=True)
     acc.wait_for_everyone()
@@ -250,13 +249,13 @@ def run_unlearn(cfg: UnlearnConfig) -> dict:
 
         if loop is not None:
             print(loop.line(), flush=True)
-        summary["verification"] = verify_run(out, model, new, data, forget_idx, cfg.verify, seed=trainer.seed,
-                                             result=loop.result_for(trainer.steps) if loop is not None else None,
-                                             audit=audit_settings(cfg.audit, trainer.lr, trainer.batch_size,
-                                                                  trainer.seed), cache_dir=cfg.cache_dir or None,
-                                             fresh_block=loop.fresh_from if loop is not None else 0)
-        if summary["verification"] and summary["verification"]["status"] == "ok":
-            _card_with_verification(out, card, summary.get("until"))
+        summary.verification = verify_run(out, model, new, data, forget_idx, cfg.verify, seed=trainer.seed,
+                                          result=loop.result_for(trainer.steps) if loop is not None else None,
+                                          audit=audit_settings(cfg.audit, trainer.lr, trainer.batch_size,
+                                                               trainer.seed), cache_dir=cfg.cache_dir or None,
+                                          fresh_block=loop.fresh_from if loop is not None else 0)
+        if summary.verification and summary.verification["status"] == "ok":
+            _card_with_verification(out, card, summary.until)
     return summary
 
 
