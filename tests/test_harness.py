@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from diffunlearn.bench.harness import Cell, Pool, Row, check_bench_dir, command_line, load_rows, run_cells, select, \
-    stat
+from diffunlearn.bench.harness import Cell, CellResult, Pool, Row, check_bench_dir, command_line, load_rows, \
+    run_cells, select, stat
 from diffunlearn.errors import UserError
 from diffunlearn.methods import MethodSpec
 from diffunlearn.trainer import TrainerConfig
@@ -111,8 +111,8 @@ def test_unknown_rows_and_presets_are_named():
         load_rows("bench/nope")
 
 
-def _double(cell: Cell) -> dict:
-    return {"label": cell.row.label, "value": 2 * cell.key}
+def _double(cell: Cell) -> CellResult:
+    return cell.result(metrics={"value": 2 * cell.key})
 
 
 def test_cells_are_cached_resumed_and_refused_when_their_row_changed(tmp_path, capsys):
@@ -122,22 +122,27 @@ def test_cells_are_cached_resumed_and_refused_when_their_row_changed(tmp_path, c
     slow, fast = Row("slow", MethodSpec("naive"), cost=9), Row("fast", MethodSpec("neggrad"), cost=1)
     cells = [Cell.of(tmp_path, fast, 0), Cell.of(tmp_path, slow, 0), Cell.of(tmp_path, fast, 1)]
     order: list = []
-    results, ran, _ = run_cells(cells[:2], _double, progress=lambda r: order.append(r["label"]))
-    assert ran == 2 and order == ["slow", "fast"] and [r["label"] for r in results] == ["fast", "slow"]
+    results, ran, _ = run_cells(cells[:2], _double, progress=lambda r: order.append(r.label))
+    assert ran == 2 and order == ["slow", "fast"] and [r.label for r in results] == ["fast", "slow"]
     assert (tmp_path / "cells" / "slow-seed0" / "result.json").is_file()
     stamp = (tmp_path / "cells" / "fast-seed0" / "result.json").stat().st_mtime_ns
     results, ran, _ = run_cells(cells, _double)
-    assert ran == 1 and [r["value"] for r in results] == [0, 0, 2] and results[0]["row"] == fast.settings()
+    assert ran == 1 and [r.metrics["value"] for r in results] == [0, 0, 2] and results[0].row == fast.settings()
+    # result.json is the typed result's to_dict, read back whole
+    saved = json.loads((tmp_path / "cells" / "fast-seed1" / "result.json").read_text())
+    assert saved["seed"] == 1 and CellResult.from_dict(saved) == results[2] and results[2].to_dict() == saved
     assert (tmp_path / "cells" / "fast-seed0" / "result.json").stat().st_mtime_ns == stamp
     assert "1 cell(s) to run, 2 cached" in capsys.readouterr().out
 
     legacy = tmp_path / "cells" / "fast-seed1" / "result.json"
-    legacy.write_text(json.dumps({"label": "fast", "value": 99}))
-    assert Cell.of(tmp_path, fast, 1).load() == {"label": "fast", "value": 99}
+    legacy.write_text(json.dumps({"label": "fast", "seed": 1, "value": 99}))
+    old = Cell.of(tmp_path, fast, 1).load()
+    assert (old.label, old.key, old.row, old.details) == ("fast", 1, None, {"value": 99})
     changed = Row("slow", MethodSpec("naive"), trainer={"steps": 3}, cost=9)
     with pytest.raises(UserError, match="slow-seed0 was computed for row"):
         run_cells([Cell.of(tmp_path, changed, 0)], _double)
-    assert Cell.of(tmp_path, Row("fast", MethodSpec("neggrad")), 0, "target{:04d}").dir.name == "fast-target0000"
+    target = Cell.of(tmp_path, Row("fast", MethodSpec("neggrad")), 7, "target{:04d}")
+    assert target.dir.name == "fast-target0007" and target.result().to_dict()["target"] == 7
 
 
 def test_worker_processes_return_every_result_in_order():

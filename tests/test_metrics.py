@@ -470,15 +470,16 @@ def test_exact_mcnemar_is_the_binomial_tail_of_the_discordant_pairs():
 
 
 def test_paired_comparison_pools_discordant_samples_over_matching_seeds():
+    from diffunlearn.bench.harness import CellResult
     from diffunlearn.bench.mnist_tshirt import paired_with
     from diffunlearn.metrics.rates import mcnemar_exact
 
     def cell(label, seed, hits):
-        return {"label": label, "seed": seed, "metrics": {"tshirt_rate": {"indices": hits}}}
+        return CellResult(label, seed, {"tshirt_rate": {"indices": hits}})
 
     results = [cell("naive", 0, [1, 2, 3]), cell("naive", 1, [1, 4]), cell("siss", 0, [1]), cell("siss", 1, [1, 4, 9]),
                cell("siss", 2, [5]),  # no naive cell of seed 2: not paired
-               {"label": "old", "seed": 0, "metrics": {"tshirt_rate": {}}}]  # no indices recorded: left out
+               CellResult("old", 0, {"tshirt_rate": {}})]  # no indices recorded: left out
     d = paired_with(results)
     assert list(d) == ["siss"]
     assert (d["siss"]["seeds"], d["siss"]["only_row"], d["siss"]["only_other"], d["siss"]["both"]) == ([0, 1], 1, 2, 3)

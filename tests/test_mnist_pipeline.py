@@ -253,10 +253,11 @@ def test_log_agreement_ignores_timings_and_measures_the_largest_difference():
 
 def test_a_complete_look_supplies_the_numbers_a_cell_did_not_record(tmp_path):
     """A cell without recorded sample numbers takes them from its look only when the look found its whole count."""
+    from diffunlearn.bench.harness import CellResult
     from diffunlearn.bench.tshirt_look import with_looked_numbers
 
     def cell(label, count, **rate):
-        return {"label": label, "seed": 0, "metrics": {"tshirt_rate": {"count": count, **rate}}}
+        return CellResult(label, 0, {"tshirt_rate": {"count": count, **rate}})
 
     same = {"identical": True, "steps": [3, 3]}
     drift = {"identical": False, "steps": [3, 3], "same_keys": True, "first_step_that_differs": 2}
@@ -271,13 +272,13 @@ def test_a_complete_look_supplies_the_numbers_a_cell_did_not_record(tmp_path):
         (tmp_path / "cells" / f"{label}-seed0" / "look.json").write_text(json.dumps(
             {"all_found": look["found"] == 2, "counted": [3, 9][:look["found"]], "distances": [1.0, 2.0][:look[
                 "found"]], **look}))
-    out = {r["label"]: r["metrics"]["tshirt_rate"] for r in with_looked_numbers(tmp_path, results)}
+    out = {r.label: r.metrics["tshirt_rate"] for r in with_looked_numbers(tmp_path, results)}
     assert out["a"]["indices"] == [3, 9] and "numbers_from" in out["a"]
     assert "indices" not in out["b"]  # the look found 1 of 2: not the cell's numbers
     assert "indices" not in out["d"] and "indices" not in out["e"]  # the rebuilt run was not the cell's run
     assert out["f"]["indices"] == [3, 9]  # ... or repeated its losses and gradients (a diagnostic may differ)
-    assert out["c"] == results[-1]["metrics"]["tshirt_rate"]  # a cell's own record is never replaced
-    assert "indices" not in results[0]["metrics"]["tshirt_rate"]  # the input is not modified
+    assert out["c"] == results[-1].metrics["tshirt_rate"]  # a cell's own record is never replaced
+    assert "indices" not in results[0].metrics["tshirt_rate"]  # the input is not modified
 
 
 def test_curve_track_follows_the_base_models_tshirt_samples_to_the_final_count(tshirt_is_sample5, tmp_path):
@@ -316,10 +317,11 @@ def test_curve_track_follows_the_base_models_tshirt_samples_to_the_final_count(t
 
 
 def test_counted_distance_pools_the_cells_that_recorded_distances():
+    from diffunlearn.bench.harness import CellResult
     from diffunlearn.bench.mnist_tshirt import counted_distance
 
     def cell(**rate):
-        return {"metrics": {"tshirt_rate": {"count": len(rate.get("distances", [])), **rate}}}
+        return CellResult("row", 0, {"tshirt_rate": {"count": len(rate.get("distances", [])), **rate}})
 
     out = counted_distance([cell(distances=[1.0, 3.0]), cell(distances=[2.0]), cell(), cell(distances=[])])
     assert out == {"min": 1.0, "median": 2.0, "max": 3.0, "samples": 3, "cells": 3}

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .harness import Cell, aggregate, check_bench_dir, command_line, load_rows, open_bench_dir, pm, run_cells, \
-    select, stat, write_results
+from .harness import Cell, CellResult, aggregate, check_bench_dir, command_line, load_rows, open_bench_dir, pm, \
+    run_cells, select, stat, write_results
 from ..config import run_field
 
 PRESET = "bench/class"
@@ -60,7 +60,7 @@ class ClassBenchConfig:
     threads: int = run_field("threads")
 
 
-def _run_cell(cell: Cell, cfg: ClassBenchConfig, protocol, base, retrain) -> dict:
+def _run_cell(cell: Cell, cfg: ClassBenchConfig, protocol, base, retrain) -> CellResult:
     from ..metrics.classes import weight_distance
     from ..protocols.classes import class_grid
     from ..model.sampling import save_grid
@@ -90,9 +90,9 @@ def _run_cell(cell: Cell, cfg: ClassBenchConfig, protocol, base, retrain) -> dic
     save_grid(tiles, cell.dir / "samples.png", ncol=8, labels=names if labels is not None else None,
               title=f"{row.label}: class {cfg.forget_class} (forgotten) then class {keep}" if labels is not None
               else f"{row.label}: unconditional samples")
-    return {"label": row.label, "method": row.method.name if row.method else None,
-            "hyperparameters": dict(row.method.params) if row.method else {}, "seed": seed, "steps": steps,
-            "metrics": metrics, "unlearn_seconds": round(seconds, 1), "models": _hashes(base, retrain), "log": log}
+    return cell.result(method=row.method.name if row.method else None,
+                       hyperparameters=dict(row.method.params) if row.method else {}, steps=steps, metrics=metrics,
+                       details={"unlearn_seconds": round(seconds, 1), "models": _hashes(base, retrain), "log": log})
 
 
 def _hashes(base, retrain) -> dict:
@@ -101,39 +101,39 @@ def _hashes(base, retrain) -> dict:
     return {"base": state_hash(base.unet), "retrain": state_hash(retrain.unet) if retrain is not None else None}
 
 
-def _progress(r: dict) -> None:
-    m = r["metrics"]
+def _progress(r: CellResult) -> None:
+    m = r.metrics
     what = (f"acc forgotten {m['accuracy_forgotten']['accuracy']:.3f} remaining {m['accuracy_remaining']['mean']:.3f}"
             if "accuracy_forgotten" in m else
             f"rate of the class {m['class_rate']['count']}/{m['class_rate']['n']}")
-    print(f"[{r['label']} seed {r['seed']}] {r['unlearn_seconds']:.0f}s unlearning  {what}  membership AUC "
+    print(f"[{r.label} seed {r.key}] {r.details['unlearn_seconds']:.0f}s unlearning  {what}  membership AUC "
           f"{m['membership_auc']['value']:.3f}", flush=True)
 
 
-def _summarise(rs: list[dict]) -> dict:
+def _summarise(rs: list[CellResult]) -> dict:
     from ..metrics.rates import binomial_ci, rate_summary
 
-    m0 = rs[0]["metrics"]
-    out = {"steps": rs[0]["steps"], "seeds": len(rs), "unlearn_seconds": stat(r["unlearn_seconds"] for r in rs),
-           "membership_auc": stat(r["metrics"]["membership_auc"]["value"] for r in rs),
-           "kl_forgotten": stat(r["metrics"]["noise_kl"]["forgotten"] for r in rs),
-           "kl_remaining": stat(r["metrics"]["noise_kl"]["remaining"] for r in rs)}
+    m0 = rs[0].metrics
+    out = {"steps": rs[0].steps, "seeds": len(rs), "unlearn_seconds": stat(r.details["unlearn_seconds"] for r in rs),
+           "membership_auc": stat(r.metrics["membership_auc"]["value"] for r in rs),
+           "kl_forgotten": stat(r.metrics["noise_kl"]["forgotten"] for r in rs),
+           "kl_remaining": stat(r.metrics["noise_kl"]["remaining"] for r in rs)}
     if "accuracy_forgotten" in m0:
-        k = sum(r["metrics"]["accuracy_forgotten"]["correct"] for r in rs)
-        n = sum(r["metrics"]["accuracy_forgotten"]["n"] for r in rs)
+        k = sum(r.metrics["accuracy_forgotten"]["correct"] for r in rs)
+        n = sum(r.metrics["accuracy_forgotten"]["n"] for r in rs)
         out.update(accuracy_forgotten={"correct": k, "n": n, "accuracy": k / n, "ci95": list(binomial_ci(k, n))},
-                   accuracy_remaining=stat(r["metrics"]["accuracy_remaining"]["mean"] for r in rs),
-                   fid_forgotten=stat(r["metrics"]["fid_forgotten"] for r in rs),
-                   fid_remaining=stat(r["metrics"]["fid_remaining"] for r in rs))
+                   accuracy_remaining=stat(r.metrics["accuracy_remaining"]["mean"] for r in rs),
+                   fid_forgotten=stat(r.metrics["fid_forgotten"] for r in rs),
+                   fid_remaining=stat(r.metrics["fid_remaining"] for r in rs))
     else:
-        out.update(class_rate=rate_summary(sum(r["metrics"]["class_rate"]["count"] for r in rs),
-                                           sum(r["metrics"]["class_rate"]["n"] for r in rs)),
-                   fid_kept=stat(r["metrics"]["fid_kept"] for r in rs),
+        out.update(class_rate=rate_summary(sum(r.metrics["class_rate"]["count"] for r in rs),
+                                           sum(r.metrics["class_rate"]["n"] for r in rs)),
+                   fid_kept=stat(r.metrics["fid_kept"] for r in rs),
                    # samples the classifier puts outside the ten digits (mnist-tshirt: the T-shirt class)
-                   not_digits=sum(sum(r["metrics"]["predicted_histogram"][10:]) for r in rs))
+                   not_digits=sum(sum(r.metrics["predicted_histogram"][10:]) for r in rs))
     if "weight_distance" in m0:
-        out["weight_distance"] = stat(r["metrics"]["weight_distance"]["l2"] for r in rs)
-        out["weight_distance_relative"] = stat(r["metrics"]["weight_distance"]["relative"] for r in rs)
+        out["weight_distance"] = stat(r.metrics["weight_distance"]["l2"] for r in rs)
+        out["weight_distance_relative"] = stat(r.metrics["weight_distance"]["relative"] for r in rs)
     return out
 
 
@@ -222,12 +222,12 @@ def run_class_bench(cfg: ClassBenchConfig) -> dict:
     now = _hashes(base, retrain)
     for c in cells:  # a cell of other shipped models (a newer release of them) is not reused
         done = c.load()
-        if done is not None and done.get("models", now) != now:
+        if done is not None and done.details.get("models", now) != now:
             raise UserError(f"{c.dir} was computed with other {base_name} / {retrain_name} weights: choose another "
                             "--out")
     results, _, _ = run_cells(cells, lambda c: _run_cell(c, cfg, protocol, base, retrain), progress=_progress)
     labels = [label for label in preset if label in {r.label for r in rows}]
     table = aggregate(results, labels, _summarise)
     md = f"Command: `{command_line('class', asdict(cfg), ClassBenchConfig)}`\n\n" + _markdown(table, cfg)
-    write_results(root, {"config": asdict(cfg), "rows": table, "cells": results}, md)
+    write_results(root, {"config": asdict(cfg), "rows": table, "cells": [r.to_dict() for r in results]}, md)
     return table

@@ -176,38 +176,75 @@ def cell_dir(root, label: str, key: int, name: str = "seed{}") -> Path:
 
 
 @dataclass
+class CellResult:
+    """A finished cell: the row it ran (``label``; ``row``: the row's settings, set when saved), its ``key`` (a seed,
+    or a target image: ``key_name``), the method as it ran, the benchmark's measurements of the model it gave
+    (``metrics``) and the benchmark's own record of the run (``details``: seconds, curves, logs, the measured
+    strength, ...). ``to_dict`` is the one serialiser of ``result.json``; ``from_dict`` reads it back."""
+
+    label: str
+    key: int
+    metrics: dict = field(default_factory=dict)
+    method: str | None = None
+    hyperparameters: dict = field(default_factory=dict)
+    steps: int | None = None
+    details: dict = field(default_factory=dict)
+    row: dict | None = None
+    key_name: str = "seed"
+
+    OWN = ("label", "metrics", "method", "hyperparameters", "steps", "row")
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, self.key_name: self.key, "method": self.method,
+                "hyperparameters": self.hyperparameters, "steps": self.steps, "metrics": self.metrics,
+                **self.details, **({"row": self.row} if self.row is not None else {})}
+
+    @classmethod
+    def from_dict(cls, d: dict, key_name: str = "seed") -> "CellResult":
+        return cls(d["label"], d.get(key_name, 0), d.get("metrics", {}), d.get("method"), d.get("hyperparameters", {}),
+                   d.get("steps"), {k: v for k, v in d.items() if k not in cls.OWN and k != key_name}, d.get("row"),
+                   key_name)
+
+
+@dataclass
 class Cell:
-    """One row x one key (a seed, or a target image) in ``root/cells/<label>-<name>/``."""
+    """One row x one key (a seed, or a target image: ``key_name``) in ``root/cells/<label>-<name>/``."""
 
     row: Row
     key: int
     dir: Path
+    key_name: str = "seed"
 
     @classmethod
     def of(cls, root, row: Row, key: int, name: str = "seed{}") -> "Cell":
-        return cls(row, key, cell_dir(root, row.label, key, name))
+        return cls(row, key, cell_dir(root, row.label, key, name), name.partition("{")[0] or "seed")
 
-    def load(self) -> dict | None:
+    def result(self, **fields) -> CellResult:
+        """This cell's result: its row's label, its key and ``fields`` (see :class:`CellResult`)."""
+        return CellResult(self.row.label, self.key, key_name=self.key_name, **fields)
+
+    def load(self) -> CellResult | None:
         """The cell's stored result, or None when it has not finished; a result of another row definition is an
         error (cells written before rows were presets carry no row and are taken as they are)."""
         path = self.dir / "result.json"
         if not path.is_file():
             return None
-        res = read_json(path)
-        if "row" in res and res["row"] != self.row.settings():
-            raise UserError(f"{self.dir} was computed for row {res['row']}, not {self.row.settings()}: choose "
+        res = CellResult.from_dict(read_json(path), self.key_name)
+        if res.row is not None and res.row != self.row.settings():
+            raise UserError(f"{self.dir} was computed for row {res.row}, not {self.row.settings()}: choose "
                             "another --out, or restore the row's definition")
         return res
 
-    def save(self, result: dict) -> dict:
-        result = {**result, "row": self.row.settings()}
+    def save(self, result: CellResult) -> CellResult:
+        result = dataclasses.replace(result, row=self.row.settings())
         self.dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.dir / "result.json", result, indent=1)  # the cell exists only when complete
+        write_json(self.dir / "result.json", result.to_dict(), indent=1)  # the cell exists only when complete
         return result
 
 
-def run_cells(cells: list[Cell], job: Callable[[Cell], dict], workers: int = 1,
-              progress: Callable[[dict], None] | None = None, also: list[tuple] = ()) -> tuple[list[dict], int, list]:
+def run_cells(cells: list[Cell], job: Callable[[Cell], CellResult], workers: int = 1,
+              progress: Callable[[CellResult], None] | None = None, also: list[tuple] = ()
+              ) -> tuple[list[CellResult], int, list]:
     """Load the finished cells, run the others with ``job(cell)`` (longest first; with ``workers > 1`` in spawned
     processes, so ``job`` must be picklable) and save each as it finishes. ``also``: further ``(fn, args)`` calls to
     run beside them. Returns the results in the order of ``cells``, the number of cells run, and the results of
@@ -305,11 +342,11 @@ def stat(values) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
 
 
-def aggregate(results: list[dict], labels: list[str], summarise: Callable[[list[dict]], dict]) -> dict:
+def aggregate(results: list[CellResult], labels: list[str], summarise: Callable[[list[CellResult]], dict]) -> dict:
     """One summary per row label, in ``labels`` order, over that row's cells (rows without cells are left out)."""
     out = {}
     for label in labels:
-        cells = [r for r in results if r["label"] == label]
+        cells = [r for r in results if r.label == label]
         if cells:
             out[label] = summarise(cells)
     return out
@@ -341,5 +378,5 @@ def write_results(root, summary: dict, markdown: str) -> None:
     print(markdown)
 
 
-__all__ = ["Cell", "Pool", "Row", "aggregate", "check_bench_dir", "command_line", "load_rows", "open_bench_dir",
-           "per_process", "pm", "run_cells", "select", "stat", "weights_stamp", "write_results"]
+__all__ = ["Cell", "CellResult", "Pool", "Row", "aggregate", "check_bench_dir", "command_line", "load_rows",
+           "open_bench_dir", "per_process", "pm", "run_cells", "select", "stat", "weights_stamp", "write_results"]

@@ -34,8 +34,8 @@ import torch
 from ..errors import UserError
 from ..protocols.instance import InstanceSetup, Strip, evaluate, held_out_reference, strip_png
 from ..runs import read_json, write_json
-from .harness import Cell, aggregate, check_bench_dir, command_line, load_rows, open_bench_dir, per_process, \
-    pm, run_cells, select, stat, weights_stamp, write_results
+from .harness import Cell, CellResult, aggregate, check_bench_dir, command_line, load_rows, open_bench_dir, \
+    per_process, pm, run_cells, select, stat, weights_stamp, write_results
 
 PRESET = "bench/instance"
 REFERENCES = ("pretrained", "retrain")
@@ -120,7 +120,7 @@ def _retrain(setup: InstanceSetup, target: int, run_dir: Path) -> tuple[object, 
     return load_model(summary["model_dir"]), {"recipe": rc, "train_seconds": summary["train_seconds"]}
 
 
-def run_cell(cfg: InstanceBenchConfig, cell: Cell) -> dict:
+def run_cell(cfg: InstanceBenchConfig, cell: Cell) -> CellResult:
     """Unlearn (or train, or just evaluate) one row for one target; returns the cell's result."""
     from ..data import split_kept
     from ..protocols.calibration import calibrated
@@ -132,20 +132,20 @@ def run_cell(cfg: InstanceBenchConfig, cell: Cell) -> dict:
     base, row, target = setup.model, cell.row, cell.key
     kept, forget = split_kept(setup.data, [target])
     forget = forget.load()  # the one target image, as a tensor (the measures below take tensors)
-    res: dict = {"label": row.label, "method": row.method.name if row.method else None, "target": target,
-                 "target_name": setup.data.names[target]}
+    details: dict = {"target_name": setup.data.names[target]}
+    hyperparameters, steps = {}, None
     strip = None
     if row.reference == "pretrained":
-        model, res["steps"] = base, 0
+        model, steps = base, 0
     elif row.reference == "retrain":
-        model, res["retrain"] = _retrain(setup, target, cell.dir / "run")
-        res["steps"] = res["retrain"]["recipe"].get("steps")
+        model, details["retrain"] = _retrain(setup, target, cell.dir / "run")
+        steps = details["retrain"]["recipe"].get("steps")
     else:
         spec, calib = calibrated(base, kept, forget, row.method, cfg.batch_size, cfg.scaling_norm_fraction, cfg.seed)
         if calib:
-            res["scaling_norm_calibration"] = calib
+            details["scaling_norm_calibration"] = calib
         method = spec.build()
-        res["hyperparameters"] = method.hyperparameters()
+        hyperparameters = method.hyperparameters()
         ucfg = row.trainer_config(TrainerConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed,
                                                 threads=1))
         if target in setup.targets[:cfg.strip_targets]:
@@ -154,14 +154,15 @@ def run_cell(cfg: InstanceBenchConfig, cell: Cell) -> dict:
         logs: list[dict] = []
         t1 = time.time()
         model = unlearn(base, kept, forget, method, ucfg, log=logs.append, callback=strip)
-        res["unlearn_seconds"] = round(time.time() - t1, 2)
-        res["steps"] = ucfg.steps
-        res["last_log"] = {k: v for k, v in logs[-1].items() if isinstance(v, (int, float))} if logs else {}
-    res["metrics"] = evaluate(model, setup, target)
-    res["strip"] = strip.points if strip else []
-    res["seconds"] = round(time.time() - t0, 2)
-    res["cpu_seconds"] = round(time.process_time() - c0, 2)
-    return res
+        details["unlearn_seconds"] = round(time.time() - t1, 2)
+        steps = ucfg.steps
+        details["last_log"] = {k: v for k, v in logs[-1].items() if isinstance(v, (int, float))} if logs else {}
+    metrics = evaluate(model, setup, target)
+    details["strip"] = strip.points if strip else []
+    details["seconds"] = round(time.time() - t0, 2)
+    details["cpu_seconds"] = round(time.process_time() - c0, 2)
+    return cell.result(method=row.method.name if row.method else None, hyperparameters=hyperparameters, steps=steps,
+                       metrics=metrics, details=details)
 
 
 def _reference_job(cfg: InstanceBenchConfig, root: str) -> dict:
@@ -193,39 +194,40 @@ def run_instance_bench(cfg: InstanceBenchConfig) -> dict:
                "held_out_reference": _reference_summary(ref), "rows": aggregate(results, labels, _summariser(results)),
                "timings": {"wall_seconds": round(time.time() - t_start, 1), "cells_run": ran,
                            "cells_cached": len(cells) - ran,
-                           "cpu_seconds": round(sum(r["cpu_seconds"] for r in results), 1)},
-               "cells": results}
+                           "cpu_seconds": round(sum(r.details["cpu_seconds"] for r in results), 1)},
+               "cells": [r.to_dict() for r in results]}
     write_results(root, summary, markdown(summary))
-    stripped = [c for c in results if c["strip"]]
+    stripped = [c for c in results if c.details["strip"]]
     if stripped:
         from ..data import load_data
 
-        first = [c for c in stripped if c["target"] == stripped[0]["target"]]
-        strip_png(first, load_data(cfg.data).images[first[0]["target"]], cfg.similarity_t, root / "strip.png")
+        first = [c for c in stripped if c.key == stripped[0].key]
+        strip_png([c.to_dict() for c in first], load_data(cfg.data).images[first[0].key], cfg.similarity_t,
+                  root / "strip.png")
     return summary
 
 
-def _progress(r: dict) -> None:
-    m = r["metrics"]
-    print(f"[{r['label']} target {r['target']}] {r['seconds']:.0f}s  similarity {m['similarity']:.3f}  "
+def _progress(r: CellResult) -> None:
+    m = r.metrics
+    print(f"[{r.label} target {r.key}] {r.details['seconds']:.0f}s  similarity {m['similarity']:.3f}  "
           f"NLL {m['nll_bpd']:.2f}  AUC {m['membership_auc']:.2f}  quality NLL {m['quality_nll_bpd']:.2f}", flush=True)
 
 
 METRICS = ("quality_nll_bpd", "kept_similarity", "nll_bpd", "similarity", "membership_auc")
 
 
-def _summariser(results: list[dict]):
+def _summariser(results: list[CellResult]):
     """Mean and standard deviation over targets of every measure, per row; ``similarity_before`` from the shipped
     model on the same targets."""
-    before = {r["target"]: r["metrics"]["similarity"] for r in results if r["label"] == "pretrained"}
+    before = {r.key: r.metrics["similarity"] for r in results if r.label == "pretrained"}
 
-    def summarise(rs: list[dict]) -> dict:
-        row = {k: stat(r["metrics"][k] for r in rs) for k in METRICS}
-        row["steps"] = rs[0].get("steps")
-        row["targets"] = [r["target"] for r in rs]
-        if all(r["target"] in before for r in rs):
-            row["similarity_before"] = stat(before[r["target"]] for r in rs)
-        secs = [r["unlearn_seconds"] for r in rs if "unlearn_seconds" in r]
+    def summarise(rs: list[CellResult]) -> dict:
+        row = {k: stat(r.metrics[k] for r in rs) for k in METRICS}
+        row["steps"] = rs[0].steps
+        row["targets"] = [r.key for r in rs]
+        if all(r.key in before for r in rs):
+            row["similarity_before"] = stat(before[r.key] for r in rs)
+        secs = [r.details["unlearn_seconds"] for r in rs if "unlearn_seconds" in r.details]
         row["unlearn_seconds"] = stat(secs) if secs else None
         return row
 

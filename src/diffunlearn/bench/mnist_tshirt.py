@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .harness import Cell, aggregate, check_bench_dir, load_rows, open_bench_dir, pm, run_cells, select, stat, \
-    write_results
+from .harness import Cell, CellResult, aggregate, check_bench_dir, load_rows, open_bench_dir, pm, run_cells, \
+    select, stat, write_results
 
 PRESET = "bench/mnist-tshirt"
 REFERENCES = ("pretrained", "retrain")
@@ -102,13 +102,13 @@ def tracked_samples(cfg: MnistBenchConfig) -> list[int] | None:
     return numbers
 
 
-def _tracked(r: dict) -> bool:
+def _tracked(r: CellResult) -> bool:
     """Whether a cell's decay curve followed ``--curve-track``'s samples."""
-    return bool((r.get("curve_settings") or {}).get("tracked"))
+    return bool((r.details.get("curve_settings") or {}).get("tracked"))
 
 
 def _run_cell(cell: Cell, cfg: MnistBenchConfig, protocol, base, retrain, kept, forget, tracked: list[int] | None
-              ) -> dict:
+              ) -> CellResult:
     from ..protocols.mnist_tshirt import masked
     from ..model.sampling import save_grid
 
@@ -138,49 +138,50 @@ def _run_cell(cell: Cell, cfg: MnistBenchConfig, protocol, base, retrain, kept, 
                      f"{row.label} seed {seed}: samples counted as the T-shirt (number, L2 distance)")
     step_seconds = [r["seconds"] for r in log]
     first_zero = next((p["step"] for p in curve if p["tshirt_count"] == 0), None)
-    return {"label": row.label, "method": row.method.name if row.method else None,
-            "hyperparameters": dict(row.method.params) if row.method else {}, "seed": seed, "steps": steps,
-            "batch_size": batch, "metrics": metrics, "curve": curve, "first_zero_step": first_zero,
-            "curve_settings": {"every": cfg.curve_every, "samples": cfg.curve_samples, "nll_tol": cfg.curve_nll_tol,
-                               "sampler": cfg.sampler, "tracked": tracked},
-            "unlearn_seconds": round(train_seconds, 1),
-            "seconds_per_step": float(np.median(step_seconds)) if step_seconds else None,
-            "log": log}
+    return cell.result(method=row.method.name if row.method else None,
+                       hyperparameters=dict(row.method.params) if row.method else {}, steps=steps, metrics=metrics,
+                       details={"batch_size": batch, "curve": curve, "first_zero_step": first_zero,
+                                "curve_settings": {"every": cfg.curve_every, "samples": cfg.curve_samples,
+                                                   "nll_tol": cfg.curve_nll_tol, "sampler": cfg.sampler,
+                                                   "tracked": tracked},
+                                "unlearn_seconds": round(train_seconds, 1),
+                                "seconds_per_step": float(np.median(step_seconds)) if step_seconds else None,
+                                "log": log})
 
 
-def _progress(r: dict) -> None:
-    m = r["metrics"]
-    print(f"[{r['label']} seed {r['seed']}] {r['unlearn_seconds']:.0f}s unlearning  rate {m['tshirt_rate']['count']}/"
+def _progress(r: CellResult) -> None:
+    m = r.metrics
+    print(f"[{r.label} seed {r.key}] {r.details['unlearn_seconds']:.0f}s unlearning  rate {m['tshirt_rate']['count']}/"
           f"{m['tshirt_rate']['n']}  NLL {m['tshirt_nll']['bpd']:.2f}  IS {m['classifier_is']['mean']:.2f}  "
           f"FID {m['classifier_fid']['value']:.2f}", flush=True)
 
 
-def _summariser(results: list[dict]):
+def _summariser(results: list[CellResult]):
     from ..metrics.rates import rate_summary
 
-    plain = [r["seconds_per_step"] for r in results if r["method"] == "naive" and r["seconds_per_step"]]
+    plain = [r.details["seconds_per_step"] for r in results if r.method == "naive" and r.details["seconds_per_step"]]
     plain_step = float(np.median(plain)) if plain else None
 
-    def summarise(rs: list[dict]) -> dict:
-        k = sum(r["metrics"]["tshirt_rate"]["count"] for r in rs)
-        n = sum(r["metrics"]["tshirt_rate"]["n"] for r in rs)
-        sps = [r["seconds_per_step"] for r in rs if r["seconds_per_step"]]
+    def summarise(rs: list[CellResult]) -> dict:
+        k = sum(r.metrics["tshirt_rate"]["count"] for r in rs)
+        n = sum(r.metrics["tshirt_rate"]["n"] for r in rs)
+        sps = [r.details["seconds_per_step"] for r in rs if r.details["seconds_per_step"]]
         # per cell: the first curve step with no T-shirt, ">steps" when never reached, None without a curve
-        zeros = [r["first_zero_step"] if r["first_zero_step"] is not None
-                 else (f">{r['steps']}" if r["curve"] else None) for r in rs]
+        zeros = [r.details["first_zero_step"] if r.details["first_zero_step"] is not None
+                 else (f">{r.steps}" if r.details["curve"] else None) for r in rs]
         return {
-            "steps": rs[0]["steps"], "seeds": len(rs),
-            "classifier_is": stat(r["metrics"]["classifier_is"]["mean"] for r in rs),
-            "classifier_fid": stat(r["metrics"]["classifier_fid"]["value"] for r in rs),
-            "nll": stat(r["metrics"]["tshirt_nll"]["bpd"] for r in rs),
+            "steps": rs[0].steps, "seeds": len(rs),
+            "classifier_is": stat(r.metrics["classifier_is"]["mean"] for r in rs),
+            "classifier_fid": stat(r.metrics["classifier_fid"]["value"] for r in rs),
+            "nll": stat(r.metrics["tshirt_nll"]["bpd"] for r in rs),
             # Monte Carlo standard error of the mean NLL over the cells' Hutchinson probes (NaN with 1 probe)
-            "nll_mc_stderr": float(np.sqrt(np.mean([r["metrics"]["tshirt_nll"]["stderr"] ** 2 for r in rs]) / len(rs))),
+            "nll_mc_stderr": float(np.sqrt(np.mean([r.metrics["tshirt_nll"]["stderr"] ** 2 for r in rs]) / len(rs))),
             "tshirt": rate_summary(k, n),
-            "unlearn_seconds": stat(r["unlearn_seconds"] for r in rs),
+            "unlearn_seconds": stat(r.details["unlearn_seconds"] for r in rs),
             "seconds_per_step": float(np.median(sps)) if sps else None,
             "relative_step_time": float(np.median(sps)) / plain_step if sps and plain_step else None,
             "first_zero_step": zeros,
-            "curve_points": sum(len(r["curve"]) for r in rs),
+            "curve_points": sum(len(r.details["curve"]) for r in rs),
             "curve_tracked": any(_tracked(r) for r in rs),
             # how close the counted samples are to the T-shirt (pooled over the cells that recorded it): copies lie
             # near 0, degraded T-shirt shapes near the threshold
@@ -190,32 +191,32 @@ def _summariser(results: list[dict]):
     return summarise
 
 
-def counted_distance(rs: list[dict]) -> dict | None:
+def counted_distance(rs: list[CellResult]) -> dict | None:
     """Min, median and max L2 distance to the T-shirt of the samples the cells counted (pooled; only cells that
     recorded their distances), with how many cells and samples; None when none recorded any."""
-    cells = [r["metrics"]["tshirt_rate"]["distances"] for r in rs if "distances" in r["metrics"]["tshirt_rate"]]
+    cells = [r.metrics["tshirt_rate"]["distances"] for r in rs if "distances" in r.metrics["tshirt_rate"]]
     d = [x for c in cells for x in c]
     if not d:
         return None
     return {"min": min(d), "median": float(np.median(d)), "max": max(d), "samples": len(d), "cells": len(cells)}
 
 
-def paired_with(results: list[dict], other: str = "naive") -> dict:
+def paired_with(results: list[CellResult], other: str = "naive") -> dict:
     """Each row against ``other`` on the same sample seeds: for every unlearning seed both rows ran (cells that record
     which samples were T-shirts), the samples counted under the row only, under ``other`` only and under both, pooled
     over seeds, with the exact McNemar p-value (each (unlearning seed, sample seed) is one paired observation)."""
     from ..metrics.rates import mcnemar_exact, paired_hits
 
-    ref = {r["seed"]: r["metrics"]["tshirt_rate"]["indices"] for r in results
-           if r["label"] == other and "indices" in r["metrics"]["tshirt_rate"]}
+    ref = {r.key: r.metrics["tshirt_rate"]["indices"] for r in results
+           if r.label == other and "indices" in r.metrics["tshirt_rate"]}
     out: dict = {}
     for r in results:
-        hits = r["metrics"]["tshirt_rate"].get("indices")
-        if r["label"] == other or hits is None or r["seed"] not in ref:
+        hits = r.metrics["tshirt_rate"].get("indices")
+        if r.label == other or hits is None or r.key not in ref:
             continue
-        d = out.setdefault(r["label"], {"seeds": [], "only_row": 0, "only_other": 0, "both": 0, "other": other})
-        p = paired_hits(hits, ref[r["seed"]])
-        d["seeds"].append(r["seed"])
+        d = out.setdefault(r.label, {"seeds": [], "only_row": 0, "only_other": 0, "both": 0, "other": other})
+        p = paired_hits(hits, ref[r.key])
+        d["seeds"].append(r.key)
         d["only_row"] += p["only_a"]
         d["only_other"] += p["only_b"]
         d["both"] += p["both"]
@@ -267,7 +268,7 @@ def _markdown(rows: dict[str, dict], cfg: MnistBenchConfig, paired: dict | None 
     return "\n".join(lines) + "\n"
 
 
-def _plots(rows: dict, results: list[dict], root: Path) -> None:
+def _plots(rows: dict, results: list[CellResult], root: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -288,21 +289,21 @@ def _plots(rows: dict, results: list[dict], root: Path) -> None:
     fig.tight_layout()
     fig.savefig(root / "pareto.png", dpi=120)
     plt.close(fig)
-    curves = [r for r in results if r["curve"] and r["seed"] == 0]
+    curves = [r for r in results if r.details["curve"] and r.key == 0]
     if curves:
-        base = next((x for x in results if x["label"] == "pretrained"), None)
-        gold = next((x for x in results if x["label"] == "retrain"), None)
-        r0 = base["metrics"]["tshirt_rate"]["rate"] if base else float("nan")
-        n0 = base["metrics"]["tshirt_nll"]["bpd"] if base else float("nan")
+        base = next((x for x in results if x.label == "pretrained"), None)
+        gold = next((x for x in results if x.label == "retrain"), None)
+        r0 = base.metrics["tshirt_rate"]["rate"] if base else float("nan")
+        n0 = base.metrics["tshirt_nll"]["bpd"] if base else float("nan")
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         for i, r in enumerate(curves):
-            steps = [0] + [p["step"] for p in r["curve"]]
-            style = dict(marker=markers[i % len(markers)], linestyle=["-", "--", "-.", ":"][i % 4], label=r["label"])
+            steps = [0] + [p["step"] for p in r.details["curve"]]
+            style = dict(marker=markers[i % len(markers)], linestyle=["-", "--", "-.", ":"][i % 4], label=r.label)
             start = 1.0 if _tracked(r) else r0  # a tracked curve starts from samples that were all T-shirts
-            a1.plot(steps, [100 * start] + [100 * p["rate"] for p in r["curve"]], **style)
-            a2.plot(steps, [n0] + [p["nll_bpd"] for p in r["curve"]], **style)
+            a1.plot(steps, [100 * start] + [100 * p["rate"] for p in r.details["curve"]], **style)
+            a2.plot(steps, [n0] + [p["nll_bpd"] for p in r.details["curve"]], **style)
         if gold:
-            a2.axhline(gold["metrics"]["tshirt_nll"]["bpd"], color="grey", linestyle=":", linewidth=1,
+            a2.axhline(gold.metrics["tshirt_nll"]["bpd"], color="grey", linestyle=":", linewidth=1,
                        label="retrained model")
         a1.set_xlabel("unlearning step")
         a1.set_ylabel("T-shirt rate (%)" + ("; tracked: share of the base\nmodel's T-shirt samples still T-shirts" if
@@ -373,7 +374,8 @@ def run_mnist_bench(cfg: MnistBenchConfig) -> dict | list[dict]:
     labels = [label for label in preset if label in {r.label for r in rows}]
     table = aggregate(results, labels, _summariser(results))
     paired = paired_with(results)
-    write_results(root, {"config": asdict(cfg), "rows": table, "paired_with_naive": paired, "cells": results},
+    write_results(root, {"config": asdict(cfg), "rows": table, "paired_with_naive": paired,
+                         "cells": [r.to_dict() for r in results]},
                   _markdown(table, cfg, paired))
     _plots(table, results, root)
     counted_overview(root, results, root / "counted.png")

@@ -36,8 +36,8 @@ import torch
 from ..errors import UserError
 from ..runs import write_json
 from ..trainer import TrainerConfig
-from .harness import Cell, aggregate, check_bench_dir, command_line, load_rows, open_bench_dir, run_cells, select, \
-    write_results
+from .harness import Cell, CellResult, aggregate, check_bench_dir, command_line, load_rows, open_bench_dir, \
+    run_cells, select, write_results
 
 PRESET = "bench/prompt"
 FREE_SETTINGS = ("out", "rows", "preset", "seeds")
@@ -125,7 +125,7 @@ class _Session:
         return calibrate_scaling_norm(model, self.kept, self.forget, row.method, self.cfg.batch_size,
                                       self.cfg.scaling_norm_fraction, seed=0)
 
-    def run(self, cell: Cell, calib: dict | None) -> dict:
+    def run(self, cell: Cell, calib: dict | None) -> CellResult:
         from ..config import to_dict
         from ..protocols.calibration import with_scaling_norm
         from ..runs import RunDir
@@ -141,11 +141,11 @@ class _Session:
         proof = None if self.cfg.verify == "off" else {"budget": self.cfg.verify, "paraphrases": [self.rep["variant"]]}
         s = unlearn_prompt(self.sd, self.kept, self.forget, method, trainer, self.counter, run, "cpu",
                            log_every=max(1, trainer.steps), proof=proof)
-        return {"label": row.label, "seed": seed, "method": s["method"], "hyperparameters": s["hyperparameters"],
-                "scaling_norm_calibration": calib, "success": s["success"], "curve": s["curve"],
-                "quality_measure": s["quality_measure"], "quality_rule": s["quality_rule"],
-                "verification": _verification_of(cell.dir) if proof else None,
-                "seconds": round(time.time() - t0, 1)}
+        return cell.result(method=s["method"], hyperparameters=s["hyperparameters"], steps=trainer.steps,
+                           details={"scaling_norm_calibration": calib, "success": s["success"], "curve": s["curve"],
+                                    "quality_measure": s["quality_measure"], "quality_rule": s["quality_rule"],
+                                    "verification": _verification_of(cell.dir) if proof else None,
+                                    "seconds": round(time.time() - t0, 1)})
 
 
 def _verification_of(cell_dir: Path) -> dict | None:
@@ -168,9 +168,9 @@ def _verification_of(cell_dir: Path) -> dict | None:
             "budget": v["budget"]["name"], "seconds": v["seconds_total"]}
 
 
-def _progress(r: dict) -> None:
-    p, v = r["success"]["prompt"], r["success"]["original_prompt"]
-    print(f"[{r['label']} seed {r['seed']}] {r['seconds']:.0f}s  memorised {p['memorised_before']} -> "
+def _progress(r: CellResult) -> None:
+    p, v = r.details["success"]["prompt"], r.details["success"]["original_prompt"]
+    print(f"[{r.label} seed {r.key}] {r.details['seconds']:.0f}s  memorised {p['memorised_before']} -> "
           f"{p['memorised_after']} (prompt), {v['memorised_before']} -> {v['memorised_after']} (variant)", flush=True)
 
 
@@ -224,20 +224,21 @@ def run_prompt_bench(cfg: PromptBenchConfig) -> dict:
                "rows": aggregate(results, labels, _summarise),
                "timings": {"wall_seconds": round(time.time() - t_start, 1), "cells_run": ran,
                            "cells_cached": len(results) - ran, "build_seconds": build.get("seconds"),
-                           "cell_seconds": round(sum(c["seconds"] for c in results), 1)},
-               "cells": results}
+                           "cell_seconds": round(sum(c.details["seconds"] for c in results), 1)},
+               "cells": [r.to_dict() for r in results]}
     write_results(root, summary, markdown(summary))
     plot(summary, root / "memorised.png")
     return summary
 
 
-def _summarise(cells: list[dict]) -> dict:
+def _summarise(results: list[CellResult]) -> dict:
     """One row: the success rate over seeds on each prompt, the memorised counts, quality and the mean curves."""
     from ..sd.protocol import success_rate
 
-    cells = sorted(cells, key=lambda c: c["seed"])
-    row = {"method": cells[0]["method"], "hyperparameters": cells[0]["hyperparameters"],
-           "seeds": [c["seed"] for c in cells]}
+    results = sorted(results, key=lambda c: c.key)
+    row = {"method": results[0].method, "hyperparameters": results[0].hyperparameters,
+           "seeds": [c.key for c in results]}
+    cells = [c.details for c in results]  # each run's success, curves, seconds and verification
     for key, name in (("prompt", "prompt"), ("original_prompt", "variant")):
         s = [c["success"][key] for c in cells]
         row[name] = {"success": success_rate(cells, key),

@@ -12,13 +12,14 @@ is never mistaken for a full one.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import UserError
 from ..runs import read_json, write_json
-from .harness import Cell, cell_dir
+from .harness import Cell, CellResult, cell_dir
 
 #: per-step records of a training log that depend on the clock, not on the arithmetic
 _TIMING = ("seconds",)
@@ -102,16 +103,16 @@ def save_counted(folder: Path, stem: str, samples, numbers: list[int], distances
               labels=[f"#{i} d={d:.2f}" for i, d in zip(numbers, distances)], title=title)
 
 
-def _numbers_to_look_at(cell: Cell, res: dict, rows: dict, root: Path, item: str) -> tuple[list[int], str]:
-    numbers, source = res["metrics"]["tshirt_rate"].get("indices"), "the cell's own counted samples"
+def _numbers_to_look_at(cell: Cell, res: CellResult, rows: dict, root: Path, item: str) -> tuple[list[int], str]:
+    numbers, source = res.metrics["tshirt_rate"].get("indices"), "the cell's own counted samples"
     if numbers is None:
         base_cell = Cell.of(root, rows["pretrained"], 0).load() if "pretrained" in rows else None
-        numbers = None if base_cell is None else base_cell["metrics"]["tshirt_rate"].get("indices")
+        numbers = None if base_cell is None else base_cell.metrics["tshirt_rate"].get("indices")
         if numbers is None:
             raise UserError(f"--look {item}: the cell did not record which samples it counted, and no pretrained "
                             "cell that did is here to look through; compute the pretrained row first")
         source = "the base model's T-shirt samples (the cell did not record its own)"
-    if not numbers or not res["metrics"]["tshirt_rate"]["count"]:
+    if not numbers or not res.metrics["tshirt_rate"]["count"]:
         raise UserError(f"--look {item}: the cell counted no T-shirt, so there is nothing to look at")
     return [int(i) for i in numbers], source
 
@@ -137,7 +138,7 @@ def look_cells(cfg, rows: dict, protocol, rebuild) -> list[dict]:
         model = rebuild(cell, log)
         samples = ddpm_sample(model, 0, cfg.sample_steps, seed=0, indices=numbers, sampler=cfg.sampler)
         rate = target_rate(samples, protocol.target)
-        own = res["metrics"]["tshirt_rate"]
+        own = res.metrics["tshirt_rate"]
         counted = [numbers[j] for j in rate.hits]
         distances = [round(float(rate.distances[j]), 4) for j in rate.hits]
         recorded = dict(zip(own["indices"], own["distances"])) if "distances" in own else None
@@ -148,7 +149,7 @@ def look_cells(cfg, rows: dict, protocol, rebuild) -> list[dict]:
             # the same samples at the same distances as the cell recorded (None: it recorded none)
             "distances_reproduced": None if recorded is None else sorted(counted) == sorted(recorded) and all(
                 abs(d - recorded[i]) <= 1e-3 for i, d in zip(counted, distances)),
-            "training_log": log_agreement(res.get("log", []), log) if cell.row.reference is None else None,
+            "training_log": log_agreement(res.details.get("log", []), log) if cell.row.reference is None else None,
             "sampler": cfg.sampler, "sample_steps": cfg.sample_steps,
         }
         write_json(cell.dir / "look.json", record, indent=1)
@@ -162,7 +163,7 @@ def look_cells(cfg, rows: dict, protocol, rebuild) -> list[dict]:
     return out
 
 
-def counted_overview(root: Path, results: list[dict], path: Path) -> Path | None:
+def counted_overview(root: Path, results: list[CellResult], path: Path) -> Path | None:
     """One picture of every sample the method cells counted as the T-shirt (a labelled grid per cell, one under the
     other): the cell's own ``counted.npy`` with its record, else its look's ``look.npy`` with ``look.json``. None
     when no method cell kept any."""
@@ -172,9 +173,9 @@ def counted_overview(root: Path, results: list[dict], path: Path) -> Path | None
 
     parts = []
     for r in results:
-        d = cell_dir(root, r["label"], r["seed"])
-        own = r["metrics"]["tshirt_rate"]
-        if r["method"] is None:
+        d = cell_dir(root, r.label, r.key)
+        own = r.metrics["tshirt_rate"]
+        if r.method is None:
             continue
         if (d / "counted.npy").is_file() and "indices" in own and "numbers_from" not in own:
             pixels, numbers, distances, note = np.load(d / "counted.npy"), own["indices"], own["distances"], ""
@@ -189,25 +190,25 @@ def counted_overview(root: Path, results: list[dict], path: Path) -> Path | None
                             "cell's look.* files and look again (--look)")
         x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         parts.append(tiles(x, [f"#{i} d={v:.2f}" for i, v in zip(numbers, distances)], 10, tile_side=64,
-                           title=f"{r['label']} seed {r['seed']}: {len(x)} counted (of {own['count']}){note}"))
+                           title=f"{r.label} seed {r.key}: {len(x)} counted (of {own['count']}){note}"))
     if not parts:
         return None
     return save_png(stack(parts), path)
 
 
-def with_looked_numbers(root: Path, results: list[dict]) -> list[dict]:
+def with_looked_numbers(root: Path, results: list[CellResult]) -> list[CellResult]:
     """``results`` where a cell that did not record which samples it counted carries its look's numbers and
     distances (marked ``numbers_from``) when the look found all of them on a model that is the cell's
     (:func:`repeats_run`), so it can be paired with other rows on the same sample seeds; every other cell as it is."""
     out = []
     for r in results:
-        look = cell_dir(root, r["label"], r["seed"]) / "look.json"
-        rate = r["metrics"]["tshirt_rate"]
+        look = cell_dir(root, r.label, r.key) / "look.json"
+        rate = r.metrics["tshirt_rate"]
         if "indices" not in rate and look.is_file():
             seen = read_json(look)
             if seen["all_found"] and seen["found"] == rate["count"] and repeats_run(seen):
                 rate = {**rate, "indices": seen["counted"], "distances": seen["distances"],
                         "numbers_from": "look.json: the rebuilt model, drawn at the base model's T-shirt seeds"}
-                r = {**r, "metrics": {**r["metrics"], "tshirt_rate": rate}}
+                r = dataclasses.replace(r, metrics={**r.metrics, "tshirt_rate": rate})
         out.append(r)
     return out
