@@ -6,8 +6,18 @@ from conftest import tiny_model
 
 
 def test_readme_api_example(tmp_path, data_file):
-    from diffunlearn import (TrainerConfig, load_data, load_model, make_method, resolve_forget, save_model,
-                             Status, split_kept, unlearn, verify)
+    from diffunlearn import (
+        Status,
+        TrainerConfig,
+        load_data,
+        load_model,
+        make_method,
+        resolve_forget,
+        save_model,
+        split_kept,
+        unlearn,
+        verify,
+    )
 
     save_model(tiny_model(), tmp_path / "ddpm")
     model = load_model(tmp_path / "ddpm")

@@ -42,11 +42,11 @@ def test_bench_table_strip_reference_and_resume(shipped, tmp_path, monkeypatch):
     import importlib
 
     from diffunlearn.bench.instance import run_instance_bench
-    from diffunlearn.protocols.instance import choose_targets
     from diffunlearn.data import load_data
     from diffunlearn.metrics.membership import denoising_losses, loss_auc
     from diffunlearn.metrics.similarity import noise_and_denoise_similarity
     from diffunlearn.model import load_model
+    from diffunlearn.protocols.instance import choose_targets
 
     cfg = _cfg(tmp_path)
     res = run_instance_bench(cfg)

@@ -9,13 +9,13 @@ import torch
 
 from diffunlearn.data import ImageSet, load_data, resolve_forget
 from diffunlearn.data.labels import split_labels
-from diffunlearn.model.schedule import predict_noise
 from diffunlearn.errors import UserError
 from diffunlearn.methods import METHODS, make_method
 from diffunlearn.methods.siss import labelled_weights
 from diffunlearn.methods.weights import importance_weights, log_density_gap
 from diffunlearn.model import DiffusionModel, build_scheduler, build_unet, load_model, save_model
 from diffunlearn.model.sampling import ddpm_sample, guided_noise
+from diffunlearn.model.schedule import predict_noise
 from diffunlearn.trainer import TrainerConfig, unlearn
 
 K = 3  # classes of the tiny model (embeddings: 3 classes + the null class)
@@ -319,11 +319,11 @@ def test_deletion_requests_on_a_class_conditional_model_condition_every_row_on_i
     request does. One request of class b is bitwise the single ``--forget class=b`` run; two requests chain."""
     import json
 
-    from diffunlearn.faults import same_unet
-
     from diffunlearn.cli import main
-
-    from diffunlearn.faults import _class_model  # a tiny model of classes a, b, c and 12 labelled images beside it
+    from diffunlearn.faults import (
+        _class_model,  # a tiny model of classes a, b, c and 12 labelled images beside it
+        same_unet,
+    )
 
     model, data = _class_model(tmp_path), tmp_path / "labelled.npz"
     (tmp_path / "one.txt").write_text("class=b\n")

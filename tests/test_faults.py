@@ -3,8 +3,14 @@ status 2 and no change on disk; runs killed with SIGKILL at random steps resume 
 
 import pytest
 
-from diffunlearn.faults import (FAULTS, MID_RUN, check_fault, fail_and_resume_trial, kill_and_resume_trial,
-                               requests_kill_and_resume_trial)
+from diffunlearn.faults import (
+    FAULTS,
+    MID_RUN,
+    check_fault,
+    fail_and_resume_trial,
+    kill_and_resume_trial,
+    requests_kill_and_resume_trial,
+)
 
 
 def test_there_are_at_least_fifteen_cases():

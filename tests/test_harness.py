@@ -10,8 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from diffunlearn.bench.harness import Cell, CellResult, Pool, Row, check_bench_dir, command_line, load_rows, \
-    run_cells, select, stat
+from diffunlearn.bench.harness import (
+    Cell,
+    CellResult,
+    Pool,
+    Row,
+    check_bench_dir,
+    command_line,
+    load_rows,
+    run_cells,
+    select,
+    stat,
+)
 from diffunlearn.errors import UserError
 from diffunlearn.methods import MethodSpec
 from diffunlearn.trainer import TrainerConfig

@@ -17,11 +17,11 @@ from conftest import snapshot, tiny_model
 from diffunlearn.cli import main
 from diffunlearn.data import content_hash, load_data
 from diffunlearn.errors import UserError
-from diffunlearn.runs.ledger import GENESIS, Ledger, line_hash, read_ledger, verify_ledger
 from diffunlearn.metrics.membership import denoising_losses, loss_auc
 from diffunlearn.metrics.similarity import PixelCosine, load_similarity, noise_and_denoise, noise_and_denoise_similarity
 from diffunlearn.model import load_model, save_model, state_hash
 from diffunlearn.model.sampling import image_generators
+from diffunlearn.runs.ledger import GENESIS, Ledger, line_hash, read_ledger, verify_ledger
 
 SIZE, CH, SIM_T = 16, 3, 5
 FAST = ["--steps", "2", "--batch-size", "4", "--similarity-t", str(SIM_T)]

@@ -11,8 +11,8 @@ import torch
 
 from conftest import snapshot
 from diffunlearn.cli import main
-from diffunlearn.model.latent import LatentCodec
 from diffunlearn.model import DiffusionModel, build_unet, load_model, save_model, state_hash
+from diffunlearn.model.latent import LatentCodec
 from diffunlearn.model.sampling import ddpm_sample
 
 IMAGE, LATENT = 16, 8  # two encoder blocks: downsampling by 2
@@ -87,8 +87,8 @@ def _raw_latents(model: DiffusionModel, n: int, steps: int) -> torch.Tensor:
     """The latents ``ddpm_sample`` draws before decoding (same seeds), by the pixel-space path with no clamping."""
     import copy
 
-    from diffunlearn.model.schedule import predict_noise
     from diffunlearn.model.sampling import image_generators, initial_noise
+    from diffunlearn.model.schedule import predict_noise
 
     sched = copy.deepcopy(model.scheduler)
     sched.set_timesteps(steps)

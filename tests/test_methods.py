@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import random_sets, tiny_model
-from diffunlearn.model.schedule import ddpm_loss
 from diffunlearn.methods import METHODS, Context, make_method
 from diffunlearn.methods.base import GradStep, global_norm
 from diffunlearn.methods.retrack import nearest_kept
 from diffunlearn.methods.siss import SubtractedGradients
+from diffunlearn.model.schedule import ddpm_loss
 from diffunlearn.trainer import RowSampler, TrainerConfig, unlearn
 
 

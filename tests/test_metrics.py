@@ -12,8 +12,15 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffunlearn.errors import UserError
-from diffunlearn.metrics.classifier import (DomainClassifier, classifier_fid, classifier_inception_score,
-                                            frechet_distance, load_classifier, save_classifier, train_classifier)
+from diffunlearn.metrics.classifier import (
+    DomainClassifier,
+    classifier_fid,
+    classifier_inception_score,
+    frechet_distance,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+)
 from diffunlearn.metrics.membership import denoising_losses, membership_auc, membership_draws
 from diffunlearn.metrics.nll import nll_bits_per_dim, rademacher_probe
 from diffunlearn.metrics.rates import binomial_ci, target_rate

@@ -144,8 +144,8 @@ def tshirt_is_sample5(shipped, monkeypatch):
     """The protocol's T-shirt replaced by the stand-in base model's sample 5 (2 DDPM steps), so the base model draws
     at least one T-shirt."""
     from diffunlearn.model import load_model
-    from diffunlearn.protocols.mnist_tshirt import MnistTshirtProtocol
     from diffunlearn.model.sampling import ddpm_sample
+    from diffunlearn.protocols.mnist_tshirt import MnistTshirtProtocol
 
     base = load_model(shipped / "mnist-tshirt-base" / "model")
     real = MnistTshirtProtocol.load()
@@ -224,8 +224,8 @@ def test_decay_curve_draws_with_the_benchmark_sampler(shipped):
     to DPM-Solver++ SDE sample 0, that sampler's curve point finds it at distance 0, as the full count does."""
     from diffunlearn.metrics.rates import target_rate
     from diffunlearn.model import load_model
-    from diffunlearn.protocols.mnist_tshirt import MnistTshirtProtocol
     from diffunlearn.model.sampling import ddpm_sample
+    from diffunlearn.protocols.mnist_tshirt import MnistTshirtProtocol
 
     base = load_model(shipped / "mnist-tshirt-base" / "model")
     real = MnistTshirtProtocol.load()

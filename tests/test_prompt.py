@@ -21,7 +21,7 @@ from diffunlearn.cli import main  # noqa: E402
 from diffunlearn.errors import UserError  # noqa: E402
 from diffunlearn.model import state_hash  # noqa: E402
 from diffunlearn.sd.detect import noise_gap_scores  # noqa: E402
-from diffunlearn.sd.memorisation import label_images, read_prompt_data, rms_distance, pixel_features  # noqa: E402
+from diffunlearn.sd.memorisation import label_images, pixel_features, read_prompt_data, rms_distance  # noqa: E402
 from diffunlearn.sd.pipeline import FixedPromptUNet, guided_noise, load_sd  # noqa: E402
 from diffunlearn.sd.quality import ClipIQA, LaplacianSharpness  # noqa: E402
 from diffunlearn.sd.replica import _bytes_to_unicode  # noqa: E402

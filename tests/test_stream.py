@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import snapshot, tiny_model
-from diffunlearn.data.arrays import FileImages, NumpyImages
 from diffunlearn.data import content_hash, load_data, resolve_forget, split_kept, to_model_space
+from diffunlearn.data.arrays import FileImages, NumpyImages
 from diffunlearn.errors import UserError
 from diffunlearn.methods import make_method
 from diffunlearn.model import state_hash

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from diffunlearn.model.schedule import gamma_sigma
-from diffunlearn.model.ideal import IdealDenoiser, ideal_eps, posterior_mean
 from diffunlearn.model import build_scheduler
+from diffunlearn.model.ideal import IdealDenoiser, ideal_eps, posterior_mean
+from diffunlearn.model.schedule import gamma_sigma
 
 ABAR = build_scheduler(1000).alphas_cumprod
 

@@ -14,7 +14,8 @@ from conftest import random_sets, snapshot, tiny_model
 from diffunlearn import ImageSet, TrainerConfig, make_method, unlearn
 from diffunlearn.cli import main
 from diffunlearn.model import save_model, state_hash
-from diffunlearn.verification import BUDGETS, Outcome, Overall, Status, Verification, loop as loop_mod
+from diffunlearn.verification import BUDGETS, Outcome, Overall, Status, Verification
+from diffunlearn.verification import loop as loop_mod
 
 TEST = BUDGETS["fast"].__class__(**{**BUDGETS["fast"].describe(), "name": "test", "search_seeds": 16,
                                     "samples": 400, "sample_steps": 2})

@@ -19,11 +19,24 @@ from diffunlearn.metrics.similarity import noise_and_denoise, noise_and_denoise_
 from diffunlearn.model import save_model
 from diffunlearn.verification import BUDGETS, AuditSettings, Verification, verify
 from diffunlearn.verification.audit import parse_audit, recovered
-from diffunlearn.verification.verdicts import (MIN_REFERENCE, NEAR_COPY_FRACTION, REMOVED, Status, copy_hits,
-                                               copy_rate_bound, decide_generation, decide_overall, decide_rank,
-                                               forget_verdict, generation_verdict, near_copy_thresholds, overall,
-                                               quality_verdict, ranks, samples_for_rate)
-
+from diffunlearn.verification.verdicts import (
+    MIN_REFERENCE,
+    NEAR_COPY_FRACTION,
+    REMOVED,
+    Status,
+    copy_hits,
+    copy_rate_bound,
+    decide_generation,
+    decide_overall,
+    decide_rank,
+    forget_verdict,
+    generation_verdict,
+    near_copy_thresholds,
+    overall,
+    quality_verdict,
+    ranks,
+    samples_for_rate,
+)
 
 #: the fast budget with an NLL at a loose tolerance and fewer sampler steps: the measures as they run, at test speed
 TEST = dataclasses.replace(BUDGETS["fast"], name="test", nll_items=2, nll_tol=0.1, nll_reference=3, search_seeds=32,

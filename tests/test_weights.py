@@ -5,8 +5,15 @@ import math
 import pytest
 import torch
 
-from diffunlearn.methods.weights import (LOG_WEIGHT_MAX, NEGLIGIBLE, WEIGHT_FLOOR, drop_negligible, importance_weights,
-                                         log_density_gap, log_weights)
+from diffunlearn.methods.weights import (
+    LOG_WEIGHT_MAX,
+    NEGLIGIBLE,
+    WEIGHT_FLOOR,
+    drop_negligible,
+    importance_weights,
+    log_density_gap,
+    log_weights,
+)
 
 LAMBDAS = [0.0, 1e-6, 0.1, 0.5, 0.9, 1 - 1e-6, 1.0]
 

@@ -1,7 +1,7 @@
 """diffunlearn: remove training datapoints from a trained diffusion model without retraining it."""
 
-from .data.arrays import ImageArray
 from .data import ImageSet, load_data, resolve_forget, split_kept
+from .data.arrays import ImageArray
 from .data.labels import unlearning_labels
 from .errors import UserError
 from .methods import METHODS, Method, MethodSpec, make_method

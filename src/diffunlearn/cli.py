@@ -12,7 +12,6 @@ import sys
 from .config import Parser, config_command
 from .errors import UserError
 
-
 # command -> (help, module, config dataclass, function run with the config)
 CONFIG_COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "train": ("train a base DDPM on X, or the retrain gold standard on X \\ A (with --forget)",

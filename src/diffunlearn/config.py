@@ -17,7 +17,6 @@ import yaml
 
 from .errors import UserError
 
-
 #: the settings that many commands share, declared once (help, default); a config declares one with
 #: ``threads: int = run_field("threads")`` and may change its default, or its help where the command means more
 RUN_FIELDS: dict[str, tuple[str, object]] = {

@@ -14,17 +14,17 @@ from typing import Callable
 
 import torch
 
-from .data.arrays import as_tensor_or_lazy
-from .data import load_data, resolve_forget, split_kept
-from .data.labels import require_labels, split_labels
-from .model.schedule import ddpm_loss, sample_timesteps
-from .errors import UserError
-from .data.loader import RowFetcher
-from .model import DiffusionModel, build_scheduler, build_unet, model_summary, save_model
-from .runs import RunDir
-from .tracking import Progress
 from .config import run_field
 from .console import logger
+from .data import load_data, resolve_forget, split_kept
+from .data.arrays import as_tensor_or_lazy
+from .data.labels import require_labels, split_labels
+from .data.loader import RowFetcher
+from .errors import UserError
+from .model import DiffusionModel, build_scheduler, build_unet, model_summary, save_model
+from .model.schedule import ddpm_loss, sample_timesteps
+from .runs import RunDir
+from .tracking import Progress
 
 say = logger(__name__).info
 

@@ -16,23 +16,23 @@ import copy
 import dataclasses
 import errno
 import os
-import traceback
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from .config import run_field
 from .data.arrays import as_tensor_or_lazy
-from .model.schedule import sample_timesteps
 from .data.loader import RowFetcher
 from .errors import RunFailed, UserError
 from .methods import Context, Method, StepBatch
 from .methods.base import GradStep
 from .model import DiffusionModel
+from .model.schedule import sample_timesteps
 from .optim import check_optimizer, make_optimizer
-from .config import run_field
 
 
 @dataclass

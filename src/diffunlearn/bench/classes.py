@@ -17,10 +17,22 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from .harness import Cell, CellResult, aggregate, check_bench_dir, command_line, load_rows, open_bench_dir, pm, \
-    run_cells, select, stat, write_results
 from ..config import run_field
+from ..errors import UserError
+from .harness import (
+    Cell,
+    CellResult,
+    aggregate,
+    check_bench_dir,
+    command_line,
+    load_rows,
+    open_bench_dir,
+    pm,
+    run_cells,
+    select,
+    stat,
+    write_results,
+)
 
 PRESET = "bench/class"
 REFERENCES = ("pretrained", "retrain")
@@ -62,8 +74,8 @@ class ClassBenchConfig:
 
 def _run_cell(cell: Cell, cfg: ClassBenchConfig, protocol, base, retrain) -> CellResult:
     from ..metrics.classes import weight_distance
-    from ..protocols.classes import class_grid
     from ..model.sampling import save_grid
+    from ..protocols.classes import class_grid
     from ..trainer import TrainerConfig, unlearn
 
     row, seed = cell.row, cell.key

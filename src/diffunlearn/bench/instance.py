@@ -34,8 +34,22 @@ import torch
 from ..errors import UserError
 from ..protocols.instance import InstanceSetup, Strip, evaluate, held_out_reference, strip_png
 from ..runs import read_json, write_json
-from .harness import Cell, CellResult, aggregate, check_bench_dir, command_line, load_rows, open_bench_dir, \
-    per_process, pm, run_cells, select, stat, weights_stamp, write_results
+from .harness import (
+    Cell,
+    CellResult,
+    aggregate,
+    check_bench_dir,
+    command_line,
+    load_rows,
+    open_bench_dir,
+    per_process,
+    pm,
+    run_cells,
+    select,
+    stat,
+    weights_stamp,
+    write_results,
+)
 
 PRESET = "bench/instance"
 REFERENCES = ("pretrained", "retrain")

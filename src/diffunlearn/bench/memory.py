@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
 from ..config import run_field
+from ..errors import UserError
 
 #: the goal: peak memory at the largest size within this many MB of the peak at the smallest
 GOAL_MB = 150

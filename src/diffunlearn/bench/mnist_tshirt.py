@@ -14,8 +14,19 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .harness import Cell, CellResult, aggregate, check_bench_dir, load_rows, open_bench_dir, pm, run_cells, \
-    select, stat, write_results
+from .harness import (
+    Cell,
+    CellResult,
+    aggregate,
+    check_bench_dir,
+    load_rows,
+    open_bench_dir,
+    pm,
+    run_cells,
+    select,
+    stat,
+    write_results,
+)
 
 PRESET = "bench/mnist-tshirt"
 REFERENCES = ("pretrained", "retrain")
@@ -109,8 +120,8 @@ def _tracked(r: CellResult) -> bool:
 
 def _run_cell(cell: Cell, cfg: MnistBenchConfig, protocol, base, retrain, kept, forget, tracked: list[int] | None
               ) -> CellResult:
-    from ..protocols.mnist_tshirt import masked
     from ..model.sampling import save_grid
+    from ..protocols.mnist_tshirt import masked
 
     row, seed = cell.row, cell.key
     curve, log = [], []

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
 from ..config import run_field
+from ..errors import UserError
 
 
 @dataclass
@@ -48,9 +48,9 @@ def run_sampler_bench(cfg: SamplerBenchConfig) -> dict:
     from ..data import to_uint8
     from ..metrics.rates import paired_hits
     from ..model import load_model
+    from ..model.sampling import ddpm_sample, save_grid
     from ..protocols.mnist_tshirt import MnistTshirtProtocol
     from ..runs import RunDir, prepare_out_dir
-    from ..model.sampling import ddpm_sample, save_grid
 
     samplers = parse_samplers(cfg.samplers)
     if cfg.n_samples < 10 or cfg.batch_size < 1:

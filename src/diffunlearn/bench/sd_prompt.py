@@ -36,8 +36,18 @@ import torch
 from ..errors import UserError
 from ..runs import write_json
 from ..trainer import TrainerConfig
-from .harness import Cell, CellResult, aggregate, check_bench_dir, command_line, load_rows, open_bench_dir, \
-    run_cells, select, write_results
+from .harness import (
+    Cell,
+    CellResult,
+    aggregate,
+    check_bench_dir,
+    command_line,
+    load_rows,
+    open_bench_dir,
+    run_cells,
+    select,
+    write_results,
+)
 
 PRESET = "bench/prompt"
 FREE_SETTINGS = ("out", "rows", "preset", "seeds")
@@ -104,10 +114,10 @@ class _Session:
     """Everything loaded once for all cells: the model, the data set's latents, the counter of memorised samples."""
 
     def __init__(self, cfg: PromptBenchConfig, rep: dict, sd, root: Path):
-        from ..sd.protocol import MemorisedCounter
         from ..sd.memorisation import read_prompt_data
-        from ..sd.workflows import prompt_latents
+        from ..sd.protocol import MemorisedCounter
         from ..sd.quality import quality_measure
+        from ..sd.workflows import prompt_latents
 
         self.cfg, self.rep, self.sd = cfg, rep, sd
         self.data = read_prompt_data(root / "data")
@@ -176,10 +186,10 @@ def _progress(r: CellResult) -> None:
 
 def run_prompt_bench(cfg: PromptBenchConfig) -> dict:
     from ..protocols.calibration import with_scaling_norm
-    from ..sd.protocol import data_quality, reference_distance, resolve_replica
-    from ..sd.memorisation import RULE_FILE, load_image
     from ..runs import check_outside_model
+    from ..sd.memorisation import RULE_FILE, load_image
     from ..sd.pipeline import load_sd, require_transformers
+    from ..sd.protocol import data_quality, reference_distance, resolve_replica
     from ..sd.workflows import build_data, prompt_method
 
     _validate(cfg)

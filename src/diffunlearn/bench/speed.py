@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import UserError
 from ..config import run_field
+from ..errors import UserError
 
 # label -> (method, hyperparameters)
 VARIANTS: dict[str, tuple[str, dict]] = {

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
 from ..config import run_field
+from ..errors import UserError
 from ..runs.summary import UnlearnSummary
 from ..verification.results import Verification
 
@@ -46,14 +46,14 @@ class DemoConfig:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    from .unlearn import UnlearnConfig, run_unlearn
-    from .evaluate import EvalConfig, evaluate
     from ..model import load_model
+    from ..model.sampling import save_grid
     from ..pretrained import pretrained_dir
     from ..protocols.mnist_tshirt import MnistTshirtProtocol, masked
     from ..runs import write_json
-    from ..model.sampling import save_grid
     from ..trainer import TrainerConfig
+    from .evaluate import EvalConfig, evaluate
+    from .unlearn import UnlearnConfig, run_unlearn
 
     if cfg.steps < 1 or cfg.n_samples < 10:
         raise UserError("--steps must be >= 1 and --n-samples >= 10")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
-from ..protocols.mnist_tshirt import MnistTshirtProtocol, masked
-from ..model.sampling import SAMPLE_BATCH
 from ..config import run_field
+from ..errors import UserError
+from ..model.sampling import SAMPLE_BATCH
+from ..protocols.mnist_tshirt import MnistTshirtProtocol, masked
 
 
 @dataclass
@@ -46,8 +46,8 @@ def evaluate(model, protocol: MnistTshirtProtocol, cfg: EvalConfig, progress: bo
 
 def run_eval(cfg: EvalConfig) -> dict:
     from ..model import load_model
-    from ..runs import RunDir, prepare_out_dir, write_json
     from ..model.sampling import check_sampler, save_grid
+    from ..runs import RunDir, prepare_out_dir, write_json
 
     if cfg.preset != "mnist-tshirt":
         raise UserError(f"unknown evaluation preset {cfg.preset!r}: known is mnist-tshirt")

@@ -31,13 +31,13 @@ from ..console import logger
 from ..data import ImageSet, content_hash, load_data, resolve_forget
 from ..data.labels import class_counts, labels_for_model
 from ..errors import UserError
-from ..runs.ledger import LEDGER_NAME, Ledger, line_hash, read_ledger, verify_ledger
 from ..metrics.membership import denoising_losses, loss_auc
 from ..metrics.similarity import SIMILARITY_T, load_similarity, noise_and_denoise_similarity
 from ..model import DiffusionModel, load_model, model_summary, save_model, state_hash
-from ..runs import RunDir, check_outside_model, check_space, prepare_out_dir
-from ..runs.summary import RequestsSummary
 from ..model.sampling import save_grid
+from ..runs import RunDir, check_outside_model, check_space, prepare_out_dir
+from ..runs.ledger import LEDGER_NAME, Ledger, line_hash, read_ledger, verify_ledger
+from ..runs.summary import RequestsSummary
 from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed
 from ..verification.loop import UntilRemoved, fresh_blocks_after
 from .deletion import keep_trained, train_request

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config import run_field
 from ..errors import UserError
 from ..model.sampling import SAMPLE_BATCH
-from ..config import run_field
 
 
 @dataclass
@@ -40,8 +40,8 @@ def run_sample(cfg: SampleConfig) -> dict:
 
     from ..data import to_uint8
     from ..model import load_model
-    from ..runs import RunDir, prepare_out_dir
     from ..model.sampling import check_guidance, check_sampler, ddpm_sample, save_grid
+    from ..runs import RunDir, prepare_out_dir
 
     if cfg.n < 1 or cfg.steps < 1 or cfg.batch_size < 1:
         raise UserError("--n, --steps and --batch-size must be at least 1")

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import yaml
 
-from ..runs.cards import unlearning_card
-from ..runs.summary import RequestsSummary, UnlearnSummary
 from ..config import flatten, run_field, to_dict
 from ..data import content_hash, load_data, resolve_forget, split_images
 from ..data.arrays import check_decodes
@@ -20,8 +18,10 @@ from ..data.labels import class_counts, unlearning_labels
 from ..errors import RunFailed, UserError
 from ..methods import MethodSpec, flag_of
 from ..model import load_model, model_summary, save_model, state_hash
-from ..runs import RunDir, check_outside_model, check_space, prepare_out_dir, read_json, step_printer
 from ..model.sampling import ddpm_sample
+from ..runs import RunDir, check_outside_model, check_space, prepare_out_dir, read_json, step_printer
+from ..runs.cards import unlearning_card
+from ..runs.summary import RequestsSummary, UnlearnSummary
 from ..tracking import Tracker, check_report_to
 from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed
 from ..verification.command import audit_settings, check_options, verify_run

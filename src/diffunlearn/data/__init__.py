@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .arrays import ImageArray, TensorImages, to_nchw, uint8_to_unit, unit_to_model
 from ..errors import UserError
+from .arrays import ImageArray, TensorImages, to_nchw, uint8_to_unit, unit_to_model
 from .labels import check_labels, folder_labels, forget_classes
 
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)

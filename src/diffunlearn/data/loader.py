@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .arrays import ImageArray, as_tensor_or_lazy
 from ..errors import UserError
+from .arrays import ImageArray, as_tensor_or_lazy
 
 
 class _Failed:

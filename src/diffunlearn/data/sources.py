@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .arrays import CHUNK, FileImages, NumpyImages, bomb_message, file_stamp
 from ..errors import UserError
+from .arrays import CHUNK, FileImages, NumpyImages, bomb_message, file_stamp
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 #: PIL modes read as one grey channel (a palette image too, when every palette entry is grey)
@@ -230,7 +230,7 @@ def npz_labels(path: Path) -> tuple[np.ndarray | None, list[str] | None]:
 
 def _extract(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, cache: str | None) -> Path:
     """A compressed ``.npz`` member decompressed once (streaming) into the cache, as an ``.npy``."""
-    from .cache import entry, ensure_free_space, locked, publish
+    from .cache import ensure_free_space, entry, locked, publish
 
     key = hashlib.sha256(f"{file_stamp(path)}|{info.filename}".encode()).hexdigest()
     out = entry("npz", key, cache)

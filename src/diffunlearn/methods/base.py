@@ -16,8 +16,8 @@ from typing import ClassVar
 
 import torch
 
-from ..model.schedule import gamma_sigma, predict_noise, sum_sq
 from ..errors import UserError
+from ..model.schedule import gamma_sigma, predict_noise, sum_sq
 
 
 @dataclass

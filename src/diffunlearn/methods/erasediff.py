@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.schedule import predict_noise, sum_sq
 from ..errors import UserError
+from ..model.schedule import predict_noise, sum_sq
 from .base import Method, Terms, ddpm_terms, global_norm
 
 

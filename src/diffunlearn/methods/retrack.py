@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.schedule import predict_noise, sum_sq
 from ..errors import UserError
+from ..model.schedule import predict_noise, sum_sq
 from .base import Method, Terms, check_range
 from .weights import drop_negligible
-
 
 #: distances computed per chunk of kept images: at most this many float64 elements of kept images at once
 NN_CHUNK_ELEMENTS = 2 ** 22

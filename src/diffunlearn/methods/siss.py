@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model.schedule import predict_noise, sum_sq
 from ..errors import UserError
+from ..model.schedule import predict_noise, sum_sq
 from .base import Method, Terms, check_range, ddpm_terms
 from .weights import drop_negligible, importance_weights, log_density_gap
 

@@ -255,7 +255,7 @@ def run_train_classifier(out: str | os.PathLike, steps: int = 2000, seed: int = 
                          lr: float = 1e-3) -> dict:
     """Train the MNIST T-Shirt domain classifier, save it to ``out`` and print its held-out accuracy: on the 500
     held-out digits of the built-in data and on the 1,000 Fashion-MNIST test T-shirts (never seen in training)."""
-    from ..data import _split_digits, fashion_mnist, tshirt_image, to_model_space
+    from ..data import _split_digits, fashion_mnist, to_model_space, tshirt_image
 
     images, labels = build_mnist_tshirt_classifier_data()
     start = time.perf_counter()

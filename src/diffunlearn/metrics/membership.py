@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model.schedule import gamma_sigma, predict_noise, sum_sq
 from ..errors import UserError
 from ..model import DiffusionModel
+from ..model.schedule import gamma_sigma, predict_noise, sum_sq
 
 
 @dataclass

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..model.schedule import predict_noise
 from ..errors import UserError
 from ..model import DiffusionModel
+from ..model.schedule import predict_noise
 
 #: the 8-bit discretisation of pixels in [-1, 1] (log2 of 2/256 per dimension, as Song et al.); latents have none
 BITS_OFFSET = 7.0

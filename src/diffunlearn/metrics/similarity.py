@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 
 from ..data import content_hash
-from ..model.schedule import predict_noise
 from ..errors import UserError
 from ..model import DiffusionModel
 from ..model.sampling import image_generators, initial_noise
+from ..model.schedule import predict_noise
 
 SIMILARITY_T = 250
 SSCD_SIZE = 288

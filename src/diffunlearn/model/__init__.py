@@ -20,7 +20,6 @@ import torch
 from ..errors import UserError
 from ..runs.safeload import check_finite, check_weights, state_hash  # noqa: F401 (state_hash: part of the API)
 
-
 # name -> UNet2DModel keyword arguments (sample_size and channels are filled in from the data)
 ARCHITECTURES: dict[str, dict] = {
     # 1.1 M parameters; 28x28 with attention at 7x7 (the CPU-sized MNIST model of MEASURED.md)

@@ -125,7 +125,7 @@ class LatentCodec:
     def encode_to_disk(self, images: ImageArray, cache: str | os.PathLike | None = None) -> NumpyImages:
         """The latents of every image, encoded once in chunks of ``batch_size`` into a cached ``.npy`` (float32) and
         read back through a memory map. Stops with a UserError, before writing, when the file would not fit."""
-        from ..data.cache import entry, ensure_free_space, locked, publish
+        from ..data.cache import ensure_free_space, entry, locked, publish
 
         h, w = images.shape[-2] // self.downsample, images.shape[-1] // self.downsample
         shape = (len(images), self.latent_channels, h, w)

@@ -7,8 +7,8 @@ import copy
 
 import torch
 
-from .schedule import predict_noise
 from . import DiffusionModel
+from .schedule import predict_noise
 
 #: images per forward pass: on CPU 64 took about 20% less CPU time than 256 (and than 1024) for bitwise the same images
 #: (docs/results/bench-speed.md); on a GPU pass a larger batch.

@@ -17,7 +17,6 @@ from ..methods.base import global_norm
 from ..model import DiffusionModel
 from ..trainer import RowSampler
 
-
 #: ``--scaling-norm auto``: this fraction of ||G_x|| (the paper's "about 10% of the logged ||G_x||")
 AUTO_FRACTION = 0.1
 

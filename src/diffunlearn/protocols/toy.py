@@ -69,8 +69,8 @@ class ProbeSet:
 def make_probes(clean: torch.Tensor, all_x: torch.Tensor, kept: torch.Tensor, alphas_cumprod: torch.Tensor,
                 timesteps, per_t: int, generator: torch.Generator) -> ProbeSet:
     """``per_t`` probes ``gamma_t c + sigma_t eps`` per timestep, cycling through the clean images ``clean``."""
-    from ..model.schedule import gamma_sigma
     from ..model.ideal import ideal_eps
+    from ..model.schedule import gamma_sigma
 
     xs, ts, es = [], [], []
     for t in timesteps:
@@ -168,8 +168,8 @@ class ToyEvaluator:
         return out
 
     def evaluate(self, model) -> dict:
-        from ..model.schedule import gamma_sigma, predict_noise
         from ..model.sampling import ddpm_sample
+        from ..model.schedule import gamma_sigma, predict_noise
 
         cfg, t0 = self.cfg, time.time()
         unet = model.unet.eval()

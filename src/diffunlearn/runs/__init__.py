@@ -13,8 +13,8 @@ from typing import Callable
 
 import yaml
 
-from ..errors import UserError
 from ..console import logger
+from ..errors import UserError
 
 say = logger(__name__).info
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import run_field
 from ..errors import UserError
 from ..model.sampling import image_generators, initial_noise
 from .pipeline import StableDiffusion
-from ..config import run_field
 
 
 @torch.no_grad()
@@ -74,8 +74,7 @@ def read_prompts(path: str) -> list[str]:
 
 def run_detect(cfg: DetectConfig) -> dict:
     """Score every prompt by Wen et al.'s text-conditional noise magnitude; print them sorted, write JSON."""
-    from ..runs import write_json
-    from ..runs import check_outside_model
+    from ..runs import check_outside_model, write_json
     from .pipeline import load_sd, pick_device
 
     if not cfg.model or not cfg.prompts:

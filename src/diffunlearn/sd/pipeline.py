@@ -23,8 +23,8 @@ import torch
 
 from ..errors import UserError
 from ..model import DiffusionModel
-from ..runs.safeload import PICKLE_SUFFIXES, check_finite, check_weights
 from ..model.sampling import initial_noise, seeded_batches
+from ..runs.safeload import PICKLE_SUFFIXES, check_finite, check_weights
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 OPTIONAL = ("vae",)  # no VAE: a pixel-space model (identity codec)

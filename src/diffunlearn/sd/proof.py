@@ -31,10 +31,10 @@ from datetime import datetime, timezone
 import numpy as np
 import torch
 
+from ..console import logger
 from ..errors import UserError
 from ..metrics.rates import binomial_ci
 from ..verification.verdicts import MAX_COPY_RATE, samples_for_rate
-from ..console import logger
 
 say = logger(__name__).info
 

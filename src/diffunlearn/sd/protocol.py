@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
 from ..console import logger
+from ..errors import UserError
 
 say = logger(__name__).info
 

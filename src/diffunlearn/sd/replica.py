@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
-from .memorisation import memorisation_rates  # noqa: F401 (part of this module's API)
 from ..config import run_field
 from ..console import logger
+from ..errors import UserError
+from .memorisation import memorisation_rates  # noqa: F401 (part of this module's API)
 
 say = logger(__name__).info
 
@@ -286,8 +286,8 @@ def write_sd_dir(folder: Path, unet, text, tok) -> Path:
 
 def train_replica(cfg: ReplicaTrainConfig) -> dict:
     """Train the replica and measure how often each prompt reproduces the memorised image."""
-    from ..model.schedule import gamma_sigma, sample_timesteps
     from ..model import state_hash
+    from ..model.schedule import gamma_sigma, sample_timesteps
     from ..runs import RunDir, prepare_out_dir
     from ..scratch import train_loop
     from .memorisation import save_image

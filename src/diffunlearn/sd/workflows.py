@@ -21,14 +21,14 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..config import run_field
 from ..errors import UserError
 from ..methods import MethodSpec, make_method
-from .protocol import MemorisedCounter, evaluate_prompt
 from ..runs import atomic_dir, check_outside_model
 from ..trainer import TrainerConfig
 from .memorisation import DEFAULT_THRESHOLD, LABELS_FILE, REFERENCE_FILE, RULE_FILE
 from .pipeline import pick_device
-from ..config import run_field
+from .protocol import MemorisedCounter, evaluate_prompt
 
 #: the paper's Stable Diffusion hyperparameters where they differ from a method's own defaults
 SD_METHOD_DEFAULTS = {"siss": {"scaling_norm": 750.0}, "siss-nois": {"scaling_norm": 750.0},
@@ -291,12 +291,11 @@ def run_prompt_unlearn(cfg: PromptUnlearnConfig) -> dict:
     """Unlearn a prompt's memorised images with the prompt held fixed; count memorised samples along the way."""
     from ..config import to_dict
     from ..runs import RunDir, prepare_out_dir
+    from .detect import read_prompts
     from .memorisation import MemorisationRule, read_prompt_data
     from .pipeline import load_sd
-    from .quality import quality_measure
-
-    from .detect import read_prompts
     from .proof import check_prompt_length
+    from .quality import quality_measure
 
     cfg.validate()
     method = cfg.build_method()
@@ -363,8 +362,8 @@ def unlearn_prompt(sd, kept: torch.Tensor, forget: torch.Tensor, method, trainer
     deletion (:func:`diffunlearn.sd.proof.verify_prompt`) into ``verification.json`` and ``report.html``. ``sd`` is
     not modified."""
     from ..model import state_hash
-    from ..runs import step_printer
     from ..model.sampling import save_grid
+    from ..runs import step_printer
     from ..trainer import unlearn
     from .pipeline import save_sd
 
@@ -405,8 +404,8 @@ def _prove(sd, unet, counter: MemorisedCounter, run_dir: Path, proof: dict, devi
     """Verify the saved model's deletion into ``verification.json`` with both UNets on ``device``; a failure is
     recorded there, the model stays."""
     from ..runs import write_json
-    from ..verification.report import VERIFICATION_NAME
     from ..verification.core import failure
+    from ..verification.report import VERIFICATION_NAME
     from .proof import prompt_summary_line, verify_prompt
 
     started = time.time()

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import yaml
 
+from ..config import run_field
+from ..console import logger
 from ..errors import UserError
 from ..metrics.similarity import SIMILARITY_T
 from ..runs import write_json
 from .core import failure, verify
-from .results import Verification
 from .measures import BUDGETS
 from .report import REPORT_NAME, VERIFICATION_NAME, write_report
+from .results import Verification
 from .verdicts import MAX_COPY_RATE
-from ..config import run_field
-from ..console import logger
 
 say = logger(__name__).info
 

@@ -14,8 +14,19 @@ from ..metrics.similarity import SIMILARITY_T
 from ..model import DiffusionModel
 from .measures import BUDGETS, Budget, Measured, Subjects, get_budget, measure_model, measure_spaces
 from .results import Outcome, Overall, Verdict, Verification
-from .verdicts import (MAX_COPY_RATE, NEAR_COPY_FRACTION, REMOVED, copy_hits, forget_verdict, generation_verdict,
-                       near_copy_thresholds, overall, quality_verdict, samples_for_rate, span)
+from .verdicts import (
+    MAX_COPY_RATE,
+    NEAR_COPY_FRACTION,
+    REMOVED,
+    copy_hits,
+    forget_verdict,
+    generation_verdict,
+    near_copy_thresholds,
+    overall,
+    quality_verdict,
+    samples_for_rate,
+    span,
+)
 
 ROLES = ("before", "after", "retrained")
 

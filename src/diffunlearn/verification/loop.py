@@ -26,8 +26,8 @@ from dataclasses import replace
 import numpy as np
 
 from ..errors import UserError
-from ..model import DiffusionModel
 from ..metrics.similarity import SIMILARITY_T
+from ..model import DiffusionModel
 from . import core, generation
 from .measures import measure_model
 from .results import Verification
