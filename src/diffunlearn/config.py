@@ -20,6 +20,8 @@ from .errors import UserError
 #: the settings that many commands share, declared once (help, default); a config declares one with
 #: ``threads: int = run_field("threads")`` and may change its default, or its help where the command means more
 RUN_FIELDS: dict[str, tuple[str, object]] = {
+    "out": ("run directory to create; the model goes to <out>/model", ""),
+    "bench_out": ("benchmark directory (re-runs resume)", ""),
     "threads": ("CPU threads for torch (0: torch's default)", 0),
     "allow_pickle": ("allow loading pickle weights (.bin/.ckpt): only for files you trust", False),
     "overwrite": ("replace a non-empty output directory", False),

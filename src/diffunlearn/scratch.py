@@ -34,7 +34,7 @@ class TrainConfig:
     data: str = field(default="", metadata={"help": "data SPEC: image folder, .npy/.npz, or a built-in name"})
     forget: str = field(default="", metadata={"help": "forget SPEC: when given, train on X \\ A "
                                                       "(the retrain gold standard)"})
-    out: str = field(default="", metadata={"help": "run directory to create"})
+    out: str = run_field("out")
     arch: str = field(default="mnist-small", metadata={"help": "UNet size: mnist-small, mnist-paper, toy, tiny"})
     class_conditional: bool = field(default=False, metadata={"help": "train a class-conditional UNet on the data's "
                                                                      "labels (class subfolders, "

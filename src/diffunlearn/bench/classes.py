@@ -55,7 +55,7 @@ PAPER = {
 
 @dataclass
 class ClassBenchConfig:
-    out: str = field(default="runs/bench-class", metadata={"help": "benchmark directory (re-runs resume)"})
+    out: str = run_field("bench_out", "runs/bench-class")
     variant: str = field(default="conditional", metadata={"help": "conditional (the class-conditional model) or "
                                                                    "unconditional (the unconditional MNIST model)"})
     forget_class: int = field(default=7, metadata={"help": "the digit to forget"})

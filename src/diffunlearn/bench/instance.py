@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import run_field
 from ..errors import UserError
 from ..protocols.instance import InstanceSetup, Strip, evaluate, held_out_reference, strip_png
 from ..runs import read_json, write_json
@@ -59,7 +60,7 @@ FREE_SETTINGS = ("out", "rows", "preset", "targets", "workers")
 
 @dataclass
 class InstanceBenchConfig:
-    out: str = field(default="runs/bench-instance", metadata={"help": "benchmark directory (re-runs resume)"})
+    out: str = run_field("bench_out", "runs/bench-instance")
     model: str = field(default="instance-base", metadata={"help": "shipped model name or diffusers model directory"})
     data: str = field(default="instance-digits", metadata={"help": "data SPEC of X (the model's training set)"})
     held_out: str = field(default="", metadata={"help": "data SPEC of images never trained on (default: the data "

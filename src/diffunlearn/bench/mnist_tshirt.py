@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import run_field
 from ..errors import UserError
 from .harness import (
     Cell,
@@ -39,7 +40,7 @@ PER_RUN = ("rows", "preset", "seeds", "threads", "out", "curve_every", "curve_sa
 
 @dataclass
 class MnistBenchConfig:
-    out: str = field(default="runs/bench-mnist-tshirt", metadata={"help": "benchmark directory (re-runs resume)"})
+    out: str = run_field("bench_out", "runs/bench-mnist-tshirt")
     seeds: int = field(default=3, metadata={"help": "seeds per method"})
     rows: str = field(default="", metadata={"help": "comma-separated rows of the preset (default: those not marked "
                                                     "default: false)"})

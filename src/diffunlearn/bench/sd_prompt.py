@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import run_field
 from ..errors import UserError
 from ..runs import write_json
 from ..trainer import TrainerConfig
@@ -55,7 +56,7 @@ FREE_SETTINGS = ("out", "rows", "preset", "seeds")
 
 @dataclass
 class PromptBenchConfig:
-    out: str = field(default="runs/bench-prompt", metadata={"help": "benchmark directory (re-runs resume)"})
+    out: str = run_field("bench_out", "runs/bench-prompt")
     model: str = field(default="prompt-digits", metadata={"help": "shipped model name or SD-layout directory"})
     prompt: str = field(default="", metadata={"help": "the memorised prompt (default: the replica's replica.json)"})
     variant: str = field(default="", metadata={"help": "the variant prompt, also scored (default: the replica's)"})

@@ -24,7 +24,7 @@ from ..verification.results import Verification
 
 @dataclass
 class DemoConfig:
-    out: str = field(default="runs/demo", metadata={"help": "run directory to create"})
+    out: str = run_field("out", "runs/demo")
     until: str = field(default="removed", metadata={"help": "'removed': unlearn until the verification confirms the "
                                                             "deletion (at most --max-steps); '' runs --steps steps"})
     max_steps: int = field(default=1000, metadata={"help": "with --until removed: the most steps"})

@@ -41,7 +41,7 @@ class UnlearnConfig:
     data: str = field(default="", metadata={"help": "data SPEC for X: image folder, .npy/.npz, or a built-in name"})
     forget: str = field(default="default", metadata={"help": "forget SPEC for A: indices, names, paths, @file, "
                                                             "class=NAME (a labelled data set's class), or 'default'"})
-    out: str = field(default="", metadata={"help": "run directory to create"})
+    out: str = run_field("out")
     overwrite: bool = run_field("overwrite")
     resume: bool = field(default=False, metadata={"help": "continue the run in --out from its last checkpoint"})
     allow_pickle: bool = run_field("allow_pickle")

@@ -222,7 +222,7 @@ def replica_data(per_class: int = 30, copies: int = 150, variant_copies: int = 1
 
 @dataclass
 class ReplicaTrainConfig:
-    out: str = field(default="", metadata={"help": "run directory to create; the model goes to <out>/model"})
+    out: str = run_field("out")
     layout: str = field(default="prompt", metadata={"help": "prompt: one memorised prompt and a variant (bench "
                                                             "prompt's replica); laion: distinct captions, a few pairs "
                                                             "duplicated (for detect; see diffunlearn.sd.laion)"})

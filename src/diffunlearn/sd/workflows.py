@@ -226,7 +226,7 @@ def run_score(cfg: PromptScoreConfig) -> dict:
 class PromptUnlearnConfig:
     model: str = field(default="", metadata={"help": "local Stable Diffusion v1.x diffusers directory"})
     data: str = field(default="", metadata={"help": "folder from `diffunlearn prompt build` (labels.csv: forget = A)"})
-    out: str = field(default="", metadata={"help": "run directory to create (the unlearned model goes to model/)"})
+    out: str = run_field("out")
     prompt: str = field(default="", metadata={"help": "prompt held fixed while unlearning (default: the data's)"})
     original_prompt: str = field(default="", metadata={"help": "the original, fully memorised prompt: also scored"})
     eval_every: int = field(default=5, metadata={"help": "count memorised samples every N steps (0: before and "
