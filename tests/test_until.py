@@ -127,7 +127,7 @@ def test_until_removed_end_to_end_exits_3_when_not_removed(capsys, tmp_path, mon
     data = tmp_path / "d.npz"
     np.savez(data, images=(torch.rand((30, 8, 8), generator=rng) * 255).to(torch.uint8).numpy())
     out = tmp_path / "run"
-    import diffunlearn.verification.command as command
+    import diffunlearn.commands.verify as command
     import diffunlearn.verification.core as core
 
     calls, real = [], core.verify
@@ -174,7 +174,7 @@ def test_requests_until_removed_runs_one_loop_per_request(capsys, tmp_path, monk
     first request not removed sets the exit status (3)."""
     import numpy as np
 
-    import diffunlearn.verification.command as command
+    import diffunlearn.commands.verify as command
     import diffunlearn.verification.core as core
 
     model = save_model(tiny_model(), tmp_path / "base")

@@ -522,8 +522,8 @@ def test_non_finite_outputs_are_recorded_not_raised(capsys, data_file, tmp_path)
         next(model.unet.parameters()).fill_(float("nan"))
     run = tmp_path / "run"
     run.mkdir()
+    from diffunlearn.commands.verify import verify_run
     from diffunlearn.data import load_data
-    from diffunlearn.verification import verify_run
 
     head = verify_run(run, tiny_model(seed=0), model, load_data(str(data_file)), [0], "fast", log=lambda m: None)
     assert head["status"] == "failed" and "NaN" in head["error"]

@@ -437,7 +437,7 @@ def run_sequential(cfg) -> RequestsSummary | None:
     run.finish(summary.to_dict())
     say(f"saved {run.model_dir} with {LEDGER_NAME}; strips.png: original | before | after its request | at the end")
     if cfg.verify != "off":  # every request's model and ledger line are saved: a failed verification is recorded
-        from ..verification.command import audit_settings, verify_run
+        from .verify import audit_settings, verify_run
 
         summary.verification = verify_run(
             out, base, model, data, order, cfg.verify, held_out=held_out, sscd=seq.sscd or None,

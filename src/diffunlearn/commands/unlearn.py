@@ -24,12 +24,12 @@ from ..runs.cards import unlearning_card
 from ..runs.summary import RequestsSummary, UnlearnSummary
 from ..tracking import Tracker, check_report_to
 from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed
-from ..verification.command import audit_settings, check_options, verify_run
 from ..verification.loop import UntilRemoved, check_until
 from ..verification.report import VERIFICATION_NAME
 from ..verification.results import Verification
 from .deletion import keep_trained, train_request
 from .requests import SequentialConfig, run_sequential
+from .verify import audit_settings, check_options, verify_run
 
 
 @dataclass

@@ -1,12 +1,218 @@
-"""``diffunlearn verify`` (is it gone? before/after evidence for any models) and ``diffunlearn report`` (a run's
-report.html from its files)."""
+"""``diffunlearn verify`` (is it gone? before/after evidence for any models: :func:`run_verify` with
+:class:`VerifyConfig`, or a prompt deletion's proof), :func:`verify_run` (the verification ``unlearn`` runs after
+saving its model, for a single request and for ``--requests``) and ``diffunlearn report`` (a run's report.html from
+its files)."""
 
 from __future__ import annotations
 
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..config import config_command, run_field
+from ..console import logger
+from ..errors import UserError
+from ..metrics.similarity import SIMILARITY_T
+from ..runs import write_json
+from ..verification.core import failure, verify
+from ..verification.measures import BUDGETS
+from ..verification.report import REPORT_NAME, VERIFICATION_NAME, write_report
+from ..verification.results import Verification
+from ..verification.verdicts import MAX_COPY_RATE
+
+say = logger(__name__).info
+
+VERIFY_CHOICES = ("fast", "full", "off")
+
+
+@dataclass
+class VerifyConfig:
+    model: str = field(default="", metadata={"help": "the model to verify: diffusers directory, run directory or "
+                                                     "shipped name (unlearned by any tool)"})
+    data: str = field(default="", metadata={"help": "data SPEC of X, the set the model was trained on"})
+    forget: str = field(default="", metadata={"help": "forget SPEC of A within X: indices, names, @file, default"})
+    before: str = field(default="", metadata={"help": "the model before the deletion (adds before -> after and the "
+                                                      "quality check)"})
+    reference: str = field(default="", metadata={"help": "a model retrained on X \\ A (the gold standard), measured "
+                                                         "the same way"})
+    held_out: str = field(default="", metadata={"help": "data SPEC of images never trained on (reference images; "
+                                                        "default: the data set's own, else kept images)"})
+    budget: str = field(default="fast", metadata={"help": (
+        "fast: " + BUDGETS["fast"].resolves() + "; 1-3 minutes on MNIST 28x28 on one thread. full: "
+        + BUDGETS["full"].resolves() + "; 7-16 minutes on MNIST (docs/performance.md: the costs at 28x28, "
+        "128x128 and 256x256)").replace("%", "%%")})
+    max_copy_rate: float = field(default=MAX_COPY_RATE, metadata={"help": "the copy rate the generation test must "
+                                                                          "rule out: a budget whose fresh samples "
+                                                                          "cannot is an error (default 0.01: 1%%)"})
+    samples: int = field(default=0, metadata={"help": "fresh samples of the generation test instead of the "
+                                                      "budget's (0: the budget's)"})
+    out: str = field(default="", metadata={"help": "directory to create: verification.json, report.html"})
+    audit: str = field(default="", metadata={"help": "relearn[:K]: fine-tune K steps (default 50) on X \\ A and on "
+                                                     "A's nearest neighbours, then measure A again"})
+    audit_lr: float = field(default=5e-5, metadata={"help": "relearning audit: AdamW learning rate"})
+    audit_batch_size: int = field(default=32, metadata={"help": "relearning audit: batch size"})
+    sscd: str = field(default="", metadata={"help": "local SSCD TorchScript file for the similarity (default: "
+                                                    "weight-free pixel cosine)"})
+    similarity_t: int = field(default=SIMILARITY_T, metadata={"help": "noise-and-denoise: noise to this step"})
+    seed: int = field(default=0, metadata={"help": "seed of every measure's noise, the samples and the reference"})
+    threads: int = run_field("threads")
+    overwrite: bool = run_field("overwrite", help="replace a previous verification directory")
+    allow_pickle: bool = run_field("allow_pickle")
+    prompt: str = field(default="", metadata={"help": "verify a Stable Diffusion prompt deletion instead: the prompt "
+                                                      "(--model and --before are SD directories, --data the folder "
+                                                      "of `prompt build` whose rule says what is memorised)"})
+    paraphrases: str = field(default="", metadata={"help": "with --prompt: text file of reworded prompts to verify "
+                                                           "beside the generated token edits"})
+    control_prompts: str = field(default="", metadata={"help": "with --prompt: text file of unrelated prompts on "
+                                                               "which quality must hold before -> after"})
+    clip: str = field(default="", metadata={"help": "with --prompt and --control-prompts: local CLIP directory for "
+                                                    "CLIP-IQA (default: the weight-free sharpness proxy)"})
+    guidance: float = field(default=7.5, metadata={"help": "with --prompt: classifier-free guidance scale"})
+    sample_steps: int = field(default=50, metadata={"help": "with --prompt: DDIM sampling steps"})
+
+
+def audit_settings(spec: str, lr: float, batch_size: int, seed: int):
+    """The :class:`~diffunlearn.verification.audit.AuditSettings` of ``--audit relearn[:K]``, or None."""
+    from ..verification.audit import AuditSettings, parse_audit
+
+    steps = parse_audit(spec)
+    return None if steps is None else AuditSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed)
+
+
+def check_options(verify_: str, audit: str) -> None:
+    """Bad ``--verify`` / ``--audit`` values fail before anything runs."""
+    if verify_ not in VERIFY_CHOICES:
+        raise UserError(f"--verify must be one of {', '.join(VERIFY_CHOICES)}, got {verify_!r}")
+    from ..verification.audit import parse_audit
+
+    parse_audit(audit)
+    if audit and verify_ == "off":
+        raise UserError("--audit needs verification: drop --verify off")
+    if audit and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--audit fine-tunes in one process: start the run without accelerate launch, or run "
+                        "`diffunlearn verify --audit` on its model afterwards")
+
+
+def _write_results(folder: Path, result: Verification) -> None:
+    write_json(folder / VERIFICATION_NAME, result.to_dict())
+    write_report(folder)
+
+
+def run_verify(cfg: VerifyConfig) -> Verification:
+    """The ``diffunlearn verify`` command: every input is checked before anything is measured or written."""
+    import torch
+
+    from ..data import load_data, resolve_forget
+    from ..model import load_model
+    from ..runs import atomic_dir, prepare_out_dir
+    from ..verification.core import check_budget, check_models
+
+    for name in ("model", "data", "forget", "out"):
+        if not getattr(cfg, name):
+            raise UserError(f"pass --{name}" + {"model": ": the model to verify", "data": ": the data set X",
+                                                "forget": ": the items of X that were removed",
+                                                "out": ": the directory to write"}[name])
+    budget = check_budget(cfg.budget, cfg.max_copy_rate, cfg.samples or None)
+    audit = audit_settings(cfg.audit, cfg.audit_lr, cfg.audit_batch_size, cfg.seed)
+    out = prepare_out_dir(cfg.out, cfg.overwrite)
+    data = load_data(cfg.data)
+    forget_idx = resolve_forget(cfg.forget, data)
+    roles = {"after": cfg.model, "before": cfg.before, "retrained": cfg.reference}
+    models = {r: load_model(p, allow_pickle=cfg.allow_pickle) for r, p in roles.items() if p}
+    check_models(models, data.shape)
+    held_set = load_data(cfg.held_out) if cfg.held_out else None
+    held = held_set.images if held_set is not None else None
+    held_y = None
+    if held is not None:
+        models["after"].check_images(tuple(held.shape[1:]), "held-out")
+        if models["after"].conditional:  # a class-conditional model measures each image under its own class
+            from ..data.labels import labels_for_model
+
+            held_y = labels_for_model(held_set, models["after"].classes)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    started = time.time()
+    try:
+        result = verify(models["after"], data, forget_idx, before=models.get("before"),
+                        retrained=models.get("retrained"), held_out=held, held_out_labels=held_y, budget=budget,
+                        sscd=cfg.sscd or None,
+                        seed=cfg.seed, similarity_t=cfg.similarity_t, audit=audit, log=say,
+                        max_copy_rate=cfg.max_copy_rate)
+        error = None
+    except FloatingPointError as e:  # a model with non-finite outputs: a finding, recorded like a result
+        result, error = failure("failed", str(e), started), str(e)
+
+    def write(folder: Path) -> None:
+        (folder / "config.yaml").write_text(yaml.safe_dump({"command": "verify", **asdict(cfg)}, sort_keys=False))
+        _write_results(folder, result)
+
+    atomic_dir(out, write)
+    if error:
+        say(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME} (verification failed)")
+        raise UserError(error)
+    say(result.line())
+    say(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME}")
+    return result
+
+
+def verify_run(run_dir: str | Path, before, after, data, forget_idx, budget: str = "fast", *, held_out=None,
+               sscd: str | None = None, seed: int = 0, similarity_t: int = SIMILARITY_T, audit=None,
+               log=say, cache_dir: str | None = None, result: Verification | None = None, fresh_block: int = 0
+               ) -> dict | None:
+    """Verify a finished run and write ``verification.json`` and ``report.html`` into ``run_dir``.
+
+    The model is already saved when this runs: whatever happens here (an exception, non-finite outputs, Ctrl-C)
+    leaves it in place; ``verification.json`` then records the error (status ``failed`` or ``interrupted``) and the
+    report says what is missing. Ctrl-C is re-raised after recording. ``result``: a verification of ``after``
+    already made, recorded as it is. ``fresh_block``: the block of fresh seeds to draw (past seeds an ``--until
+    removed`` gate searched). Returns the result's headline, or None when ``budget`` is ``off``."""
+    if budget == "off":
+        return None
+    run_dir = Path(run_dir)
+    started = time.time()
+    if result is not None:  # already verified (unlearn --until removed confirmed this very model)
+        pass
+    else:
+        try:
+            result = verify(after, data, forget_idx, before=before, held_out=held_out, budget=budget, sscd=sscd,
+                            seed=seed, similarity_t=similarity_t, audit=audit, log=log, cache_dir=cache_dir,
+                            fresh_block=fresh_block)
+        except KeyboardInterrupt:
+            result = failure("interrupted", "verification was interrupted (Ctrl-C) before it finished; missing: "
+                                            "every verdict. The targeted search keeps the seeds it finished in the "
+                                            "cache (verify-search/), so the next verification resumes it", started)
+            _record(run_dir, result, log)
+            raise
+        except Exception as e:  # noqa: BLE001 - any failure is recorded; the saved model stays
+            result = failure("failed", f"{type(e).__name__}: {e}", started)
+    _record(run_dir, result, log)
+    return {**result.headline(), "file": str(run_dir / VERIFICATION_NAME),
+            "seconds_with_report": round(time.time() - started, 2)}
+
+
+def _record(run_dir: Path, result: Verification, log) -> None:
+    try:
+        write_json(run_dir / VERIFICATION_NAME, result.to_dict())
+    except OSError as e:
+        log(f"verification.json could not be written: {e}")
+        return
+    try:
+        write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the report is a view of files that are already written
+        log(f"report.html could not be written ({type(e).__name__}: {e}); `diffunlearn report {run_dir}` retries")
+    if result.ok:
+        log(result.line())
+        log(f"wrote {run_dir / VERIFICATION_NAME} and {run_dir / REPORT_NAME}")
+    else:
+        log(f"the unlearned model is saved in {run_dir / 'model'}, but its verification {result.outcome.value}: "
+            f"{result.error}. verification.json records this; `diffunlearn verify --model {run_dir} ...` "
+            "measures it again")
+
 
 def run_report(run_dir: str, out: str | None = None) -> int:
-    from ..verification.report import write_report
-
     path = write_report(run_dir, out)
     print(f"wrote {path}")
     return 0
@@ -20,9 +226,6 @@ IMAGE_ONLY = ("forget", "reference", "held_out", "audit", "audit_lr", "audit_bat
 
 def run_any_verify(cfg):
     """``verify``: a prompt deletion of a Stable Diffusion model with ``--prompt``, else a deletion of images."""
-    from ..errors import UserError
-    from ..verification.command import VerifyConfig, run_verify
-
     default = VerifyConfig()
     given = [k for k in (IMAGE_ONLY if cfg.prompt else PROMPT_ONLY) if getattr(cfg, k) != getattr(default, k)]
     flags = ", ".join("--" + k.replace("_", "-") for k in given)
@@ -38,9 +241,6 @@ def run_any_verify(cfg):
 
 
 def _verify_setup(p) -> None:
-    from ..config import config_command
-    from ..verification.command import VerifyConfig
-
     config_command(p, VerifyConfig, run_any_verify)
 
 
