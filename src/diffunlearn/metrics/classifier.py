@@ -277,23 +277,4 @@ def run_train_classifier(out: str | os.PathLike, steps: int = 2000, seed: int = 
         "target_tshirt_class": int(classifier_probs(model, target).argmax(1)),
     }
     save_classifier(model, out, report)
-    for key, value in report.items():
-        print(f"{key}: {value}")
     return report
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    p = argparse.ArgumentParser(description=run_train_classifier.__doc__)
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (training is small; leave cores to others)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    run_train_classifier(args.out, args.steps, args.seed)
-
-
-if __name__ == "__main__":
-    main()
