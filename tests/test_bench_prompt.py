@@ -216,7 +216,7 @@ def test_shipped_replica_matches_its_record():
     from diffunlearn.model import state_hash
     from diffunlearn.pretrained import pretrained_dir
     from diffunlearn.sd.memorisation import load_image
-    from diffunlearn.sd.replica import ReplicaTrainConfig
+    from diffunlearn.commands.prompt import ReplicaTrainConfig
 
     root = pretrained_dir("prompt-digits")
     summary = json.loads((root / "summary.json").read_text())

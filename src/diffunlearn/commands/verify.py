@@ -10,6 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 
 from ..config import config_command, run_field
@@ -103,7 +104,6 @@ def _write_results(folder: Path, result: Verification) -> None:
 
 def run_verify(cfg: VerifyConfig) -> Verification:
     """The ``diffunlearn verify`` command: every input is checked before anything is measured or written."""
-    import torch
 
     from ..data import load_data, resolve_forget
     from ..model import load_model
@@ -212,6 +212,66 @@ def _record(run_dir: Path, result: Verification, log) -> None:
             "measures it again")
 
 
+def run_prompt_verify(cfg: VerifyConfig) -> dict:
+    """``diffunlearn verify --prompt``: the prompt deletion from ``cfg.before`` to ``cfg.model`` (Stable Diffusion
+    directories), judged by the memorisation rule of the ``prompt build`` folder ``cfg.data``. Every input is checked
+    before anything is measured or written."""
+    from ..runs import atomic_dir, check_outside_model, prepare_out_dir
+    from ..sd.detect import read_prompts
+    from ..sd.memorisation import read_prompt_data
+    from ..sd.pipeline import load_sd
+    from ..sd.proof import check_prompt_budget, check_prompt_length, prompt_summary_line, verify_prompt
+
+    for name, what in (("model", "the unlearned Stable Diffusion directory"), ("before", "the model before the "
+                       "deletion (a prompt is verified against it)"), ("data", "the folder of `prompt build` whose "
+                       "rule says what is memorised"), ("out", "the directory to write")):
+        if not getattr(cfg, name):
+            raise UserError(f"pass --{name}: {what}")
+    if cfg.budget == "off":  # options of image verification were refused by the command (commands/verify.py)
+        raise UserError("--budget off verifies nothing: choose fast or full")
+    if cfg.sample_steps < 1 or not cfg.guidance >= 0:
+        raise UserError("--sample-steps must be >= 1 and --guidance >= 0")
+    b = check_prompt_budget(cfg.budget, cfg.max_copy_rate)
+    from ..sd.pipeline import pick_device, resolve_sd_dir
+
+    for model in (cfg.model, cfg.before):
+        check_outside_model(cfg.out, str(resolve_sd_dir(model)))
+    out = prepare_out_dir(cfg.out, cfg.overwrite)
+    data = read_prompt_data(cfg.data)
+    if data.rule is None:
+        raise UserError(f"{cfg.data} holds no memorisation rule (memorisation.json): rebuild it with `diffunlearn "
+                        "prompt build`")
+    device = pick_device("auto")
+    before = load_sd(cfg.before, cfg.allow_pickle).to(device)
+    after = load_sd(cfg.model, cfg.allow_pickle).to(device)
+    if tuple(after.image_shape) != tuple(before.image_shape):
+        raise UserError(f"the model draws {tuple(after.image_shape)} images but the model before draws "
+                        f"{tuple(before.image_shape)}: verify a model against the one it was unlearned from")
+    before.check_images(tuple(data.rule.reference.shape), f"the memorised image of {cfg.data}")
+    paraphrases = read_prompts(cfg.paraphrases) if cfg.paraphrases else []
+    controls = read_prompts(cfg.control_prompts) if cfg.control_prompts else []
+    for p in [cfg.prompt, *paraphrases, *controls]:
+        check_prompt_length(before, p, "the prompt" if p == cfg.prompt else f"prompt {p!r}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    from ..sd.quality import quality_measure
+
+    result = verify_prompt(before, after.unet, cfg.prompt, data.rule, budget=b, guidance=cfg.guidance,
+                           sample_steps=cfg.sample_steps, seed=cfg.seed, paraphrases=paraphrases,
+                           max_rate=cfg.max_copy_rate, log=say, controls=controls,
+                           quality=quality_measure(cfg.clip, allow_pickle=cfg.allow_pickle) if controls else None)
+
+    def write(folder):
+        (folder / "config.yaml").write_text(yaml.safe_dump({"command": "verify", **asdict(cfg)}, sort_keys=False))
+        write_json(folder / VERIFICATION_NAME, result)
+        write_report(folder)
+
+    atomic_dir(out, write)
+    say(prompt_summary_line(result))
+    say(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME}")
+    return result
+
+
 def run_report(run_dir: str, out: str | None = None) -> int:
     path = write_report(run_dir, out)
     print(f"wrote {path}")
@@ -234,8 +294,6 @@ def run_any_verify(cfg):
     if given:
         raise UserError(f"{flags} apply to prompt verification: pass --prompt, or drop them")
     if cfg.prompt:
-        from ..sd.proof import run_prompt_verify
-
         return run_prompt_verify(cfg)
     return run_verify(cfg)
 

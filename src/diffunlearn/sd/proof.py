@@ -235,71 +235,6 @@ def verify_prompt(sd, unet_after, prompt: str, rule, *, budget: "str | PromptBud
                                     "after": [encode_image(x_after[pos[h]]) for h in show]}}}
 
 
-def run_prompt_verify(cfg) -> dict:
-    """``diffunlearn verify --prompt``: the prompt deletion from ``cfg.before`` to ``cfg.model`` (Stable Diffusion
-    directories), judged by the memorisation rule of the ``prompt build`` folder ``cfg.data``. Every input is checked
-    before anything is measured or written."""
-    from dataclasses import asdict
-
-    import yaml
-
-    from ..runs import atomic_dir, prepare_out_dir, write_json
-    from ..verification.report import REPORT_NAME, VERIFICATION_NAME, write_report
-    from .detect import read_prompts
-    from .memorisation import read_prompt_data
-    from .pipeline import load_sd
-
-    for name, what in (("model", "the unlearned Stable Diffusion directory"), ("before", "the model before the "
-                       "deletion (a prompt is verified against it)"), ("data", "the folder of `prompt build` whose "
-                       "rule says what is memorised"), ("out", "the directory to write")):
-        if not getattr(cfg, name):
-            raise UserError(f"pass --{name}: {what}")
-    if cfg.budget == "off":  # options of image verification were refused by the command (commands/verify.py)
-        raise UserError("--budget off verifies nothing: choose fast or full")
-    if cfg.sample_steps < 1 or not cfg.guidance >= 0:
-        raise UserError("--sample-steps must be >= 1 and --guidance >= 0")
-    b = check_prompt_budget(cfg.budget, cfg.max_copy_rate)
-    from ..runs import check_outside_model
-    from .pipeline import pick_device, resolve_sd_dir
-
-    for model in (cfg.model, cfg.before):
-        check_outside_model(cfg.out, str(resolve_sd_dir(model)))
-    out = prepare_out_dir(cfg.out, cfg.overwrite)
-    data = read_prompt_data(cfg.data)
-    if data.rule is None:
-        raise UserError(f"{cfg.data} holds no memorisation rule (memorisation.json): rebuild it with `diffunlearn "
-                        "prompt build`")
-    device = pick_device("auto")
-    before = load_sd(cfg.before, cfg.allow_pickle).to(device)
-    after = load_sd(cfg.model, cfg.allow_pickle).to(device)
-    if tuple(after.image_shape) != tuple(before.image_shape):
-        raise UserError(f"the model draws {tuple(after.image_shape)} images but the model before draws "
-                        f"{tuple(before.image_shape)}: verify a model against the one it was unlearned from")
-    before.check_images(tuple(data.rule.reference.shape), f"the memorised image of {cfg.data}")
-    paraphrases = read_prompts(cfg.paraphrases) if cfg.paraphrases else []
-    controls = read_prompts(cfg.control_prompts) if cfg.control_prompts else []
-    for p in [cfg.prompt, *paraphrases, *controls]:
-        check_prompt_length(before, p, "the prompt" if p == cfg.prompt else f"prompt {p!r}")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    from .quality import quality_measure
-
-    result = verify_prompt(before, after.unet, cfg.prompt, data.rule, budget=b, guidance=cfg.guidance,
-                           sample_steps=cfg.sample_steps, seed=cfg.seed, paraphrases=paraphrases,
-                           max_rate=cfg.max_copy_rate, log=print, controls=controls,
-                           quality=quality_measure(cfg.clip, allow_pickle=cfg.allow_pickle) if controls else None)
-
-    def write(folder):
-        (folder / "config.yaml").write_text(yaml.safe_dump({"command": "verify", **asdict(cfg)}, sort_keys=False))
-        write_json(folder / VERIFICATION_NAME, result)
-        write_report(folder)
-
-    atomic_dir(out, write)
-    say(prompt_summary_line(result))
-    say(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME}")
-    return result
-
-
 def _control_quality(s: _Sampler, before, after, controls: list[str], quality, guidance: float, idx, say) -> dict:
     """Mean quality of each unrelated prompt's samples before and after, and whether it holds by the measure's
     rule; "not tested" without control prompts."""
@@ -326,4 +261,4 @@ def prompt_summary_line(v: dict) -> str:
 
 
 __all__ = ["PROMPT_BUDGETS", "PromptBudget", "check_prompt_budget", "check_prompt_length", "prompt_summary_line",
-           "run_prompt_verify", "token_edits", "verify_prompt"]
+           "token_edits", "verify_prompt"]
