@@ -185,6 +185,15 @@ def _truncated_png(tmp):
     return _base(tmp, "--check-data", data=folder)
 
 
+def _truncated_png_requests(tmp):
+    """The same truncated PNG under deletion requests: they load and check their inputs as a single request does."""
+    args = _truncated_png(tmp)
+    (tmp / "requests.txt").write_text("0\n1\n")
+    i = args.index("--forget")
+    args[i:i + 2] = ["--requests", str(tmp / "requests.txt")]
+    return args
+
+
 def _nan_weights(tmp):
     from safetensors.torch import load_file, save_file
 
@@ -335,6 +344,8 @@ FAULTS: list[Fault] = [
     Fault("decompression bomb (a small PNG claiming 20,000 x 20,000 pixels)", "decompression bomb", _bomb,
           "remove or resize the file"),
     Fault("--check-data with a truncated PNG", "images cannot be used", _truncated_png,
+          "replace the file before the run starts"),
+    Fault("--requests --check-data with a truncated PNG", "images cannot be used", _truncated_png_requests,
           "replace the file before the run starts"),
     Fault("NaN in the input model's weights", "hold NaN or Inf: tensor", _nan_weights, "re-export or re-copy the model"),
     Fault("not enough free space for the run", "not enough free space", _full_disk, "free space or choose another --out",

@@ -19,11 +19,15 @@ from pathlib import Path
 import torch
 
 from ..console import logger
+from ..data import ImageSet, load_data
+from ..data.arrays import check_decodes
+from ..data.cache import cache_dir, check_outside
 from ..errors import UserError
 from ..methods import Method, MethodSpec
-from ..model import DiffusionModel
+from ..model import DiffusionModel, load_model
 from ..protocols.calibration import AUTO_FRACTION, calibrated
-from ..trainer import Checkpointer, TrainerConfig, unlearn
+from ..runs import check_outside_model
+from ..trainer import Checkpointer, TrainerConfig, space_needed, unlearn
 
 say = logger(__name__).info
 
@@ -40,6 +44,37 @@ class Trained:
 def processes() -> int:
     """How many processes train together (``accelerate launch`` sets ``WORLD_SIZE``)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def load_inputs(cfg, out: Path) -> tuple[DiffusionModel, ImageSet]:
+    """The model and the data of an ``unlearn`` run (``cfg``: its model, data, cache, pickle and variant settings,
+    and its ``trainer`` block), checked against each other and against ``out`` before anything is written: the
+    trainer's timesteps fit the model, the images fit its sample shape (with ``cfg.check_data``, every file
+    decodes), the run directory lies outside the model, and a latent model's cache outside the image folder. Nothing
+    is decoded otherwise: files are listed and their headers read, arrays mapped."""
+    model = load_model(cfg.model, allow_pickle=cfg.allow_pickle, variant=cfg.variant or None)
+    cfg.trainer.validate(model.num_train_timesteps)
+    data = load_data(cfg.data, cfg.cache_dir or None)
+    model.check_images(data.shape, "data")
+    if cfg.check_data:
+        say(f"decoded {check_decodes(data.images)} image files: all usable")
+    check_outside_model(out, model.source)
+    if model.codec is not None:
+        check_outside(cache_dir(cfg.cache_dir or None), getattr(data.images, "root", None))
+    return model, data
+
+
+def space_for(model: DiffusionModel, trainer: TrainerConfig, until: bool, replaces_model: bool = False
+              ) -> dict[str, int]:
+    """Bytes a request writes (:func:`~diffunlearn.trainer.space_needed`), with a closed loop's checkpoints also
+    holding its last weights whose quality held (``until``), and a model written beside the one it replaces
+    (``replaces_model``: every request of ``--requests`` after the first)."""
+    needs = space_needed(model, trainer)
+    if replaces_model:
+        needs["model"] *= 2
+    if until and "checkpoints" in needs:
+        needs["checkpoints"] += 2 * space_needed(model, trainer)["model"]
+    return needs
 
 
 def train_request(model: DiffusionModel, kept, forget, spec: MethodSpec, trainer: TrainerConfig, *,

@@ -35,12 +35,12 @@ from ..metrics.membership import denoising_losses, loss_auc
 from ..metrics.similarity import SIMILARITY_T, load_similarity, noise_and_denoise_similarity
 from ..model import DiffusionModel, load_model, model_summary, save_model, state_hash
 from ..model.sampling import save_grid
-from ..runs import RunDir, check_outside_model, check_space, prepare_out_dir
+from ..runs import RunDir, check_space, prepare_out_dir
 from ..runs.ledger import LEDGER_NAME, Ledger, line_hash, read_ledger, verify_ledger
 from ..runs.summary import RequestsSummary
-from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed
+from ..trainer import Checkpointer, TrainerConfig, accelerator
 from ..verification.loop import UntilRemoved, fresh_blocks_after
-from .deletion import keep_trained, train_request
+from .deletion import keep_trained, load_inputs, space_for, train_request
 
 say = logger(__name__).info
 
@@ -279,13 +279,10 @@ def run_sequential(cfg) -> RequestsSummary | None:
     main = acc.is_main_process
     if not cfg.resume and main:
         prepare_out_dir(out, cfg.overwrite)
-    model = base = load_model(cfg.model, allow_pickle=cfg.allow_pickle, variant=cfg.variant or None)
-    trainer.validate(model.num_train_timesteps)
+    model, data = load_inputs(cfg, out)
+    base = model
     if not 0 <= seq.similarity_t <= model.num_train_timesteps:
         raise UserError(f"--similarity-t must lie in [0, {model.num_train_timesteps}], got {seq.similarity_t}")
-    check_outside_model(out, model.source)
-    data = load_data(cfg.data, cfg.cache_dir or None)
-    model.check_images(data.shape, "data")
     held_out = load_data(seq.held_out, cfg.cache_dir or None).images if seq.held_out else None
     if held_out is not None:
         model.check_images(tuple(held_out.shape[1:]), "held-out")
@@ -303,11 +300,7 @@ def run_sequential(cfg) -> RequestsSummary | None:
     ends = [sum(len(r) for r in requests[:k + 1]) for k in range(len(requests))]
     # a latent model trains on latents, encoded once into the cache; a pixel model on the images themselves
     encoded = model.encode(data.images, "data", cfg.cache_dir or None)
-    needs = space_needed(model, trainer)
-    needs["model"] *= 2  # a request's model is written beside the previous one before replacing it
-    if cfg.until and "checkpoints" in needs:  # each checkpoint also holds the loop's last weights whose quality held
-        needs["checkpoints"] += needs["model"]
-    check_space(out, needs)
+    check_space(out, space_for(model, trainer, bool(cfg.until), replaces_model=len(requests) > 1 or cfg.resume))
 
     config = {"command": "unlearn", **to_dict(cfg), "requests_list": specs}
     acc.wait_for_everyone()  # every process has validated before anything is written

@@ -11,23 +11,21 @@ from pathlib import Path
 import yaml
 
 from ..config import flatten, run_field, to_dict
-from ..data import content_hash, load_data, resolve_forget, split_images
-from ..data.arrays import check_decodes
-from ..data.cache import cache_dir, check_outside
+from ..data import content_hash, resolve_forget, split_images
 from ..data.labels import class_counts, unlearning_labels
 from ..errors import RunFailed, UserError
 from ..methods import MethodSpec, flag_of
-from ..model import load_model, model_summary, save_model, state_hash
+from ..model import model_summary, save_model, state_hash
 from ..model.sampling import ddpm_sample
-from ..runs import RunDir, check_outside_model, check_space, prepare_out_dir, read_json, step_printer
+from ..runs import RunDir, check_space, prepare_out_dir, read_json, step_printer
 from ..runs.cards import unlearning_card
 from ..runs.summary import RequestsSummary, UnlearnSummary
 from ..tracking import Tracker, check_report_to
-from ..trainer import Checkpointer, TrainerConfig, accelerator, space_needed
+from ..trainer import Checkpointer, TrainerConfig, accelerator
 from ..verification.loop import UntilRemoved, check_until
 from ..verification.report import VERIFICATION_NAME
 from ..verification.results import Verification
-from .deletion import keep_trained, train_request
+from .deletion import keep_trained, load_inputs, space_for, train_request
 from .requests import SequentialConfig, run_sequential
 from .verify import audit_settings, check_options, verify_run
 
@@ -141,19 +139,11 @@ def run_unlearn(cfg: UnlearnConfig) -> UnlearnSummary | RequestsSummary:
             print(f"no checkpoint in {out} yet: the run starts again from step 1", flush=True)
     else:
         prepare_out_dir(out, cfg.overwrite)
-    model = load_model(cfg.model, allow_pickle=cfg.allow_pickle, variant=cfg.variant or None)
-    trainer.validate(model.num_train_timesteps)
-    data = load_data(cfg.data, cfg.cache_dir or None)  # nothing decoded: files listed and checked, arrays mapped
-    model.check_images(data.shape, "data")
-    if cfg.check_data:
-        print(f"decoded {check_decodes(data.images)} image files: all usable", flush=True)
+    model, data = load_inputs(cfg, out)
     forget_idx = resolve_forget(cfg.forget, data)
     fingerprint = data_fingerprint(data, forget_idx)
     if cfg.resume:
         _check_same_data(out, fingerprint)
-    check_outside_model(out, model.source)
-    if model.codec is not None:
-        check_outside(cache_dir(cfg.cache_dir or None), getattr(data.images, "root", None))
     # class-conditional: each row is trained with its own label (matched to the model's classes by name)
     labels = unlearning_labels(model, data, forget_idx)
     if labels is not None:
@@ -161,9 +151,7 @@ def run_unlearn(cfg: UnlearnConfig) -> UnlearnSummary | RequestsSummary:
     # a latent model's images are encoded here, once, into the on-disk cache; the trainer sees only latents
     kept, forget = split_images(model.encode(data.images, "data", cfg.cache_dir or None), forget_idx)
     hash_before = state_hash(model.unet)
-    needs = space_needed(model, trainer)
-    if cfg.until and "checkpoints" in needs:  # each checkpoint also holds the loop's last weights whose quality held
-        needs["checkpoints"] += 2 * needs["model"]
+    needs = space_for(model, trainer, bool(cfg.until))
     if cfg.resume and Checkpointer(out / "checkpoint.pt").holds_final():
         needs = {"model": needs["model"]}  # training is done: only the model is left to write
     check_space(out, needs)
