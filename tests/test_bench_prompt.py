@@ -213,10 +213,10 @@ def test_shipped_replica_matches_its_record():
     but some (measured: 12 and 5)."""
     import yaml
 
+    from diffunlearn.commands.replica import ReplicaTrainConfig
     from diffunlearn.model import state_hash
     from diffunlearn.pretrained import pretrained_dir
     from diffunlearn.sd.memorisation import load_image
-    from diffunlearn.commands.prompt import ReplicaTrainConfig
 
     root = pretrained_dir("prompt-digits")
     summary = json.loads((root / "summary.json").read_text())
