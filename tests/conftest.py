@@ -92,6 +92,7 @@ SLOW = {
     "test_golden.py::test_nll_reproduces_its_golden_number",
     "test_golden.py::test_the_preset_command_reproduces_its_golden_numbers",
     "test_golden.py::test_unlearning_runs_reproduce_their_golden_numbers",
+    "test_instance.py::test_a_request_interrupted_part_way_resumes_from_its_checkpoint_to_the_uninterrupted_weights",
     "test_instance.py::test_a_run_killed_mid_request_leaves_whole_chained_lines",
     "test_instance.py::test_tampered_or_truncated_ledger_fails_verification",
     "test_instance.py::test_three_requests_write_a_chained_ledger_that_ends_at_the_saved_model",
