@@ -276,7 +276,8 @@ def test_a_request_interrupted_part_way_resumes_from_its_checkpoint_to_the_unint
     """Requests are trained on the single request's path, checkpoints included: interrupted at step 3 of request 2
     (of 3 steps), ``--resume`` keeps request 1, continues request 2 from its checkpoint of step 2 (not from its
     start), and ends with the weights, ledger chain and log of a run never interrupted; the checkpoint is gone once
-    the request's model and line are saved."""
+    the request's model and line are saved. A plain rerun says to resume; a checkpoint of a request that the file
+    now names otherwise is refused, nothing changed."""
     import diffunlearn.trainer as trainer_mod
 
     reqs = tmp_path / "requests.txt"
@@ -298,6 +299,13 @@ def test_a_request_interrupted_part_way_resumes_from_its_checkpoint_to_the_unint
     assert "continue from the checkpoint of step 2" in capsys.readouterr().out
     assert len((out / "ledger.jsonl").read_text().splitlines()) == 1 and (out / "checkpoint-request-2.pt").is_file()
     monkeypatch.setattr(trainer_mod, "_step", real)
+    rc, _, err = _run(capsys, *argv, "--out", out)  # a plain rerun: the run is there to be continued
+    assert rc == 2 and "interrupted run with a checkpoint or finished deletion requests: pass --resume" in err
+    before = snapshot(out)
+    reqs.write_text("0\n1,3\n")  # request 2 changed since its checkpoint was written
+    rc, _, err = _run(capsys, *argv, "--out", out, "--resume")
+    assert rc == 2 and "checkpoint-request-2.pt was written for other images" in err and snapshot(out) == before
+    reqs.write_text("0\n1,2\n")
     rc, _, err = _run(capsys, *argv, "--out", out, "--resume")
     assert rc == 0, err
     summary = json.loads((out / "summary.json").read_text())

@@ -399,6 +399,16 @@ class Checkpointer:
             raise UserError(f"cannot read checkpoint {self.path} ({_first_line(e)}): start the "
                             "run again with --overwrite") from None
 
+    def saved_extra(self) -> dict | None:
+        """The ``extra`` state the checkpoint holds (read through a memory map), or None without a checkpoint."""
+        if not self.exists():
+            return None
+        try:
+            return torch.load(self.path, weights_only=True, mmap=True).get("extra")
+        except Exception as e:
+            raise UserError(f"cannot read checkpoint {self.path} ({_first_line(e)}): start the "
+                            "run again with --overwrite") from None
+
     def holds_final(self) -> bool:
         """The checkpoint holds finished weights (:meth:`save_final`): resuming only writes the model."""
         if not self.exists():

@@ -203,6 +203,25 @@ def _check(cfg) -> None:
         raise UserError("pass --model: a diffusers model directory")
 
 
+class RequestState:
+    """What a request's checkpoint keeps beside the training state: which request it is (its number, the content
+    hashes of its images, the state hash of the model it started from), so that ``--resume`` never continues another
+    request's training, and the state of its closed loop (``--until removed``), if any."""
+
+    def __init__(self, k: int, removed: list[str], model_before: str, loop: UntilRemoved | None = None):
+        self.k, self.removed, self.model_before, self.loop = k, removed, model_before, loop
+
+    def tag(self) -> dict:
+        return {"request": self.k, "removed": self.removed, "model_before": self.model_before}
+
+    def state_dict(self) -> dict:
+        return {**self.tag(), **({"loop": self.loop.state_dict()} if self.loop is not None else {})}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.loop is not None and "loop" in state:
+            self.loop.load_state_dict(state["loop"])
+
+
 def checkpoint_of(out: Path, k: int) -> Path:
     """Where request ``k``'s training state is checkpointed (removed once its model and ledger line are saved)."""
     return out / f"checkpoint-request-{k}.pt"
@@ -313,16 +332,25 @@ def run_sequential(cfg) -> RequestsSummary | None:
     for k in range(1, done + 1):  # a kill after a request's model and line were saved leaves its checkpoint
         if main:
             checkpoint_of(out, k).unlink(missing_ok=True)
-    resume_step = (Checkpointer(checkpoint_of(out, done + 1)).last_step() or 0) if cfg.resume else 0
-    if resume_step:
+    hash_before = state_hash(model.unet)
+    resume_step = 0
+    if cfg.resume and Checkpointer(checkpoint_of(out, done + 1)).exists():
+        # the checkpoint must be the one of this request: its images, from the model the finished requests left
+        tag = RequestState(done + 1, [content_hash(data.images[i]) for i in requests[done]], hash_before).tag()
+        saved = Checkpointer(checkpoint_of(out, done + 1)).saved_extra() or {}
+        if {k: saved.get(k) for k in tag} != tag:
+            raise UserError(f"{checkpoint_of(out, done + 1)} was written for other images or another model than "
+                            f"request {done + 1} of {seq.requests} names now: restore the requests file as it was, "
+                            f"or remove the checkpoint to run request {done + 1} from its start")
+        resume_step = Checkpointer(checkpoint_of(out, done + 1)).last_step() or 0
         say(f"request {done + 1} continues from the checkpoint of step {resume_step}")
     # a resumed run's log keeps the finished requests' lines and the unfinished one's up to its checkpoint
     run = RunDir(out, config, cfg.overwrite,
                  keep=(lambda rec: rec.get("request", done + 1) <= done
                        or (rec.get("request") == done + 1 and rec["step"] <= resume_step)) if cfg.resume else None
                  ) if main else None
+    acc.wait_for_everyone()  # with --overwrite, the previous run (its checkpoints too) is gone before anyone reads
     ledger = Ledger(out / LEDGER_NAME)
-    hash_before = state_hash(model.unet)
     model_in = {"dir": base.source, "sha256": state_hash(base.unet)}
     first_end = ends[min(done, len(requests) - 1)]
     measured = (evaluator.measure(model, stack[:first_end], None if stack_labels is None else stack_labels[:first_end])
@@ -362,7 +390,8 @@ def run_sequential(cfg) -> RequestsSummary | None:
                                 seed=trainer.seed, gate_seeds=cfg.check_seeds,
                                 held_out=None if model.conditional else held_out,
                                 cache_dir=cfg.cache_dir or None, log=lambda m: say(f"  {m}"))
-        checkpoint = Checkpointer(checkpoint_of(out, k), extra=loop)
+        checkpoint = Checkpointer(checkpoint_of(out, k), extra=RequestState(
+            k, [content_hash(data.images[i]) for i in idx], hash_before, loop))
         trained = train_request(model, kept, forget, cfg.method, trainer, labels=request_labels,
                                 checkpoint=checkpoint, log=log, callback=loop)
         new, method = trained.model, trained.method

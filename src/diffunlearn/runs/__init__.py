@@ -69,9 +69,13 @@ def prepare_out_dir(out: str | Path, overwrite: bool = False) -> Path:
         raise UserError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         unfinished = (out / "config.yaml").is_file() and not (out / "summary.json").is_file()
-        if not overwrite and unfinished and (out / "checkpoint.pt").is_file():
-            raise UserError(f"output directory {out} holds an interrupted run with a checkpoint: pass --resume to "
-                            "continue it, or choose another --out (--overwrite would discard it)")
+        # a single request's checkpoint, a deletion request's, or the finished requests of a --requests run
+        kept = ((out / "checkpoint.pt").is_file() or any(out.glob("checkpoint-request-*.pt"))
+                or (out / "ledger.jsonl").is_file())
+        if not overwrite and unfinished and kept:
+            raise UserError(f"output directory {out} holds an interrupted run with a checkpoint or finished deletion "
+                            "requests: pass --resume to continue it, or choose another --out (--overwrite would "
+                            "discard it)")
         if not overwrite and unfinished:
             raise UserError(f"output directory {out} holds a run that stopped before its first checkpoint: pass "
                             "--resume to start it again from step 1, --overwrite to replace it, or another --out")
