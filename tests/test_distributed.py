@@ -46,7 +46,7 @@ def test_two_processes_equal_one_at_the_same_global_batch(tmp_path, model_dir, d
     ledger line per request written by the main process alone."""
     data_file = _png_folder(tmp_path / "pngs") if data == "folder" else data_file
     (tmp_path / "requests.txt").write_text("0\n1,2\n")
-    forget = (["--requests", tmp_path / "requests.txt", "--steps", "2"] if requests else
+    forget = (["--requests", tmp_path / "requests.txt", "--steps", "2", "--similarity-t", "5"] if requests else
               ["--forget", "0,1", "--steps", "3"])
     common = ["unlearn", "--model", model_dir, "--data", data_file, *forget, "--method", method,
               "--seed", "2", "--threads", "1", "--verify", "off"]

@@ -499,7 +499,7 @@ def requests_kill_and_resume_trial(tmp: Path, seed: int, steps: int = 3) -> str 
     (tmp / "requests.txt").write_text("0\n1,2\n3\n")
     args = ["unlearn", "--model", str(_model(tmp)), "--data", str(_data(tmp)), "--requests", str(tmp / "requests.txt"),
             "--steps", str(steps), "--batch-size", "2", "--verify", "off", "--seed", "1", "--threads", "1",
-            "--checkpoint-every", "1"]
+            "--checkpoint-every", "1", "--similarity-t", "5"]
     rng = random.Random(seed)
     kill_after = rng.randint(1, 3 * steps - 1)  # log lines: one per step of every request
     ref, run = tmp / "ref-requests", tmp / f"requests-killed-{seed}"
