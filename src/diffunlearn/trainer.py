@@ -388,34 +388,30 @@ class Checkpointer:
     def exists(self) -> bool:
         return self.path.is_file()
 
-    def last_step(self) -> int | None:
-        """The step the checkpoint holds, read through a memory map: the weights and optimiser state it also holds
-        (gigabytes for a large UNet) are not read."""
-        if not self.exists():
-            return None
+    def _peek(self, read):
+        """``read(state)`` of the checkpoint's contents through a memory map: the weights and optimiser state it also
+        holds (gigabytes for a large UNet) are not read. An unreadable checkpoint is a one-line error."""
         try:
-            return int(torch.load(self.path, weights_only=True, mmap=True)["step"])
+            return read(torch.load(self.path, weights_only=True, mmap=True))
         except Exception as e:
             raise UserError(f"cannot read checkpoint {self.path} ({_first_line(e)}): start the "
                             "run again with --overwrite") from None
 
+    def last_step(self) -> int | None:
+        """The step the checkpoint holds (None without a checkpoint)."""
+        return self._peek(lambda state: int(state["step"])) if self.exists() else None
+
     def saved_extra(self) -> dict | None:
-        """The ``extra`` state the checkpoint holds (read through a memory map), or None without a checkpoint."""
-        if not self.exists():
-            return None
-        try:
-            return torch.load(self.path, weights_only=True, mmap=True).get("extra")
-        except Exception as e:
-            raise UserError(f"cannot read checkpoint {self.path} ({_first_line(e)}): start the "
-                            "run again with --overwrite") from None
+        """The ``extra`` state the checkpoint holds, or None without a checkpoint."""
+        return self._peek(lambda state: state.get("extra")) if self.exists() else None
 
     def holds_final(self) -> bool:
         """The checkpoint holds finished weights (:meth:`save_final`): resuming only writes the model."""
         if not self.exists():
             return False
         try:
-            return bool(torch.load(self.path, weights_only=True, mmap=True).get("final"))
-        except Exception:  # noqa: BLE001 - an unreadable checkpoint is reported where it is restored
+            return self._peek(lambda state: bool(state.get("final")))
+        except UserError:  # an unreadable checkpoint is reported where it is restored
             return False
 
     def save(self, step: int, unet, opt, generator: torch.Generator, method: Method) -> None:

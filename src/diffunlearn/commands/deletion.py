@@ -70,10 +70,11 @@ def space_for(model: DiffusionModel, trainer: TrainerConfig, until: bool, replac
     holding its last weights whose quality held (``until``), and a model written beside the one it replaces
     (``replaces_model``: every request of ``--requests`` after the first)."""
     needs = space_needed(model, trainer)
+    weights = needs["model"]
     if replaces_model:
-        needs["model"] *= 2
+        needs["model"] += weights
     if until and "checkpoints" in needs:
-        needs["checkpoints"] += 2 * space_needed(model, trainer)["model"]
+        needs["checkpoints"] += 2 * weights
     return needs
 
 

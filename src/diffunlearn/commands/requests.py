@@ -252,10 +252,10 @@ def _record_of(entry: dict) -> dict:
                if "until" in entry else {})}
 
 
-def _resumed(out: Path, base: DiffusionModel, requests: list[list[int]], data: ImageSet
-             ) -> tuple[int, DiffusionModel]:
+def _resumed(out: Path, base: DiffusionModel, hashes: list[list[str]]) -> tuple[int, DiffusionModel]:
     """How many requests the run in ``out`` finished, and the model they left. A run killed between saving a
-    request's model and appending its ledger line is completed from the copy of the ledger inside the model."""
+    request's model and appending its ledger line is completed from the copy of the ledger inside the model.
+    ``hashes``: the content hashes of each request's images, which the finished requests must have removed."""
     path = out / LEDGER_NAME
     if path.is_file() and read_ledger(path).torn:  # a kill inside the append: the model's copy holds the line
         whole = read_ledger(path).lines
@@ -273,8 +273,8 @@ def _resumed(out: Path, base: DiffusionModel, requests: list[list[int]], data: I
         Ledger(path).append(inside[-1])
     read = read_ledger(path)
     verify_ledger(read, state_hash(model.unet))
-    for e, idx in zip(read.entries, requests):
-        if [r["sha256"] for r in e["removed"]] != [content_hash(data.images[i]) for i in idx]:
+    for e, removed in zip(read.entries, hashes):
+        if [r["sha256"] for r in e["removed"]] != removed:
             raise UserError(f"request {e['request']} of the run in {out} removed other images than the requests "
                             "file names now: resume with the same requests, or start again with --overwrite")
     return len(read.entries), model
@@ -306,6 +306,7 @@ def run_sequential(cfg) -> RequestsSummary | None:
     if held_out is not None:
         model.check_images(tuple(held_out.shape[1:]), "held-out")
     requests = resolve_requests(specs, data)
+    hashes = [[content_hash(data.images[i]) for i in idx] for idx in requests]  # each image of A decoded once
     order = [i for idx in requests for i in idx]
     reference, held, reference_labels = _reference(held_out, trainer.seed, data, set(order),
                                                    model.classes if model.conditional else None)
@@ -323,10 +324,10 @@ def run_sequential(cfg) -> RequestsSummary | None:
 
     config = {"command": "unlearn", **to_dict(cfg), "requests_list": specs}
     acc.wait_for_everyone()  # every process has validated before anything is written
-    done, model = _resumed(out, model, requests, data) if cfg.resume and main else (0, model)
+    done, model = _resumed(out, model, hashes) if cfg.resume and main else (0, model)
     acc.wait_for_everyone()
     if cfg.resume and not main:  # the main process has completed a torn ledger: read what it left
-        done, model = _resumed(out, model, requests, data)
+        done, model = _resumed(out, model, hashes)
     if done == len(requests):
         raise UserError(f"every request of {seq.requests} is already done in {out}: nothing to resume")
     for k in range(1, done + 1):  # a kill after a request's model and line were saved leaves its checkpoint
@@ -334,15 +335,16 @@ def run_sequential(cfg) -> RequestsSummary | None:
             checkpoint_of(out, k).unlink(missing_ok=True)
     hash_before = state_hash(model.unet)
     resume_step = 0
-    if cfg.resume and Checkpointer(checkpoint_of(out, done + 1)).exists():
+    unfinished = Checkpointer(checkpoint_of(out, done + 1))
+    if cfg.resume and unfinished.exists():
         # the checkpoint must be the one of this request: its images, from the model the finished requests left
-        tag = RequestState(done + 1, [content_hash(data.images[i]) for i in requests[done]], hash_before).tag()
-        saved = Checkpointer(checkpoint_of(out, done + 1)).saved_extra() or {}
+        tag = RequestState(done + 1, hashes[done], hash_before).tag()
+        saved = unfinished.saved_extra() or {}
         if {k: saved.get(k) for k in tag} != tag:
-            raise UserError(f"{checkpoint_of(out, done + 1)} was written for other images or another model than "
+            raise UserError(f"{unfinished.path} was written for other images or another model than "
                             f"request {done + 1} of {seq.requests} names now: restore the requests file as it was, "
                             f"or remove the checkpoint to run request {done + 1} from its start")
-        resume_step = Checkpointer(checkpoint_of(out, done + 1)).last_step() or 0
+        resume_step = unfinished.last_step() or 0
         say(f"request {done + 1} continues from the checkpoint of step {resume_step}")
     # a resumed run's log keeps the finished requests' lines and the unfinished one's up to its checkpoint
     run = RunDir(out, config, cfg.overwrite,
@@ -390,8 +392,7 @@ def run_sequential(cfg) -> RequestsSummary | None:
                                 seed=trainer.seed, gate_seeds=cfg.check_seeds,
                                 held_out=None if model.conditional else held_out,
                                 cache_dir=cfg.cache_dir or None, log=lambda m: say(f"  {m}"))
-        checkpoint = Checkpointer(checkpoint_of(out, k), extra=RequestState(
-            k, [content_hash(data.images[i]) for i in idx], hash_before, loop))
+        checkpoint = Checkpointer(checkpoint_of(out, k), extra=RequestState(k, hashes[k - 1], hash_before, loop))
         trained = train_request(model, kept, forget, cfg.method, trainer, labels=request_labels,
                                 checkpoint=checkpoint, log=log, callback=loop)
         new, method = trained.model, trained.method
@@ -407,8 +408,8 @@ def run_sequential(cfg) -> RequestsSummary | None:
             after["forgotten_so_far"] = {"count": ends[k - 1],
                                          **{n: so_far[n] for n in ("similarity_mean", "membership_auc") if n in so_far}}
             entry = {"time": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                     "removed": [{"index": i, "name": data.names[i], "sha256": content_hash(data.images[i])}
-                                 for i in idx],
+                     "removed": [{"index": i, "name": data.names[i], "sha256": h}
+                                 for i, h in zip(idx, hashes[k - 1])],
                      "count": len(idx), **({"classes": by_class} if (by_class := class_counts(data, idx)) else {}),
                      "kept": len(kept), "method": method.name,
                      "settings": {**method.hyperparameters(), **{s: getattr(trainer, s) for s in SETTINGS}},

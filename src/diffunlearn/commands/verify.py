@@ -97,9 +97,17 @@ def check_options(verify_: str, audit: str) -> None:
                         "`diffunlearn verify --audit` on its model afterwards")
 
 
-def _write_results(folder: Path, result: Verification) -> None:
-    write_json(folder / VERIFICATION_NAME, result.to_dict())
-    write_report(folder)
+def _write_verify_dir(out: Path, cfg: VerifyConfig, record: dict) -> None:
+    """``verify``'s directory, made atomically: its settings (config.yaml), ``record`` (verification.json) and the
+    report rendered from them."""
+    from ..runs import atomic_dir
+
+    def write(folder: Path) -> None:
+        (folder / "config.yaml").write_text(yaml.safe_dump({"command": "verify", **asdict(cfg)}, sort_keys=False))
+        write_json(folder / VERIFICATION_NAME, record)
+        write_report(folder)
+
+    atomic_dir(out, write)
 
 
 def run_verify(cfg: VerifyConfig) -> Verification:
@@ -107,7 +115,7 @@ def run_verify(cfg: VerifyConfig) -> Verification:
 
     from ..data import load_data, resolve_forget
     from ..model import load_model
-    from ..runs import atomic_dir, prepare_out_dir
+    from ..runs import prepare_out_dir
     from ..verification.core import check_budget, check_models
 
     for name in ("model", "data", "forget", "out"):
@@ -145,11 +153,7 @@ def run_verify(cfg: VerifyConfig) -> Verification:
     except FloatingPointError as e:  # a model with non-finite outputs: a finding, recorded like a result
         result, error = failure("failed", str(e), started), str(e)
 
-    def write(folder: Path) -> None:
-        (folder / "config.yaml").write_text(yaml.safe_dump({"command": "verify", **asdict(cfg)}, sort_keys=False))
-        _write_results(folder, result)
-
-    atomic_dir(out, write)
+    _write_verify_dir(out, cfg, result.to_dict())
     if error:
         say(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME} (verification failed)")
         raise UserError(error)
@@ -216,11 +220,12 @@ def run_prompt_verify(cfg: VerifyConfig) -> dict:
     """``diffunlearn verify --prompt``: the prompt deletion from ``cfg.before`` to ``cfg.model`` (Stable Diffusion
     directories), judged by the memorisation rule of the ``prompt build`` folder ``cfg.data``. Every input is checked
     before anything is measured or written."""
-    from ..runs import atomic_dir, check_outside_model, prepare_out_dir
+    from ..runs import check_outside_model, prepare_out_dir
     from ..sd.detect import read_prompts
     from ..sd.memorisation import read_prompt_data
-    from ..sd.pipeline import load_sd
+    from ..sd.pipeline import load_sd, pick_device, resolve_sd_dir
     from ..sd.proof import check_prompt_budget, check_prompt_length, prompt_summary_line, verify_prompt
+    from ..sd.quality import quality_measure
 
     for name, what in (("model", "the unlearned Stable Diffusion directory"), ("before", "the model before the "
                        "deletion (a prompt is verified against it)"), ("data", "the folder of `prompt build` whose "
@@ -232,8 +237,6 @@ def run_prompt_verify(cfg: VerifyConfig) -> dict:
     if cfg.sample_steps < 1 or not cfg.guidance >= 0:
         raise UserError("--sample-steps must be >= 1 and --guidance >= 0")
     b = check_prompt_budget(cfg.budget, cfg.max_copy_rate)
-    from ..sd.pipeline import pick_device, resolve_sd_dir
-
     for model in (cfg.model, cfg.before):
         check_outside_model(cfg.out, str(resolve_sd_dir(model)))
     out = prepare_out_dir(cfg.out, cfg.overwrite)
@@ -254,19 +257,12 @@ def run_prompt_verify(cfg: VerifyConfig) -> dict:
         check_prompt_length(before, p, "the prompt" if p == cfg.prompt else f"prompt {p!r}")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    from ..sd.quality import quality_measure
-
     result = verify_prompt(before, after.unet, cfg.prompt, data.rule, budget=b, guidance=cfg.guidance,
                            sample_steps=cfg.sample_steps, seed=cfg.seed, paraphrases=paraphrases,
                            max_rate=cfg.max_copy_rate, log=say, controls=controls,
                            quality=quality_measure(cfg.clip, allow_pickle=cfg.allow_pickle) if controls else None)
 
-    def write(folder):
-        (folder / "config.yaml").write_text(yaml.safe_dump({"command": "verify", **asdict(cfg)}, sort_keys=False))
-        write_json(folder / VERIFICATION_NAME, result)
-        write_report(folder)
-
-    atomic_dir(out, write)
+    _write_verify_dir(out, cfg, result)
     say(prompt_summary_line(result))
     say(f"wrote {out / VERIFICATION_NAME} and {out / REPORT_NAME}")
     return result

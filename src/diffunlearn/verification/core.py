@@ -17,7 +17,6 @@ from .results import Outcome, Overall, Verdict, Verification
 from .verdicts import (
     MAX_COPY_RATE,
     NEAR_COPY_FRACTION,
-    REMOVED,
     copy_hits,
     forget_verdict,
     generation_verdict,
@@ -232,9 +231,8 @@ def verify(after: DiffusionModel, data: ImageSet | torch.Tensor, forget_idx, *, 
         from .audit import AuditSettings, relearn_audit
 
         settings = audit if isinstance(audit, AuditSettings) else AuditSettings(steps=int(audit))
-        status = {v.measure: v.status.value for v in result.verdicts}
-        removed = {"similarity": status["similarity"] in REMOVED, "loss": status["loss"] in REMOVED,
-                   "membership_auc": status["loss"] in REMOVED}
+        gone = {v.measure: v.removed for v in result.verdicts}
+        removed = {"similarity": gone["similarity"], "loss": gone["loss"], "membership_auc": gone["loss"]}
         result.audit = relearn_audit(models, measured, subjects, data, idx, settings, backend, similarity_t, seed,
                                         removed, log=say)
     result.seconds = round(time.time() - t_start, 2)
