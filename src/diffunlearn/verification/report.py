@@ -420,9 +420,10 @@ def render(run_dir: str | Path) -> str:
         raise UserError(f"{root} holds no verification.json, config.yaml or summary.json: pass a run directory "
                         "written by `diffunlearn unlearn` or `diffunlearn verify`")
     status = (v or {}).get("status", "not verified")
-    if status == "ok" and v.get("kind") != "prompt":  # a prompt deletion's proof has a format of its own
-        overall = Verification.from_dict(v).overall
-        status, text = overall.status.value, overall.text
+    # a finished verification of images, typed; a prompt deletion's proof has a format of its own
+    typed = Verification.from_dict(v) if status == "ok" and v.get("kind") != "prompt" else None
+    if typed is not None:
+        status, text = typed.overall.status.value, typed.overall.text
     elif status == "ok":
         status, text = v["overall"]["status"], v["overall"]["text"]
     elif v is None:
@@ -443,13 +444,12 @@ def render(run_dir: str | Path) -> str:
              f"{_e(text)}</div>"]
     if v and v.get("status") == "ok" and v.get("kind") == "prompt":
         parts += [_settings(config, summary, None), _prompt_parts(v)]
-    elif v and v.get("status") == "ok":
-        parts += [_removed(v), _settings(config, summary, v), _verdict_table(Verification.from_dict(v)), _strips(v),
-                  _audit(v.get("audit"))]
+    elif typed is not None:
+        parts += [_removed(v), _settings(config, summary, v), _verdict_table(typed), _strips(v), _audit(typed.audit)]
     else:
         parts.append(_settings(config, summary, v))
     parts += [_until((summary or {}).get("until")), _curves(log), _ledger(ledger)]
-    if v and v.get("status") == "ok" and v.get("kind") != "prompt":
+    if typed is not None:
         parts.append(_method_notes(v))
     parts.append("<p class='note'>Written by diffunlearn; this page loads nothing from the network.</p></body></html>")
     return "\n".join(p for p in parts if p)
